@@ -1,0 +1,349 @@
+//! The job model: ids, states, typed arguments and what a job row holds.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Defaults to `"default"`: the queue a job goes to unless told otherwise.
+pub const DEFAULT_QUEUE: &str = "default";
+/// Defaults to 20: attempts before a failing job goes to the dead letter.
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 20;
+/// The longest accepted unique key, in bytes.
+pub const MAX_UNIQUE_KEY_LEN: usize = 512;
+
+/// A job's id (the `oncely.jobs.id` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, sqlx::Type)]
+#[sqlx(transparent)]
+#[serde(transparent)]
+pub struct JobId(pub i64);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting to be claimed once `run_at` has passed (new, retrying, snoozed or released).
+    Available,
+    /// Claimed by a worker that holds a lease on it.
+    Running,
+    /// Finished successfully.
+    Completed,
+    /// Failed permanently (out of attempts, or the handler said so): the dead letter.
+    Dead,
+    /// Cancelled by a person or by its handler.
+    Cancelled,
+}
+
+impl JobState {
+    /// All states, in life order.
+    pub const ALL: [JobState; 5] =
+        [JobState::Available, JobState::Running, JobState::Completed, JobState::Dead, JobState::Cancelled];
+
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Available => "available",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Dead => "dead",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// True for states a job never leaves by itself.
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Dead | JobState::Cancelled)
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for JobState {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        JobState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| Error::InvalidInput(format!("unknown job state `{s}` (expected one of available, running, completed, dead, cancelled)")))
+    }
+}
+
+/// Why an attempt ended without success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The handler returned an error.
+    Error,
+    /// The handler panicked.
+    Panic,
+    /// The handler ran past its timeout.
+    Timeout,
+    /// The worker's lease expired (the worker died or lost the database) and the job was rescued.
+    LeaseExpired,
+    /// No handler is registered for the job's kind on the worker that claimed it.
+    UnknownKind,
+    /// The arguments did not deserialize into the handler's type.
+    InvalidArgs,
+    /// The worker shut down before the handler finished and released the job.
+    Shutdown,
+}
+
+/// One failed attempt, kept in the job's error history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptError {
+    /// The attempt that failed.
+    pub attempt: i32,
+    /// When it failed (database clock).
+    pub at: DateTime<Utc>,
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// The error message.
+    pub message: String,
+}
+
+/// Typed job arguments: the serde type a handler receives, and the job kind it is stored under.
+///
+/// # Example
+///
+/// ```
+/// use oncely_core::JobArgs;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct GenerateReport { report_id: i64 }
+///
+/// impl JobArgs for GenerateReport {
+///     const KIND: &'static str = "generate_report";
+/// }
+/// ```
+pub trait JobArgs: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The job kind: the name handlers are registered under. Keep it stable across deploys.
+    const KIND: &'static str;
+}
+
+/// A job to enqueue: built from typed args, then adjusted with the builder methods.
+///
+/// # Example
+///
+/// ```
+/// # use oncely_core::{JobArgs, NewJob};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Serialize, Deserialize)] struct GenerateReport { report_id: i64 }
+/// # impl JobArgs for GenerateReport { const KIND: &'static str = "generate_report"; }
+/// use std::time::Duration;
+/// let job = NewJob::new(&GenerateReport { report_id: 7 })?
+///     .queue("reports")
+///     .priority(5)
+///     .delay(Duration::from_secs(30))
+///     .unique_key("report:7");
+/// # Ok::<(), oncely_core::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    pub(crate) kind: String,
+    pub(crate) args: serde_json::Value,
+    pub(crate) queue: String,
+    pub(crate) priority: i16,
+    pub(crate) run_at: Option<DateTime<Utc>>,
+    pub(crate) delay: Option<Duration>,
+    pub(crate) max_attempts: i32,
+    pub(crate) unique_key: Option<String>,
+}
+
+impl NewJob {
+    /// A job of kind `A::KIND` with `args` serialized to JSON, on the default queue.
+    pub fn new<A: JobArgs>(args: &A) -> Result<Self> {
+        let args = serde_json::to_value(args)
+            .map_err(|source| Error::InvalidArgs { kind: A::KIND.to_owned(), source })?;
+        Ok(Self::from_json(A::KIND, args))
+    }
+
+    /// A job from a kind name and raw JSON arguments (for tools and other languages).
+    pub fn from_json(kind: impl Into<String>, args: serde_json::Value) -> Self {
+        Self {
+            kind: kind.into(),
+            args,
+            queue: DEFAULT_QUEUE.to_owned(),
+            priority: 0,
+            run_at: None,
+            delay: None,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            unique_key: None,
+        }
+    }
+
+    /// The queue to put the job on. Defaults to [`DEFAULT_QUEUE`].
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = queue.into();
+        self
+    }
+
+    /// Higher runs first within a queue. Defaults to 0.
+    pub fn priority(mut self, priority: i16) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Do not run before this time.
+    pub fn run_at(mut self, at: DateTime<Utc>) -> Self {
+        self.run_at = Some(at);
+        self.delay = None;
+        self
+    }
+
+    /// Do not run before this long after the enqueue commits' statement (database clock).
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self.run_at = None;
+        self
+    }
+
+    /// Attempts before the job goes to the dead letter. Defaults to [`DEFAULT_MAX_ATTEMPTS`].
+    pub fn max_attempts(mut self, max_attempts: i32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    /// While a job with this key is available or running, enqueueing another job with the same key
+    /// returns the existing job instead of creating one.
+    pub fn unique_key(mut self, key: impl Into<String>) -> Self {
+        self.unique_key = Some(key.into());
+        self
+    }
+
+    /// The job kind.
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.kind.is_empty() || self.kind.len() > 255 {
+            return Err(Error::InvalidInput(format!("job kind must be 1..=255 bytes, got {}", self.kind.len())));
+        }
+        if self.queue.is_empty() || self.queue.len() > 128 {
+            return Err(Error::InvalidInput(format!("queue name must be 1..=128 bytes, got {}", self.queue.len())));
+        }
+        if self.max_attempts < 1 {
+            return Err(Error::InvalidInput(format!("max_attempts must be at least 1, got {}", self.max_attempts)));
+        }
+        if let Some(key) = &self.unique_key {
+            if key.is_empty() || key.len() > MAX_UNIQUE_KEY_LEN {
+                return Err(Error::InvalidInput(format!(
+                    "unique key must be 1..={MAX_UNIQUE_KEY_LEN} bytes, got {}",
+                    key.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// Its id.
+    pub id: JobId,
+    /// Its kind.
+    pub kind: String,
+    /// Its queue.
+    pub queue: String,
+    /// Its JSON arguments.
+    pub args: serde_json::Value,
+    /// Higher runs first.
+    pub priority: i16,
+    /// Its state.
+    pub state: JobState,
+    /// Claims so far (the fencing token of the current claim while running).
+    pub attempt: i32,
+    /// Attempts allowed (raised by one for every snooze or release).
+    pub max_attempts: i32,
+    /// Claims that ended in a snooze or release.
+    pub snoozes: i32,
+    /// Not claimed before this time.
+    pub run_at: DateTime<Utc>,
+    /// When it was enqueued.
+    pub created_at: DateTime<Utc>,
+    /// When it was last claimed.
+    pub attempted_at: Option<DateTime<Utc>>,
+    /// When it reached a finished state.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// While running: when the current claim's lease runs out unless extended.
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// While running: the worker holding the lease.
+    pub worker_id: Option<String>,
+    /// Its unique key, if any.
+    pub unique_key: Option<String>,
+    /// Every failed attempt, oldest first.
+    pub errors: Vec<AttemptError>,
+}
+
+impl Job {
+    /// Deserialize the arguments into `A`.
+    pub fn args<A: JobArgs>(&self) -> Result<A> {
+        serde_json::from_value(self.args.clone())
+            .map_err(|source| Error::InvalidArgs { kind: self.kind.clone(), source })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct JobRow {
+    id: i64,
+    kind: String,
+    queue: String,
+    args: serde_json::Value,
+    priority: i16,
+    state: String,
+    attempt: i32,
+    max_attempts: i32,
+    snoozes: i32,
+    run_at: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    attempted_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    lease_expires_at: Option<DateTime<Utc>>,
+    worker_id: Option<String>,
+    unique_key: Option<String>,
+    errors: sqlx::types::Json<Vec<AttemptError>>,
+}
+
+impl TryFrom<JobRow> for Job {
+    type Error = Error;
+    fn try_from(r: JobRow) -> Result<Job> {
+        Ok(Job {
+            id: JobId(r.id),
+            kind: r.kind,
+            queue: r.queue,
+            args: r.args,
+            priority: r.priority,
+            state: r.state.parse()?,
+            attempt: r.attempt,
+            max_attempts: r.max_attempts,
+            snoozes: r.snoozes,
+            run_at: r.run_at,
+            created_at: r.created_at,
+            attempted_at: r.attempted_at,
+            finished_at: r.finished_at,
+            lease_expires_at: r.lease_expires_at,
+            worker_id: r.worker_id,
+            unique_key: r.unique_key,
+            errors: r.errors.0,
+        })
+    }
+}
+
+pub(crate) fn rows_to_jobs(rows: Vec<JobRow>) -> Result<Vec<Job>> {
+    rows.into_iter().map(Job::try_from).collect()
+}

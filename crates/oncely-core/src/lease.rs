@@ -1,0 +1,182 @@
+//! Claims and fenced state writes: what a worker does to the jobs it runs.
+//!
+//! A claim sets the job `running`, increments `attempt` and gives it a lease. Every later write
+//! names the claim — `id`, `attempt`, `state = 'running'` — so a worker whose lease was lost (its
+//! job rescued and claimed again, or cancelled) can change nothing: it gets
+//! [`Error::LeaseLost`](crate::Error::LeaseLost) instead of a silent success.
+
+use std::time::Duration;
+
+use sqlx::{PgExecutor, Row};
+use tracing::instrument;
+
+use crate::error::{Error, Result};
+use crate::job::{rows_to_jobs, ErrorKind, Job, JobId, JobRow, JobState};
+use crate::queries;
+use crate::queue::secs;
+
+/// A claim on a job: the job and the attempt (fencing token) this worker holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Claim {
+    /// The job.
+    pub id: JobId,
+    /// The attempt number of this claim.
+    pub attempt: i32,
+}
+
+impl From<&Job> for Claim {
+    fn from(job: &Job) -> Self {
+        Claim { id: job.id, attempt: job.attempt }
+    }
+}
+
+/// Claim up to `limit` available jobs of `queue` for `worker_id`, each with a lease of `lease`.
+///
+/// Uses `FOR UPDATE SKIP LOCKED`, so concurrent claimers never block on or share a job.
+#[instrument(skip(executor), err)]
+pub async fn claim_jobs<'e>(
+    executor: impl PgExecutor<'e>,
+    queue: &str,
+    limit: i32,
+    worker_id: &str,
+    lease: Duration,
+) -> Result<Vec<Job>> {
+    let rows: Vec<JobRow> = sqlx::query_as(queries::JOB_CLAIM)
+        .bind(queue)
+        .bind(limit)
+        .bind(secs(lease))
+        .bind(worker_id)
+        .fetch_all(executor)
+        .await?;
+    rows_to_jobs(rows)
+}
+
+fn split(claims: &[Claim]) -> (Vec<i64>, Vec<i32>) {
+    claims.iter().map(|c| (c.id.0, c.attempt)).unzip()
+}
+
+fn ids(rows: Vec<sqlx::postgres::PgRow>) -> Result<Vec<JobId>> {
+    rows.iter().map(|r| Ok(JobId(r.try_get("id")?))).collect()
+}
+
+/// Complete many claims in one statement. Returns the claims that were refused because their lease
+/// was lost (each is a [`Error::LeaseLost`] for its caller to report).
+pub async fn complete_jobs<'e>(executor: impl PgExecutor<'e>, claims: &[Claim]) -> Result<Vec<Claim>> {
+    if claims.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (ids_in, attempts) = split(claims);
+    let rows = sqlx::query(queries::JOB_SET_COMPLETED_IF_RUNNING_MANY)
+        .bind(&ids_in)
+        .bind(&attempts)
+        .fetch_all(executor)
+        .await?;
+    let done: std::collections::HashSet<JobId> = ids(rows)?.into_iter().collect();
+    Ok(claims.iter().filter(|c| !done.contains(&c.id)).copied().collect())
+}
+
+/// Complete one claim.
+pub async fn complete_job<'e>(executor: impl PgExecutor<'e>, claim: Claim) -> Result<()> {
+    match complete_jobs(executor, &[claim]).await?.as_slice() {
+        [] => Ok(()),
+        _ => Err(lost(claim)),
+    }
+}
+
+/// Extend the leases of many claims by `lease` from now. Returns the claims that no longer hold
+/// (rescued, cancelled or claimed by another worker): their handlers should stop.
+pub async fn extend_leases<'e>(executor: impl PgExecutor<'e>, claims: &[Claim], lease: Duration) -> Result<Vec<Claim>> {
+    if claims.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (ids_in, attempts) = split(claims);
+    let rows = sqlx::query(queries::JOB_EXTEND_LEASE_MANY)
+        .bind(&ids_in)
+        .bind(&attempts)
+        .bind(secs(lease))
+        .fetch_all(executor)
+        .await?;
+    let held: std::collections::HashSet<JobId> = ids(rows)?.into_iter().collect();
+    Ok(claims.iter().filter(|c| !held.contains(&c.id)).copied().collect())
+}
+
+/// Record a failed attempt. With `retry_in: Some(d)` the job runs again after `d` (database clock)
+/// unless it is out of attempts; with `None` it goes to the dead letter now. Returns the new state
+/// ([`JobState::Available`] or [`JobState::Dead`]).
+#[instrument(skip(executor, message), fields(job.id = %claim.id, attempt = claim.attempt), err)]
+pub async fn fail_job<'e>(
+    executor: impl PgExecutor<'e>,
+    claim: Claim,
+    kind: ErrorKind,
+    message: &str,
+    retry_in: Option<Duration>,
+) -> Result<JobState> {
+    let row = sqlx::query(queries::JOB_SET_FAILED_IF_RUNNING)
+        .bind(claim.id)
+        .bind(claim.attempt)
+        .bind(retry_in.is_some())
+        .bind(secs(retry_in.unwrap_or_default()))
+        .bind(error_kind_str(kind))
+        .bind(message)
+        .fetch_optional(executor)
+        .await?
+        .ok_or(lost(claim))?;
+    row.try_get::<String, _>("state")?.parse()
+}
+
+/// Snooze: the job runs again after `delay`, and this claim does not count as an attempt.
+pub async fn snooze_job<'e>(executor: impl PgExecutor<'e>, claim: Claim, delay: Duration) -> Result<()> {
+    set_available(executor, claim, delay, None).await
+}
+
+/// Release a claim at shutdown: the job is available again now, the claim does not count as an
+/// attempt, and a `shutdown` note goes to its error history.
+pub async fn release_job<'e>(executor: impl PgExecutor<'e>, claim: Claim, why: &str) -> Result<()> {
+    set_available(executor, claim, Duration::ZERO, Some((ErrorKind::Shutdown, why))).await
+}
+
+async fn set_available<'e>(
+    executor: impl PgExecutor<'e>,
+    claim: Claim,
+    delay: Duration,
+    note: Option<(ErrorKind, &str)>,
+) -> Result<()> {
+    sqlx::query(queries::JOB_SET_AVAILABLE_IF_RUNNING)
+        .bind(claim.id)
+        .bind(claim.attempt)
+        .bind(secs(delay))
+        .bind(note.map(|(k, _)| error_kind_str(k)))
+        .bind(note.map(|(_, m)| m))
+        .fetch_optional(executor)
+        .await?
+        .map(|_| ())
+        .ok_or(lost(claim))
+}
+
+/// The handler cancelled its own job: it will not run again.
+pub async fn cancel_running_job<'e>(executor: impl PgExecutor<'e>, claim: Claim, reason: &str) -> Result<()> {
+    sqlx::query(queries::JOB_SET_CANCELLED_IF_RUNNING)
+        .bind(claim.id)
+        .bind(claim.attempt)
+        .bind(reason)
+        .fetch_optional(executor)
+        .await?
+        .map(|_| ())
+        .ok_or(lost(claim))
+}
+
+fn lost(claim: Claim) -> Error {
+    Error::LeaseLost { job_id: claim.id, attempt: claim.attempt }
+}
+
+fn error_kind_str(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::Error => "error",
+        ErrorKind::Panic => "panic",
+        ErrorKind::Timeout => "timeout",
+        ErrorKind::LeaseExpired => "lease_expired",
+        ErrorKind::UnknownKind => "unknown_kind",
+        ErrorKind::InvalidArgs => "invalid_args",
+        ErrorKind::Shutdown => "shutdown",
+    }
+}

@@ -1,0 +1,25 @@
+//! oncely-core: the PostgreSQL side of oncely — the schema and its migrations, the job queue, and
+//! the fenced state writes workers make.
+//!
+//! This crate knows nothing of the worker runtime or of HTTP: it is plain functions over
+//! [`sqlx::PgExecutor`], so every write can run inside the caller's own transaction. The worker
+//! (`oncely-worker`) and the HTTP layer depend on it, never the other way round.
+//!
+//! Delivery of a job to its handler is **at least once**: a worker that dies mid-job leaves a lease
+//! that expires, and the job runs again. Exactly-once *effects* are built on top of that (steps and
+//! the effect ledger), not promised by the queue.
+
+pub mod error;
+pub mod job;
+pub mod lease;
+pub mod maintenance;
+mod migrate;
+mod queries;
+pub mod queue;
+pub mod retry;
+
+pub use error::{Error, Result};
+pub use job::{AttemptError, ErrorKind, Job, JobArgs, JobId, JobState, NewJob};
+pub use lease::Claim;
+pub use migrate::{migrate, MIGRATOR};
+pub use queue::{cancel_job, count_jobs, enqueue, enqueue_many, get_job, list_jobs, retry_job, Enqueued, JobFilter, QueueCount};

@@ -1,0 +1,180 @@
+//! Every SQL statement of the queue, in one place, named entity-first.
+//!
+//! Every statement that changes a running job is fenced by `id`, `attempt` and `state = 'running'`.
+
+/// Columns of a job row, in `SELECT` lists.
+pub(crate) const JOB_COLUMNS: &str = "id, kind, queue, args, priority, state, attempt, max_attempts, \
+    snoozes, run_at, created_at, attempted_at, finished_at, lease_expires_at, worker_id, unique_key, errors";
+
+/// Insert many jobs from parallel arrays. With a unique key already held by a live job, the existing
+/// job is returned (`existing = true`) instead: `DO UPDATE` (a no-op write) locks and returns the
+/// conflicting row even when it committed after this statement's snapshot, which `DO NOTHING` cannot.
+pub(crate) const JOB_INSERT_MANY: &str = r#"
+INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, unique_key)
+SELECT kind, queue, args, priority,
+       coalesce(run_at, now() + make_interval(secs => coalesce(delay_secs, 0))),
+       max_attempts, unique_key
+FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::smallint[], $5::timestamptz[], $6::float8[], $7::int[], $8::text[])
+     AS t(kind, queue, args, priority, run_at, delay_secs, max_attempts, unique_key)
+ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN ('available', 'running')
+DO UPDATE SET unique_key = EXCLUDED.unique_key
+RETURNING id, (xmax::text <> '0') AS existing
+"#;
+
+/// Insert one job; see [`JOB_INSERT_MANY`] for the unique-key behaviour.
+pub(crate) const JOB_INSERT_ONE: &str = r#"
+INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, unique_key)
+VALUES ($1, $2, $3, $4, coalesce($5, now() + make_interval(secs => coalesce($6, 0))), $7, $8)
+ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN ('available', 'running')
+DO UPDATE SET unique_key = EXCLUDED.unique_key
+RETURNING id, (xmax::text <> '0') AS existing
+"#;
+
+/// Claim up to `$2` available jobs of queue `$1` for worker `$4` with a lease of `$3` seconds.
+pub(crate) const JOB_CLAIM: &str = r#"
+WITH next AS (
+    SELECT id FROM oncely.jobs
+    WHERE state = 'available' AND queue = $1 AND run_at <= now()
+    ORDER BY priority DESC, run_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE oncely.jobs AS j
+SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
+    lease_expires_at = now() + make_interval(secs => $3), worker_id = $4
+FROM next
+WHERE j.id = next.id
+RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_attempts, j.snoozes,
+          j.run_at, j.created_at, j.attempted_at, j.finished_at, j.lease_expires_at, j.worker_id,
+          j.unique_key, j.errors
+"#;
+
+/// Complete many claims at once; returns the ids whose claim still held.
+pub(crate) const JOB_SET_COMPLETED_IF_RUNNING_MANY: &str = r#"
+UPDATE oncely.jobs AS j
+SET state = 'completed', finished_at = now(), lease_expires_at = NULL
+FROM unnest($1::bigint[], $2::int[]) AS c(id, attempt)
+WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'running'
+RETURNING j.id
+"#;
+
+/// Extend the leases of many claims; returns the ids whose claim still held.
+pub(crate) const JOB_EXTEND_LEASE_MANY: &str = r#"
+UPDATE oncely.jobs AS j
+SET lease_expires_at = now() + make_interval(secs => $3)
+FROM unnest($1::bigint[], $2::int[]) AS h(id, attempt)
+WHERE j.id = h.id AND j.attempt = h.attempt AND j.state = 'running'
+RETURNING j.id
+"#;
+
+/// Record a failed attempt: back to `available` after `$4` seconds when `$3` (retryable) and
+/// attempts remain, else `dead`. Returns the new state.
+pub(crate) const JOB_SET_FAILED_IF_RUNNING: &str = r#"
+UPDATE oncely.jobs
+SET state = CASE WHEN $3 AND attempt < max_attempts THEN 'available' ELSE 'dead' END,
+    run_at = CASE WHEN $3 AND attempt < max_attempts THEN now() + make_interval(secs => $4) ELSE run_at END,
+    finished_at = CASE WHEN $3 AND attempt < max_attempts THEN NULL ELSE now() END,
+    lease_expires_at = NULL,
+    errors = errors || jsonb_build_array(jsonb_build_object(
+        'attempt', attempt, 'at', now(), 'kind', $5::text, 'message', $6::text))
+WHERE id = $1 AND attempt = $2 AND state = 'running'
+RETURNING state
+"#;
+
+/// Give a claim back without counting it as an attempt (snooze, or release at shutdown): available
+/// again after `$3` seconds; an optional note (`$4` kind, `$5` message) goes to the error history.
+pub(crate) const JOB_SET_AVAILABLE_IF_RUNNING: &str = r#"
+UPDATE oncely.jobs
+SET state = 'available', run_at = now() + make_interval(secs => $3),
+    snoozes = snoozes + 1, max_attempts = max_attempts + 1, lease_expires_at = NULL,
+    errors = CASE WHEN $4::text IS NULL THEN errors
+                  ELSE errors || jsonb_build_array(jsonb_build_object(
+                      'attempt', attempt, 'at', now(), 'kind', $4::text, 'message', $5::text)) END
+WHERE id = $1 AND attempt = $2 AND state = 'running'
+RETURNING id
+"#;
+
+/// The handler cancelled its own job.
+pub(crate) const JOB_SET_CANCELLED_IF_RUNNING: &str = r#"
+UPDATE oncely.jobs
+SET state = 'cancelled', finished_at = now(), lease_expires_at = NULL,
+    errors = errors || jsonb_build_array(jsonb_build_object(
+        'attempt', attempt, 'at', now(), 'kind', 'error', 'message', 'cancelled by handler: ' || $3::text))
+WHERE id = $1 AND attempt = $2 AND state = 'running'
+RETURNING id
+"#;
+
+/// Cancel a job that has not finished (a person's decision; a running claim is fenced out).
+pub(crate) const JOB_CANCEL: &str = r#"
+UPDATE oncely.jobs
+SET state = 'cancelled', finished_at = now(), lease_expires_at = NULL
+WHERE id = $1 AND state IN ('available', 'running')
+RETURNING id
+"#;
+
+/// Put a dead or cancelled job back in its queue, with one more attempt allowed.
+pub(crate) const JOB_RETRY_FINISHED: &str = r#"
+UPDATE oncely.jobs
+SET state = 'available', run_at = now(), finished_at = NULL,
+    max_attempts = greatest(max_attempts, attempt + 1)
+WHERE id = $1 AND state IN ('dead', 'cancelled')
+RETURNING queue
+"#;
+
+/// Rescue up to `$1` running jobs whose lease expired: available again now, or dead when out of
+/// attempts.
+pub(crate) const JOB_RESCUE_EXPIRED: &str = r#"
+WITH expired AS (
+    SELECT id FROM oncely.jobs
+    WHERE state = 'running' AND lease_expires_at < now()
+    ORDER BY lease_expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE oncely.jobs AS j
+SET state = CASE WHEN j.attempt < j.max_attempts THEN 'available' ELSE 'dead' END,
+    run_at = now(),
+    finished_at = CASE WHEN j.attempt < j.max_attempts THEN NULL ELSE now() END,
+    lease_expires_at = NULL,
+    errors = j.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempt, 'at', now(), 'kind', 'lease_expired',
+        'message', 'lease expired while running on worker ' || coalesce(j.worker_id, '?')))
+FROM expired
+WHERE j.id = expired.id
+RETURNING j.id, j.state, j.queue
+"#;
+
+/// Delete up to `$3` finished jobs past their retention (`$1` seconds for completed and cancelled,
+/// `$2` for dead).
+pub(crate) const JOB_DELETE_FINISHED: &str = r#"
+DELETE FROM oncely.jobs
+WHERE id IN (
+    SELECT id FROM oncely.jobs
+    WHERE (state IN ('completed', 'cancelled') AND finished_at < now() - make_interval(secs => $1))
+       OR (state = 'dead' AND finished_at < now() - make_interval(secs => $2))
+    LIMIT $3
+)
+"#;
+
+/// Wake workers listening on the queues in `$1`.
+pub(crate) const QUEUE_NOTIFY_MANY: &str =
+    "SELECT pg_notify('oncely_jobs', q) FROM (SELECT DISTINCT unnest($1::text[]) AS q) AS queues";
+
+/// Counts of jobs by queue and state.
+pub(crate) const JOB_COUNT_BY_QUEUE_AND_STATE: &str =
+    "SELECT queue, state, count(*) AS n FROM oncely.jobs GROUP BY queue, state ORDER BY queue, state";
+
+/// Take or keep the leadership `$1` for `$2` during `$3` seconds; returns a row when held.
+pub(crate) const LEADER_ELECT: &str = r#"
+INSERT INTO oncely.leaders AS l (name, leader_id, elected_at, expires_at)
+VALUES ($1, $2, now(), now() + make_interval(secs => $3))
+ON CONFLICT (name) DO UPDATE
+SET leader_id = EXCLUDED.leader_id,
+    elected_at = CASE WHEN l.leader_id = EXCLUDED.leader_id THEN l.elected_at ELSE now() END,
+    expires_at = EXCLUDED.expires_at
+WHERE l.leader_id = EXCLUDED.leader_id OR l.expires_at < now()
+RETURNING leader_id
+"#;
+
+/// Give up the leadership `$1` if `$2` holds it.
+pub(crate) const LEADER_RESIGN: &str = "DELETE FROM oncely.leaders WHERE name = $1 AND leader_id = $2";

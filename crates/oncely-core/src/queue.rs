@@ -1,0 +1,231 @@
+//! Enqueueing jobs and managing them: insert one or many, inspect, cancel, retry.
+//!
+//! Every function takes any [`PgExecutor`]: a pool, a connection, or the caller's own
+//! transaction — so a job can commit or roll back together with the business writes that caused it.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgExecutor, Row};
+use tracing::instrument;
+
+use crate::error::{Error, Result};
+use crate::job::{rows_to_jobs, Job, JobId, JobRow, JobState, NewJob};
+use crate::queries;
+
+/// What an enqueue did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The job's id: the new job, or the live job that already held the unique key.
+    pub id: JobId,
+    /// True when a live job with the same unique key existed and no job was created.
+    pub existing: bool,
+}
+
+/// Enqueue one job.
+///
+/// With a unique key that a live (available or running) job already holds, nothing is inserted and
+/// that job's id is returned with `existing: true`. This holds under concurrent enqueues on separate
+/// connections: the unique index decides, and the losers wait for the winner's transaction.
+///
+/// # Example
+///
+/// ```no_run
+/// # use oncely_core::{JobArgs, NewJob};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Serialize, Deserialize)] struct GenerateReport { report_id: i64 }
+/// # impl JobArgs for GenerateReport { const KIND: &'static str = "generate_report"; }
+/// # async fn example(pool: sqlx::PgPool) -> oncely_core::Result<()> {
+/// let mut tx = pool.begin().await?;
+/// // ... business writes in `tx` ...
+/// let job = oncely_core::enqueue(&mut *tx, NewJob::new(&GenerateReport { report_id: 7 })?).await?;
+/// tx.commit().await?; // the job exists if and only if this commits
+/// # Ok(()) }
+/// ```
+#[instrument(skip_all, fields(job.kind = %job.kind, queue = %job.queue), err)]
+pub async fn enqueue<'e>(executor: impl PgExecutor<'e>, job: NewJob) -> Result<Enqueued> {
+    job.validate()?;
+    let row = sqlx::query(queries::JOB_INSERT_ONE)
+        .bind(&job.kind)
+        .bind(&job.queue)
+        .bind(&job.args)
+        .bind(job.priority)
+        .bind(job.run_at)
+        .bind(job.delay.map(|d| d.as_secs_f64()))
+        .bind(job.max_attempts)
+        .bind(&job.unique_key)
+        .fetch_one(executor)
+        .await?;
+    Ok(Enqueued { id: JobId(row.try_get("id")?), existing: row.try_get("existing")? })
+}
+
+/// Enqueue many jobs in one statement (one round trip), in input order.
+///
+/// Jobs that share a unique key within `jobs` are inserted once; the later ones report the first's
+/// id with `existing: true`, as a later call would.
+#[instrument(skip_all, fields(count = jobs.len()), err)]
+pub async fn enqueue_many<'e>(executor: impl PgExecutor<'e>, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = jobs.len();
+    let mut kinds = Vec::with_capacity(n);
+    let mut queues = Vec::with_capacity(n);
+    let mut args = Vec::with_capacity(n);
+    let mut priorities = Vec::with_capacity(n);
+    let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
+    let mut delays: Vec<Option<f64>> = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    let mut unique_keys: Vec<Option<&str>> = Vec::with_capacity(n);
+    // For each input: the index of the row that carries it (itself, or an earlier row with its key).
+    let mut source = Vec::with_capacity(n);
+    let mut seen_keys = std::collections::HashMap::new();
+    for job in jobs {
+        job.validate()?;
+        if let Some(key) = job.unique_key.as_deref() {
+            if let Some(&row) = seen_keys.get(key) {
+                source.push((row, true));
+                continue;
+            }
+            seen_keys.insert(key, kinds.len());
+        }
+        source.push((kinds.len(), false));
+        kinds.push(job.kind.as_str());
+        queues.push(job.queue.as_str());
+        args.push(&job.args);
+        priorities.push(job.priority);
+        run_ats.push(job.run_at);
+        delays.push(job.delay.map(|d| d.as_secs_f64()));
+        max_attempts.push(job.max_attempts);
+        unique_keys.push(job.unique_key.as_deref());
+    }
+    let rows = sqlx::query(queries::JOB_INSERT_MANY)
+        .bind(&kinds)
+        .bind(&queues)
+        .bind(&args)
+        .bind(&priorities)
+        .bind(&run_ats)
+        .bind(&delays)
+        .bind(&max_attempts)
+        .bind(&unique_keys)
+        .fetch_all(executor)
+        .await?;
+    // INSERT ... SELECT returns rows in the order it inserts them, which is the order of the input.
+    if rows.len() != kinds.len() {
+        return Err(Error::InvalidInput(format!(
+            "enqueue_many: inserted {} rows for {} jobs",
+            rows.len(),
+            kinds.len()
+        )));
+    }
+    let inserted = rows
+        .iter()
+        .map(|r| Ok(Enqueued { id: JobId(r.try_get("id")?), existing: r.try_get("existing")? }))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(source
+        .into_iter()
+        .map(|(row, dup)| Enqueued { id: inserted[row].id, existing: inserted[row].existing || dup })
+        .collect())
+}
+
+/// Fetch one job.
+pub async fn get_job<'e>(executor: impl PgExecutor<'e>, id: JobId) -> Result<Job> {
+    let sql = format!("SELECT {} FROM oncely.jobs WHERE id = $1", queries::JOB_COLUMNS);
+    let row: Option<JobRow> = sqlx::query_as(&sql).bind(id).fetch_optional(executor).await?;
+    row.ok_or(Error::JobNotFound(id))?.try_into()
+}
+
+/// Which jobs [`list_jobs`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    /// Only jobs in this state.
+    pub state: Option<JobState>,
+    /// Only jobs on this queue.
+    pub queue: Option<String>,
+    /// Only jobs of this kind.
+    pub kind: Option<String>,
+    /// Only jobs with an id above this (for paging).
+    pub after: Option<JobId>,
+    /// At most this many. Defaults to 100.
+    pub limit: Option<i64>,
+}
+
+/// List jobs, oldest id first.
+pub async fn list_jobs<'e>(executor: impl PgExecutor<'e>, filter: &JobFilter) -> Result<Vec<Job>> {
+    let sql = format!(
+        "SELECT {} FROM oncely.jobs \
+         WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR queue = $2) \
+           AND ($3::text IS NULL OR kind = $3) AND id > coalesce($4, 0) \
+         ORDER BY id LIMIT $5",
+        queries::JOB_COLUMNS
+    );
+    let rows: Vec<JobRow> = sqlx::query_as(&sql)
+        .bind(filter.state.map(JobState::as_str))
+        .bind(&filter.queue)
+        .bind(&filter.kind)
+        .bind(filter.after)
+        .bind(filter.limit.unwrap_or(100))
+        .fetch_all(executor)
+        .await?;
+    rows_to_jobs(rows)
+}
+
+/// Number of jobs per (queue, state).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueCount {
+    /// The queue.
+    pub queue: String,
+    /// The state.
+    pub state: JobState,
+    /// How many jobs.
+    pub count: i64,
+}
+
+/// Count jobs by queue and state.
+pub async fn count_jobs<'e>(executor: impl PgExecutor<'e>) -> Result<Vec<QueueCount>> {
+    let rows = sqlx::query(queries::JOB_COUNT_BY_QUEUE_AND_STATE).fetch_all(executor).await?;
+    rows.iter()
+        .map(|r| {
+            Ok(QueueCount {
+                queue: r.try_get("queue")?,
+                state: r.try_get::<String, _>("state")?.parse()?,
+                count: r.try_get("n")?,
+            })
+        })
+        .collect()
+}
+
+/// Cancel a job that has not finished. A running job's worker is fenced out: its completion is
+/// refused, and its heartbeat tells the handler (through `JobContext::cancelled`) to stop.
+pub async fn cancel_job(conn: &mut sqlx::PgConnection, id: JobId) -> Result<()> {
+    if sqlx::query(queries::JOB_CANCEL).bind(id).fetch_optional(&mut *conn).await?.is_some() {
+        return Ok(());
+    }
+    let job = get_job(&mut *conn, id).await?;
+    Err(Error::InvalidState { job_id: id, state: job.state.to_string(), action: "cancel", expected: "available or running" })
+}
+
+/// Put a dead (or cancelled) job back in its queue, with its error history kept and one more
+/// attempt allowed.
+pub async fn retry_job(conn: &mut sqlx::PgConnection, id: JobId) -> Result<()> {
+    let res = sqlx::query(queries::JOB_RETRY_FINISHED).bind(id).fetch_optional(&mut *conn).await;
+    match res {
+        Ok(Some(row)) => {
+            let queue: String = row.try_get("queue")?;
+            sqlx::query(queries::QUEUE_NOTIFY_MANY).bind(vec![queue]).execute(&mut *conn).await?;
+            Ok(())
+        }
+        Ok(None) => {
+            let job = get_job(&mut *conn, id).await?;
+            Err(Error::InvalidState { job_id: id, state: job.state.to_string(), action: "retry", expected: "dead or cancelled" })
+        }
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => Err(Error::InvalidInput(format!(
+            "job {id} cannot be retried: another live job holds its unique key"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub(crate) fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}

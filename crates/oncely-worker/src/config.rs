@@ -1,0 +1,148 @@
+//! Worker settings, with their defaults as named constants.
+
+use std::time::Duration;
+
+use oncely_core::retry::RetryPolicy;
+
+/// Defaults to 30 s: how long a claim holds without a heartbeat. A worker that dies has its jobs
+/// rescued within about this long plus [`DEFAULT_MAINTENANCE_INTERVAL`].
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Defaults to 1 s: how often an idle queue is polled when no NOTIFY arrives.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Defaults to 100: the most jobs one claim takes.
+pub const DEFAULT_FETCH_BATCH: usize = 100;
+/// Defaults to 2 ms: while a queue is busy, how long the fetcher waits for more free slots so that
+/// one claim fills several of them.
+pub const DEFAULT_FETCH_COOLDOWN: Duration = Duration::from_millis(2);
+/// Defaults to 5 minutes: a handler attempt running longer is aborted and retried.
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(300);
+/// Defaults to 30 s: at shutdown, how long in-flight jobs may run before they are released.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Defaults to 1 s: how often the elected maintenance leader renews its lease and rescues
+/// expired claims.
+pub const DEFAULT_MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// Defaults to 60 s: how often finished jobs past retention are pruned.
+pub const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+/// Defaults to 24 hours: how long completed and cancelled jobs are kept.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// Defaults to 7 days: how long dead jobs are kept for a person to look at.
+pub const DEFAULT_DEAD_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// One queue a worker serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// The queue's name.
+    pub name: String,
+    /// Jobs of this queue that run at once on this worker.
+    pub concurrency: usize,
+}
+
+/// How a worker runs. Build it through [`WorkerBuilder`](crate::WorkerBuilder); every field has a
+/// default (see the `DEFAULT_*` constants).
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// This worker's id, recorded on the jobs it claims. Defaults to `hostname-pid-random`.
+    pub worker_id: String,
+    /// Queues served, with their concurrency.
+    pub queues: Vec<QueueConfig>,
+    /// Lease per claim. Heartbeats extend it every third of it.
+    pub lease: Duration,
+    /// Poll interval of an idle queue.
+    pub poll_interval: Duration,
+    /// Jobs per claim, at most.
+    pub fetch_batch: usize,
+    /// Wait for more free slots while a queue is busy.
+    pub fetch_cooldown: Duration,
+    /// Default per-attempt timeout.
+    pub job_timeout: Duration,
+    /// Grace period for in-flight jobs at shutdown.
+    pub shutdown_timeout: Duration,
+    /// Retry delays.
+    pub retry: RetryPolicy,
+    /// Run maintenance (rescue, pruning) when elected. Defaults to true.
+    pub maintenance: bool,
+    /// Maintenance tick.
+    pub maintenance_interval: Duration,
+    /// Pruning interval.
+    pub prune_interval: Duration,
+    /// Retention of completed and cancelled jobs.
+    pub retention: Duration,
+    /// Retention of dead jobs.
+    pub dead_retention: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            worker_id: default_worker_id(),
+            queues: Vec::new(),
+            lease: DEFAULT_LEASE,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            fetch_batch: DEFAULT_FETCH_BATCH,
+            fetch_cooldown: DEFAULT_FETCH_COOLDOWN,
+            job_timeout: DEFAULT_JOB_TIMEOUT,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            retry: RetryPolicy::default(),
+            maintenance: true,
+            maintenance_interval: DEFAULT_MAINTENANCE_INTERVAL,
+            prune_interval: DEFAULT_PRUNE_INTERVAL,
+            retention: DEFAULT_RETENTION,
+            dead_retention: DEFAULT_DEAD_RETENTION,
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// How often heartbeats extend leases: a third of the lease.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.lease / 3
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.queues.is_empty() {
+            return Err("no queue to serve: add one with .queue(name, concurrency)".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for q in &self.queues {
+            if q.name.is_empty() || q.name.len() > 128 {
+                return Err(format!("queue name must be 1..=128 bytes: {:?}", q.name));
+            }
+            if q.concurrency == 0 {
+                return Err(format!("queue `{}` has concurrency 0", q.name));
+            }
+            if !names.insert(&q.name) {
+                return Err(format!("queue `{}` configured twice", q.name));
+            }
+        }
+        if self.lease < Duration::from_millis(300) {
+            return Err(format!("lease {:?} is too short (at least 300ms)", self.lease));
+        }
+        if self.fetch_batch == 0 {
+            return Err("fetch_batch must be at least 1".into());
+        }
+        for (what, d) in [
+            ("poll_interval", self.poll_interval),
+            ("job_timeout", self.job_timeout),
+            ("maintenance_interval", self.maintenance_interval),
+            ("prune_interval", self.prune_interval),
+        ] {
+            if d.is_zero() {
+                return Err(format!("{what} must be positive"));
+            }
+        }
+        if self.worker_id.is_empty() {
+            return Err("worker_id must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_owned()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    let short = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &short[..8])
+}

@@ -1,0 +1,184 @@
+//! The executor: runs one claimed job's handler under its timeout, catches panics, and records
+//! the outcome with a fenced write (completions go to the batching completer).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use futures::FutureExt;
+use oncely_core::{Claim, ErrorKind, Job};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::completer::CompleterMsg;
+use crate::handler::{CallError, ContextInner, JobContext, Outcome};
+use crate::worker::{RunningJob, Shared, WorkerStats};
+
+/// What the attempt came to, before it is written.
+enum Finish {
+    Complete,
+    Failed { kind: ErrorKind, message: String, retry_in: Option<Duration> },
+    Snooze(Duration),
+    Cancel(String),
+    Release,
+}
+
+pub(crate) fn spawn(shared: &Arc<Shared>, tracker: &TaskTracker, job: Job, permit: OwnedSemaphorePermit) {
+    let cancel = CancellationToken::new();
+    shared
+        .running
+        .lock()
+        .expect("running-jobs lock poisoned by a panic while held")
+        .insert(job.id, RunningJob { attempt: job.attempt, cancel: cancel.clone() });
+    let span = tracing::info_span!(
+        "job",
+        job.id = %job.id,
+        job.kind = %job.kind,
+        queue = %job.queue,
+        attempt = job.attempt,
+    );
+    tracker.spawn(run(shared.clone(), job, cancel, permit).instrument(span));
+}
+
+async fn run(shared: Arc<Shared>, job: Job, cancel: CancellationToken, permit: OwnedSemaphorePermit) {
+    let claim = Claim::from(&job);
+    let finish = attempt(&shared, &job, cancel).await;
+    // The slot is free as soon as the handler is done; the write below does not hold it.
+    drop(permit);
+    if let Finish::Complete = finish {
+        tracing::debug!("job completed");
+        if shared.completions.send(CompleterMsg::Complete(claim)).is_err() {
+            // The completer is gone only after shutdown finished; the lease will expire and the
+            // job will run again (at least once).
+            tracing::error!("completer stopped before the completion could be recorded");
+        }
+        return;
+    }
+    record(&shared, &job, claim, finish).await;
+    shared.forget([claim]);
+}
+
+async fn attempt(shared: &Arc<Shared>, job: &Job, cancel: CancellationToken) -> Finish {
+    let Some(handler) = shared.handlers.get(&job.kind) else {
+        let message = format!(
+            "no handler for job kind `{}` on worker {}; it will be retried (a worker that knows it may take it)",
+            job.kind, shared.config.worker_id
+        );
+        tracing::error!(%message);
+        return Finish::Failed { kind: ErrorKind::UnknownKind, message, retry_in: Some(backoff(shared, job)) };
+    };
+    let timeout = handler.timeout().unwrap_or(shared.config.job_timeout);
+    let ctx = JobContext {
+        inner: Arc::new(ContextInner {
+            id: job.id,
+            kind: job.kind.clone(),
+            queue: job.queue.clone(),
+            attempt: job.attempt,
+            max_attempts: job.max_attempts,
+            pool: shared.pool.clone(),
+            cancel: cancel.clone(),
+        }),
+    };
+    let call = AssertUnwindSafe(handler.call(ctx, job.args.clone())).catch_unwind();
+    let result = tokio::select! {
+        r = tokio::time::timeout(timeout, call) => r,
+        _ = shared.hard_stop.cancelled() => {
+            cancel.cancel();
+            return Finish::Release;
+        }
+    };
+    match result {
+        Err(_) => Finish::Failed {
+            kind: ErrorKind::Timeout,
+            message: format!("attempt timed out after {timeout:?}"),
+            retry_in: Some(backoff(shared, job)),
+        },
+        Ok(Err(panic)) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "handler panicked".into());
+            tracing::error!(panic = %message, "handler panicked");
+            Finish::Failed { kind: ErrorKind::Panic, message, retry_in: Some(backoff(shared, job)) }
+        }
+        Ok(Ok(Ok(()))) => Finish::Complete,
+        Ok(Ok(Err(CallError::InvalidArgs(message)))) => {
+            tracing::error!(%message, "job arguments are invalid; sending to the dead letter");
+            Finish::Failed { kind: ErrorKind::InvalidArgs, message, retry_in: None }
+        }
+        Ok(Ok(Err(CallError::Outcome(outcome)))) => match outcome {
+            Outcome::Retry { error, after } => {
+                Finish::Failed { kind: ErrorKind::Error, message: error, retry_in: Some(after.unwrap_or_else(|| backoff(shared, job))) }
+            }
+            Outcome::Fail(message) => Finish::Failed { kind: ErrorKind::Error, message, retry_in: None },
+            Outcome::Snooze(d) => Finish::Snooze(d),
+            Outcome::Cancel(reason) => Finish::Cancel(reason),
+        },
+    }
+}
+
+/// The backoff delay after this attempt: snoozes and releases do not count.
+fn backoff(shared: &Shared, job: &Job) -> Duration {
+    let counted = (job.attempt - job.snoozes).max(1) as u32;
+    shared.config.retry.delay(counted)
+}
+
+/// Write a non-success outcome, retrying while the database is away; a lost lease is reported,
+/// never retried.
+async fn record(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) {
+    let pool = &shared.pool;
+    let write = || async {
+        match &finish {
+            Finish::Failed { kind, message, retry_in } => {
+                oncely_core::lease::fail_job(pool, claim, *kind, message, *retry_in).await.map(Some)
+            }
+            Finish::Snooze(d) => oncely_core::lease::snooze_job(pool, claim, *d).await.map(|_| None),
+            Finish::Cancel(reason) => oncely_core::lease::cancel_running_job(pool, claim, reason).await.map(|_| None),
+            Finish::Release => oncely_core::lease::release_job(pool, claim, "worker shut down before the attempt finished")
+                .await
+                .map(|_| None),
+            Finish::Complete => unreachable!("completions go to the completer"),
+        }
+    };
+    let result = write.retry(persist_backoff()).when(|e| e.is_transient()).await;
+    let stats = &shared.stats;
+    match (result, &finish) {
+        (Ok(state), Finish::Failed { message, .. }) => {
+            WorkerStats::add(&stats.failed, 1);
+            tracing::warn!(error = %message, new_state = ?state, max_attempts = job.max_attempts, "attempt failed");
+        }
+        (Ok(_), Finish::Snooze(d)) => {
+            WorkerStats::add(&stats.snoozed, 1);
+            tracing::debug!(delay = ?d, "job snoozed");
+        }
+        (Ok(_), Finish::Cancel(reason)) => {
+            WorkerStats::add(&stats.cancelled, 1);
+            tracing::info!(%reason, "job cancelled by its handler");
+        }
+        (Ok(_), Finish::Release) => {
+            WorkerStats::add(&stats.released, 1);
+            tracing::info!("job released at shutdown");
+        }
+        (Ok(_), Finish::Complete) => {}
+        (Err(e @ oncely_core::Error::LeaseLost { .. }), _) => {
+            WorkerStats::add(&stats.lease_lost, 1);
+            tracing::warn!(error = %e, "outcome discarded");
+        }
+        (Err(e), _) => {
+            tracing::error!(error = %e, "could not record the outcome; the lease will expire and the job will run again");
+        }
+    }
+}
+
+/// Retry a write for about half a minute while the database is away.
+pub(crate) fn persist_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(20)
+        .with_jitter()
+}

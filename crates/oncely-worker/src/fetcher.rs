@@ -1,0 +1,87 @@
+//! The fetcher: one per queue. It claims jobs in batches while slots are free and hands each to
+//! the executor; when the queue is empty it waits for a NOTIFY hint or the poll interval.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::QueueConfig;
+use crate::executor;
+use crate::worker::{Shared, WorkerStats};
+
+/// How long to back off after a failed claim (the database is away).
+const CLAIM_ERROR_BACKOFF: Duration = Duration::from_millis(500);
+
+pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notify>, stop: CancellationToken, jobs: TaskTracker) {
+    let slots = Arc::new(Semaphore::new(queue.concurrency));
+    let batch = shared.config.fetch_batch.min(queue.concurrency);
+    let mut busy = false;
+    loop {
+        // Wait for one free slot, then take every other free slot up to a batch.
+        let first = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("the fetcher's semaphore is never closed"),
+            _ = stop.cancelled() => return,
+        };
+        let mut permits = vec![first];
+        take_free(&slots, &mut permits, batch);
+        if busy && permits.len() < batch.div_ceil(2) {
+            // The queue is busy: wait a moment for more slots so one claim fills several.
+            let until = tokio::time::Instant::now() + shared.config.fetch_cooldown;
+            while permits.len() < batch {
+                tokio::select! {
+                    p = slots.clone().acquire_owned() => permits.push(p.expect("the fetcher's semaphore is never closed")),
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = stop.cancelled() => return,
+                }
+                take_free(&slots, &mut permits, batch);
+            }
+        }
+        let want = permits.len();
+        let claimed = oncely_core::lease::claim_jobs(
+            &shared.pool,
+            &queue.name,
+            want as i32,
+            &shared.config.worker_id,
+            shared.config.lease,
+        )
+        .await;
+        let claimed = match claimed {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(queue = %queue.name, error = %e, "claim failed; backing off");
+                drop(permits);
+                tokio::select! {
+                    _ = tokio::time::sleep(CLAIM_ERROR_BACKOFF) => {}
+                    _ = stop.cancelled() => return,
+                }
+                continue;
+            }
+        };
+        busy = claimed.len() == want;
+        WorkerStats::add(&shared.stats.claimed, claimed.len() as u64);
+        for job in claimed {
+            let permit = permits.pop().expect("one permit was taken per claimed job");
+            executor::spawn(&shared, &jobs, job, permit);
+        }
+        drop(permits);
+        if !busy {
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(shared.config.poll_interval) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
+fn take_free(slots: &Arc<Semaphore>, permits: &mut Vec<OwnedSemaphorePermit>, batch: usize) {
+    while permits.len() < batch {
+        match slots.clone().try_acquire_owned() {
+            Ok(p) => permits.push(p),
+            Err(_) => break,
+        }
+    }
+}

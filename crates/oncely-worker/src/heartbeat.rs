@@ -1,0 +1,39 @@
+//! The heartbeat: extends the leases of this worker's running jobs every third of the lease, and
+//! tells handlers whose claim no longer holds to stop.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::worker::{Shared, WorkerStats};
+
+pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(shared.config.heartbeat_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let claims = shared.running_claims();
+        if claims.is_empty() {
+            continue;
+        }
+        match oncely_core::lease::extend_leases(&shared.pool, &claims, shared.config.lease).await {
+            Ok(lost) => {
+                if lost.is_empty() {
+                    continue;
+                }
+                let running = shared.running.lock().expect("running-jobs lock poisoned by a panic while held");
+                for c in &lost {
+                    if let Some(r) = running.get(&c.id).filter(|r| r.attempt == c.attempt) {
+                        tracing::warn!(job.id = %c.id, attempt = c.attempt, "lease lost (rescued or cancelled): telling the handler to stop");
+                        r.cancel.cancel();
+                    }
+                }
+                WorkerStats::add(&shared.stats.lease_lost, 0);
+            }
+            Err(e) => tracing::warn!(error = %e, jobs = claims.len(), "heartbeat failed; will try again"),
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Maintenance: on the one worker elected leader, rescue jobs whose lease expired and prune
+//! finished jobs past their retention. Every worker campaigns; the leader renews its lease each
+//! tick, and another takes over within a few ticks of its death.
+
+use std::sync::Arc;
+
+use oncely_core::maintenance::{elect_leader, prune_finished, rescue_expired, resign_leader};
+use tokio_util::sync::CancellationToken;
+
+use crate::worker::Shared;
+
+/// The leadership name maintenance runs under.
+pub const LEADER_NAME: &str = "maintenance";
+/// Jobs rescued per statement.
+const RESCUE_BATCH: i64 = 1000;
+/// Jobs deleted per statement.
+const PRUNE_BATCH: i64 = 10_000;
+
+pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
+    let cfg = &shared.config;
+    let me = cfg.worker_id.as_str();
+    let ttl = cfg.maintenance_interval * 5;
+    let mut tick = tokio::time::interval(cfg.maintenance_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leader = false;
+    let mut last_prune = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => break,
+        }
+        match elect_leader(&shared.pool, LEADER_NAME, me, ttl).await {
+            Ok(now_leader) => {
+                if now_leader != leader {
+                    tracing::info!(worker.id = me, leader = now_leader, "maintenance leadership changed");
+                }
+                leader = now_leader;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "leader election failed");
+                leader = false;
+                continue;
+            }
+        }
+        if !leader {
+            continue;
+        }
+        if let Err(e) = rescue(&shared).await {
+            tracing::warn!(error = %e, "rescue failed");
+        }
+        if last_prune.elapsed() >= cfg.prune_interval {
+            last_prune = tokio::time::Instant::now();
+            if let Err(e) = prune(&shared).await {
+                tracing::warn!(error = %e, "prune failed");
+            }
+        }
+    }
+    if leader {
+        if let Err(e) = resign_leader(&shared.pool, LEADER_NAME, me).await {
+            tracing::warn!(error = %e, "could not resign maintenance leadership; it expires by itself");
+        }
+    }
+}
+
+async fn rescue(shared: &Shared) -> oncely_core::Result<()> {
+    let mut conn = shared.pool.acquire().await?;
+    loop {
+        let r = rescue_expired(&mut conn, RESCUE_BATCH).await?;
+        let n = r.requeued.len() + r.dead.len();
+        if n > 0 {
+            tracing::warn!(requeued = ?r.requeued, dead = ?r.dead, "rescued jobs whose lease expired");
+        }
+        if (n as i64) < RESCUE_BATCH {
+            return Ok(());
+        }
+    }
+}
+
+async fn prune(shared: &Shared) -> oncely_core::Result<()> {
+    let cfg = &shared.config;
+    loop {
+        let n = prune_finished(&shared.pool, cfg.retention, cfg.dead_retention, PRUNE_BATCH).await?;
+        if n > 0 {
+            tracing::info!(deleted = n, "pruned finished jobs");
+        }
+        if (n as i64) < PRUNE_BATCH {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! The worker: a builder, the shared runtime state, and the handle that shuts it down.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use oncely_core::{Claim, JobArgs, JobId};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::completer::{self, CompleterMsg};
+use crate::config::{QueueConfig, WorkerConfig};
+use crate::error::{Error, Result};
+use crate::handler::{ErasedHandler, Handler, Typed};
+use crate::{fetcher, heartbeat, listener, maintenance};
+
+/// Builds a [`Worker`].
+///
+/// # Example
+///
+/// ```no_run
+/// # use oncely_core::JobArgs;
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Serialize, Deserialize)] struct SendEmail { to: String }
+/// # impl JobArgs for SendEmail { const KIND: &'static str = "send_email"; }
+/// # async fn example(pool: sqlx::PgPool) -> oncely_worker::Result<()> {
+/// use oncely_worker::{handler_fn, Worker};
+/// use std::time::Duration;
+///
+/// let worker = Worker::builder(pool)
+///     .register(handler_fn(|_ctx, args: SendEmail| async move {
+///         tracing::info!(to = %args.to, "sending");
+///         Ok(())
+///     }))
+///     .queue("default", 10)
+///     .lease(Duration::from_secs(30))
+///     .build()?;
+/// let handle = worker.start();
+/// // ... until the process is asked to stop:
+/// handle.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub struct WorkerBuilder {
+    pool: sqlx::PgPool,
+    config: WorkerConfig,
+    handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+    duplicate_kinds: Vec<String>,
+}
+
+impl WorkerBuilder {
+    /// Register the handler for jobs of kind `A::KIND`.
+    pub fn register<A: JobArgs, H: Handler<A>>(mut self, handler: H) -> Self {
+        if self.handlers.insert(A::KIND.to_owned(), Arc::new(Typed::<A, H>::new(handler))).is_some() {
+            self.duplicate_kinds.push(A::KIND.to_owned());
+        }
+        self
+    }
+
+    /// Serve `queue` with up to `concurrency` jobs at once.
+    pub fn queue(mut self, queue: impl Into<String>, concurrency: usize) -> Self {
+        self.config.queues.push(QueueConfig { name: queue.into(), concurrency });
+        self
+    }
+
+    /// See [`WorkerConfig::lease`]. Defaults to [`DEFAULT_LEASE`](crate::config::DEFAULT_LEASE).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.config.lease = lease;
+        self
+    }
+
+    /// See [`WorkerConfig::worker_id`].
+    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
+        self.config.worker_id = id.into();
+        self
+    }
+
+    /// Replace the whole configuration except queues and worker id already set on this builder.
+    pub fn config(mut self, config: WorkerConfig) -> Self {
+        let queues = std::mem::take(&mut self.config.queues);
+        let worker_id = std::mem::take(&mut self.config.worker_id);
+        self.config = config;
+        self.config.queues.extend(queues);
+        if self.config.worker_id.is_empty() {
+            self.config.worker_id = worker_id;
+        }
+        self
+    }
+
+    /// Change settings in place.
+    pub fn configure(mut self, f: impl FnOnce(&mut WorkerConfig)) -> Self {
+        f(&mut self.config);
+        self
+    }
+
+    /// Check the configuration and build the worker.
+    pub fn build(self) -> Result<Worker> {
+        if let Some(kind) = self.duplicate_kinds.first() {
+            return Err(Error::Config(format!("two handlers registered for job kind `{kind}`")));
+        }
+        if self.handlers.is_empty() {
+            return Err(Error::Config("no handler registered".into()));
+        }
+        self.config.validate().map_err(Error::Config)?;
+        Ok(Worker { pool: self.pool, config: self.config, handlers: self.handlers })
+    }
+}
+
+/// A configured worker, ready to [`start`](Worker::start).
+pub struct Worker {
+    pool: sqlx::PgPool,
+    config: WorkerConfig,
+    handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+}
+
+/// Counters of what a worker did since it started.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Jobs claimed.
+    pub claimed: AtomicU64,
+    /// Completions recorded.
+    pub completed: AtomicU64,
+    /// Failed attempts recorded (retry or dead).
+    pub failed: AtomicU64,
+    /// Snoozes recorded.
+    pub snoozed: AtomicU64,
+    /// Jobs cancelled by their handler.
+    pub cancelled: AtomicU64,
+    /// Jobs released at shutdown.
+    pub released: AtomicU64,
+    /// Writes refused because the lease was lost.
+    pub lease_lost: AtomicU64,
+}
+
+impl WorkerStats {
+    /// Read a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+pub(crate) struct RunningJob {
+    pub(crate) attempt: i32,
+    pub(crate) cancel: CancellationToken,
+}
+
+/// State shared by the worker's tasks.
+pub(crate) struct Shared {
+    pub(crate) pool: sqlx::PgPool,
+    pub(crate) config: WorkerConfig,
+    pub(crate) handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+    /// Jobs claimed and not yet finished in the database: the heartbeat extends their leases.
+    pub(crate) running: Mutex<HashMap<JobId, RunningJob>>,
+    pub(crate) completions: mpsc::UnboundedSender<CompleterMsg>,
+    /// Fires when the shutdown grace period is over: handlers are aborted and their jobs released.
+    pub(crate) hard_stop: CancellationToken,
+    pub(crate) stats: Arc<WorkerStats>,
+}
+
+impl Shared {
+    pub(crate) fn running_claims(&self) -> Vec<Claim> {
+        let running = self.running.lock().expect("running-jobs lock poisoned by a panic while held");
+        running.iter().map(|(id, r)| Claim { id: *id, attempt: r.attempt }).collect()
+    }
+
+    pub(crate) fn forget(&self, claims: impl IntoIterator<Item = Claim>) {
+        let mut running = self.running.lock().expect("running-jobs lock poisoned by a panic while held");
+        for c in claims {
+            if running.get(&c.id).is_some_and(|r| r.attempt == c.attempt) {
+                running.remove(&c.id);
+            }
+        }
+    }
+}
+
+impl Worker {
+    /// Start a builder on `pool`. The worker takes one connection for LISTEN, and short-lived ones
+    /// for claims, completions, heartbeats and maintenance; size the pool for those plus what the
+    /// handlers use.
+    pub fn builder(pool: sqlx::PgPool) -> WorkerBuilder {
+        WorkerBuilder { pool, config: WorkerConfig::default(), handlers: HashMap::new(), duplicate_kinds: Vec::new() }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    /// Start claiming and running jobs on the current Tokio runtime.
+    pub fn start(self) -> WorkerHandle {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(WorkerStats::default());
+        let shared = Arc::new(Shared {
+            pool: self.pool,
+            config: self.config,
+            handlers: self.handlers,
+            running: Mutex::new(HashMap::new()),
+            completions: tx,
+            hard_stop: CancellationToken::new(),
+            stats: stats.clone(),
+        });
+        let stop = CancellationToken::new();
+        let jobs = TaskTracker::new();
+        tracing::info!(worker.id = %shared.config.worker_id, queues = ?shared.config.queues, "worker starting");
+
+        let mut wakers = HashMap::new();
+        let mut fetchers = Vec::new();
+        for q in &shared.config.queues {
+            let wake = Arc::new(Notify::new());
+            wakers.insert(q.name.clone(), wake.clone());
+            fetchers.push(tokio::spawn(fetcher::run(shared.clone(), q.clone(), wake, stop.clone(), jobs.clone())));
+        }
+        let services_stop = CancellationToken::new();
+        let mut services = vec![
+            tokio::spawn(listener::run(shared.clone(), wakers, stop.clone())),
+            tokio::spawn(heartbeat::run(shared.clone(), services_stop.clone())),
+        ];
+        if shared.config.maintenance {
+            services.push(tokio::spawn(maintenance::run(shared.clone(), services_stop.clone())));
+        }
+        let completer = tokio::spawn(completer::run(shared.clone(), rx));
+        WorkerHandle {
+            inner: Arc::new(tokio::sync::Mutex::new(Some(Running {
+                shared: shared.clone(),
+                stop,
+                services_stop,
+                jobs,
+                fetchers,
+                services,
+                completer,
+            }))),
+            stats,
+            worker_id: shared.config.worker_id.clone(),
+        }
+    }
+}
+
+struct Running {
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    services_stop: CancellationToken,
+    jobs: TaskTracker,
+    fetchers: Vec<JoinHandle<()>>,
+    services: Vec<JoinHandle<()>>,
+    completer: JoinHandle<()>,
+}
+
+/// A running worker. Dropping it does not stop the worker; call [`shutdown`](Self::shutdown).
+#[derive(Clone)]
+pub struct WorkerHandle {
+    inner: Arc<tokio::sync::Mutex<Option<Running>>>,
+    stats: Arc<WorkerStats>,
+    worker_id: String,
+}
+
+impl WorkerHandle {
+    /// What the worker did so far.
+    pub fn stats(&self) -> &WorkerStats {
+        &self.stats
+    }
+
+    /// The worker's id.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Shut down gracefully with the configured grace period; see
+    /// [`shutdown_within`](Self::shutdown_within).
+    pub async fn shutdown(&self) {
+        let timeout = match self.inner.lock().await.as_ref() {
+            Some(r) => r.shared.config.shutdown_timeout,
+            None => return,
+        };
+        self.shutdown_within(timeout).await
+    }
+
+    /// Stop claiming; let in-flight jobs finish for up to `grace`; then abort the rest and release
+    /// their jobs to the queue (not counted as attempts); record every completion; give up the
+    /// maintenance leadership. Idempotent: later calls return at once.
+    pub async fn shutdown_within(&self, grace: Duration) {
+        let Some(r) = self.inner.lock().await.take() else { return };
+        tracing::info!(worker.id = %self.worker_id, ?grace, "worker shutting down");
+        r.stop.cancel();
+        for f in r.fetchers {
+            let _ = f.await;
+        }
+        r.jobs.close();
+        if tokio::time::timeout(grace, r.jobs.wait()).await.is_err() {
+            tracing::warn!(worker.id = %self.worker_id, "grace period over: aborting and releasing in-flight jobs");
+            r.shared.hard_stop.cancel();
+            r.jobs.wait().await;
+        }
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        if r.shared.completions.send(CompleterMsg::Flush(done_tx)).is_ok() {
+            let _ = done_rx.await;
+        }
+        r.services_stop.cancel();
+        for s in r.services {
+            let _ = s.await;
+        }
+        r.completer.abort();
+        tracing::info!(worker.id = %self.worker_id, "worker stopped");
+    }
+}

@@ -1,0 +1,17 @@
+//! oncely: durable jobs and events on PostgreSQL with exactly-once effects.
+//!
+//! This facade re-exports the parts most services need:
+//! - [`oncely_core`] (as [`core`]): the schema, the queue, fenced state writes — usable alone by
+//!   services that only enqueue;
+//! - [`oncely_worker`] (as [`worker`]): the runtime that runs handlers.
+//!
+//! See the repository README for what "exactly once" does and does not mean here.
+
+pub use oncely_core as core;
+pub use oncely_worker as worker;
+
+pub use oncely_core::{
+    cancel_job, enqueue, enqueue_many, get_job, list_jobs, migrate, retry_job, Enqueued, Error, Job, JobArgs,
+    JobFilter, JobId, JobState, NewJob, Result,
+};
+pub use oncely_worker::{handler_fn, Handler, HandlerResult, JobContext, Outcome, Worker, WorkerConfig, WorkerHandle};
