@@ -5,6 +5,7 @@
 //! job rescued and claimed again, or cancelled) can change nothing: it gets
 //! [`Error::LeaseLost`](crate::Error::LeaseLost) instead of a silent success.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use sqlx::{PgExecutor, Row};
@@ -55,8 +56,9 @@ fn split(claims: &[Claim]) -> (Vec<i64>, Vec<i32>) {
     claims.iter().map(|c| (c.id.0, c.attempt)).unzip()
 }
 
-fn ids(rows: Vec<sqlx::postgres::PgRow>) -> Result<Vec<JobId>> {
-    rows.iter().map(|r| Ok(JobId(r.try_get("id")?))).collect()
+/// The claims named by `RETURNING id, attempt` rows.
+fn claims_of(rows: Vec<sqlx::postgres::PgRow>) -> Result<HashSet<Claim>> {
+    rows.iter().map(|r| Ok(Claim { id: JobId(r.try_get("id")?), attempt: r.try_get("attempt")? })).collect()
 }
 
 /// Complete many claims in one statement. Returns the claims that were refused because their lease
@@ -71,8 +73,8 @@ pub async fn complete_jobs<'e>(executor: impl PgExecutor<'e>, claims: &[Claim]) 
         .bind(&attempts)
         .fetch_all(executor)
         .await?;
-    let done: std::collections::HashSet<JobId> = ids(rows)?.into_iter().collect();
-    Ok(claims.iter().filter(|c| !done.contains(&c.id)).copied().collect())
+    let done = claims_of(rows)?;
+    Ok(claims.iter().filter(|c| !done.contains(c)).copied().collect())
 }
 
 /// Complete one claim.
@@ -96,8 +98,8 @@ pub async fn extend_leases<'e>(executor: impl PgExecutor<'e>, claims: &[Claim], 
         .bind(secs(lease))
         .fetch_all(executor)
         .await?;
-    let held: std::collections::HashSet<JobId> = ids(rows)?.into_iter().collect();
-    Ok(claims.iter().filter(|c| !held.contains(&c.id)).copied().collect())
+    let held = claims_of(rows)?;
+    Ok(claims.iter().filter(|c| !held.contains(c)).copied().collect())
 }
 
 /// Record a failed attempt. With `retry_in: Some(d)` the job runs again after `d` (database clock)

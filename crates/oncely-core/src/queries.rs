@@ -55,7 +55,7 @@ UPDATE oncely.jobs AS j
 SET state = 'completed', finished_at = now(), lease_expires_at = NULL
 FROM unnest($1::bigint[], $2::int[]) AS c(id, attempt)
 WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'running'
-RETURNING j.id
+RETURNING j.id, j.attempt
 "#;
 
 /// Extend the leases of many claims; returns the ids whose claim still held.
@@ -64,7 +64,7 @@ UPDATE oncely.jobs AS j
 SET lease_expires_at = now() + make_interval(secs => $3)
 FROM unnest($1::bigint[], $2::int[]) AS h(id, attempt)
 WHERE j.id = h.id AND j.attempt = h.attempt AND j.state = 'running'
-RETURNING j.id
+RETURNING j.id, j.attempt
 "#;
 
 /// Record a failed attempt: back to `available` after `$4` seconds when `$3` (retryable) and

@@ -1,0 +1,62 @@
+//! Shared helpers for the cross-crate scenarios.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::time::Duration;
+
+use oncely::core::retry::RetryPolicy;
+use oncely::{JobArgs, JobState, Worker, WorkerConfig};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+pub use oncely_testkit::{eventually, TestDb};
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+/// Settings that make leases, polling and retries fast enough for tests.
+pub fn fast(c: &mut WorkerConfig) {
+    c.lease = Duration::from_secs(2);
+    c.poll_interval = Duration::from_millis(100);
+    c.maintenance_interval = Duration::from_millis(200);
+    c.retry = RetryPolicy { base: Duration::from_millis(20), max: Duration::from_millis(200), jitter: 0.2 };
+    c.shutdown_timeout = Duration::from_secs(5);
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Noop {
+    pub n: u64,
+}
+impl JobArgs for Noop {
+    const KIND: &'static str = "noop";
+}
+
+pub async fn state_counts(pool: &PgPool) -> Vec<(String, i64)> {
+    sqlx::query_as("SELECT state, count(*) FROM oncely.jobs GROUP BY state ORDER BY state")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+pub async fn count(pool: &PgPool, state: JobState) -> i64 {
+    oncely_testkit::count_in_state(pool, state).await
+}
+
+/// Wait until every job is in one of the finished states.
+pub async fn wait_all_finished(pool: &PgPool, deadline: Duration) {
+    eventually(deadline, "all jobs finished", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE state IN ('available','running')")
+            .fetch_one(pool)
+            .await
+            .ok()?;
+        (n == 0).then_some(())
+    })
+    .await
+}
+
+pub fn builder(pool: PgPool) -> oncely::worker::WorkerBuilder {
+    Worker::builder(pool).configure(fast)
+}
