@@ -15,3 +15,8 @@ pub use oncely_core::{
     JobFilter, JobId, JobState, NewJob, Result,
 };
 pub use oncely_worker::{handler_fn, Handler, HandlerResult, JobContext, Outcome, Worker, WorkerConfig, WorkerHandle};
+
+/// The README's code blocks, compiled as doctests so the quick start stays true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
