@@ -38,6 +38,16 @@ pub enum Error {
         attempt: i32,
     },
 
+    /// A ledger claim was taken over by another claimant before this one recorded its output
+    /// (its lease expired): the write was refused.
+    #[error("ledger claim lost for {key} attempt {attempt}: another claimant took the key over")]
+    LedgerClaimLost {
+        /// The ledger key (`namespace/key`).
+        key: String,
+        /// The claim's attempt number.
+        attempt: i32,
+    },
+
     /// No job with this id exists.
     #[error("job {0} not found")]
     JobNotFound(JobId),

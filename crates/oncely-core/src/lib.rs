@@ -6,18 +6,24 @@
 //! (`oncely-worker`) and the HTTP layer depend on it, never the other way round.
 //!
 //! Delivery of a job to its handler is **at least once**: a worker that dies mid-job leaves a lease
-//! that expires, and the job runs again. Exactly-once *effects* are built on top of that (steps and
-//! the effect ledger), not promised by the queue.
+//! that expires, and the job runs again. Exactly-once *effects* are built on top of that by the
+//! effect [`ledger`]: [`step`]s inside jobs and [`with_idempotency`] outside them. Effects in this
+//! PostgreSQL database, committed with their ledger record, happen exactly once; calls to other
+//! systems get a stable idempotency key and are effectively once when the callee deduplicates.
 
+mod effect;
 pub mod error;
 pub mod job;
 pub mod lease;
+pub mod ledger;
 pub mod maintenance;
 mod migrate;
 mod queries;
 pub mod queue;
 pub mod retry;
+pub mod step;
 
+pub use effect::{with_idempotency, with_idempotency_tx, StepError, DEFAULT_IDEMPOTENCY_LEASE, IDEMPOTENCY_NAMESPACE};
 pub use error::{Error, Result};
 pub use job::{AttemptError, ErrorKind, Job, JobArgs, JobId, JobState, NewJob};
 pub use lease::Claim;

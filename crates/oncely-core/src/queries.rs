@@ -178,3 +178,82 @@ RETURNING leader_id
 
 /// Give up the leadership `$1` if `$2` holds it.
 pub(crate) const LEADER_RESIGN: &str = "DELETE FROM oncely.leaders WHERE name = $1 AND leader_id = $2";
+
+/// `$now` of the ledger statements: an injected clock for tests, else the database clock.
+macro_rules! ledger_now {
+    () => {
+        "coalesce($8::timestamptz, now())"
+    };
+}
+
+/// Claim a ledger key (`$1` namespace, `$2` key, `$3` fingerprint, `$4` owner, `$5` lease secs,
+/// `$6` ttl secs or NULL, `$7` owner prefix that supersedes, `$8` now or NULL). Inserts a new
+/// in-progress record, or takes over one that expired, whose lease ran out, or whose owner starts
+/// with `$7` (an earlier attempt of the same job). Returns nothing when the key is held or
+/// completed: read it with [`LEDGER_GET`].
+pub(crate) const LEDGER_CLAIM: &str = concat!(
+    r#"
+INSERT INTO oncely.ledger AS l
+    (namespace, key, fingerprint, state, attempt, owner, lease_expires_at, expires_at, created_at, updated_at)
+VALUES ($1, $2, $3, 'in_progress', 1, $4,
+        "#, ledger_now!(), r#" + make_interval(secs => $5),
+        CASE WHEN $6::float8 IS NULL THEN NULL ELSE "#, ledger_now!(), r#" + make_interval(secs => $6) END,
+        "#, ledger_now!(), ", ", ledger_now!(), r#")
+ON CONFLICT (namespace, key) DO UPDATE
+SET fingerprint = EXCLUDED.fingerprint,
+    state = 'in_progress',
+    attempt = l.attempt + 1,
+    owner = EXCLUDED.owner,
+    lease_expires_at = EXCLUDED.lease_expires_at,
+    expires_at = EXCLUDED.expires_at,
+    output = NULL,
+    previous_owner = CASE WHEN l.expires_at <= "#, ledger_now!(), r#" THEN NULL ELSE l.owner END,
+    created_at = CASE WHEN l.expires_at <= "#, ledger_now!(), r#" THEN EXCLUDED.created_at ELSE l.created_at END,
+    updated_at = EXCLUDED.updated_at
+WHERE l.expires_at <= "#, ledger_now!(), r#"
+   OR (l.state = 'in_progress'
+       AND l.fingerprint IS NOT DISTINCT FROM EXCLUDED.fingerprint
+       AND (l.lease_expires_at <= "#, ledger_now!(), r#"
+            OR ($7::text IS NOT NULL AND starts_with(l.owner, $7) AND l.owner <> EXCLUDED.owner)))
+RETURNING attempt, previous_owner
+"#
+);
+
+/// Read a ledger record as of `$3` (now when NULL): its state, fingerprint, output and the seconds
+/// left on its lease; an expired record reads as absent.
+pub(crate) const LEDGER_GET: &str = r#"
+SELECT state, fingerprint, output, owner, attempt,
+       greatest(extract(epoch FROM lease_expires_at - coalesce($3::timestamptz, now())), 0)::float8 AS lease_left
+FROM oncely.ledger
+WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > coalesce($3::timestamptz, now()))
+"#;
+
+/// Record the output of claim `$3` of a key; `$5` replaces the expiry (seconds from now) when set.
+pub(crate) const LEDGER_COMPLETE: &str = r#"
+UPDATE oncely.ledger
+SET state = 'completed', output = $4, lease_expires_at = NULL, updated_at = now(),
+    expires_at = CASE WHEN $5::float8 IS NULL THEN expires_at ELSE now() + make_interval(secs => $5) END
+WHERE namespace = $1 AND key = $2 AND attempt = $3 AND state = 'in_progress'
+RETURNING attempt
+"#;
+
+/// Forget claim `$3` of a key that recorded nothing, so the next claimant runs from scratch.
+pub(crate) const LEDGER_RELEASE: &str = r#"
+DELETE FROM oncely.ledger
+WHERE namespace = $1 AND key = $2 AND attempt = $3 AND state = 'in_progress'
+"#;
+
+/// Delete up to `$1` expired records (never one whose lease is still live).
+pub(crate) const LEDGER_DELETE_EXPIRED: &str = r#"
+DELETE FROM oncely.ledger
+WHERE (namespace, key) IN (
+    SELECT namespace, key FROM oncely.ledger
+    WHERE expires_at <= now() AND (state = 'completed' OR lease_expires_at <= now())
+    LIMIT $1
+)
+"#;
+
+/// Write the audit record of a maintenance run.
+pub(crate) const MAINTENANCE_RUN_INSERT: &str = r#"
+INSERT INTO oncely.maintenance_runs (task, worker_id, started_at, deleted) VALUES ($1, $2, $3, $4)
+"#;

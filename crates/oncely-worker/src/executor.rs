@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use futures::FutureExt;
+use oncely_core::step::{InjectedCrash, StepScope};
 use oncely_core::{Claim, ErrorKind, Job};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +25,8 @@ enum Finish {
     Snooze(Duration),
     Cancel(String),
     Release,
+    /// A crash injected at a step boundary: write nothing, stop heartbeating, let the lease expire.
+    Crash,
 }
 
 pub(crate) fn spawn(shared: &Arc<Shared>, tracker: &TaskTracker, job: Job, permit: OwnedSemaphorePermit) {
@@ -57,7 +60,9 @@ async fn run(shared: Arc<Shared>, job: Job, cancel: CancellationToken, permit: O
         }
         return;
     }
-    record(&shared, &job, claim, finish).await;
+    if !matches!(finish, Finish::Crash) {
+        record(&shared, &job, claim, finish).await;
+    }
     shared.forget([claim]);
 }
 
@@ -80,6 +85,7 @@ async fn attempt(shared: &Arc<Shared>, job: &Job, cancel: CancellationToken) -> 
             max_attempts: job.max_attempts,
             pool: shared.pool.clone(),
             cancel: cancel.clone(),
+            steps: StepScope::new(shared.pool.clone(), job.id, job.attempt).with_hook(shared.step_hook.clone()),
         }),
     };
     let call = AssertUnwindSafe(handler.call(ctx, job.args.clone())).catch_unwind();
@@ -96,6 +102,10 @@ async fn attempt(shared: &Arc<Shared>, job: &Job, cancel: CancellationToken) -> 
             message: format!("attempt timed out after {timeout:?}"),
             retry_in: Some(backoff(shared, job)),
         },
+        Ok(Err(panic)) if panic.is::<InjectedCrash>() => {
+            tracing::warn!(boundary = ?panic.downcast_ref::<InjectedCrash>().map(|c| &c.0), "crash injected: abandoning the attempt without a write");
+            Finish::Crash
+        }
         Ok(Err(panic)) => {
             let message = panic
                 .downcast_ref::<&str>()
@@ -141,7 +151,7 @@ async fn record(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) {
             Finish::Release => oncely_core::lease::release_job(pool, claim, "worker shut down before the attempt finished")
                 .await
                 .map(|_| None),
-            Finish::Complete => unreachable!("completions go to the completer"),
+            Finish::Complete | Finish::Crash => unreachable!("completions go to the completer; crashes write nothing"),
         }
     };
     let result = write.retry(persist_backoff()).when(|e| e.is_transient()).await;
@@ -163,7 +173,7 @@ async fn record(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) {
             WorkerStats::add(&stats.released, 1);
             tracing::info!("job released at shutdown");
         }
-        (Ok(_), Finish::Complete) => {}
+        (Ok(_), Finish::Complete | Finish::Crash) => {}
         (Err(e @ oncely_core::Error::LeaseLost { .. }), _) => {
             WorkerStats::add(&stats.lease_lost, 1);
             tracing::warn!(error = %e, "outcome discarded");

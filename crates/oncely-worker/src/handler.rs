@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use oncely_core::{Claim, JobArgs, JobId};
+use oncely_core::step::{Step, StepScope};
+use oncely_core::{Claim, JobArgs, JobId, StepError};
 use tokio_util::sync::CancellationToken;
 
 /// How a handler ends an attempt other than by success. `?` on any standard error gives
@@ -71,9 +72,19 @@ impl Outcome {
     }
 }
 
+/// Any error is a failed attempt to retry, except a [`StepError`] that says otherwise: a step
+/// parked for a person fails the job; a step busy in another job snoozes until its lease ends.
 impl<E: std::error::Error + Send + Sync + 'static> From<E> for Outcome {
     fn from(e: E) -> Self {
-        Outcome::retry(e)
+        match (&e as &dyn std::any::Any).downcast_ref::<StepError>() {
+            Some(StepError::OutcomeUnknown { .. } | StepError::DuplicateKey(_) | StepError::Mismatch { .. }) => {
+                Outcome::fail(e)
+            }
+            Some(StepError::Busy { retry_after, .. }) => {
+                Outcome::snooze((*retry_after).max(Duration::from_millis(100)))
+            }
+            _ => Outcome::retry(e),
+        }
     }
 }
 
@@ -95,6 +106,7 @@ pub(crate) struct ContextInner {
     pub(crate) max_attempts: i32,
     pub(crate) pool: sqlx::PgPool,
     pub(crate) cancel: CancellationToken,
+    pub(crate) steps: StepScope,
 }
 
 impl JobContext {
@@ -136,6 +148,18 @@ impl JobContext {
     /// Resolves when [`is_cancelled`](Self::is_cancelled) becomes true.
     pub async fn cancelled(&self) {
         self.inner.cancel.cancelled().await
+    }
+
+    /// A step of this job: memoized in the effect ledger under `job:{id}:{name}` (or the key given
+    /// with [`Step::key`]). See [`oncely_core::step`] for its three forms and what each guarantees.
+    ///
+    /// ```no_run
+    /// # async fn example(ctx: oncely_worker::JobContext) -> oncely_worker::HandlerResult {
+    /// let n: u32 = ctx.step("compute").run(|| async { Ok::<_, std::io::Error>(42) }).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn step(&self, name: impl Into<String>) -> Step<'_> {
+        self.inner.steps.step(name)
     }
 }
 

@@ -1,5 +1,5 @@
-//! Maintenance: on the one worker elected leader, rescue jobs whose lease expired and prune
-//! finished jobs past their retention. Every worker campaigns; the leader renews its lease each
+//! Maintenance: on the one worker elected leader, rescue jobs whose lease expired, prune
+//! finished jobs past their retention and delete expired ledger records (auditing each run). Every worker campaigns; the leader renews its lease each
 //! tick, and another takes over within a few ticks of its death.
 
 use std::sync::Arc;
@@ -13,6 +13,8 @@ use crate::worker::Shared;
 pub const LEADER_NAME: &str = "maintenance";
 /// Jobs rescued per statement.
 const RESCUE_BATCH: i64 = 1000;
+/// Ledger records deleted per statement.
+const LEDGER_BATCH: i64 = 5_000;
 /// Jobs deleted per statement.
 const PRUNE_BATCH: i64 = 10_000;
 
@@ -78,6 +80,10 @@ async fn rescue(shared: &Shared) -> oncely_core::Result<()> {
 
 async fn prune(shared: &Shared) -> oncely_core::Result<()> {
     let cfg = &shared.config;
+    let removed = oncely_core::ledger::cleanup_expired(&shared.pool, LEDGER_BATCH, Some(&cfg.worker_id)).await?;
+    if removed > 0 {
+        tracing::info!(deleted = removed, "deleted expired ledger records");
+    }
     loop {
         let n = prune_finished(&shared.pool, cfg.retention, cfg.dead_retention, PRUNE_BATCH).await?;
         if n > 0 {

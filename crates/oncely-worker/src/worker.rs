@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use oncely_core::step::BoundaryHook;
 use oncely_core::{Claim, JobArgs, JobId};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -48,6 +49,7 @@ pub struct WorkerBuilder {
     config: WorkerConfig,
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
     duplicate_kinds: Vec<String>,
+    step_hook: Option<BoundaryHook>,
 }
 
 impl WorkerBuilder {
@@ -89,6 +91,14 @@ impl WorkerBuilder {
         self
     }
 
+    /// Call `hook` at every step boundary of every job (crash testing: a hook that panics with
+    /// [`InjectedCrash`](oncely_core::step::InjectedCrash) makes the attempt end as if the process
+    /// died there).
+    pub fn step_hook(mut self, hook: BoundaryHook) -> Self {
+        self.step_hook = Some(hook);
+        self
+    }
+
     /// Change settings in place.
     pub fn configure(mut self, f: impl FnOnce(&mut WorkerConfig)) -> Self {
         f(&mut self.config);
@@ -104,7 +114,7 @@ impl WorkerBuilder {
             return Err(Error::Config("no handler registered".into()));
         }
         self.config.validate().map_err(Error::Config)?;
-        Ok(Worker { pool: self.pool, config: self.config, handlers: self.handlers })
+        Ok(Worker { pool: self.pool, config: self.config, handlers: self.handlers, step_hook: self.step_hook })
     }
 }
 
@@ -113,6 +123,7 @@ pub struct Worker {
     pool: sqlx::PgPool,
     config: WorkerConfig,
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+    step_hook: Option<BoundaryHook>,
 }
 
 /// Counters of what a worker did since it started.
@@ -160,6 +171,7 @@ pub(crate) struct Shared {
     /// Fires when the shutdown grace period is over: handlers are aborted and their jobs released.
     pub(crate) hard_stop: CancellationToken,
     pub(crate) stats: Arc<WorkerStats>,
+    pub(crate) step_hook: Option<BoundaryHook>,
 }
 
 impl Shared {
@@ -183,7 +195,13 @@ impl Worker {
     /// for claims, completions, heartbeats and maintenance; size the pool for those plus what the
     /// handlers use.
     pub fn builder(pool: sqlx::PgPool) -> WorkerBuilder {
-        WorkerBuilder { pool, config: WorkerConfig::default(), handlers: HashMap::new(), duplicate_kinds: Vec::new() }
+        WorkerBuilder {
+            pool,
+            config: WorkerConfig::default(),
+            handlers: HashMap::new(),
+            duplicate_kinds: Vec::new(),
+            step_hook: None,
+        }
     }
 
     /// The configuration.
@@ -203,6 +221,7 @@ impl Worker {
             completions: tx,
             hard_stop: CancellationToken::new(),
             stats: stats.clone(),
+            step_hook: self.step_hook,
         });
         let stop = CancellationToken::new();
         let jobs = TaskTracker::new();

@@ -1,0 +1,366 @@
+//! The effect engine: claim a ledger key, run the effect once, record its output. Job steps and
+//! [`with_idempotency`] are thin front-ends over it.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::{de::DeserializeOwned, Serialize};
+use sqlx::PgPool;
+
+use crate::job::JobId;
+use crate::ledger::{self, ClaimOptions, Claimed, LedgerKey};
+
+/// A boxed error from user code.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Defaults to `idempotency`: the ledger namespace of [`with_idempotency`].
+pub const IDEMPOTENCY_NAMESPACE: &str = "idempotency";
+/// Defaults to 60 s: how long a [`with_idempotency`] claim holds before another caller may take it
+/// over (its holder is presumed dead).
+pub const DEFAULT_IDEMPOTENCY_LEASE: Duration = Duration::from_secs(60);
+
+/// Why an effect did not produce its output.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StepError {
+    /// The closure returned an error. Nothing was recorded; the next attempt runs it again.
+    #[error("step `{step}` failed: {source}")]
+    Failed {
+        /// The step (or key) name.
+        step: String,
+        /// The closure's error.
+        #[source]
+        source: BoxError,
+    },
+    /// Another claimant holds the key with a live lease (e.g. a duplicate job mid-step).
+    #[error("step `{step}`: key {key} is held by another claimant; retry in {retry_after:?}")]
+    Busy {
+        /// The step name.
+        step: String,
+        /// The ledger key.
+        key: String,
+        /// Time left on the other claimant's lease.
+        retry_after: Duration,
+    },
+    /// An earlier attempt recorded its intent to call an external system and never recorded the
+    /// result, and the step's policy is [`OnUnknown::Park`]: a person must decide.
+    #[error("step `{step}`: outcome of an earlier call with idempotency key {idempotency_key} is unknown; parked for a person")]
+    OutcomeUnknown {
+        /// The step name.
+        step: String,
+        /// The idempotency key the earlier call used.
+        idempotency_key: String,
+    },
+    /// The same step key was used twice in one attempt. Give steps in a loop explicit keys.
+    #[error("step key `{0}` used twice in one job attempt; give steps in a loop explicit keys with .key(..)")]
+    DuplicateKey(String),
+    /// The key is recorded with a different fingerprint.
+    #[error("step `{step}`: the key was already used for a different request")]
+    Mismatch {
+        /// The step name.
+        step: String,
+    },
+    /// The ledger could not be read or written.
+    #[error("step `{step}`: {source}")]
+    Ledger {
+        /// The step name.
+        step: String,
+        /// The underlying error.
+        #[source]
+        source: crate::Error,
+    },
+    /// The output did not serialize, or the stored output did not deserialize into the step's type.
+    #[error("step `{step}`: output does not match its type: {source}")]
+    Output {
+        /// The step name.
+        step: String,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// What an external step does when an earlier attempt's call has an unknown outcome (the process
+/// died between recording its intent and recording the result).
+pub enum OnUnknown<T> {
+    /// Call again with the same idempotency key: right when the callee deduplicates on it (Stripe,
+    /// Standard Webhooks receivers).
+    RetrySameKey,
+    /// Ask the external system: `Some(output)` means the call took effect (it is recorded and
+    /// returned), `None` that it did not (the call runs).
+    Reconcile(Box<dyn FnOnce(String) -> BoxFuture<'static, Result<Option<T>, BoxError>> + Send>),
+    /// Fail the step with [`StepError::OutcomeUnknown`] (the worker dead-letters the job) so a
+    /// person decides.
+    Park,
+}
+
+impl<T> OnUnknown<T> {
+    /// [`OnUnknown::Reconcile`] from an async closure given the idempotency key.
+    pub fn reconcile<F, Fut>(f: F) -> Self
+    where
+        F: FnOnce(String) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<T>, BoxError>> + Send + 'static,
+    {
+        OnUnknown::Reconcile(Box::new(move |key| Box::pin(f(key))))
+    }
+}
+
+impl<T> std::fmt::Debug for OnUnknown<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnUnknown::RetrySameKey => "RetrySameKey",
+            OnUnknown::Reconcile(_) => "Reconcile(..)",
+            OnUnknown::Park => "Park",
+        })
+    }
+}
+
+/// A point between the parts of a step, where a crash can be injected to test recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BoundaryPoint {
+    /// Before the step's key is claimed.
+    BeforeClaim,
+    /// After the effect ran, before its record is written (for a transactional step: before the
+    /// commit that holds both).
+    BeforeRecord,
+    /// After the record is written (committed).
+    AfterRecord,
+}
+
+/// Where a step is, for a [`BoundaryHook`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Boundary {
+    /// The job.
+    pub job_id: JobId,
+    /// The step's name.
+    pub step: String,
+    /// The point.
+    pub point: BoundaryPoint,
+}
+
+/// Called at every step boundary. A hook that wants to simulate a crash there panics with
+/// [`InjectedCrash`]; the worker then abandons the attempt without writing anything, as a killed
+/// process would, and the job is rescued when its lease expires.
+pub type BoundaryHook = Arc<dyn Fn(&Boundary) + Send + Sync>;
+
+/// The panic payload of a crash injected at a step boundary.
+#[derive(Debug, Clone)]
+pub struct InjectedCrash(pub Boundary);
+
+/// One effect to run once under a ledger key.
+pub(crate) struct Effect<'a> {
+    pub(crate) pool: &'a PgPool,
+    pub(crate) label: &'a str,
+    pub(crate) key: LedgerKey,
+    pub(crate) owner: String,
+    pub(crate) supersedes: Option<String>,
+    pub(crate) lease: Duration,
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) hook: Option<(&'a BoundaryHook, JobId)>,
+}
+
+impl Effect<'_> {
+    fn at(&self, point: BoundaryPoint) {
+        if let Some((hook, job_id)) = self.hook {
+            hook(&Boundary { job_id, step: self.label.to_owned(), point });
+        }
+    }
+
+    fn opts(&self) -> ClaimOptions<'_> {
+        ClaimOptions {
+            owner: &self.owner,
+            fingerprint: None,
+            lease: self.lease,
+            ttl: self.ttl,
+            supersedes: self.supersedes.as_deref(),
+            now: None,
+        }
+    }
+
+    fn ledger_err(&self, source: crate::Error) -> StepError {
+        StepError::Ledger { step: self.label.to_owned(), source }
+    }
+
+    fn decode<T: DeserializeOwned>(&self, v: serde_json::Value) -> Result<T, StepError> {
+        serde_json::from_value(v).map_err(|source| StepError::Output { step: self.label.to_owned(), source })
+    }
+
+    fn encode<T: Serialize>(&self, v: &T) -> Result<serde_json::Value, StepError> {
+        serde_json::to_value(v).map_err(|source| StepError::Output { step: self.label.to_owned(), source })
+    }
+
+    fn not_run(&self, c: Claimed) -> Result<serde_json::Value, StepError> {
+        match c {
+            Claimed::Completed(v) => Ok(v),
+            Claimed::Busy { retry_after } => {
+                Err(StepError::Busy { step: self.label.to_owned(), key: self.key.to_string(), retry_after })
+            }
+            Claimed::Mismatch => Err(StepError::Mismatch { step: self.label.to_owned() }),
+            Claimed::Run { .. } => unreachable!("not_run is only called for claims that do not run"),
+        }
+    }
+
+    /// Claim, run `f` outside any transaction, record. A crash between `f` and the record runs `f`
+    /// again (or applies `on_unknown`): at least once, effectively once with a deduplicating callee.
+    pub(crate) async fn run<T, E, F, Fut>(self, on_unknown: OnUnknown<T>, f: F) -> Result<T, StepError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: Into<BoxError>,
+    {
+        self.at(BoundaryPoint::BeforeClaim);
+        let claimed = async {
+            let mut conn = self.pool.acquire().await?;
+            ledger::claim(&mut conn, &self.key, &self.opts()).await
+        }
+        .await
+        .map_err(|e| self.ledger_err(e))?;
+        let (attempt, took_over_from) = match claimed {
+            Claimed::Run { attempt, took_over_from } => (attempt, took_over_from),
+            other => return self.decode(self.not_run(other)?),
+        };
+        let idempotency_key = self.key.idempotency_key();
+        if let Some(previous) = took_over_from {
+            match on_unknown {
+                OnUnknown::RetrySameKey => {
+                    tracing::warn!(step = self.label, %previous, %idempotency_key, "earlier attempt left no result; calling again with the same key");
+                }
+                OnUnknown::Park => {
+                    tracing::error!(step = self.label, %previous, %idempotency_key, "earlier attempt left no result; parking for a person");
+                    return Err(StepError::OutcomeUnknown { step: self.label.to_owned(), idempotency_key });
+                }
+                OnUnknown::Reconcile(reconcile) => match reconcile(idempotency_key.clone()).await {
+                    Ok(Some(v)) => {
+                        tracing::info!(step = self.label, %previous, "reconciled: the earlier call took effect");
+                        return self.record(attempt, v).await;
+                    }
+                    Ok(None) => tracing::info!(step = self.label, %previous, "reconciled: the earlier call did not take effect"),
+                    Err(source) => return Err(StepError::Failed { step: self.label.to_owned(), source }),
+                },
+            }
+        }
+        match f(idempotency_key).await {
+            Ok(v) => self.record(attempt, v).await,
+            Err(e) => {
+                // The effect did not happen (or may be repeated under the same key): let the next
+                // attempt run it from scratch.
+                if let Err(release) = ledger::release(self.pool, &self.key, attempt).await {
+                    tracing::warn!(step = self.label, error = %release, "could not release the step's claim; it expires with its lease");
+                }
+                Err(StepError::Failed { step: self.label.to_owned(), source: e.into() })
+            }
+        }
+    }
+
+    async fn record<T: Serialize>(&self, attempt: i32, v: T) -> Result<T, StepError> {
+        let json = self.encode(&v)?;
+        self.at(BoundaryPoint::BeforeRecord);
+        ledger::complete(self.pool, &self.key, attempt, &json, self.ttl).await.map_err(|e| self.ledger_err(e))?;
+        self.at(BoundaryPoint::AfterRecord);
+        Ok(v)
+    }
+
+    /// Claim, run `f` and record in one transaction: exactly once for effects in this database.
+    pub(crate) async fn transactional<T, E, F>(self, f: F) -> Result<T, StepError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: for<'c> FnOnce(&'c mut sqlx::PgConnection) -> BoxFuture<'c, Result<T, E>>,
+        E: Into<BoxError>,
+    {
+        self.at(BoundaryPoint::BeforeClaim);
+        let mut tx = self.pool.begin().await.map_err(|e| self.ledger_err(e.into()))?;
+        let claimed = ledger::claim(&mut tx, &self.key, &self.opts()).await.map_err(|e| self.ledger_err(e))?;
+        let attempt = match claimed {
+            Claimed::Run { attempt, .. } => attempt,
+            other => {
+                let _ = tx.rollback().await;
+                return self.decode(self.not_run(other)?);
+            }
+        };
+        let v = match f(&mut tx).await {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(StepError::Failed { step: self.label.to_owned(), source: e.into() });
+            }
+        };
+        let json = self.encode(&v)?;
+        ledger::complete(&mut *tx, &self.key, attempt, &json, self.ttl).await.map_err(|e| self.ledger_err(e))?;
+        self.at(BoundaryPoint::BeforeRecord);
+        tx.commit().await.map_err(|e| self.ledger_err(e.into()))?;
+        self.at(BoundaryPoint::AfterRecord);
+        Ok(v)
+    }
+}
+
+fn idempotency_effect<'a>(pool: &'a PgPool, key: &'a str, ttl: Duration) -> Effect<'a> {
+    Effect {
+        pool,
+        label: key,
+        key: LedgerKey::new(IDEMPOTENCY_NAMESPACE, key),
+        owner: format!("call:{}", uuid::Uuid::new_v4()),
+        supersedes: None,
+        lease: DEFAULT_IDEMPOTENCY_LEASE,
+        ttl: Some(ttl),
+        hook: None,
+    }
+}
+
+/// Run `f` once per `key` for `ttl`: the first call runs it and stores its result; later calls
+/// return the stored result without running `f`; after `ttl` the key is free again. Concurrent
+/// calls with one key run `f` once: the others get [`StepError::Busy`] while it runs.
+///
+/// `f` runs outside any transaction, so a crash between `f` and the record runs `f` again on the
+/// next call (after the 60 s claim lease): effectively once if what `f` calls deduplicates on a
+/// key. For database effects use [`with_idempotency_tx`], which is exactly once.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn example(pool: sqlx::PgPool) -> Result<(), oncely_core::StepError> {
+/// use std::time::Duration;
+/// let session_id: String = oncely_core::with_idempotency(&pool, "checkout:user-7:req-123", Duration::from_secs(24 * 3600), || async {
+///     Ok::<_, std::io::Error>("cs_test_123".to_string()) // call the payment provider here
+/// })
+/// .await?;
+/// # Ok(()) }
+/// ```
+pub async fn with_idempotency<T, E, F, Fut>(pool: &PgPool, key: &str, ttl: Duration, f: F) -> Result<T, StepError>
+where
+    T: Serialize + DeserializeOwned,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    idempotency_effect(pool, key, ttl).run(OnUnknown::RetrySameKey, |_| f()).await
+}
+
+/// [`with_idempotency`] for database effects: `f` gets the transaction that also writes the
+/// record, so the effect and the record commit together — exactly once.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn example(pool: sqlx::PgPool) -> Result<(), oncely_core::StepError> {
+/// use std::time::Duration;
+/// let total: i64 = oncely_core::with_idempotency_tx(&pool, "usage:report:42", Duration::from_secs(86_400), |tx| {
+///     Box::pin(async move {
+///         sqlx::query_scalar("UPDATE usage SET tokens = tokens + 1200 WHERE user_id = 7 RETURNING tokens")
+///             .fetch_one(&mut *tx)
+///             .await
+///     })
+/// })
+/// .await?;
+/// # Ok(()) }
+/// ```
+pub async fn with_idempotency_tx<T, E, F>(pool: &PgPool, key: &str, ttl: Duration, f: F) -> Result<T, StepError>
+where
+    T: Serialize + DeserializeOwned,
+    F: for<'c> FnOnce(&'c mut sqlx::PgConnection) -> BoxFuture<'c, Result<T, E>>,
+    E: Into<BoxError>,
+{
+    idempotency_effect(pool, key, ttl).transactional(f).await
+}

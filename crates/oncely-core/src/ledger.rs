@@ -1,0 +1,219 @@
+//! The effect ledger: one record per "do this once" key, and one claim algorithm.
+//!
+//! A record is a key in a namespace with a request fingerprint, a state (`in_progress` under a
+//! lease, or `completed` with the stored output), an attempt counter and an expiry. Job steps
+//! ([`crate::step`]), [`with_idempotency`](crate::with_idempotency) and the HTTP middleware all
+//! use it.
+//!
+//! [`claim`] decides, atomically and under concurrent claims on separate connections, which one
+//! caller runs: it gets [`Claimed::Run`]; the others get the stored output
+//! ([`Claimed::Completed`]), [`Claimed::Busy`] while a live lease is held, or
+//! [`Claimed::Mismatch`] when the same key comes with a different fingerprint. A claim whose lease
+//! expired (its holder died) can be taken over; the old holder's later writes are fenced out by the
+//! attempt number.
+//!
+//! Run inside a transaction together with the effect, the claim is invisible to others until the
+//! commit, and concurrent claimants wait on the row: effect and record commit together, or neither.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgExecutor, Row};
+
+use crate::error::{Error, Result};
+use crate::queries;
+
+/// A ledger key: a namespace and a key within it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LedgerKey {
+    /// E.g. `step`, `idempotency`, `http:{caller}`.
+    pub namespace: String,
+    /// The key within the namespace.
+    pub key: String,
+}
+
+impl LedgerKey {
+    /// A key in a namespace.
+    pub fn new(namespace: impl Into<String>, key: impl Into<String>) -> Self {
+        LedgerKey { namespace: namespace.into(), key: key.into() }
+    }
+
+    /// The stable idempotency key to hand an external system for this record: identical on every
+    /// retry, derived only from the namespace and key (never from time), 71 characters.
+    ///
+    /// ```
+    /// let k = oncely_core::ledger::LedgerKey::new("step", "usage:report:7");
+    /// assert_eq!(k.idempotency_key(), k.clone().idempotency_key());
+    /// assert!(k.idempotency_key().starts_with("oncely_"));
+    /// ```
+    pub fn idempotency_key(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.namespace.as_bytes());
+        h.update([0u8]);
+        h.update(self.key.as_bytes());
+        let digest = h.finalize();
+        let mut out = String::with_capacity(71);
+        out.push_str("oncely_");
+        for b in digest {
+            out.push_str(&format!("{b:02x}"));
+        }
+        out
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.namespace.is_empty() || self.namespace.len() > 255 {
+            return Err(Error::InvalidInput(format!("ledger namespace must be 1..=255 bytes, got {}", self.namespace.len())));
+        }
+        if self.key.is_empty() || self.key.len() > 1024 {
+            return Err(Error::InvalidInput(format!("ledger key must be 1..=1024 bytes, got {}", self.key.len())));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for LedgerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.key)
+    }
+}
+
+/// How to claim a key.
+#[derive(Debug, Clone)]
+pub struct ClaimOptions<'a> {
+    /// Who claims (recorded; e.g. `job:42:3`).
+    pub owner: &'a str,
+    /// What the request was; a later claim with a different one gets [`Claimed::Mismatch`].
+    pub fingerprint: Option<&'a str>,
+    /// How long the claim holds before another claimant may take it over.
+    pub lease: Duration,
+    /// How long the record lives (from the claim, and again from completion); `None`: forever.
+    pub ttl: Option<Duration>,
+    /// An owner prefix whose in-progress claims this claim supersedes at once, lease or not
+    /// (`job:42:` — an earlier attempt of the same job is over by the time a new one runs).
+    pub supersedes: Option<&'a str>,
+    /// The clock, for tests; `None` is the database clock.
+    pub now: Option<DateTime<Utc>>,
+}
+
+/// What [`claim`] decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claimed {
+    /// The caller holds the key and runs the effect, then calls [`complete`] (or [`release`]).
+    Run {
+        /// The claim's attempt number: the fencing token for [`complete`] and [`release`].
+        attempt: i32,
+        /// Set when this claim took over an in-progress record whose holder never recorded a
+        /// result: if that holder made an external call, its outcome is unknown.
+        took_over_from: Option<String>,
+    },
+    /// The effect already happened: here is its stored output.
+    Completed(serde_json::Value),
+    /// Another caller holds a live claim.
+    Busy {
+        /// Time left on its lease.
+        retry_after: Duration,
+    },
+    /// The key was used with a different fingerprint.
+    Mismatch,
+}
+
+/// Claim `key`. See the [module docs](self) for the algorithm; run it in a transaction to make the
+/// claim, the effect and [`complete`] atomic.
+pub async fn claim(conn: &mut sqlx::PgConnection, key: &LedgerKey, opts: &ClaimOptions<'_>) -> Result<Claimed> {
+    key.validate()?;
+    // A record can vanish between the two statements (released or deleted): claim again.
+    for _ in 0..3 {
+        let row = sqlx::query(queries::LEDGER_CLAIM)
+            .bind(&key.namespace)
+            .bind(&key.key)
+            .bind(opts.fingerprint)
+            .bind(opts.owner)
+            .bind(opts.lease.as_secs_f64())
+            .bind(opts.ttl.map(|d| d.as_secs_f64()))
+            .bind(opts.supersedes)
+            .bind(opts.now)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some(row) = row {
+            return Ok(Claimed::Run { attempt: row.try_get("attempt")?, took_over_from: row.try_get("previous_owner")? });
+        }
+        let Some(row) = sqlx::query(queries::LEDGER_GET)
+            .bind(&key.namespace)
+            .bind(&key.key)
+            .bind(opts.now)
+            .fetch_optional(&mut *conn)
+            .await?
+        else {
+            continue;
+        };
+        if row.try_get::<Option<String>, _>("fingerprint")?.as_deref() != opts.fingerprint {
+            return Ok(Claimed::Mismatch);
+        }
+        return Ok(match row.try_get::<String, _>("state")?.as_str() {
+            "completed" => Claimed::Completed(row.try_get::<Option<serde_json::Value>, _>("output")?.unwrap_or_default()),
+            _ => Claimed::Busy { retry_after: Duration::from_secs_f64(row.try_get::<f64, _>("lease_left")?) },
+        });
+    }
+    Err(Error::InvalidInput(format!("ledger key {key} kept vanishing while being claimed")))
+}
+
+/// Record the output of claim `attempt`; `ttl` restarts the record's expiry from now. Refused with
+/// [`Error::LedgerClaimLost`] when another claimant took the key over meanwhile.
+pub async fn complete<'e>(
+    executor: impl PgExecutor<'e>,
+    key: &LedgerKey,
+    attempt: i32,
+    output: &serde_json::Value,
+    ttl: Option<Duration>,
+) -> Result<()> {
+    sqlx::query(queries::LEDGER_COMPLETE)
+        .bind(&key.namespace)
+        .bind(&key.key)
+        .bind(attempt)
+        .bind(output)
+        .bind(ttl.map(|d| d.as_secs_f64()))
+        .fetch_optional(executor)
+        .await?
+        .map(|_| ())
+        .ok_or_else(|| Error::LedgerClaimLost { key: key.to_string(), attempt })
+}
+
+/// Forget claim `attempt` when the effect did not happen (it failed cleanly), so the next claimant
+/// runs it from scratch. A claim already taken over is left alone.
+pub async fn release<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt: i32) -> Result<()> {
+    sqlx::query(queries::LEDGER_RELEASE)
+        .bind(&key.namespace)
+        .bind(&key.key)
+        .bind(attempt)
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+/// Delete up to `limit` expired records; returns how many.
+pub async fn delete_expired<'e>(executor: impl PgExecutor<'e>, limit: i64) -> Result<u64> {
+    Ok(sqlx::query(queries::LEDGER_DELETE_EXPIRED).bind(limit).execute(executor).await?.rows_affected())
+}
+
+/// Delete every expired record in batches of `batch`, then write one audit record to
+/// `oncely.maintenance_runs` (task `ledger_cleanup`, with the count). Returns how many.
+pub async fn cleanup_expired(pool: &sqlx::PgPool, batch: i64, worker_id: Option<&str>) -> Result<u64> {
+    let started: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
+    let mut total = 0;
+    loop {
+        let n = delete_expired(pool, batch).await?;
+        total += n;
+        if (n as i64) < batch {
+            break;
+        }
+    }
+    sqlx::query(queries::MAINTENANCE_RUN_INSERT)
+        .bind("ledger_cleanup")
+        .bind(worker_id)
+        .bind(started)
+        .bind(total as i64)
+        .execute(pool)
+        .await?;
+    Ok(total)
+}
