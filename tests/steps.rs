@@ -1,0 +1,317 @@
+//! The effect ledger and steps on a real PostgreSQL: retries, duplicate jobs and concurrent
+//! claimants never repeat an effect.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use oncely::core::ledger::{self, ClaimOptions, Claimed, LedgerKey};
+use oncely::core::step::StepScope;
+use oncely::core::{with_idempotency, with_idempotency_tx, StepError};
+use oncely::{enqueue, enqueue_many, get_job, handler_fn, JobArgs, JobId, JobState, NewJob, Outcome};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+async fn usage_table(pool: &PgPool) {
+    sqlx::query("CREATE TABLE usage (user_id bigint PRIMARY KEY, tokens bigint NOT NULL)").execute(pool).await.unwrap();
+    sqlx::query("INSERT INTO usage VALUES (1, 0)").execute(pool).await.unwrap();
+    sqlx::query("CREATE TABLE seen (job_id bigint, output bigint)").execute(pool).await.unwrap();
+}
+
+async fn usage(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT tokens FROM usage WHERE user_id = 1").fetch_one(pool).await.unwrap()
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Report {
+    report_id: i64,
+    fail_until: i32,
+}
+impl JobArgs for Report {
+    const KIND: &'static str = "report";
+}
+
+/// Generate (memoized), count usage once per report, then fail until `fail_until`.
+fn report_handler(model_calls: Arc<AtomicU32>) -> impl oncely::Handler<Report> {
+    handler_fn(move |ctx, r: Report| {
+        let model_calls = model_calls.clone();
+        async move {
+            let tokens: i64 = ctx
+                .step("generate")
+                .run(|| async {
+                    model_calls.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, std::io::Error>(1000 + r.report_id)
+                })
+                .await?;
+            let counted: i64 = ctx
+                .step("count_usage")
+                .key(format!("usage:report:{}", r.report_id))
+                .transactional(|tx| {
+                    Box::pin(async move {
+                        sqlx::query("UPDATE usage SET tokens = tokens + $1 WHERE user_id = 1").bind(tokens).execute(&mut *tx).await?;
+                        Ok::<_, sqlx::Error>(tokens)
+                    })
+                })
+                .await?;
+            sqlx::query("INSERT INTO seen VALUES ($1, $2)").bind(ctx.id()).bind(counted).execute(ctx.pool()).await?;
+            if ctx.attempt() < r.fail_until {
+                return Err(Outcome::retry("failing after the increment"));
+            }
+            Ok(())
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_failing_after_its_increment_retries_and_counts_usage_once() {
+    init_tracing();
+    let db = TestDb::new().await;
+    usage_table(db.pool()).await;
+    let id = enqueue(db.pool(), NewJob::new(&Report { report_id: 7, fail_until: 5 }).unwrap()).await.unwrap().id;
+    let calls = Arc::new(AtomicU32::new(0));
+    let h = builder(db.new_pool(5).await).register(report_handler(calls.clone())).queue("default", 2).build().unwrap().start();
+    wait_all_finished(db.pool(), Duration::from_secs(30)).await;
+    h.shutdown().await;
+
+    let job = get_job(db.pool(), id).await.unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Completed, 5), "failed 4 times after the increment");
+    assert_eq!(usage(db.pool()).await, 1007, "counted once, not five times");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the memoized model call ran once");
+    let outputs: Vec<i64> = sqlx::query_scalar("SELECT output FROM seen").fetch_all(db.pool()).await.unwrap();
+    assert_eq!(outputs, vec![1007; 5], "every attempt saw the stored output");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_jobs_for_the_same_report_increment_once_and_see_the_same_output() {
+    let db = TestDb::new().await;
+    usage_table(db.pool()).await;
+    let jobs = vec![
+        NewJob::new(&Report { report_id: 9, fail_until: 0 }).unwrap(),
+        NewJob::new(&Report { report_id: 9, fail_until: 0 }).unwrap(),
+    ];
+    let ids = enqueue_many(db.pool(), &jobs).await.unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let h = builder(db.new_pool(5).await).register(report_handler(calls.clone())).queue("default", 2).build().unwrap().start();
+    wait_all_finished(db.pool(), Duration::from_secs(30)).await;
+    h.shutdown().await;
+
+    assert_eq!(usage(db.pool()).await, 1009, "one increment for one report");
+    let seen: Vec<(i64, i64)> = sqlx::query_as("SELECT job_id, output FROM seen ORDER BY job_id").fetch_all(db.pool()).await.unwrap();
+    assert_eq!(seen, vec![(ids[0].id.0, 1009), (ids[1].id.0, 1009)]);
+    for e in ids {
+        assert_eq!(get_job(db.pool(), e.id).await.unwrap().state, JobState::Completed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_step_key_claimed_from_ten_connections_makes_one_effect_and_ten_identical_outputs() {
+    let db = TestDb::new().await;
+    usage_table(db.pool()).await;
+    let pool = db.new_pool(12).await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(10));
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let (pool, barrier) = (pool.clone(), barrier.clone());
+            tokio::spawn(async move {
+                // Ten different jobs, one business key.
+                let scope = StepScope::new(pool, JobId(100 + i), 1);
+                barrier.wait().await;
+                scope
+                    .step("count_usage")
+                    .key("usage:report:42")
+                    .transactional(|tx| {
+                        Box::pin(async move {
+                            let total: i64 = sqlx::query_scalar("UPDATE usage SET tokens = tokens + 500 WHERE user_id = 1 RETURNING tokens")
+                                .fetch_one(&mut *tx)
+                                .await?;
+                            // Hold the transaction open a moment so the others pile up on the key.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            Ok::<_, sqlx::Error>(format!("counted:{total}:by:{}", 100 + i))
+                        })
+                    })
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let outputs: Vec<String> = futures::future::join_all(tasks).await.into_iter().map(Result::unwrap).collect();
+    assert_eq!(usage(db.pool()).await, 500, "one effect");
+    assert!(outputs.iter().all(|o| o == &outputs[0]), "ten identical outputs: {outputs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_plain_claims_run_once_and_the_rest_are_busy_or_replayed() {
+    let db = TestDb::new().await;
+    let pool = db.new_pool(12).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let barrier = Arc::new(tokio::sync::Barrier::new(10));
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (pool, barrier, runs) = (pool.clone(), barrier.clone(), runs.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                with_idempotency(&pool, "checkout:user-7:req-1", Duration::from_secs(3600), || async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok::<_, std::io::Error>("cs_1".to_string())
+                })
+                .await
+            })
+        })
+        .collect();
+    let results: Vec<_> = futures::future::join_all(tasks).await.into_iter().map(Result::unwrap).collect();
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "one claimant ran");
+    assert!(results.iter().all(|r| matches!(r, Ok(s) if s == "cs_1") || matches!(r, Err(StepError::Busy { .. }))));
+    assert!(results.iter().any(|r| r.is_ok()));
+    // Once finished, every later call replays.
+    let later = with_idempotency(&pool, "checkout:user-7:req-1", Duration::from_secs(3600), || async {
+        Ok::<_, std::io::Error>("cs_2".to_string())
+    })
+    .await
+    .unwrap();
+    assert_eq!(later, "cs_1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_idempotency_runs_first_replays_second_and_runs_again_after_expiry() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let runs = AtomicU32::new(0);
+    let call = || with_idempotency(pool, "provision:project-1", Duration::from_secs(3600), || async {
+        let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok::<_, std::io::Error>(format!("project-1 v{n}"))
+    });
+    assert_eq!(call().await.unwrap(), "project-1 v1");
+    assert_eq!(call().await.unwrap(), "project-1 v1", "replayed, not run");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // An hour passes.
+    sqlx::query("UPDATE oncely.ledger SET expires_at = now() - interval '1 second'").execute(pool).await.unwrap();
+    assert_eq!(call().await.unwrap(), "project-1 v2", "expired: runs again");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+
+    // A failed call stores nothing: the next call runs.
+    let failed = with_idempotency(pool, "create_key:req-9", Duration::from_secs(300), || async {
+        Err::<String, _>(std::io::Error::other("provider down"))
+    })
+    .await;
+    assert!(matches!(failed, Err(StepError::Failed { .. })));
+    let ok = with_idempotency(pool, "create_key:req-9", Duration::from_secs(300), || async { Ok::<_, std::io::Error>("key_1".to_string()) })
+        .await
+        .unwrap();
+    assert_eq!(ok, "key_1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_idempotency_tx_commits_effect_and_record_together() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    usage_table(pool).await;
+    let add = |fail: bool| {
+        with_idempotency_tx(pool, "settle:invoice-3", Duration::from_secs(3600), move |tx| {
+            Box::pin(async move {
+                let t: i64 = sqlx::query_scalar("UPDATE usage SET tokens = tokens + 10 WHERE user_id = 1 RETURNING tokens")
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if fail {
+                    return Err(sqlx::Error::Protocol("failed after the write".into()));
+                }
+                Ok(t)
+            })
+        })
+    };
+    assert!(add(true).await.is_err());
+    assert_eq!(usage(pool).await, 0, "a failed closure rolls its effect back");
+    assert_eq!(add(false).await.unwrap(), 10);
+    assert_eq!(add(false).await.unwrap(), 10);
+    assert_eq!(usage(pool).await, 10);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ledger_claims_take_over_expired_leases_and_fence_the_old_holder() {
+    let db = TestDb::new().await;
+    let mut conn = db.pool().acquire().await.unwrap();
+    let key = LedgerKey::new("test", "k");
+    let opts = |owner: &'static str, fp: Option<&'static str>| ClaimOptions {
+        owner,
+        fingerprint: fp,
+        lease: Duration::from_secs(30),
+        ttl: Some(Duration::from_secs(3600)),
+        supersedes: None,
+        now: None,
+    };
+    let Claimed::Run { attempt: a1, took_over_from: None } = ledger::claim(&mut conn, &key, &opts("a", Some("fp"))).await.unwrap() else {
+        panic!("first claim runs")
+    };
+    assert!(matches!(ledger::claim(&mut conn, &key, &opts("b", Some("fp"))).await.unwrap(), Claimed::Busy { retry_after } if retry_after > Duration::from_secs(25)));
+    assert_eq!(ledger::claim(&mut conn, &key, &opts("b", Some("other"))).await.unwrap(), Claimed::Mismatch);
+
+    // A's lease runs out (injected clock: 31 s later); B takes over; A's late write is refused.
+    let later = opts("b", Some("fp"));
+    let later = ClaimOptions { now: Some(chrono::Utc::now() + chrono::Duration::seconds(31)), ..later };
+    let Claimed::Run { attempt: a2, took_over_from } = ledger::claim(&mut conn, &key, &later).await.unwrap() else { panic!("takeover") };
+    assert_eq!((a2, took_over_from.as_deref()), (a1 + 1, Some("a")));
+    let late = ledger::complete(&mut *conn, &key, a1, &serde_json::json!("from a"), None).await;
+    assert!(matches!(late, Err(oncely::Error::LedgerClaimLost { .. })));
+    ledger::complete(&mut *conn, &key, a2, &serde_json::json!("from b"), None).await.unwrap();
+    assert_eq!(ledger::claim(&mut conn, &key, &opts("c", Some("fp"))).await.unwrap(), Claimed::Completed(serde_json::json!("from b")));
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Looper;
+impl JobArgs for Looper {
+    const KIND: &'static str = "looper";
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_name_used_twice_fails_the_job_and_explicit_keys_make_loops_work() {
+    let db = TestDb::new().await;
+    let bad = enqueue(db.pool(), NewJob::from_json(Looper::KIND, serde_json::json!(null)).queue("bad")).await.unwrap().id;
+    let good = enqueue(db.pool(), NewJob::from_json(Looper::KIND, serde_json::json!(null)).queue("good")).await.unwrap().id;
+    let h = builder(db.new_pool(5).await)
+        .register(handler_fn(|ctx, _: Looper| async move {
+            let explicit = ctx.queue() == "good";
+            let mut sum = 0u32;
+            for item in 0..3u32 {
+                let step = ctx.step("charge_item");
+                let step = if explicit { step.key(format!("job:{}:charge_item:{item}", ctx.id())) } else { step };
+                sum += step.run(|| async move { Ok::<_, std::io::Error>(item) }).await?;
+            }
+            assert_eq!(sum, 3);
+            Ok(())
+        }))
+        .queue("bad", 1)
+        .queue("good", 1)
+        .build()
+        .unwrap()
+        .start();
+    wait_all_finished(db.pool(), Duration::from_secs(20)).await;
+    h.shutdown().await;
+    let j = get_job(db.pool(), bad).await.unwrap();
+    assert_eq!((j.state, j.attempt), (JobState::Dead, 1), "a programming error is not retried");
+    assert!(j.errors[0].message.contains("used twice"), "{}", j.errors[0].message);
+    assert_eq!(get_job(db.pool(), good).await.unwrap().state, JobState::Completed);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ledger_cleanup_deletes_expired_records_keeps_live_ones_and_audits_the_run() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    for i in 0..25 {
+        let ttl = if i < 20 { Duration::from_secs(1) } else { Duration::from_secs(3600) };
+        with_idempotency(pool, &format!("k{i}"), ttl, || async { Ok::<_, std::io::Error>(i) }).await.unwrap();
+    }
+    sqlx::query("UPDATE oncely.ledger SET expires_at = now() - interval '1 second' WHERE expires_at < now() + interval '1 minute'")
+        .execute(pool)
+        .await
+        .unwrap();
+    let removed = ledger::cleanup_expired(pool, 7, Some("test")).await.unwrap();
+    assert_eq!(removed, 20, "deleted in batches of 7 until none were left");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.ledger").fetch_one(pool).await.unwrap();
+    assert_eq!(left, 5);
+    let audit: Vec<(String, i64)> = sqlx::query_as("SELECT task, deleted FROM oncely.maintenance_runs").fetch_all(pool).await.unwrap();
+    assert_eq!(audit, vec![("ledger_cleanup".to_string(), 20)]);
+}
