@@ -1,0 +1,256 @@
+//! External steps against a local HTTP receiver that records the idempotency keys it sees: a
+//! process killed between the call and the record calls again with the same key; reconcile and
+//! park behave as documented.
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use oncely::core::step::{InjectedCrash, OnUnknown};
+use oncely::{enqueue, get_job, handler_fn, JobArgs, JobState, NewJob};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A payment provider that deduplicates on `Idempotency-Key`, as Stripe does, and records every
+/// request it receives: (method, path, key).
+#[derive(Clone, Default)]
+struct Provider {
+    requests: Arc<Mutex<Vec<(String, String, String)>>>,
+    charges: Arc<Mutex<Vec<String>>>,
+}
+
+impl Provider {
+    async fn start() -> (Provider, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let p = Provider::default();
+        let served = p.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let p = served.clone();
+                tokio::spawn(async move { p.serve(conn).await });
+            }
+        });
+        (p, addr)
+    }
+
+    async fn serve(&self, mut conn: TcpStream) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let head = String::from_utf8_lossy(&buf).to_string();
+        let mut lines = head.lines();
+        let mut first = lines.next().unwrap_or_default().split(' ');
+        let (method, path) = (first.next().unwrap_or_default().to_string(), first.next().unwrap_or_default().to_string());
+        let key = lines
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.eq_ignore_ascii_case("idempotency-key"))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default();
+        self.requests.lock().unwrap().push((method.clone(), path.clone(), key.clone()));
+        let (status, body) = {
+            let mut charges = self.charges.lock().unwrap();
+            match method.as_str() {
+                "POST" => {
+                    if !charges.contains(&key) {
+                        charges.push(key.clone());
+                    }
+                    let n = charges.iter().position(|k| k == &key).unwrap() + 1;
+                    ("200 OK", format!("ch_{n}"))
+                }
+                _ => match charges.iter().position(|k| path.ends_with(k.as_str())) {
+                    Some(i) => ("200 OK", format!("ch_{}", i + 1)),
+                    None => ("404 Not Found", String::new()),
+                },
+            }
+        };
+        let resp = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+        let _ = conn.write_all(resp.as_bytes()).await;
+    }
+
+    fn posts(&self) -> Vec<String> {
+        self.requests.lock().unwrap().iter().filter(|r| r.0 == "POST").map(|r| r.2.clone()).collect()
+    }
+    fn gets(&self) -> usize {
+        self.requests.lock().unwrap().iter().filter(|r| r.0 == "GET").count()
+    }
+}
+
+/// A minimal HTTP/1.1 client: (status, body).
+async fn http(addr: &str, method: &str, path: &str, key: &str) -> std::io::Result<(u16, String)> {
+    let mut conn = TcpStream::connect(addr).await?;
+    let req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nidempotency-key: {key}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    conn.write_all(req.as_bytes()).await?;
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).await?;
+    let status = resp.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    Ok((status, body))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Charge {
+    order: i64,
+    policy: String,
+    provider: String,
+}
+impl JobArgs for Charge {
+    const KIND: &'static str = "charge";
+}
+
+fn charge_handler() -> impl oncely::Handler<Charge> {
+    handler_fn(|ctx, c: Charge| async move {
+        let addr = c.provider.clone();
+        let policy = match c.policy.as_str() {
+            "retry" => OnUnknown::RetrySameKey,
+            "park" => OnUnknown::Park,
+            _ => {
+                let addr = addr.clone();
+                OnUnknown::reconcile(move |key: String| async move {
+                    let (status, body) = http(&addr, "GET", &format!("/charges/{key}"), &key).await?;
+                    Ok(if status == 200 { Some(body) } else { None })
+                })
+            }
+        };
+        let pool = ctx.pool().clone();
+        let charge: String = ctx
+            .step("charge")
+            .key(format!("charge:order:{}", c.order))
+            .external(policy, |key| async move {
+                let (_, body) = http(&addr, "POST", "/charges", &key).await?;
+                if std::env::var_os("ONCELY_EXTERNAL_CHILD").is_some() {
+                    // The child process stops here, after the call and before the record, and waits
+                    // to be killed.
+                    sqlx::query("INSERT INTO called VALUES (1)").execute(&pool).await?;
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(body)
+            })
+            .await?;
+        sqlx::query("INSERT INTO orders_charged VALUES ($1, $2)").bind(c.order).bind(charge).execute(ctx.pool()).await?;
+        Ok(())
+    })
+}
+
+async fn tables(pool: &sqlx::PgPool) {
+    sqlx::query("CREATE TABLE called (x int)").execute(pool).await.unwrap();
+    sqlx::query("CREATE TABLE orders_charged (id bigint, charge text)").execute(pool).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "spawned by the external-step crash test as a child process"]
+async fn external_child_worker() {
+    let Ok(url) = std::env::var("ONCELY_EXTERNAL_CHILD_URL") else { return };
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let _h = oncely::Worker::builder(pool)
+        .register(charge_handler())
+        .queue("default", 1)
+        .lease(Duration::from_secs(1))
+        .configure(|c| c.maintenance = false)
+        .build()
+        .unwrap()
+        .start();
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_killed_between_call_and_record_calls_again_with_the_same_key() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    tables(pool).await;
+    let (provider, addr) = Provider::start().await;
+    let id = enqueue(pool, NewJob::new(&Charge { order: 1, policy: "retry".into(), provider: addr }).unwrap()).await.unwrap().id;
+
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "external_child_worker", "--nocapture"])
+        .env("ONCELY_EXTERNAL_CHILD_URL", db.url())
+        .env("ONCELY_EXTERNAL_CHILD", "1")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(30), "the child to make the call", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM called").fetch_one(pool).await.unwrap();
+        (n > 0).then_some(())
+    })
+    .await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let ledger_state: String = sqlx::query_scalar("SELECT state FROM oncely.ledger WHERE key = 'charge:order:1'").fetch_one(pool).await.unwrap();
+    assert_eq!(ledger_state, "in_progress", "the intent was recorded before the call, the result never");
+
+    let h = builder(db.new_pool(5).await).register(charge_handler()).queue("default", 1).build().unwrap().start();
+    wait_all_finished(pool, Duration::from_secs(30)).await;
+    h.shutdown().await;
+
+    let posts = provider.posts();
+    assert_eq!(posts.len(), 2, "called again after the crash");
+    assert_eq!(posts[0], posts[1], "with the same idempotency key");
+    assert!(posts[0].starts_with("oncely_"));
+    assert_eq!(provider.charges.lock().unwrap().len(), 1, "the provider made one charge");
+    let job = get_job(pool, id).await.unwrap();
+    assert_eq!(job.state, JobState::Completed);
+    let charged: Vec<(i64, String)> = sqlx::query_as("SELECT * FROM orders_charged").fetch_all(pool).await.unwrap();
+    assert_eq!(charged, vec![(1, "ch_1".to_string())]);
+}
+
+/// Run one charge job whose first attempt crashes (in-process, injected) right after the call.
+async fn crash_after_call_then_run(policy: &str) -> (TestDb, Provider, oncely::Job) {
+    let db = TestDb::new().await;
+    tables(db.pool()).await;
+    let (provider, addr) = Provider::start().await;
+    let id = enqueue(db.pool(), NewJob::new(&Charge { order: 2, policy: policy.into(), provider: addr }).unwrap()).await.unwrap().id;
+    let crashed = Arc::new(AtomicBool::new(false));
+    let hook: oncely::core::step::BoundaryHook = Arc::new(move |b| {
+        if b.step == "charge" && b.point == oncely::core::step::BoundaryPoint::BeforeRecord && !crashed.swap(true, Ordering::SeqCst) {
+            std::panic::panic_any(InjectedCrash(b.clone()));
+        }
+    });
+    let h = builder(db.new_pool(5).await)
+        .register(charge_handler())
+        .queue("default", 1)
+        .lease(Duration::from_millis(500))
+        .step_hook(hook)
+        .build()
+        .unwrap()
+        .start();
+    wait_all_finished(db.pool(), Duration::from_secs(30)).await;
+    h.shutdown().await;
+    let job = get_job(db.pool(), id).await.unwrap();
+    (db, provider, job)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_asks_the_provider_and_records_what_it_says_without_calling_again() {
+    init_tracing();
+    let (db, provider, job) = crash_after_call_then_run("reconcile").await;
+    assert_eq!((job.state, job.attempt), (JobState::Completed, 2));
+    assert_eq!(job.errors[0].kind, oncely::core::ErrorKind::LeaseExpired, "the first attempt died mid-step");
+    assert_eq!(provider.posts().len(), 1, "no second charge request");
+    assert_eq!(provider.gets(), 1, "one reconciliation");
+    let charged: Vec<(i64, String)> = sqlx::query_as("SELECT * FROM orders_charged").fetch_all(db.pool()).await.unwrap();
+    assert_eq!(charged, vec![(2, "ch_1".to_string())]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn park_dead_letters_the_job_for_a_person_with_the_key_to_look_up() {
+    init_tracing();
+    let (db, provider, job) = crash_after_call_then_run("park").await;
+    assert_eq!(job.state, JobState::Dead);
+    let last = job.errors.last().unwrap();
+    assert!(last.message.contains("unknown") && last.message.contains("oncely_"), "{}", last.message);
+    assert_eq!(provider.posts().len(), 1, "not called again");
+    let charged: i64 = sqlx::query_scalar("SELECT count(*) FROM orders_charged").fetch_one(db.pool()).await.unwrap();
+    assert_eq!(charged, 0);
+}
