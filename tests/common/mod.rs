@@ -1,5 +1,5 @@
 //! Shared helpers for the cross-crate scenarios.
-#![allow(dead_code, unreachable_pub, missing_docs)]
+#![allow(dead_code, unused_imports, unreachable_pub, missing_docs)]
 
 use std::time::Duration;
 

@@ -4,9 +4,8 @@
 //!   the one `DATABASE_URL` names, else the local server at `127.0.0.1:5432` as user `postgres`.
 //!   (`scripts/with-postgres` in the repository starts a throwaway cluster when neither answers.)
 //! - [`eventually`]: wait for a condition with a deadline, instead of sleeping.
-//!
-//! This crate depends on `oncely-core` only, so it can be used to test code that enqueues jobs
-//! without pulling in the worker runtime.
+//! - [`CrashHarness`]: run a job cleanly, then once more per step boundary with a crash injected
+//!   there, and check that the database effects are the same every time.
 
 use std::future::Future;
 use std::str::FromStr;
@@ -14,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
+
+mod crash;
+pub use crash::{CrashHarness, CrashReport, CrashRun};
 
 /// Used when `DATABASE_URL` is unset.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
