@@ -33,27 +33,14 @@ CREATE INDEX jobs_fetch_idx ON oncely.jobs (queue, priority DESC, run_at, id) WH
 CREATE INDEX jobs_lease_idx ON oncely.jobs (lease_expires_at) WHERE state = 'running';
 -- Pruning finished jobs after their retention period.
 CREATE INDEX jobs_finished_idx ON oncely.jobs (finished_at) WHERE state IN ('completed', 'dead', 'cancelled');
--- Listing by state.
-CREATE INDEX jobs_state_idx ON oncely.jobs (state, id);
 -- A unique key dedupes while a job holding it is not finished.
 CREATE UNIQUE INDEX jobs_unique_key_idx ON oncely.jobs (unique_key)
     WHERE unique_key IS NOT NULL AND state IN ('available', 'running');
 
--- Wake-ups: one NOTIFY per queue per inserting statement that made work available now.
--- Listeners treat it as a hint only; polling is the fallback.
-CREATE FUNCTION oncely.jobs_notify_insert() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('oncely_jobs', q.queue)
-    FROM (SELECT DISTINCT queue FROM new_jobs WHERE state = 'available' AND run_at <= now()) AS q;
-    RETURN NULL;
-END;
-$$;
-
-CREATE TRIGGER jobs_notify_insert
-    AFTER INSERT ON oncely.jobs
-    REFERENCING NEW TABLE AS new_jobs
-    FOR EACH STATEMENT EXECUTE FUNCTION oncely.jobs_notify_insert();
+-- Wake-ups: the enqueue statements NOTIFY channel 'oncely_jobs' with the queue name when they make
+-- work available now (no trigger: it costs a quarter of single-row enqueue throughput). Listeners
+-- treat notifications as hints only; polling is the fallback, so rows inserted by other means are
+-- still found.
 
 -- Leader election for maintenance services: one row per service name, held by a lease.
 CREATE TABLE oncely.leaders (

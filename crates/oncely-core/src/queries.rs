@@ -6,29 +6,78 @@
 pub(crate) const JOB_COLUMNS: &str = "id, kind, queue, args, priority, state, attempt, max_attempts, \
     snoozes, run_at, created_at, attempted_at, finished_at, lease_expires_at, worker_id, unique_key, errors";
 
-/// Insert many jobs from parallel arrays. With a unique key already held by a live job, the existing
-/// job is returned (`existing = true`) instead: `DO UPDATE` (a no-op write) locks and returns the
-/// conflicting row even when it committed after this statement's snapshot, which `DO NOTHING` cannot.
-pub(crate) const JOB_INSERT_MANY: &str = r#"
+/// The tail of every insert: return `id` and `existing`, and NOTIFY once per queue that got a job
+/// available now (evaluated once per statement, as an init plan).
+macro_rules! job_insert_tail {
+    () => {
+        r#"
+SELECT id, existing,
+       (SELECT count(pg_notify('oncely_jobs', q))
+        FROM (SELECT DISTINCT queue AS q FROM ins WHERE due AND NOT existing) AS queues) AS notified
+FROM ins
+"#
+    };
+}
+
+/// The columns and rows of a batch insert from parallel arrays.
+macro_rules! job_insert_many_head {
+    () => {
+        r#"
+WITH ins AS (
 INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, unique_key)
 SELECT kind, queue, args, priority,
        coalesce(run_at, now() + make_interval(secs => coalesce(delay_secs, 0))),
        max_attempts, unique_key
 FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::smallint[], $5::timestamptz[], $6::float8[], $7::int[], $8::text[])
      AS t(kind, queue, args, priority, run_at, delay_secs, max_attempts, unique_key)
-ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN ('available', 'running')
-DO UPDATE SET unique_key = EXCLUDED.unique_key
-RETURNING id, (xmax::text <> '0') AS existing
-"#;
+"#
+    };
+}
 
-/// Insert one job; see [`JOB_INSERT_MANY`] for the unique-key behaviour.
-pub(crate) const JOB_INSERT_ONE: &str = r#"
+/// Insert many jobs without unique keys (the fast path: no speculative insertion).
+pub(crate) const JOB_INSERT_MANY: &str = concat!(
+    job_insert_many_head!(),
+    "RETURNING id, false AS existing, queue, run_at <= now() AS due)",
+    job_insert_tail!()
+);
+
+/// Insert many jobs, some with unique keys. With a key a live job already holds, the existing job is
+/// returned (`existing = true`) instead: `DO UPDATE` (a no-op write) locks and returns the
+/// conflicting row even when it committed after this statement's snapshot, which `DO NOTHING`
+/// cannot.
+pub(crate) const JOB_INSERT_MANY_UNIQUE: &str = concat!(
+    job_insert_many_head!(),
+    r#"ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN ('available', 'running')
+DO UPDATE SET unique_key = EXCLUDED.unique_key
+RETURNING id, (xmax::text <> '0') AS existing, queue, run_at <= now() AS due)"#,
+    job_insert_tail!()
+);
+
+macro_rules! job_insert_one_head {
+    () => {
+        r#"
+WITH ins AS (
 INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, unique_key)
 VALUES ($1, $2, $3, $4, coalesce($5, now() + make_interval(secs => coalesce($6, 0))), $7, $8)
-ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN ('available', 'running')
+"#
+    };
+}
+
+/// Insert one job without a unique key.
+pub(crate) const JOB_INSERT_ONE: &str = concat!(
+    job_insert_one_head!(),
+    "RETURNING id, false AS existing, queue, run_at <= now() AS due)",
+    job_insert_tail!()
+);
+
+/// Insert one job with a unique key; see [`JOB_INSERT_MANY_UNIQUE`].
+pub(crate) const JOB_INSERT_ONE_UNIQUE: &str = concat!(
+    job_insert_one_head!(),
+    r#"ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN ('available', 'running')
 DO UPDATE SET unique_key = EXCLUDED.unique_key
-RETURNING id, (xmax::text <> '0') AS existing
-"#;
+RETURNING id, (xmax::text <> '0') AS existing, queue, run_at <= now() AS due)"#,
+    job_insert_tail!()
+);
 
 /// Claim up to `$2` available jobs of queue `$1` for worker `$4` with a lease of `$3` seconds.
 pub(crate) const JOB_CLAIM: &str = r#"

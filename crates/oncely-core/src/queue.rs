@@ -45,7 +45,8 @@ pub struct Enqueued {
 #[instrument(skip_all, fields(job.kind = %job.kind, queue = %job.queue), err)]
 pub async fn enqueue<'e>(executor: impl PgExecutor<'e>, job: NewJob) -> Result<Enqueued> {
     job.validate()?;
-    let row = sqlx::query(queries::JOB_INSERT_ONE)
+    let sql = if job.unique_key.is_some() { queries::JOB_INSERT_ONE_UNIQUE } else { queries::JOB_INSERT_ONE };
+    let row = sqlx::query(sql)
         .bind(&job.kind)
         .bind(&job.queue)
         .bind(&job.args)
@@ -99,7 +100,8 @@ pub async fn enqueue_many<'e>(executor: impl PgExecutor<'e>, jobs: &[NewJob]) ->
         max_attempts.push(job.max_attempts);
         unique_keys.push(job.unique_key.as_deref());
     }
-    let rows = sqlx::query(queries::JOB_INSERT_MANY)
+    let sql = if seen_keys.is_empty() { queries::JOB_INSERT_MANY } else { queries::JOB_INSERT_MANY_UNIQUE };
+    let rows = sqlx::query(sql)
         .bind(&kinds)
         .bind(&queues)
         .bind(&args)

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::worker::Shared;
 
-/// The channel the enqueue trigger notifies.
+/// The channel the enqueue statements notify, with the queue name as payload.
 pub const CHANNEL: &str = "oncely_jobs";
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
