@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::worker::{Shared, WorkerStats};
+use crate::worker::Shared;
 
 pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(shared.config.heartbeat_interval());
@@ -31,7 +31,6 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                         r.cancel.cancel();
                     }
                 }
-                WorkerStats::add(&shared.stats.lease_lost, 0);
             }
             Err(e) => tracing::warn!(error = %e, jobs = claims.len(), "heartbeat failed; will try again"),
         }
