@@ -1,0 +1,138 @@
+//! Per-route settings of the layer, with their defaults as named constants.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use http::{HeaderName, Method, StatusCode};
+use sha2::{Digest, Sha256};
+
+/// Defaults to 24 hours: how long a response is kept for replay.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Defaults to 1 MiB: the largest request body the layer buffers; above it the answer is 413.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Defaults to 60 s: how long a request in progress holds its key. A process that dies mid-request
+/// blocks its key no longer than this.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+
+/// What to do with a request that has no `Idempotency-Key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MissingKey {
+    /// Run it without idempotency. The default.
+    #[default]
+    PassThrough,
+    /// Refuse it with 400.
+    Require,
+    /// Make a UUID key, use it, and return it in the `Idempotency-Key` response header.
+    Generate,
+}
+
+/// What to do when the key's first request is still running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InFlight {
+    /// Answer 409 with `Retry-After`. The default.
+    #[default]
+    Reject,
+    /// Wait up to this long for the first request to finish and replay its response; 409 after.
+    Wait(Duration),
+}
+
+/// Derives the caller scope of a request: keys are separate per scope, so no caller can ever be
+/// replayed another's response.
+pub type ScopeFn = Arc<dyn Fn(&http::request::Parts) -> String + Send + Sync>;
+
+/// Called after the handler returns and before its response is stored (for crash tests).
+pub type BeforeStore = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// Settings of one [`IdempotencyLayer`](crate::IdempotencyLayer). Use one layer per route group
+/// to give routes different TTLs or policies.
+#[derive(Clone)]
+pub struct IdempotencyConfig {
+    /// Methods that take part. Defaults to POST and PATCH; others pass through.
+    pub methods: Vec<Method>,
+    /// Missing-key policy. Defaults to [`MissingKey::PassThrough`].
+    pub missing_key: MissingKey,
+    /// Replay window. Defaults to [`DEFAULT_TTL`].
+    pub ttl: Duration,
+    /// Body limit. Defaults to [`DEFAULT_MAX_BODY_BYTES`].
+    pub max_body_bytes: usize,
+    /// Status for a key reused with a different request: 422 (the IETF draft) by default; 409 for
+    /// APIs that promised it (the problem then carries `code: idempotency_conflict`).
+    pub conflict_status: StatusCode,
+    /// In-flight policy. Defaults to [`InFlight::Reject`].
+    pub in_flight: InFlight,
+    /// Store 5xx responses too. Defaults to false: a 5xx (or a panic) releases the key so a retry
+    /// runs again.
+    pub store_server_errors: bool,
+    /// Lease of a request in progress. Defaults to [`DEFAULT_LEASE`].
+    pub lease: Duration,
+    /// The caller scope. Defaults to [`default_scope`].
+    pub scope: ScopeFn,
+    /// Response headers kept for replay. Defaults to content-type, location, etag.
+    pub stored_headers: Vec<HeaderName>,
+    /// The route name in the fingerprint. Defaults to the request path.
+    pub route: Option<String>,
+    #[doc(hidden)]
+    pub before_store: Option<BeforeStore>,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        IdempotencyConfig {
+            methods: vec![Method::POST, Method::PATCH],
+            missing_key: MissingKey::default(),
+            ttl: DEFAULT_TTL,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            conflict_status: StatusCode::UNPROCESSABLE_ENTITY,
+            in_flight: InFlight::default(),
+            store_server_errors: false,
+            lease: DEFAULT_LEASE,
+            scope: Arc::new(default_scope),
+            stored_headers: vec![http::header::CONTENT_TYPE, http::header::LOCATION, http::header::ETAG],
+            route: None,
+            before_store: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for IdempotencyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyConfig")
+            .field("methods", &self.methods)
+            .field("missing_key", &self.missing_key)
+            .field("ttl", &self.ttl)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("conflict_status", &self.conflict_status)
+            .field("in_flight", &self.in_flight)
+            .field("store_server_errors", &self.store_server_errors)
+            .field("lease", &self.lease)
+            .field("route", &self.route)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A client address a server can put in request extensions for the default scope to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
+fn digest(kind: &str, v: &[u8]) -> String {
+    let d = Sha256::digest(v);
+    let hex: String = d.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("{kind}:{hex}")
+}
+
+/// The default scope: a hash of the `x-api-key` header, else of `authorization`, else the
+/// [`ClientAddr`] in the request extensions, else `anonymous` (all keyless callers share a
+/// scope: configure a scope for public endpoints).
+pub fn default_scope(parts: &http::request::Parts) -> String {
+    if let Some(v) = parts.headers.get("x-api-key") {
+        return digest("key", v.as_bytes());
+    }
+    if let Some(v) = parts.headers.get(http::header::AUTHORIZATION) {
+        return digest("auth", v.as_bytes());
+    }
+    if let Some(ClientAddr(ip)) = parts.extensions.get::<ClientAddr>() {
+        return format!("ip:{ip}");
+    }
+    "anonymous".into()
+}

@@ -1,0 +1,79 @@
+//! Errors as `application/problem+json` (RFC 9457), with a stable `type` and the request id.
+//! Database error text never reaches the client.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+/// The problems this layer answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Problem {
+    /// 400: the key is malformed.
+    KeyMalformed,
+    /// 400: the route requires a key and none was sent.
+    KeyMissing,
+    /// 413: the body is over the limit; nothing was stored.
+    BodyTooLarge,
+    /// 422 (or 409): the key was used with a different request.
+    KeyReused,
+    /// 409: a request with this key is still being processed.
+    InProgress,
+    /// 503: the idempotency store could not be reached; the request did not run.
+    StoreUnavailable,
+    /// 500: the handler panicked; the key was released.
+    HandlerPanicked,
+}
+
+impl Problem {
+    fn slug(self) -> &'static str {
+        match self {
+            Problem::KeyMalformed => "idempotency-key-malformed",
+            Problem::KeyMissing => "idempotency-key-missing",
+            Problem::BodyTooLarge => "body-too-large",
+            Problem::KeyReused => "idempotency-key-reused",
+            Problem::InProgress => "idempotency-key-in-progress",
+            Problem::StoreUnavailable => "idempotency-store-unavailable",
+            Problem::HandlerPanicked => "internal-error",
+        }
+    }
+
+    /// The `type` URI.
+    pub fn type_uri(self) -> String {
+        format!("urn:oncely:problem:{}", self.slug())
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Problem::KeyMalformed => "Malformed Idempotency-Key",
+            Problem::KeyMissing => "Idempotency-Key required",
+            Problem::BodyTooLarge => "Request body too large",
+            Problem::KeyReused => "Idempotency-Key reused with a different request",
+            Problem::InProgress => "A request with this Idempotency-Key is in progress",
+            Problem::StoreUnavailable => "Idempotency store unavailable",
+            Problem::HandlerPanicked => "Internal error",
+        }
+    }
+
+    /// The response: `status`, a problem document with `detail` and `request_id`, and a
+    /// machine-readable `code` for clients that switch on it (e.g. `idempotency_conflict`).
+    pub(crate) fn response(self, status: StatusCode, detail: &str, request_id: &str, code: Option<&str>) -> Response<Full<Bytes>> {
+        let mut doc = serde_json::json!({
+            "type": self.type_uri(),
+            "title": self.title(),
+            "status": status.as_u16(),
+            "detail": detail,
+            "request_id": request_id,
+        });
+        if let Some(code) = code {
+            doc["code"] = code.into();
+        }
+        let mut resp = Response::new(Full::new(Bytes::from(doc.to_string())));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+        resp
+    }
+}

@@ -1,0 +1,436 @@
+//! [`IdempotencyLayer`] and its service [`Idempotency`].
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use sha2::{Digest, Sha256};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::config::{IdempotencyConfig, InFlight, MissingKey};
+use crate::key::{parse_key, KeyError};
+use crate::problem::Problem;
+use crate::store::{IdempotencyStore, StoreClaim, StoredResponse};
+use crate::tx::{RequestTx, TxMode};
+
+/// The header carrying the key.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Set to `true` on replayed responses.
+pub const IDEMPOTENCY_REPLAYED: &str = "idempotency-replayed";
+/// How often a waiting duplicate checks whether the first request finished.
+const WAIT_POLL: Duration = Duration::from_millis(20);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body the inner service receives: the original (passed through) or the buffered one.
+pub type InnerBody<B> = Either<B, Full<Bytes>>;
+/// The body of the layer's responses: the inner service's, or a stored, replayed or problem body.
+pub type ResponseBody<B> = Either<B, Full<Bytes>>;
+
+#[derive(Clone)]
+pub(crate) enum Mode {
+    Store(Arc<dyn IdempotencyStore>),
+    Transactional(TxMode),
+}
+
+/// Adds `Idempotency-Key` handling to a service.
+///
+/// # Example
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use oncely_http::{IdempotencyConfig, IdempotencyLayer, MemoryStore};
+///
+/// let layer = IdempotencyLayer::new(MemoryStore::default()).with_config(IdempotencyConfig {
+///     ttl: Duration::from_secs(3600),
+///     ..IdempotencyConfig::default()
+/// });
+/// // axum: Router::new().route("/usage", post(record_usage)).layer(layer)
+/// # let _ = layer;
+/// ```
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    mode: Mode,
+    config: Arc<IdempotencyConfig>,
+}
+
+impl IdempotencyLayer {
+    /// Keep responses in `store`.
+    pub fn new(store: impl IdempotencyStore) -> Self {
+        IdempotencyLayer { mode: Mode::Store(Arc::new(store)), config: Arc::new(IdempotencyConfig::default()) }
+    }
+
+    /// Transactional mode: each request with a key runs in one PostgreSQL transaction that the
+    /// handler uses for its own writes (through [`RequestTx`]) and in which the layer stores the
+    /// response, so the effect and the stored response commit together. Concurrent duplicates wait
+    /// for the first and replay it. A 5xx rolls the whole transaction back.
+    pub fn transactional(pool: sqlx::PgPool) -> Self {
+        IdempotencyLayer { mode: Mode::Transactional(TxMode { pool }), config: Arc::new(IdempotencyConfig::default()) }
+    }
+
+    /// Use `config`.
+    pub fn with_config(mut self, config: IdempotencyConfig) -> Self {
+        self.config = Arc::new(config);
+        self
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = Idempotency<S>;
+    fn layer(&self, inner: S) -> Idempotency<S> {
+        Idempotency { inner, mode: self.mode.clone(), config: self.config.clone() }
+    }
+}
+
+/// The service made by [`IdempotencyLayer`].
+#[derive(Clone)]
+pub struct Idempotency<S> {
+    inner: S,
+    mode: Mode,
+    config: Arc<IdempotencyConfig>,
+}
+
+impl<S, B, ResBody> Service<Request<B>> for Idempotency<S>
+where
+    S: Service<Request<InnerBody<B>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // Take the service that was driven to readiness; leave a clone in its place.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let run = Run { inner, mode: self.mode.clone(), config: self.config.clone(), _bodies: std::marker::PhantomData };
+        Box::pin(run.handle(req))
+    }
+}
+
+struct Run<S, B, ResBody> {
+    inner: S,
+    mode: Mode,
+    config: Arc<IdempotencyConfig>,
+    _bodies: std::marker::PhantomData<fn() -> (B, ResBody)>,
+}
+
+fn problem<B>(p: Problem, status: StatusCode, detail: &str, request_id: &str, code: Option<&str>) -> Response<ResponseBody<B>> {
+    p.response(status, detail, request_id, code).map(Either::Right)
+}
+
+fn replay<B>(stored: &StoredResponse, request_id: &str) -> Response<ResponseBody<B>> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(stored.body.clone()))));
+    *resp.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    for (name, value) in &stored.headers {
+        if let (Ok(n), Ok(v)) = (header::HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            resp.headers_mut().append(n, v);
+        }
+    }
+    resp.headers_mut().insert(IDEMPOTENCY_REPLAYED, HeaderValue::from_static("true"));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+fn retry_after<B>(mut resp: Response<ResponseBody<B>>, d: Duration) -> Response<ResponseBody<B>> {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    resp
+}
+
+/// SHA-256 of method, route and body.
+pub fn fingerprint(method: &http::Method, route: &str, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(method.as_str().as_bytes());
+    h.update(b"\n");
+    h.update(route.as_bytes());
+    h.update(b"\n");
+    h.update(body);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Releases on drop unless disarmed: a handler that panics (or a request future dropped mid-way)
+/// frees its key at once instead of holding it until the lease ends.
+struct Claimed {
+    store: Arc<dyn IdempotencyStore>,
+    scope: String,
+    key: String,
+    token: i32,
+    armed: bool,
+}
+
+impl Claimed {
+    async fn release(mut self) {
+        self.armed = false;
+        if let Err(e) = self.store.release(&self.scope, &self.key, self.token).await {
+            tracing::warn!(error = %e, "could not release the idempotency key; it frees when its lease ends");
+        }
+    }
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (store, scope, key, token) = (self.store.clone(), std::mem::take(&mut self.scope), std::mem::take(&mut self.key), self.token);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = store.release(&scope, &key, token).await;
+            });
+        }
+    }
+}
+
+impl<S, B, ResBody> Run<S, B, ResBody>
+where
+    S: Service<Request<InnerBody<B>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    async fn handle(mut self, req: Request<B>) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
+        let cfg = self.config.clone();
+        if !cfg.methods.contains(req.method()) {
+            return self.pass(req.map(Either::Left)).await;
+        }
+        let request_id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let mut values = req.headers().get_all(IDEMPOTENCY_KEY).iter();
+        let parsed = match (values.next(), values.next()) {
+            (None, _) => None,
+            (Some(_), Some(_)) => Some(Err(KeyError::Repeated)),
+            (Some(v), None) => Some(parse_key(v.as_bytes())),
+        };
+        let (key, generated) = match parsed {
+            Some(Ok(k)) => (k, false),
+            Some(Err(e)) => {
+                return Ok(problem(Problem::KeyMalformed, StatusCode::BAD_REQUEST, &e.to_string(), &request_id, None));
+            }
+            None => match cfg.missing_key {
+                MissingKey::PassThrough => return self.pass(req.map(Either::Left)).await,
+                MissingKey::Require => {
+                    let detail = "this endpoint requires an Idempotency-Key header";
+                    return Ok(problem(Problem::KeyMissing, StatusCode::BAD_REQUEST, detail, &request_id, None));
+                }
+                MissingKey::Generate => (uuid::Uuid::new_v4().to_string(), true),
+            },
+        };
+
+        // Buffer the body under the limit; above it nothing is stored.
+        let (parts, body) = req.into_parts();
+        let too_large = || {
+            let detail = format!("the request body is larger than {} bytes", cfg.max_body_bytes);
+            problem(Problem::BodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE, &detail, &request_id, None)
+        };
+        let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > cfg.max_body_bytes) {
+            return Ok(too_large());
+        }
+        let body = match Limited::new(body, cfg.max_body_bytes).collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Ok(too_large()),
+            Err(e) => {
+                let detail = format!("the request body could not be read: {e}");
+                return Ok(problem(Problem::KeyMalformed, StatusCode::BAD_REQUEST, &detail, &request_id, None));
+            }
+        };
+        let route = cfg.route.clone().unwrap_or_else(|| parts.uri.path().to_owned());
+        let fp = fingerprint(&parts.method, &route, &body);
+        let scope = (cfg.scope)(&parts);
+        let req = Request::from_parts(parts, Either::Right(Full::new(body)));
+        tracing::debug!(idempotency.key = %key, scope = %scope, %request_id, "idempotent request");
+
+        let mut resp = match self.mode.clone() {
+            Mode::Store(store) => self.with_store(store, req, &scope, &key, &fp, &request_id).await?,
+            Mode::Transactional(tx) => self.with_tx(tx, req, &scope, &key, &fp, &request_id).await?,
+        };
+        if generated {
+            if let Ok(v) = HeaderValue::from_str(&key) {
+                resp.headers_mut().insert(IDEMPOTENCY_KEY, v);
+            }
+        }
+        Ok(resp)
+    }
+
+    async fn pass(&mut self, req: Request<InnerBody<B>>) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
+        Ok(self.inner.call(req).await?.map(Either::Left))
+    }
+
+    fn conflict(&self, request_id: &str) -> Response<ResponseBody<ResBody>> {
+        let detail = "this Idempotency-Key was already used with a different request (method, route or body)";
+        let code = (self.config.conflict_status == StatusCode::CONFLICT).then_some("idempotency_conflict");
+        problem(Problem::KeyReused, self.config.conflict_status, detail, request_id, code)
+    }
+
+    fn busy(&self, d: Duration, request_id: &str) -> Response<ResponseBody<ResBody>> {
+        let detail = "a request with this Idempotency-Key is still being processed; retry later";
+        retry_after(problem(Problem::InProgress, StatusCode::CONFLICT, detail, request_id, None), d)
+    }
+
+    fn unavailable(&self, e: &dyn std::fmt::Display, request_id: &str) -> Response<ResponseBody<ResBody>> {
+        tracing::error!(error = %e, %request_id, "idempotency store unavailable; refusing the request");
+        let detail = "the request was not processed; retry with the same Idempotency-Key";
+        retry_after(problem(Problem::StoreUnavailable, StatusCode::SERVICE_UNAVAILABLE, detail, request_id, None), Duration::from_secs(1))
+    }
+
+    /// Run the handler, catching a panic as a 500.
+    async fn run_inner(&mut self, req: Request<InnerBody<B>>, request_id: &str) -> Result<(Response<Full<Bytes>>, bool), S::Error> {
+        match AssertUnwindSafe(self.inner.call(req)).catch_unwind().await {
+            Ok(Ok(resp)) => {
+                let (parts, body) = resp.into_parts();
+                match body.collect().await {
+                    Ok(c) => Ok((Response::from_parts(parts, Full::new(c.to_bytes())), false)),
+                    Err(e) => {
+                        let e: BoxError = e.into();
+                        tracing::error!(error = %e, "the handler's response body failed");
+                        Ok((Problem::HandlerPanicked.response(StatusCode::INTERNAL_SERVER_ERROR, "the response could not be produced", request_id, None), true))
+                    }
+                }
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                tracing::error!(%request_id, "the handler panicked; releasing the idempotency key");
+                Ok((Problem::HandlerPanicked.response(StatusCode::INTERNAL_SERVER_ERROR, "internal error", request_id, None), true))
+            }
+        }
+    }
+
+    fn storable(&self, status: StatusCode, failed: bool) -> bool {
+        !failed
+            && !(status.is_server_error() && !self.config.store_server_errors)
+            && !matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS)
+    }
+
+    fn to_stored(&self, resp: &Response<Full<Bytes>>, body: &Bytes) -> StoredResponse {
+        let headers = self
+            .config
+            .stored_headers
+            .iter()
+            .flat_map(|name| resp.headers().get_all(name).iter().filter_map(move |v| Some((name.as_str().to_owned(), v.to_str().ok()?.to_owned()))))
+            .collect();
+        StoredResponse { status: resp.status().as_u16(), headers, body: body.to_vec() }
+    }
+
+    async fn with_store(
+        &mut self,
+        store: Arc<dyn IdempotencyStore>,
+        req: Request<InnerBody<B>>,
+        scope: &str,
+        key: &str,
+        fp: &str,
+        request_id: &str,
+    ) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
+        let cfg = self.config.clone();
+        let deadline = match cfg.in_flight {
+            InFlight::Wait(max) => Some(Instant::now() + max),
+            InFlight::Reject => None,
+        };
+        let token = loop {
+            match store.claim(scope, key, fp, cfg.lease, cfg.ttl).await {
+                Ok(StoreClaim::Run { token }) => break token,
+                Ok(StoreClaim::Replay(stored)) => return Ok(replay(&stored, request_id)),
+                Ok(StoreClaim::Mismatch) => return Ok(self.conflict(request_id)),
+                Ok(StoreClaim::Busy { retry_after }) => match deadline {
+                    Some(d) if Instant::now() < d => tokio::time::sleep(WAIT_POLL).await,
+                    _ => return Ok(self.busy(retry_after, request_id)),
+                },
+                Err(e) => return Ok(self.unavailable(&e, request_id)),
+            }
+        };
+        let claim = Claimed { store: store.clone(), scope: scope.to_owned(), key: key.to_owned(), token, armed: true };
+        let (resp, failed) = self.run_inner(req, request_id).await?;
+        if let Some(hook) = &cfg.before_store {
+            hook().await;
+        }
+        let body = resp.body().clone().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        if self.storable(resp.status(), failed) {
+            let stored = self.to_stored(&resp, &body);
+            let mut claim = claim;
+            claim.armed = false;
+            if let Err(e) = store.complete(scope, key, token, &stored, cfg.ttl).await {
+                // The handler ran; its response goes out. The key frees when its lease ends, and a
+                // retry after that runs again: use transactional mode to close this window.
+                tracing::error!(error = %e, %request_id, "could not store the response");
+            }
+        } else {
+            claim.release().await;
+        }
+        Ok(resp.map(|_| Either::Right(Full::new(body))))
+    }
+
+    async fn with_tx(
+        &mut self,
+        mode: TxMode,
+        mut req: Request<InnerBody<B>>,
+        scope: &str,
+        key: &str,
+        fp: &str,
+        request_id: &str,
+    ) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
+        let cfg = self.config.clone();
+        let (tx, claimed) = match mode.begin_and_claim(scope, key, fp, cfg.lease, cfg.ttl).await {
+            Ok(v) => v,
+            Err(e) => return Ok(self.unavailable(&e, request_id)),
+        };
+        let token = match claimed {
+            StoreClaim::Run { token } => token,
+            other => {
+                drop(tx);
+                return Ok(match other {
+                    StoreClaim::Replay(stored) => replay(&stored, request_id),
+                    StoreClaim::Mismatch => self.conflict(request_id),
+                    StoreClaim::Busy { retry_after } => self.busy(retry_after, request_id),
+                    StoreClaim::Run { .. } => unreachable!("handled above"),
+                });
+            }
+        };
+        let handle = RequestTx::new(tx);
+        req.extensions_mut().insert(handle.clone());
+        let (resp, failed) = self.run_inner(req, request_id).await?;
+        if let Some(hook) = &cfg.before_store {
+            hook().await;
+        }
+        let body = resp.body().clone().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let Some(tx) = handle.take().await else {
+            tracing::error!(%request_id, "the handler kept the request transaction; nothing was committed");
+            let detail = "the request was not processed; retry with the same Idempotency-Key";
+            return Ok(problem(Problem::StoreUnavailable, StatusCode::INTERNAL_SERVER_ERROR, detail, request_id, None));
+        };
+        if !self.storable(resp.status(), failed) {
+            // Roll back the handler's writes with the claim: the retry starts from scratch.
+            let _ = tx.rollback().await;
+            return Ok(resp.map(|_| Either::Right(Full::new(body))));
+        }
+        let stored = self.to_stored(&resp, &body);
+        if let Err(e) = mode.complete_and_commit(tx, scope, key, token, &stored, cfg.ttl).await {
+            return Ok(self.unavailable(&e, request_id));
+        }
+        Ok(resp.map(|_| Either::Right(Full::new(body))))
+    }
+}

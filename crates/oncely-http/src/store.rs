@@ -1,0 +1,226 @@
+//! Where responses are kept: the [`IdempotencyStore`] trait, with a PostgreSQL implementation on the
+//! effect ledger ([`PgStore`]) and an in-memory one for tests and single processes
+//! ([`MemoryStore`]).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use oncely_core::ledger::{self, ClaimOptions, Claimed, LedgerKey};
+use serde::{Deserialize, Serialize};
+
+/// The ledger namespace of HTTP idempotency keys.
+pub const HTTP_NAMESPACE: &str = "http";
+/// Defaults to 10,000: entries a [`MemoryStore`] keeps before evicting the oldest.
+pub const DEFAULT_MEMORY_CAPACITY: usize = 10_000;
+
+/// A stored response: status, the safe headers, the body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredResponse {
+    /// The status code.
+    pub status: u16,
+    /// Headers kept for replay (content-type, location, etag, ...).
+    pub headers: Vec<(String, String)>,
+    /// The body, base64 in storage.
+    #[serde(with = "b64")]
+    pub body: Vec<u8>,
+}
+
+mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a claim decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreClaim {
+    /// Run the request; complete or release with this token.
+    Run {
+        /// The claim's fencing token.
+        token: i32,
+    },
+    /// The request ran before: replay this.
+    Replay(StoredResponse),
+    /// A request with this key is still running.
+    Busy {
+        /// Time left on its lease.
+        retry_after: Duration,
+    },
+    /// The key was used with a different request.
+    Mismatch,
+}
+
+/// A store failure (the database is away, ...). Its text is logged, never sent to clients.
+#[derive(Debug, thiserror::Error)]
+#[error("idempotency store: {0}")]
+pub struct StoreError(pub String);
+
+impl From<oncely_core::Error> for StoreError {
+    fn from(e: oncely_core::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+/// A place to keep responses by (scope, key).
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Claim `key` in `scope` for a request with `fingerprint`: run it, replay, busy or mismatch.
+    async fn claim(&self, scope: &str, key: &str, fingerprint: &str, lease: Duration, ttl: Duration) -> Result<StoreClaim, StoreError>;
+    /// Store the response of claim `token`, kept for `ttl`.
+    async fn complete(&self, scope: &str, key: &str, token: i32, response: &StoredResponse, ttl: Duration) -> Result<(), StoreError>;
+    /// Forget claim `token` so the next request with the key runs.
+    async fn release(&self, scope: &str, key: &str, token: i32) -> Result<(), StoreError>;
+}
+
+pub(crate) fn ledger_key(scope: &str, key: &str) -> LedgerKey {
+    LedgerKey::new(HTTP_NAMESPACE, format!("{scope}|{key}"))
+}
+
+/// The store on the effect ledger (`oncely.ledger`, namespace `http`). Expired keys are deleted by
+/// the worker's maintenance (or `oncely purge`), with an audit record per run.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: sqlx::PgPool,
+}
+
+impl PgStore {
+    /// A store on `pool` (migrated with `oncely_core::migrate`).
+    pub fn new(pool: sqlx::PgPool) -> Self {
+        PgStore { pool }
+    }
+}
+
+pub(crate) fn decode(c: Claimed) -> Result<StoreClaim, StoreError> {
+    Ok(match c {
+        Claimed::Run { attempt, .. } => StoreClaim::Run { token: attempt },
+        Claimed::Completed(v) => StoreClaim::Replay(serde_json::from_value(v).map_err(|e| StoreError(e.to_string()))?),
+        Claimed::Busy { retry_after } => StoreClaim::Busy { retry_after },
+        Claimed::Mismatch => StoreClaim::Mismatch,
+    })
+}
+
+pub(crate) fn claim_options<'a>(owner: &'a str, fingerprint: &'a str, lease: Duration, ttl: Duration) -> ClaimOptions<'a> {
+    ClaimOptions { owner, fingerprint: Some(fingerprint), lease, ttl: Some(ttl), supersedes: None, now: None }
+}
+
+#[async_trait]
+impl IdempotencyStore for PgStore {
+    async fn claim(&self, scope: &str, key: &str, fingerprint: &str, lease: Duration, ttl: Duration) -> Result<StoreClaim, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(|e| StoreError(e.to_string()))?;
+        let owner = format!("http:{}", uuid::Uuid::new_v4());
+        decode(ledger::claim(&mut conn, &ledger_key(scope, key), &claim_options(&owner, fingerprint, lease, ttl)).await?)
+    }
+
+    async fn complete(&self, scope: &str, key: &str, token: i32, response: &StoredResponse, ttl: Duration) -> Result<(), StoreError> {
+        let json = serde_json::to_value(response).map_err(|e| StoreError(e.to_string()))?;
+        Ok(ledger::complete(&self.pool, &ledger_key(scope, key), token, &json, Some(ttl)).await?)
+    }
+
+    async fn release(&self, scope: &str, key: &str, token: i32) -> Result<(), StoreError> {
+        Ok(ledger::release(&self.pool, &ledger_key(scope, key), token).await?)
+    }
+}
+
+struct Entry {
+    fingerprint: String,
+    token: i32,
+    created: Instant,
+    expires: Instant,
+    /// `None` while in progress, with its lease end.
+    response: Option<StoredResponse>,
+    lease_until: Instant,
+}
+
+/// An in-memory store: for tests and single-process services. Capped at a number of entries, it
+/// evicts the oldest when full (an evicted key runs again if repeated). Lost on restart.
+pub struct MemoryStore {
+    entries: Mutex<HashMap<(String, String), Entry>>,
+    capacity: usize,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::with_capacity(DEFAULT_MEMORY_CAPACITY)
+    }
+}
+
+impl MemoryStore {
+    /// A store keeping at most `capacity` entries.
+    pub fn with_capacity(capacity: usize) -> Self {
+        MemoryStore { entries: Mutex::new(HashMap::new()), capacity: capacity.max(1) }
+    }
+
+    /// Entries held now.
+    pub fn len(&self) -> usize {
+        self.entries.lock().expect("memory store lock poisoned").len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for MemoryStore {
+    async fn claim(&self, scope: &str, key: &str, fingerprint: &str, lease: Duration, ttl: Duration) -> Result<StoreClaim, StoreError> {
+        let now = Instant::now();
+        let mut entries = self.entries.lock().expect("memory store lock poisoned");
+        entries.retain(|_, e| e.expires > now);
+        let id = (scope.to_owned(), key.to_owned());
+        if let Some(e) = entries.get_mut(&id) {
+            if e.fingerprint != fingerprint {
+                return Ok(StoreClaim::Mismatch);
+            }
+            if let Some(r) = &e.response {
+                return Ok(StoreClaim::Replay(r.clone()));
+            }
+            if e.lease_until > now {
+                return Ok(StoreClaim::Busy { retry_after: e.lease_until - now });
+            }
+            e.token += 1;
+            e.lease_until = now + lease;
+            return Ok(StoreClaim::Run { token: e.token });
+        }
+        if entries.len() >= self.capacity {
+            if let Some(oldest) = entries.iter().min_by_key(|(_, e)| e.created).map(|(k, _)| k.clone()) {
+                entries.remove(&oldest);
+            }
+        }
+        entries.insert(
+            id,
+            Entry { fingerprint: fingerprint.to_owned(), token: 1, created: now, expires: now + ttl, response: None, lease_until: now + lease },
+        );
+        Ok(StoreClaim::Run { token: 1 })
+    }
+
+    async fn complete(&self, scope: &str, key: &str, token: i32, response: &StoredResponse, ttl: Duration) -> Result<(), StoreError> {
+        let mut entries = self.entries.lock().expect("memory store lock poisoned");
+        match entries.get_mut(&(scope.to_owned(), key.to_owned())) {
+            Some(e) if e.token == token && e.response.is_none() => {
+                e.response = Some(response.clone());
+                e.expires = Instant::now() + ttl;
+                Ok(())
+            }
+            _ => Err(StoreError(format!("claim {token} of key {key} was taken over"))),
+        }
+    }
+
+    async fn release(&self, scope: &str, key: &str, token: i32) -> Result<(), StoreError> {
+        let mut entries = self.entries.lock().expect("memory store lock poisoned");
+        let id = (scope.to_owned(), key.to_owned());
+        if entries.get(&id).is_some_and(|e| e.token == token && e.response.is_none()) {
+            entries.remove(&id);
+        }
+        Ok(())
+    }
+}
