@@ -99,7 +99,7 @@ impl DerefMut for TxConn<'_> {
 
 #[cfg(feature = "axum")]
 mod extract {
-    use axum_core::extract::FromRequestParts;
+    use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
     use axum_core::response::{IntoResponse, Response};
     use http::request::Parts;
     use http::StatusCode;
@@ -128,6 +128,14 @@ mod extract {
         type Rejection = MissingRequestTx;
         async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
             parts.extensions.get::<RequestTx>().cloned().ok_or(MissingRequestTx)
+        }
+    }
+
+    /// `Option<RequestTx>`: `None` outside transactional mode or for requests without a key.
+    impl<S: Send + Sync> OptionalFromRequestParts<S> for RequestTx {
+        type Rejection = std::convert::Infallible;
+        async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Option<Self>, Self::Rejection> {
+            Ok(parts.extensions.get::<RequestTx>().cloned())
         }
     }
 }

@@ -1,0 +1,389 @@
+//! The Idempotency-Key layer over axum, with the PostgreSQL store and the in-memory store.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::routing::post;
+use axum::Router;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use oncely_http::{IdempotencyConfig, IdempotencyLayer, InFlight, MemoryStore, MissingKey, PgStore, RequestTx};
+use tower::ServiceExt;
+
+#[derive(Clone, Default)]
+struct Counter(Arc<AtomicU32>);
+
+async fn create(State(c): State<Counter>, body: String) -> axum::response::Response {
+    let n = c.0.fetch_add(1, Ordering::SeqCst) + 1;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    axum::response::Response::builder()
+        .status(StatusCode::CREATED)
+        .header("content-type", "application/json")
+        .header("location", format!("/things/{n}"))
+        .header("set-cookie", "session=secret")
+        .body(Body::from(format!(r#"{{"thing":{n},"echo":{body:?}}}"#)))
+        .unwrap()
+}
+
+fn app(layer: IdempotencyLayer, counter: Counter) -> Router {
+    Router::new().route("/things", post(create).put(create)).layer(layer).with_state(counter)
+}
+
+fn req(key: Option<&str>, body: &str) -> Request<Body> {
+    let mut b = Request::post("/things").header("x-api-key", "tenant-a");
+    if let Some(k) = key {
+        b = b.header("idempotency-key", k);
+    }
+    b.body(Body::from(body.to_owned())).unwrap()
+}
+
+struct Got {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
+}
+
+async fn send(app: &Router, r: Request<Body>) -> Got {
+    let resp = app.clone().oneshot(r).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    Got { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+}
+
+fn problem_type(g: &Got) -> String {
+    assert_eq!(g.headers["content-type"], "application/problem+json");
+    let doc: serde_json::Value = serde_json::from_slice(&g.body).unwrap();
+    assert!(doc["request_id"].as_str().is_some_and(|s| !s.is_empty()));
+    doc["type"].as_str().unwrap().to_owned()
+}
+
+/// Both stores, fresh.
+async fn stores() -> Vec<(&'static str, IdempotencyLayer, Option<TestDb>)> {
+    let db = TestDb::new().await;
+    vec![
+        ("postgres", IdempotencyLayer::new(PgStore::new(db.pool().clone())), Some(db)),
+        ("memory", IdempotencyLayer::new(MemoryStore::default()), None),
+    ]
+}
+
+fn with(layer: IdempotencyLayer, f: impl FnOnce(&mut IdempotencyConfig)) -> IdempotencyLayer {
+    let mut c = IdempotencyConfig::default();
+    f(&mut c);
+    layer.with_config(c)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_request_runs_and_a_replay_gets_identical_bytes_and_safe_headers() {
+    for (name, layer, _db) in stores().await {
+        let counter = Counter::default();
+        let app = app(layer, counter.clone());
+        let first = send(&app, req(Some("k1"), "a")).await;
+        let again = send(&app, req(Some("\"k1\""), "a")).await;
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1, "{name}: the handler ran once");
+        assert_eq!((first.status, again.status), (StatusCode::CREATED, StatusCode::CREATED), "{name}");
+        assert_eq!(first.body, again.body, "{name}: byte for byte");
+        assert_eq!(again.headers["idempotency-replayed"], "true");
+        assert!(first.headers.get("idempotency-replayed").is_none());
+        assert_eq!(again.headers["location"], first.headers["location"]);
+        assert_eq!(again.headers["content-type"], "application/json");
+        assert!(again.headers.get("set-cookie").is_none(), "{name}: set-cookie is never replayed");
+        // Another method passes through.
+        let get = send(&app, Request::get("/things").body(Body::empty()).unwrap()).await;
+        assert_eq!(get.status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_reused_with_another_body_is_422_or_409_when_configured() {
+    for (name, layer, _db) in stores().await {
+        let app = app(layer, Counter::default());
+        send(&app, req(Some("k"), "a")).await;
+        let conflict = send(&app, req(Some("k"), "b")).await;
+        assert_eq!(conflict.status, StatusCode::UNPROCESSABLE_ENTITY, "{name}");
+        assert_eq!(problem_type(&conflict), "urn:oncely:problem:idempotency-key-reused");
+    }
+    for (name, layer, _db) in stores().await {
+        let app = app(with(layer, |c| c.conflict_status = StatusCode::CONFLICT), Counter::default());
+        send(&app, req(Some("k"), "a")).await;
+        let conflict = send(&app, req(Some("k"), "b")).await;
+        assert_eq!(conflict.status, StatusCode::CONFLICT, "{name}");
+        let doc: serde_json::Value = serde_json::from_slice(&conflict.body).unwrap();
+        assert_eq!(doc["code"], "idempotency_conflict");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_key_passes_through_is_required_or_is_generated_per_policy() {
+    for (name, layer, _db) in stores().await {
+        let counter = Counter::default();
+        let pass = app(layer.clone(), counter.clone());
+        send(&pass, req(None, "a")).await;
+        send(&pass, req(None, "a")).await;
+        assert_eq!(counter.0.load(Ordering::SeqCst), 2, "{name}: pass-through runs every time");
+
+        let require = app(with(layer.clone(), |c| c.missing_key = MissingKey::Require), counter.clone());
+        let refused = send(&require, req(None, "a")).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+        assert_eq!(problem_type(&refused), "urn:oncely:problem:idempotency-key-missing");
+
+        let generate = app(with(layer, |c| c.missing_key = MissingKey::Generate), counter.clone());
+        let got = send(&generate, req(None, "a")).await;
+        let key = got.headers["idempotency-key"].to_str().unwrap().to_owned();
+        assert!(uuid_like(&key), "{key}");
+        let replay = send(&generate, req(Some(&key), "a")).await;
+        assert_eq!(replay.headers["idempotency-replayed"], "true", "{name}: the generated key works for retries");
+        assert_eq!(counter.0.load(Ordering::SeqCst), 3);
+    }
+}
+
+fn uuid_like(s: &str) -> bool {
+    s.len() == 36 && s.chars().filter(|&c| c == '-').count() == 4
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_keys_and_oversize_bodies_are_refused_and_nothing_is_stored() {
+    let db = TestDb::new().await;
+    let layer = with(IdempotencyLayer::new(PgStore::new(db.pool().clone())), |c| c.max_body_bytes = 16);
+    let counter = Counter::default();
+    let app = app(layer, counter.clone());
+    let long = "k".repeat(256);
+    for bad in ["", "\"unterminated", "has space", long.as_str(), "caf\u{e9}"] {
+        let mut r = req(None, "a");
+        if let Ok(v) = http::HeaderValue::from_str(bad) {
+            r.headers_mut().insert("idempotency-key", v);
+        } else {
+            r.headers_mut().insert("idempotency-key", http::HeaderValue::from_bytes(bad.as_bytes()).unwrap());
+        }
+        let got = send(&app, r).await;
+        assert_eq!(got.status, StatusCode::BAD_REQUEST, "{bad:?}");
+        assert_eq!(problem_type(&got), "urn:oncely:problem:idempotency-key-malformed");
+    }
+    let mut twice = req(Some("a"), "a");
+    twice.headers_mut().append("idempotency-key", http::HeaderValue::from_static("b"));
+    assert_eq!(send(&app, twice).await.status, StatusCode::BAD_REQUEST);
+
+    let big = send(&app, req(Some("big"), &"x".repeat(17))).await;
+    assert_eq!(big.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(problem_type(&big), "urn:oncely:problem:body-too-large");
+    assert_eq!(counter.0.load(Ordering::SeqCst), 0, "the handler never ran");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.ledger").fetch_one(db.pool()).await.unwrap();
+    assert_eq!(stored, 0, "nothing stored");
+    let ok = send(&app, req(Some("big"), "small")).await;
+    assert_eq!(ok.status, StatusCode::CREATED, "the key is still free");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_key_runs_again() {
+    let db = TestDb::new().await;
+    let counter = Counter::default();
+    let app = app(IdempotencyLayer::new(PgStore::new(db.pool().clone())), counter.clone());
+    send(&app, req(Some("k"), "a")).await;
+    send(&app, req(Some("k"), "a")).await;
+    assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+    sqlx::query("UPDATE oncely.ledger SET expires_at = now() - interval '1 second'").execute(db.pool()).await.unwrap();
+    let again = send(&app, req(Some("k"), "a")).await;
+    assert!(again.headers.get("idempotency-replayed").is_none());
+    assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+
+    // The memory store with a short TTL.
+    let counter = Counter::default();
+    let app = self::app(with(IdempotencyLayer::new(MemoryStore::default()), |c| c.ttl = Duration::from_millis(100)), counter.clone());
+    send(&app, req(Some("k"), "a")).await;
+    eventually(Duration::from_secs(5), "the memory entry to expire", || async {
+        send(&app, req(Some("k"), "a")).await;
+        (counter.0.load(Ordering::SeqCst) == 2).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_error_or_a_panic_releases_the_key_so_the_retry_runs() {
+    for (name, layer, _db) in stores().await {
+        let calls = Arc::new(AtomicU32::new(0));
+        let c = calls.clone();
+        let app = Router::new()
+            .route(
+                "/pay",
+                post(move || {
+                    let c = c.clone();
+                    async move {
+                        match c.fetch_add(1, Ordering::SeqCst) {
+                            0 => (StatusCode::BAD_GATEWAY, "upstream down").into_response_(),
+                            1 => panic!("handler bug"),
+                            _ => (StatusCode::OK, "paid").into_response_(),
+                        }
+                    }
+                }),
+            )
+            .layer(layer);
+        let r = || Request::post("/pay").header("idempotency-key", "p").body(Body::empty()).unwrap();
+        assert_eq!(send(&app, r()).await.status, StatusCode::BAD_GATEWAY, "{name}");
+        let panicked = send(&app, r()).await;
+        assert_eq!(panicked.status, StatusCode::INTERNAL_SERVER_ERROR, "{name}");
+        assert_eq!(problem_type(&panicked), "urn:oncely:problem:internal-error");
+        let ok = send(&app, r()).await;
+        assert_eq!((ok.status, &ok.body[..]), (StatusCode::OK, &b"paid"[..]), "{name}");
+        let replay = send(&app, r()).await;
+        assert_eq!(replay.headers["idempotency-replayed"], "true");
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+}
+
+trait IntoResponse_ {
+    fn into_response_(self) -> axum::response::Response;
+}
+impl<T: axum::response::IntoResponse> IntoResponse_ for T {
+    fn into_response_(self) -> axum::response::Response {
+        self.into_response()
+    }
+}
+
+async fn concurrent(app: &Router, n: usize, key: &'static str) -> Vec<Got> {
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (app, barrier) = (app.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                send(&app, req(Some(key), "body")).await
+            })
+        })
+        .collect();
+    futures::future::join_all(tasks).await.into_iter().map(Result::unwrap).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_identical_requests_run_the_handler_once() {
+    for n in [10, 100] {
+        for (name, layer, _db) in stores().await {
+            // Default: the others get 409 with Retry-After (or a replay if they came late).
+            let counter = Counter::default();
+            let app = app(layer.clone(), counter.clone());
+            let got = concurrent(&app, n, "reject-mode").await;
+            assert_eq!(counter.0.load(Ordering::SeqCst), 1, "{name} x{n}: handler ran once");
+            let created = got.iter().filter(|g| g.status == StatusCode::CREATED).count();
+            let busy: Vec<_> = got.iter().filter(|g| g.status == StatusCode::CONFLICT).collect();
+            assert_eq!(created + busy.len(), n, "{name} x{n}");
+            assert!(busy.iter().all(|g| g.headers.contains_key("retry-after")));
+            assert!(!busy.is_empty(), "{name} x{n}: some duplicates arrived while the first ran");
+
+            // Wait mode: every response is the same.
+            let counter = Counter::default();
+            let app = self::app(with(layer, |c| c.in_flight = InFlight::Wait(Duration::from_secs(20))), counter.clone());
+            let got = concurrent(&app, n, "wait-mode").await;
+            assert_eq!(counter.0.load(Ordering::SeqCst), 1, "{name} x{n} wait: handler ran once");
+            assert!(got.iter().all(|g| g.status == StatusCode::CREATED && g.body == got[0].body), "{name} x{n} wait: identical");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_tenants_with_the_same_key_are_independent() {
+    for (name, layer, _db) in stores().await {
+        let counter = Counter::default();
+        let app = app(layer, counter.clone());
+        let as_tenant = |t: &str, body: &str| {
+            Request::post("/things").header("x-api-key", t).header("idempotency-key", "shared").body(Body::from(body.to_owned())).unwrap()
+        };
+        let a = send(&app, as_tenant("tenant-a", "from a")).await;
+        let b = send(&app, as_tenant("tenant-b", "from b")).await;
+        assert_eq!(counter.0.load(Ordering::SeqCst), 2, "{name}: both ran");
+        assert_ne!(a.body, b.body);
+        assert!(b.headers.get("idempotency-replayed").is_none(), "{name}: B never gets A's response");
+        let a2 = send(&app, as_tenant("tenant-a", "from a")).await;
+        assert_eq!(a2.body, a.body);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn responses_from_outer_layers_are_never_stored() {
+    let db = TestDb::new().await;
+    let counter = Counter::default();
+    let app = app(IdempotencyLayer::new(PgStore::new(db.pool().clone())), counter.clone()).layer(axum::middleware::from_fn(
+        |r: Request<Body>, next: axum::middleware::Next| async move {
+            if r.headers().get("authorization").is_none() {
+                return StatusCode::UNAUTHORIZED.into_response_();
+            }
+            next.run(r).await
+        },
+    ));
+    let unauth = send(&app, req(Some("k"), "a")).await;
+    assert_eq!(unauth.status, StatusCode::UNAUTHORIZED);
+    let mut authed = req(Some("k"), "a");
+    authed.headers_mut().insert("authorization", http::HeaderValue::from_static("Bearer t"));
+    assert_eq!(send(&app, authed).await.status, StatusCode::CREATED);
+    assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+}
+
+/// Record usage: the effect is an UPDATE; in transactional mode through the request's transaction.
+async fn add_usage(tx: Option<RequestTx>, pool: sqlx::PgPool) -> StatusCode {
+    let sql = "UPDATE usage SET tokens = tokens + 10 WHERE user_id = 1";
+    match tx {
+        Some(tx) => {
+            sqlx::query(sql).execute(&mut *tx.conn().await).await.unwrap();
+        }
+        None => {
+            sqlx::query(sql).execute(&pool).await.unwrap();
+        }
+    }
+    StatusCode::CREATED
+}
+
+/// The process dies after the effect and before the response is stored: the request task is
+/// aborted at that point (the `before_store` hook never returns), then the client retries after the
+/// lease. Without transactional mode the effect happens twice; with it, once.
+async fn crash_between_effect_and_store(transactional: bool) -> i64 {
+    let db = TestDb::new().await;
+    let pool = db.pool().clone();
+    sqlx::query("CREATE TABLE usage (user_id bigint PRIMARY KEY, tokens bigint)").execute(&pool).await.unwrap();
+    sqlx::query("INSERT INTO usage VALUES (1, 0)").execute(&pool).await.unwrap();
+    let crash = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let reached = Arc::new(tokio::sync::Notify::new());
+    let (c, r) = (crash.clone(), reached.clone());
+    let mut config = IdempotencyConfig { lease: Duration::from_millis(500), ..IdempotencyConfig::default() };
+    config.before_store = Some(Arc::new(move || {
+        let (c, r) = (c.clone(), r.clone());
+        Box::pin(async move {
+            if c.swap(false, Ordering::SeqCst) {
+                r.notify_one();
+                std::future::pending::<()>().await;
+            }
+        })
+    }));
+    let layer = if transactional { IdempotencyLayer::transactional(pool.clone()) } else { IdempotencyLayer::new(PgStore::new(pool.clone())) };
+    let p = pool.clone();
+    let app = Router::new()
+        .route(
+            "/usage",
+            post(move |tx: Option<RequestTx>| {
+                let p = p.clone();
+                async move { add_usage(if transactional { tx } else { None }, p).await }
+            }),
+        )
+        .layer(layer.with_config(config));
+    let r = || Request::post("/usage").header("idempotency-key", "u1").body(Body::from("{}")).unwrap();
+    let app2 = app.clone();
+    let first = tokio::spawn(async move { send(&app2, r()).await });
+    reached.notified().await;
+    first.abort(); // the process dies here
+    let _ = first.await;
+
+    let retried = eventually(Duration::from_secs(10), "the retry to succeed after the lease", || async {
+        let g = send(&app, r()).await;
+        (g.status == StatusCode::CREATED).then_some(g)
+    })
+    .await;
+    assert_eq!(retried.status, StatusCode::CREATED);
+    sqlx::query_scalar("SELECT tokens / 10 FROM usage WHERE user_id = 1").fetch_one(&pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_between_effect_and_store_repeats_the_effect_only_without_transactional_mode() {
+    assert_eq!(crash_between_effect_and_store(false).await, 2, "the documented window: the effect ran twice");
+    assert_eq!(crash_between_effect_and_store(true).await, 1, "transactional mode: the effect ran once");
+}
