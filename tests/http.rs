@@ -387,3 +387,47 @@ async fn a_crash_between_effect_and_store_repeats_the_effect_only_without_transa
     assert_eq!(crash_between_effect_and_store(false).await, 2, "the documented window: the effect ran twice");
     assert_eq!(crash_between_effect_and_store(true).await, 1, "transactional mode: the effect ran once");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_whose_process_died_mid_handler_holds_its_key_only_until_the_lease_ends() {
+    let db = TestDb::new().await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let (c, s) = (calls.clone(), started.clone());
+    let lease = Duration::from_millis(800);
+    let app = Router::new()
+        .route(
+            "/provision",
+            post(move || {
+                let (c, s) = (c.clone(), s.clone());
+                async move {
+                    if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                        s.notify_one();
+                        std::future::pending::<()>().await; // the process dies in here
+                    }
+                    (StatusCode::CREATED, "project p1").into_response_()
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(PgStore::new(db.pool().clone())).with_config(IdempotencyConfig { lease, ..Default::default() }));
+    let r = || Request::post("/provision").header("idempotency-key", "provision:p1").body(Body::empty()).unwrap();
+    let app2 = app.clone();
+    let first = tokio::spawn(async move { send(&app2, r()).await });
+    started.notified().await;
+    first.abort();
+    let _ = first.await;
+    let killed_at = std::time::Instant::now();
+
+    let busy = send(&app, r()).await;
+    assert_eq!(busy.status, StatusCode::CONFLICT, "still in progress within the lease");
+    assert_eq!(problem_type(&busy), "urn:oncely:problem:idempotency-key-in-progress");
+    assert!(busy.headers.contains_key("retry-after"));
+    let ok = eventually(Duration::from_secs(10), "the lease to end", || async {
+        let g = send(&app, r()).await;
+        (g.status == StatusCode::CREATED).then_some(g)
+    })
+    .await;
+    assert!(killed_at.elapsed() >= lease - Duration::from_millis(100), "not before the lease ended");
+    assert_eq!(&ok.body[..], b"project p1");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}

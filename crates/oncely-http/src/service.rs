@@ -168,39 +168,6 @@ pub fn fingerprint(method: &http::Method, route: &str, body: &[u8]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Releases on drop unless disarmed: a handler that panics (or a request future dropped mid-way)
-/// frees its key at once instead of holding it until the lease ends.
-struct Claimed {
-    store: Arc<dyn IdempotencyStore>,
-    scope: String,
-    key: String,
-    token: i32,
-    armed: bool,
-}
-
-impl Claimed {
-    async fn release(mut self) {
-        self.armed = false;
-        if let Err(e) = self.store.release(&self.scope, &self.key, self.token).await {
-            tracing::warn!(error = %e, "could not release the idempotency key; it frees when its lease ends");
-        }
-    }
-}
-
-impl Drop for Claimed {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let (store, scope, key, token) = (self.store.clone(), std::mem::take(&mut self.scope), std::mem::take(&mut self.key), self.token);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = store.release(&scope, &key, token).await;
-            });
-        }
-    }
-}
-
 impl<S, B, ResBody> Run<S, B, ResBody>
 where
     S: Service<Request<InnerBody<B>>, Response = Response<ResBody>> + Send + 'static,
@@ -363,7 +330,8 @@ where
                 Err(e) => return Ok(self.unavailable(&e, request_id)),
             }
         };
-        let claim = Claimed { store: store.clone(), scope: scope.to_owned(), key: key.to_owned(), token, armed: true };
+        // If this future is dropped from here on (the client went away, the process died), the key
+        // stays in progress until its lease ends: the handler may have made its effects.
         let (resp, failed) = self.run_inner(req, request_id).await?;
         if let Some(hook) = &cfg.before_store {
             hook().await;
@@ -371,15 +339,13 @@ where
         let body = resp.body().clone().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
         if self.storable(resp.status(), failed) {
             let stored = self.to_stored(&resp, &body);
-            let mut claim = claim;
-            claim.armed = false;
             if let Err(e) = store.complete(scope, key, token, &stored, cfg.ttl).await {
                 // The handler ran; its response goes out. The key frees when its lease ends, and a
                 // retry after that runs again: use transactional mode to close this window.
                 tracing::error!(error = %e, %request_id, "could not store the response");
             }
-        } else {
-            claim.release().await;
+        } else if let Err(e) = store.release(scope, key, token).await {
+            tracing::warn!(error = %e, "could not release the idempotency key; it frees when its lease ends");
         }
         Ok(resp.map(|_| Either::Right(Full::new(body))))
     }
