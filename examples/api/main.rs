@@ -1,0 +1,59 @@
+//! The example API server (seeds 001, 003, 004) behind the Idempotency-Key layer.
+//!
+//! ```text
+//! scripts/with-postgres cargo run --example api               # serve on 127.0.0.1:3000
+//! scripts/with-postgres cargo run --example api -- --demo     # serve, double-submit, print, exit
+//! ```
+
+mod app;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn post(addr: &str, path: &str, key: &str, body: &str) -> std::io::Result<String> {
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer user-7\r\nidempotency-key: {key}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(req.as_bytes()).await?;
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).await?;
+    let status = resp.lines().next().unwrap_or_default().to_owned();
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    Ok(format!("{status}  {body}"))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).init();
+    let demo = std::env::args().any(|a| a == "--demo");
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| oncely_testkit::DEFAULT_DATABASE_URL.into());
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(16).connect(&url).await?;
+    app::setup(&pool).await?;
+    let provider = Arc::new(app::PaymentProvider::default());
+    let router = app::router(app::AppState { pool: pool.clone(), provider: provider.clone() });
+    let listener = tokio::net::TcpListener::bind(if demo { "127.0.0.1:0" } else { "127.0.0.1:3000" }).await?;
+    let addr = listener.local_addr()?.to_string();
+    if !demo {
+        println!("listening on http://{addr}  (try: curl -i -X POST http://{addr}/checkout -H 'authorization: Bearer u1' -H 'idempotency-key: k1' -H 'content-type: application/json' -d '{{\"price\":\"pro\"}}')");
+        axum::serve(listener, router).await?;
+        return Ok(());
+    }
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let key = format!("demo-{}", std::process::id());
+    let (a, b) = tokio::join!(post(&addr, "/checkout", &key, r#"{"price":"pro"}"#), post(&addr, "/checkout", &key, r#"{"price":"pro"}"#));
+    println!("double-click 1: {}", a?);
+    println!("double-click 2: {}", b?);
+    println!("same key, other body: {}", post(&addr, "/checkout", &key, r#"{"price":"team"}"#).await?);
+    println!("usage:  {}", post(&addr, "/api/v1/usage", &format!("{key}-u"), r#"{"units":5}"#).await?);
+    println!("replay: {}", post(&addr, "/api/v1/usage", &format!("{key}-u"), r#"{"units":5}"#).await?);
+    let subs: i64 = sqlx::query_scalar("SELECT count(*) FROM subscriptions WHERE session_id IN (SELECT session_id FROM subscriptions ORDER BY id DESC LIMIT 1)")
+        .fetch_one(&pool)
+        .await?;
+    println!("subscriptions for that session: {subs}; payment provider calls: {}", provider.calls.load(Ordering::SeqCst));
+    Ok(())
+}
