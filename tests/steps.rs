@@ -315,3 +315,32 @@ async fn ledger_cleanup_deletes_expired_records_keeps_live_ones_and_audits_the_r
     let audit: Vec<(String, i64)> = sqlx::query_as("SELECT task, deleted FROM oncely.maintenance_runs").fetch_all(pool).await.unwrap();
     assert_eq!(audit, vec![("ledger_cleanup".to_string(), 20)]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_maintenance_leader_deletes_expired_keys_and_audits_each_run() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    for i in 0..3 {
+        with_idempotency(pool, &format!("old{i}"), Duration::from_secs(3600), || async { Ok::<_, std::io::Error>(i) }).await.unwrap();
+    }
+    with_idempotency(pool, "live", Duration::from_secs(3600), || async { Ok::<_, std::io::Error>(9) }).await.unwrap();
+    sqlx::query("UPDATE oncely.ledger SET expires_at = now() - interval '1 second' WHERE key LIKE 'old%'").execute(pool).await.unwrap();
+    let h = builder(db.new_pool(5).await)
+        .register(handler_fn(|_ctx, _: Looper| async move { Ok(()) }))
+        .queue("default", 1)
+        .configure(|c| c.ledger_cleanup_interval = Duration::from_millis(300))
+        .build()
+        .unwrap()
+        .start();
+    let deleted: i64 = eventually(Duration::from_secs(10), "an audited cleanup run", || async {
+        sqlx::query_scalar("SELECT deleted FROM oncely.maintenance_runs WHERE task = 'ledger_cleanup' AND deleted > 0")
+            .fetch_optional(pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    h.shutdown().await;
+    assert_eq!(deleted, 3);
+    let keys: Vec<String> = sqlx::query_scalar("SELECT key FROM oncely.ledger").fetch_all(pool).await.unwrap();
+    assert_eq!(keys, vec!["live".to_string()]);
+}

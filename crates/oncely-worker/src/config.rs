@@ -23,6 +23,9 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
 /// Defaults to 60 s: how often finished jobs past retention are pruned.
 pub const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+/// Defaults to 1 hour: how often expired ledger records (step records, idempotency keys) are
+/// deleted. Expired records already count as absent; this only bounds the table's size.
+pub const DEFAULT_LEDGER_CLEANUP_INTERVAL: Duration = Duration::from_secs(3600);
 /// Defaults to 24 hours: how long completed and cancelled jobs are kept.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// Defaults to 7 days: how long dead jobs are kept for a person to look at.
@@ -65,6 +68,8 @@ pub struct WorkerConfig {
     pub maintenance_interval: Duration,
     /// Pruning interval.
     pub prune_interval: Duration,
+    /// Expired-ledger cleanup interval; each run writes a row to `oncely.maintenance_runs`.
+    pub ledger_cleanup_interval: Duration,
     /// Retention of completed and cancelled jobs.
     pub retention: Duration,
     /// Retention of dead jobs.
@@ -86,6 +91,7 @@ impl Default for WorkerConfig {
             maintenance: true,
             maintenance_interval: DEFAULT_MAINTENANCE_INTERVAL,
             prune_interval: DEFAULT_PRUNE_INTERVAL,
+            ledger_cleanup_interval: DEFAULT_LEDGER_CLEANUP_INTERVAL,
             retention: DEFAULT_RETENTION,
             dead_retention: DEFAULT_DEAD_RETENTION,
         }
@@ -125,6 +131,7 @@ impl WorkerConfig {
             ("job_timeout", self.job_timeout),
             ("maintenance_interval", self.maintenance_interval),
             ("prune_interval", self.prune_interval),
+            ("ledger_cleanup_interval", self.ledger_cleanup_interval),
         ] {
             if d.is_zero() {
                 return Err(format!("{what} must be positive"));

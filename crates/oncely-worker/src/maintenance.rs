@@ -1,5 +1,6 @@
 //! Maintenance: on the one worker elected leader, rescue jobs whose lease expired, prune
-//! finished jobs past their retention and delete expired ledger records (auditing each run). Every worker campaigns; the leader renews its lease each
+//! finished jobs past their retention, and delete expired ledger records (hourly by default,
+//! writing an audit row to `oncely.maintenance_runs` for each run). Every worker campaigns; the leader renews its lease each
 //! tick, and another takes over within a few ticks of its death.
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leader = false;
     let mut last_prune = tokio::time::Instant::now();
+    let mut last_cleanup = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -56,6 +58,13 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                 tracing::warn!(error = %e, "prune failed");
             }
         }
+        if last_cleanup.elapsed() >= cfg.ledger_cleanup_interval {
+            last_cleanup = tokio::time::Instant::now();
+            match oncely_core::ledger::cleanup_expired(&shared.pool, LEDGER_BATCH, Some(me)).await {
+                Ok(n) => tracing::info!(deleted = n, "deleted expired ledger records"),
+                Err(e) => tracing::warn!(error = %e, "ledger cleanup failed"),
+            }
+        }
     }
     if leader {
         if let Err(e) = resign_leader(&shared.pool, LEADER_NAME, me).await {
@@ -80,10 +89,6 @@ async fn rescue(shared: &Shared) -> oncely_core::Result<()> {
 
 async fn prune(shared: &Shared) -> oncely_core::Result<()> {
     let cfg = &shared.config;
-    let removed = oncely_core::ledger::cleanup_expired(&shared.pool, LEDGER_BATCH, Some(&cfg.worker_id)).await?;
-    if removed > 0 {
-        tracing::info!(deleted = removed, "deleted expired ledger records");
-    }
     loop {
         let n = prune_finished(&shared.pool, cfg.retention, cfg.dead_retention, PRUNE_BATCH).await?;
         if n > 0 {
