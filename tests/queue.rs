@@ -216,3 +216,32 @@ async fn claims_follow_priority_then_run_at_and_skip_future_jobs() {
     let got = lease::claim_jobs(pool, "default", 10, "w", Duration::from_secs(30)).await.unwrap();
     assert_eq!(got.iter().map(|j| j.id).collect::<Vec<_>>(), vec![high, low]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_batch_goes_through_copy_in_order_with_awkward_arguments_intact() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let awkward = serde_json::json!({"text": "tab\there\nnew line\\back\\slash \"quoted\" caf\u{e9} \u{1F600}", "n": null});
+    let jobs: Vec<NewJob> = (0..5_000)
+        .map(|n| NewJob::from_json("copy_me", serde_json::json!({"n": n, "awkward": awkward})).queue(if n % 2 == 0 { "even" } else { "odd" }).priority((n % 3) as i16))
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    let out = enqueue_many(&mut *tx, &jobs).await.unwrap();
+    tx.rollback().await.unwrap();
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.jobs").fetch_one(pool).await.unwrap();
+    assert_eq!(total, 0, "the COPY batch rolled back with the caller's transaction");
+
+    let out2 = enqueue_many(pool, &jobs).await.unwrap();
+    assert_eq!((out.len(), out2.len()), (5_000, 5_000));
+    assert!(out2.iter().all(|e| !e.existing));
+    for i in [0usize, 1, 2_500, 4_999] {
+        let job = get_job(pool, out2[i].id).await.unwrap();
+        assert_eq!(job.args["n"], i as u64, "result {i} names the job made from input {i}");
+        assert_eq!(job.args["awkward"], awkward);
+        assert_eq!(job.queue, if i % 2 == 0 { "even" } else { "odd" });
+        assert_eq!((job.priority, job.state, job.max_attempts), ((i % 3) as i16, JobState::Available, 20));
+    }
+    // Ids come from the same sequence as single enqueues: no collision afterwards.
+    let next = enqueue(pool, NewJob::new(&Noop { n: 1 }).unwrap()).await.unwrap();
+    assert!(next.id > out2[4_999].id);
+}

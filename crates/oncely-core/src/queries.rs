@@ -6,16 +6,15 @@
 pub(crate) const JOB_COLUMNS: &str = "id, kind, queue, args, priority, state, attempt, max_attempts, \
     snoozes, run_at, created_at, attempted_at, finished_at, lease_expires_at, worker_id, unique_key, errors";
 
-/// The tail of every insert: return `id` and `existing`, and NOTIFY once per queue that got a job
-/// available now (evaluated once per statement, as an init plan).
-macro_rules! job_insert_tail {
-    () => {
-        r#"
-SELECT id, existing,
-       (SELECT count(pg_notify('oncely_jobs', q))
-        FROM (SELECT DISTINCT queue AS q FROM ins WHERE due AND NOT existing) AS queues) AS notified
-FROM ins
-"#
+/// The RETURNING list of every insert: `id`, `existing`, and a NOTIFY on the job's queue when it
+/// is new and due now (PostgreSQL folds identical notifications of one transaction into one).
+macro_rules! job_insert_returning {
+    ($existing:literal) => {
+        concat!(
+            "RETURNING id, ", $existing, " AS existing, ",
+            "CASE WHEN run_at <= now() AND NOT ", $existing,
+            " THEN pg_notify('oncely_jobs', queue) END IS NULL AS notified"
+        )
     };
 }
 
@@ -23,7 +22,6 @@ FROM ins
 macro_rules! job_insert_many_head {
     () => {
         r#"
-WITH ins AS (
 INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, unique_key)
 SELECT kind, queue, args, priority,
        coalesce(run_at, now() + make_interval(secs => coalesce(delay_secs, 0))),
@@ -34,29 +32,28 @@ FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::smallint[], $5::timestamptz
     };
 }
 
-/// Insert many jobs without unique keys (the fast path: no speculative insertion).
-pub(crate) const JOB_INSERT_MANY: &str = concat!(
-    job_insert_many_head!(),
-    "RETURNING id, false AS existing, queue, run_at <= now() AS due)",
-    job_insert_tail!()
-);
-
-/// Insert many jobs, some with unique keys. With a key a live job already holds, the existing job is
-/// returned (`existing = true`) instead: `DO UPDATE` (a no-op write) locks and returns the
+/// The ON CONFLICT clause for unique keys: with a key a live job already holds, the existing job
+/// is returned (`existing = true`) instead. `DO UPDATE` (a no-op write) locks and returns the
 /// conflicting row even when it committed after this statement's snapshot, which `DO NOTHING`
 /// cannot.
-pub(crate) const JOB_INSERT_MANY_UNIQUE: &str = concat!(
-    job_insert_many_head!(),
-    r#"ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN ('available', 'running')
+macro_rules! job_on_unique_conflict {
+    () => {
+        "ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN ('available', 'running')
 DO UPDATE SET unique_key = EXCLUDED.unique_key
-RETURNING id, (xmax::text <> '0') AS existing, queue, run_at <= now() AS due)"#,
-    job_insert_tail!()
-);
+"
+    };
+}
+
+/// Insert many jobs without unique keys.
+pub(crate) const JOB_INSERT_MANY: &str = concat!(job_insert_many_head!(), job_insert_returning!("false"));
+
+/// Insert many jobs, some with unique keys.
+pub(crate) const JOB_INSERT_MANY_UNIQUE: &str =
+    concat!(job_insert_many_head!(), job_on_unique_conflict!(), job_insert_returning!("(xmax::text <> '0')"));
 
 macro_rules! job_insert_one_head {
     () => {
         r#"
-WITH ins AS (
 INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, unique_key)
 VALUES ($1, $2, $3, $4, coalesce($5, now() + make_interval(secs => coalesce($6, 0))), $7, $8)
 "#
@@ -64,20 +61,18 @@ VALUES ($1, $2, $3, $4, coalesce($5, now() + make_interval(secs => coalesce($6, 
 }
 
 /// Insert one job without a unique key.
-pub(crate) const JOB_INSERT_ONE: &str = concat!(
-    job_insert_one_head!(),
-    "RETURNING id, false AS existing, queue, run_at <= now() AS due)",
-    job_insert_tail!()
-);
+pub(crate) const JOB_INSERT_ONE: &str = concat!(job_insert_one_head!(), job_insert_returning!("false"));
 
-/// Insert one job with a unique key; see [`JOB_INSERT_MANY_UNIQUE`].
-pub(crate) const JOB_INSERT_ONE_UNIQUE: &str = concat!(
-    job_insert_one_head!(),
-    r#"ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN ('available', 'running')
-DO UPDATE SET unique_key = EXCLUDED.unique_key
-RETURNING id, (xmax::text <> '0') AS existing, queue, run_at <= now() AS due)"#,
-    job_insert_tail!()
-);
+/// Insert one job with a unique key.
+pub(crate) const JOB_INSERT_ONE_UNIQUE: &str =
+    concat!(job_insert_one_head!(), job_on_unique_conflict!(), job_insert_returning!("(xmax::text <> '0')"));
+
+/// Reserve `$1` job ids (for a COPY batch).
+pub(crate) const JOB_RESERVE_IDS: &str =
+    "SELECT nextval(pg_get_serial_sequence('oncely.jobs', 'id')) FROM generate_series(1, $1)";
+
+/// COPY a batch of due jobs with reserved ids (text format; see `queue::copy_row`).
+pub(crate) const JOB_COPY_IN: &str = "COPY oncely.jobs (id, kind, queue, args, priority, max_attempts) FROM STDIN";
 
 /// Claim up to `$2` available jobs of queue `$1` for worker `$4` with a lease of `$3` seconds.
 pub(crate) const JOB_CLAIM: &str = r#"

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgExecutor, Row};
+use sqlx::{Acquire, PgExecutor, Postgres, Row};
 use tracing::instrument;
 
 use crate::error::{Error, Result};
@@ -60,15 +60,70 @@ pub async fn enqueue<'e>(executor: impl PgExecutor<'e>, job: NewJob) -> Result<E
     Ok(Enqueued { id: JobId(row.try_get("id")?), existing: row.try_get("existing")? })
 }
 
-/// Enqueue many jobs in one statement (one round trip), in input order.
+/// Batches of at least this many jobs, without unique keys or delays, are written with COPY.
+pub const COPY_THRESHOLD: usize = 256;
+
+/// Enqueue many jobs, in input order, from a pool, a connection or the caller's transaction.
 ///
-/// Jobs that share a unique key within `jobs` are inserted once; the later ones report the first's
-/// id with `existing: true`, as a later call would.
+/// Large batches of jobs that are due now and have no unique key are written with `COPY` (ids are
+/// reserved from the sequence first): three round trips, the fastest way in. Other batches are one
+/// `INSERT ... SELECT FROM unnest(...)` statement. Jobs that share a unique key within `jobs` are
+/// inserted once; the later ones report the first's id with `existing: true`, as a later call would.
+///
+/// Outside a transaction, a COPY batch commits as a whole; pass a transaction to make it commit or
+/// roll back with your own writes.
 #[instrument(skip_all, fields(count = jobs.len()), err)]
-pub async fn enqueue_many<'e>(executor: impl PgExecutor<'e>, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
+pub async fn enqueue_many<'a>(conn: impl Acquire<'a, Database = Postgres>, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
+    for job in jobs {
+        job.validate()?;
+    }
+    let mut conn = conn.acquire().await?;
+    let simple = jobs.iter().all(|j| j.unique_key.is_none() && j.run_at.is_none() && j.delay.is_none());
+    if simple && jobs.len() >= COPY_THRESHOLD {
+        return enqueue_copy(&mut conn, jobs).await;
+    }
+    enqueue_unnest(&mut conn, jobs).await
+}
+
+/// One field of a COPY text row: `\N` for NULL, backslash escapes for the rest.
+fn copy_field(out: &mut String, v: &str) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+}
+
+async fn enqueue_copy(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
+    let ids: Vec<i64> = sqlx::query_scalar(queries::JOB_RESERVE_IDS).bind(jobs.len() as i64).fetch_all(&mut *conn).await?;
+    let mut buf = String::with_capacity(jobs.len() * 64);
+    for (id, job) in ids.iter().zip(jobs) {
+        let args = serde_json::to_string(&job.args).map_err(|source| Error::InvalidArgs { kind: job.kind.clone(), source })?;
+        buf.push_str(&id.to_string());
+        for field in [job.kind.as_str(), job.queue.as_str(), args.as_str()] {
+            buf.push('\t');
+            copy_field(&mut buf, field);
+        }
+        buf.push_str(&format!("\t{}\t{}\n", job.priority, job.max_attempts));
+    }
+    let mut copy = conn.copy_in_raw(queries::JOB_COPY_IN).await?;
+    copy.send(buf.into_bytes()).await?;
+    copy.finish().await?;
+    let mut queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
+    queues.sort_unstable();
+    queues.dedup();
+    sqlx::query(queries::QUEUE_NOTIFY_MANY).bind(&queues).execute(&mut *conn).await?;
+    Ok(ids.into_iter().map(|id| Enqueued { id: JobId(id), existing: false }).collect())
+}
+
+async fn enqueue_unnest(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
     let n = jobs.len();
     let mut kinds = Vec::with_capacity(n);
     let mut queues = Vec::with_capacity(n);
@@ -82,7 +137,6 @@ pub async fn enqueue_many<'e>(executor: impl PgExecutor<'e>, jobs: &[NewJob]) ->
     let mut source = Vec::with_capacity(n);
     let mut seen_keys = std::collections::HashMap::new();
     for job in jobs {
-        job.validate()?;
         if let Some(key) = job.unique_key.as_deref() {
             if let Some(&row) = seen_keys.get(key) {
                 source.push((row, true));
@@ -110,7 +164,7 @@ pub async fn enqueue_many<'e>(executor: impl PgExecutor<'e>, jobs: &[NewJob]) ->
         .bind(&delays)
         .bind(&max_attempts)
         .bind(&unique_keys)
-        .fetch_all(executor)
+        .fetch_all(&mut *conn)
         .await?;
     // INSERT ... SELECT returns rows in the order it inserts them, which is the order of the input.
     if rows.len() != kinds.len() {

@@ -2,7 +2,7 @@
 //! effect ledger ([`PgStore`]) and an in-memory one for tests and single processes
 //! ([`MemoryStore`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -133,17 +133,26 @@ impl IdempotencyStore for PgStore {
 struct Entry {
     fingerprint: String,
     token: i32,
-    created: Instant,
+    /// Insertion sequence number, for eviction by age.
+    seq: u64,
     expires: Instant,
-    /// `None` while in progress, with its lease end.
+    /// `None` while in progress.
     response: Option<StoredResponse>,
     lease_until: Instant,
+}
+
+#[derive(Default)]
+struct Entries {
+    map: HashMap<(String, String), Entry>,
+    /// Keys by insertion, oldest first (with their sequence number; stale pairs are skipped).
+    order: VecDeque<(u64, (String, String))>,
+    next_seq: u64,
 }
 
 /// An in-memory store: for tests and single-process services. Capped at a number of entries, it
 /// evicts the oldest when full (an evicted key runs again if repeated). Lost on restart.
 pub struct MemoryStore {
-    entries: Mutex<HashMap<(String, String), Entry>>,
+    entries: Mutex<Entries>,
     capacity: usize,
 }
 
@@ -156,12 +165,12 @@ impl Default for MemoryStore {
 impl MemoryStore {
     /// A store keeping at most `capacity` entries.
     pub fn with_capacity(capacity: usize) -> Self {
-        MemoryStore { entries: Mutex::new(HashMap::new()), capacity: capacity.max(1) }
+        MemoryStore { entries: Mutex::new(Entries::default()), capacity: capacity.max(1) }
     }
 
-    /// Entries held now.
+    /// Entries held now (expired ones included until they are looked up or evicted).
     pub fn len(&self) -> usize {
-        self.entries.lock().expect("memory store lock poisoned").len()
+        self.entries.lock().expect("memory store lock poisoned").map.len()
     }
 
     /// True when empty.
@@ -170,14 +179,29 @@ impl MemoryStore {
     }
 }
 
+impl Entries {
+    /// Drop the oldest entries until there is room for one more.
+    fn make_room(&mut self, capacity: usize) {
+        while self.map.len() >= capacity {
+            let Some((seq, id)) = self.order.pop_front() else { return };
+            if self.map.get(&id).is_some_and(|e| e.seq == seq) {
+                self.map.remove(&id);
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl IdempotencyStore for MemoryStore {
     async fn claim(&self, scope: &str, key: &str, fingerprint: &str, lease: Duration, ttl: Duration) -> Result<StoreClaim, StoreError> {
         let now = Instant::now();
-        let mut entries = self.entries.lock().expect("memory store lock poisoned");
-        entries.retain(|_, e| e.expires > now);
+        let mut guard = self.entries.lock().expect("memory store lock poisoned");
+        let entries = &mut *guard;
         let id = (scope.to_owned(), key.to_owned());
-        if let Some(e) = entries.get_mut(&id) {
+        if entries.map.get(&id).is_some_and(|e| e.expires <= now) {
+            entries.map.remove(&id);
+        }
+        if let Some(e) = entries.map.get_mut(&id) {
             if e.fingerprint != fingerprint {
                 return Ok(StoreClaim::Mismatch);
             }
@@ -191,21 +215,20 @@ impl IdempotencyStore for MemoryStore {
             e.lease_until = now + lease;
             return Ok(StoreClaim::Run { token: e.token });
         }
-        if entries.len() >= self.capacity {
-            if let Some(oldest) = entries.iter().min_by_key(|(_, e)| e.created).map(|(k, _)| k.clone()) {
-                entries.remove(&oldest);
-            }
-        }
-        entries.insert(
+        entries.make_room(self.capacity);
+        let seq = entries.next_seq;
+        entries.next_seq += 1;
+        entries.order.push_back((seq, id.clone()));
+        entries.map.insert(
             id,
-            Entry { fingerprint: fingerprint.to_owned(), token: 1, created: now, expires: now + ttl, response: None, lease_until: now + lease },
+            Entry { fingerprint: fingerprint.to_owned(), token: 1, seq, expires: now + ttl, response: None, lease_until: now + lease },
         );
         Ok(StoreClaim::Run { token: 1 })
     }
 
     async fn complete(&self, scope: &str, key: &str, token: i32, response: &StoredResponse, ttl: Duration) -> Result<(), StoreError> {
         let mut entries = self.entries.lock().expect("memory store lock poisoned");
-        match entries.get_mut(&(scope.to_owned(), key.to_owned())) {
+        match entries.map.get_mut(&(scope.to_owned(), key.to_owned())) {
             Some(e) if e.token == token && e.response.is_none() => {
                 e.response = Some(response.clone());
                 e.expires = Instant::now() + ttl;
@@ -218,9 +241,49 @@ impl IdempotencyStore for MemoryStore {
     async fn release(&self, scope: &str, key: &str, token: i32) -> Result<(), StoreError> {
         let mut entries = self.entries.lock().expect("memory store lock poisoned");
         let id = (scope.to_owned(), key.to_owned());
-        if entries.get(&id).is_some_and(|e| e.token == token && e.response.is_none()) {
-            entries.remove(&id);
+        if entries.map.get(&id).is_some_and(|e| e.token == token && e.response.is_none()) {
+            entries.map.remove(&id);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(body: &str) -> StoredResponse {
+        StoredResponse { status: 201, headers: vec![], body: body.as_bytes().to_vec() }
+    }
+
+    #[tokio::test]
+    async fn memory_store_evicts_the_oldest_when_full_and_expires_by_ttl() {
+        let store = MemoryStore::with_capacity(2);
+        let (lease, ttl) = (Duration::from_secs(60), Duration::from_secs(60));
+        for k in ["a", "b", "c"] {
+            let StoreClaim::Run { token } = store.claim("s", k, "fp", lease, ttl).await.unwrap() else { panic!("new key runs") };
+            store.complete("s", k, token, &resp(k), ttl).await.unwrap();
+        }
+        assert_eq!(store.len(), 2);
+        assert!(matches!(store.claim("s", "a", "fp", lease, ttl).await.unwrap(), StoreClaim::Run { .. }), "the oldest was evicted");
+        assert_eq!(store.claim("s", "c", "fp", lease, ttl).await.unwrap(), StoreClaim::Replay(resp("c")));
+        assert_eq!(store.claim("s", "c", "other", lease, ttl).await.unwrap(), StoreClaim::Mismatch);
+
+        let short = MemoryStore::default();
+        let StoreClaim::Run { token } = short.claim("s", "k", "fp", lease, Duration::ZERO).await.unwrap() else { panic!() };
+        short.complete("s", "k", token, &resp("k"), Duration::ZERO).await.unwrap();
+        assert!(matches!(short.claim("s", "k", "fp", lease, ttl).await.unwrap(), StoreClaim::Run { .. }), "expired: runs again");
+    }
+
+    #[tokio::test]
+    async fn memory_store_is_busy_within_the_lease_and_fences_the_old_claim_after_it() {
+        let store = MemoryStore::default();
+        let ttl = Duration::from_secs(60);
+        let StoreClaim::Run { token: t1 } = store.claim("s", "k", "fp", Duration::ZERO, ttl).await.unwrap() else { panic!() };
+        let StoreClaim::Run { token: t2 } = store.claim("s", "k", "fp", Duration::from_secs(60), ttl).await.unwrap() else { panic!("lease over: taken over") };
+        assert!(t2 > t1);
+        assert!(matches!(store.claim("s", "k", "fp", Duration::from_secs(60), ttl).await.unwrap(), StoreClaim::Busy { .. }));
+        assert!(store.complete("s", "k", t1, &resp("late"), ttl).await.is_err(), "the old claim is fenced out");
+        store.complete("s", "k", t2, &resp("ok"), ttl).await.unwrap();
     }
 }
