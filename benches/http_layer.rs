@@ -18,8 +18,28 @@ use tower::ServiceExt;
 const TASKS: usize = 16;
 const PHASE: Duration = Duration::from_secs(3);
 
-fn router(layer: Option<IdempotencyLayer>) -> Router {
-    let r = Router::new().route("/things", post(|body: String| async move { (StatusCode::CREATED, format!(r#"{{"echo":{}}}"#, body.len())) }));
+/// The handler: with a pool, one INSERT per request (through the request's transaction in
+/// transactional mode); without, an in-memory answer.
+fn router(layer: Option<IdempotencyLayer>, pool: Option<sqlx::PgPool>) -> Router {
+    let r = Router::new().route(
+        "/things",
+        post(move |tx: Option<oncely_http::RequestTx>, body: String| {
+            let pool = pool.clone();
+            async move {
+                let sql = "INSERT INTO things (body) VALUES ($1)";
+                match (tx, pool) {
+                    (Some(tx), _) => {
+                        sqlx::query(sql).bind(&body).execute(&mut *tx.conn().await).await.unwrap();
+                    }
+                    (None, Some(pool)) => {
+                        sqlx::query(sql).bind(&body).execute(&pool).await.unwrap();
+                    }
+                    (None, None) => {}
+                }
+                (StatusCode::CREATED, format!(r#"{{"echo":{}}}"#, body.len()))
+            }
+        }),
+    );
     match layer {
         Some(l) => r.layer(l),
         None => r,
@@ -65,22 +85,29 @@ async fn main() {
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(TASKS as u32).connect(&url).await.unwrap();
     oncely::migrate(&pool).await.unwrap();
 
+    sqlx::query("CREATE TABLE things (id bigserial PRIMARY KEY, body text NOT NULL)").execute(&pool).await.unwrap();
     println!("http_layer bench: {TASKS} concurrent clients, {PHASE:?} per phase, in-process (tower oneshot)");
-    let base = rate(router(None), |_, _| None).await;
-    println!("no layer (baseline):                 {base:>10.0} req/s");
-    let mem = IdempotencyLayer::new(MemoryStore::with_capacity(10_000_000));
-    let first = rate(router(Some(mem.clone())), |t, i| Some(format!("m-{t}-{i}"))).await;
-    println!("memory store, first requests:        {first:>10.0} req/s  {:.2}x baseline", first / base);
-    let replay = rate(router(Some(mem)), |t, _| Some(format!("m-{t}-0"))).await;
-    println!("memory store, replays:               {replay:>10.0} req/s  {:.2}x baseline", replay / base);
-    let pg = IdempotencyLayer::new(PgStore::new(pool.clone()));
-    let first = rate(router(Some(pg.clone())), |t, i| Some(format!("p-{t}-{i}"))).await;
-    println!("postgres store, first requests:      {first:>10.0} req/s  {:.2}x baseline", first / base);
-    let replay = rate(router(Some(pg)), |t, _| Some(format!("p-{t}-0"))).await;
-    println!("postgres store, replays:             {replay:>10.0} req/s  {:.2}x baseline", replay / base);
-    let tx = IdempotencyLayer::transactional(pool.clone());
-    let first = rate(router(Some(tx)), |t, i| Some(format!("t-{t}-{i}"))).await;
-    println!("postgres transactional, first:       {first:>10.0} req/s  {:.2}x baseline", first / base);
+    for (name, db) in [("handler answers from memory", None), ("handler writes one row", Some(pool.clone()))] {
+        println!("-- {name}");
+        let base = rate(router(None, db.clone()), |_, _| None).await;
+        println!("   no layer (baseline):                {base:>10.0} req/s");
+        let mem = IdempotencyLayer::new(MemoryStore::with_capacity(10_000_000));
+        let first = rate(router(Some(mem.clone()), db.clone()), |t, i| Some(format!("m-{t}-{i}"))).await;
+        println!("   memory store, first requests:       {first:>10.0} req/s  {:.2}x baseline", first / base);
+        let replay = rate(router(Some(mem), db.clone()), |t, _| Some(format!("m-{t}-0"))).await;
+        println!("   memory store, replays:              {replay:>10.0} req/s  {:.2}x baseline", replay / base);
+        let tag = if db.is_some() { "w" } else { "r" };
+        let pg = IdempotencyLayer::new(PgStore::new(pool.clone()));
+        let first = rate(router(Some(pg.clone()), db.clone()), move |t, i| Some(format!("p{tag}-{t}-{i}"))).await;
+        println!("   postgres store, first requests:     {first:>10.0} req/s  {:.2}x baseline", first / base);
+        let replay = rate(router(Some(pg), db.clone()), move |t, _| Some(format!("p{tag}-{t}-0"))).await;
+        println!("   postgres store, replays:            {replay:>10.0} req/s  {:.2}x baseline", replay / base);
+        if db.is_some() {
+            let tx = IdempotencyLayer::transactional(pool.clone());
+            let first = rate(router(Some(tx), db.clone()), |t, i| Some(format!("t-{t}-{i}"))).await;
+            println!("   postgres transactional, first:      {first:>10.0} req/s  {:.2}x baseline", first / base);
+        }
+    }
 
     pool.close().await;
     sqlx::query(&format!("DROP DATABASE \"{name}\" WITH (FORCE)")).execute(&mut admin).await.unwrap();
