@@ -1,1 +1,221 @@
-fn main() {}
+//! `oncely`: migrate the schema, inspect and manage jobs, measure throughput.
+#![allow(clippy::print_stdout)]
+
+mod bench;
+mod duration;
+mod jobs;
+mod table;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use oncely_core::{JobFilter, JobState};
+
+#[derive(Parser, Debug)]
+#[command(name = "oncely", version, about = "Durable jobs on PostgreSQL: migrate, inspect and manage jobs, benchmark")]
+struct Cli {
+    /// PostgreSQL URL, e.g. postgres://user@host:5432/db. Required; may follow the subcommand.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Apply the pending schema migrations.
+    Migrate,
+    /// Inspect and manage jobs.
+    Jobs {
+        #[command(subcommand)]
+        cmd: JobsCmd,
+    },
+    /// Job counts per queue and state.
+    Stats,
+    /// Delete finished jobs past retention, in batches.
+    Purge {
+        /// Delete completed and cancelled jobs finished longer ago than this (30s, 5m, 24h, 7d).
+        #[arg(long, default_value = "24h", value_parser = duration::parse)]
+        older_than: Duration,
+        /// Delete dead jobs finished longer ago than this.
+        #[arg(long, default_value = "7d", value_parser = duration::parse)]
+        dead_older_than: Duration,
+    },
+    /// Measure enqueue, processing and latency against raw INSERT baselines, in a scratch database.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum JobsCmd {
+    /// List jobs, oldest first.
+    List {
+        /// Only jobs in this state: available, running, completed, dead or cancelled.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only jobs on this queue.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Only jobs of this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// At most this many jobs.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Show one job with all its fields and its error history.
+    Show {
+        /// The job id.
+        id: i64,
+    },
+    /// Cancel an available or running job.
+    Cancel {
+        /// The job id.
+        id: i64,
+    },
+    /// Put a dead or cancelled job back in its queue.
+    Retry {
+        /// The job id.
+        id: i64,
+    },
+}
+
+/// A command failure: printed on stderr as one line, exit code 1.
+#[derive(Debug)]
+struct Fail(String);
+
+impl<E: std::fmt::Display> From<E> for Fail {
+    fn from(e: E) -> Self {
+        Fail(e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("oncely: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // Clap cannot make a global argument required, so check here, as a usage error.
+    let Some(url) = cli.database_url.clone() else {
+        eprintln!("oncely: the database is required: pass --database-url or set DATABASE_URL");
+        return ExitCode::from(2);
+    };
+    match runtime.block_on(run(cli.cmd, &url)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(msg)) => {
+            eprintln!("oncely: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Help and version go out as clap prints them; real usage errors become one line, exit code 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+    }
+    eprintln!("oncely: {}", one_line(&e.render().to_string()));
+    ExitCode::from(2)
+}
+
+/// Clap's message without the usage and help hints, on one line.
+fn one_line(msg: &str) -> String {
+    msg.lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim_start_matches("error: ")
+        .to_owned()
+}
+
+async fn connect(url: &str) -> Result<sqlx::PgPool, Fail> {
+    use sqlx::{ConnectOptions, Connection};
+    let options: sqlx::postgres::PgConnectOptions =
+        url.parse().map_err(|e| Fail(format!("bad database URL: {e}")))?;
+    let options = options.disable_statement_logging();
+    // One direct attempt first: a pool would only report "timed out" where this names the cause.
+    let probe = tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect_with(&options))
+        .await
+        .map_err(|_| Fail("cannot connect to the database: timed out after 10 s".into()))?
+        .map_err(|e| Fail(format!("cannot connect to the database: {e}")))?;
+    let _ = probe.close().await;
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .map_err(|e| Fail(format!("cannot connect to the database: {e}")))
+}
+
+async fn run(cmd: Cmd, url: &str) -> Result<(), Fail> {
+    // Validate arguments before touching the database.
+    if let Cmd::Jobs { cmd: JobsCmd::List { state: Some(s), .. } } = &cmd {
+        s.parse::<JobState>()?;
+    }
+    let cmd = match cmd {
+        Cmd::Bench(args) => return bench::run(url, args).await,
+        cmd => cmd,
+    };
+    let pool = connect(url).await?;
+    let result = dispatch(&pool, cmd).await;
+    pool.close().await;
+    result
+}
+
+async fn dispatch(pool: &sqlx::PgPool, cmd: Cmd) -> Result<(), Fail> {
+    match cmd {
+        Cmd::Migrate => jobs::migrate(pool).await,
+        Cmd::Jobs { cmd } => match cmd {
+            JobsCmd::List { state, queue, kind, limit } => {
+                let state = state.map(|s| s.parse::<JobState>()).transpose()?;
+                jobs::list(pool, &JobFilter { state, queue, kind, after: None, limit: Some(limit) }).await
+            }
+            JobsCmd::Show { id } => jobs::show(pool, id).await,
+            JobsCmd::Cancel { id } => jobs::cancel(pool, id).await,
+            JobsCmd::Retry { id } => jobs::retry(pool, id).await,
+        },
+        Cmd::Stats => jobs::stats(pool).await,
+        Cmd::Purge { older_than, dead_older_than } => jobs::purge(pool, older_than, dead_older_than).await,
+        Cmd::Bench(_) => Err(Fail("bench runs without a shared pool".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn usage_errors_fit_on_one_line() {
+        let e = Cli::try_parse_from(["oncely", "--database-url", "x", "purge", "--older-than", "7w"]).unwrap_err();
+        let line = one_line(&e.render().to_string());
+        assert!(!line.contains('\n'));
+        assert!(line.contains("unknown unit"), "{line}");
+    }
+}

@@ -1,0 +1,122 @@
+//! The `oncely` binary against a real database (a fresh one per test, from the test kit).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use oncely_core::{JobArgs, NewJob};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+struct Ping {}
+impl JobArgs for Ping {
+    const KIND: &'static str = "ping";
+}
+
+struct Run {
+    ok: bool,
+    code: Option<i32>,
+    out: String,
+    err: String,
+}
+
+fn oncely(url: &str, args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_oncely"))
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .arg("--database-url")
+        .arg(url)
+        .args(args)
+        .output()
+        .expect("the oncely binary runs");
+    Run {
+        ok: out.status.success(),
+        code: out.status.code(),
+        out: String::from_utf8_lossy(&out.stdout).into(),
+        err: String::from_utf8_lossy(&out.stderr).into(),
+    }
+}
+
+async fn state_in_sql(pool: &sqlx::PgPool, id: i64) -> String {
+    sqlx::query_scalar("SELECT state FROM oncely.jobs WHERE id = $1").bind(id).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn manages_jobs_and_refuses_bad_input_clearly() {
+    let db = oncely_testkit::TestDb::new().await;
+    let url = db.url();
+
+    let r = oncely(url, &["migrate"]);
+    assert!(r.ok, "{}", r.err);
+    assert!(r.out.contains("0 new migrations"), "the test kit migrated already: {}", r.out);
+
+    let id = oncely_core::enqueue(db.pool(), NewJob::new(&Ping {}).unwrap().queue("cli")).await.unwrap().id.0;
+    let r = oncely(url, &["jobs", "list", "--state", "available"]);
+    assert!(r.ok, "{}", r.err);
+    assert!(r.out.lines().any(|l| l.split_whitespace().next() == Some(&id.to_string())), "{}", r.out);
+    assert!(r.out.contains("ping") && r.out.contains("cli"), "{}", r.out);
+
+    let r = oncely(url, &["jobs", "cancel", &id.to_string()]);
+    assert!(r.ok, "{}", r.err);
+    assert!(r.out.contains("cancelled"), "{}", r.out);
+    let r = oncely(url, &["jobs", "show", &id.to_string()]);
+    assert!(r.ok, "{}", r.err);
+    assert!(r.out.lines().any(|l| l.starts_with("state:") && l.trim_end().ends_with("cancelled")), "{}", r.out);
+    assert_eq!(state_in_sql(db.pool(), id).await, "cancelled");
+
+    // Cancelling twice is refused, with the reason, on one line.
+    let r = oncely(url, &["jobs", "cancel", &id.to_string()]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.err.contains("is cancelled") && r.err.contains("available or running"), "{}", r.err);
+    assert_eq!(r.err.trim_end().lines().count(), 1, "{}", r.err);
+
+    let r = oncely(url, &["jobs", "retry", &id.to_string()]);
+    assert!(r.ok, "{}", r.err);
+    assert_eq!(state_in_sql(db.pool(), id).await, "available");
+    // An available job cannot be retried.
+    let r = oncely(url, &["jobs", "retry", &id.to_string()]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.err.contains("retry needs dead or cancelled"), "{}", r.err);
+
+    let r = oncely(url, &["jobs", "show", "999999"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.err.contains("job 999999 not found"), "{}", r.err);
+
+    let r = oncely(url, &["stats"]);
+    assert!(r.ok, "{}", r.err);
+    let row = r.out.lines().find(|l| l.starts_with("cli")).unwrap_or_else(|| panic!("{}", r.out));
+    assert_eq!(row.split_whitespace().collect::<Vec<_>>(), ["cli", "1", "0", "0", "0", "0", "1"], "{}", r.out);
+
+    let r = oncely(url, &["jobs", "list", "--state", "bogus"]);
+    assert!(!r.ok);
+    assert!(r.err.contains("bogus"), "{}", r.err);
+    assert_eq!(r.err.trim_end().lines().count(), 1, "{}", r.err);
+
+    let r = oncely(url, &["purge", "--older-than", "7w"]);
+    assert_eq!(r.code, Some(2));
+    assert!(r.err.contains("unknown unit"), "{}", r.err);
+    assert_eq!(r.err.trim_end().lines().count(), 1, "{}", r.err);
+
+    // Purge deletes a finished job once past retention, and nothing live.
+    let done = oncely_core::enqueue(db.pool(), NewJob::new(&Ping {}).unwrap().queue("cli")).await.unwrap().id;
+    let mut conn = db.pool().acquire().await.unwrap();
+    oncely_core::cancel_job(&mut conn, done).await.unwrap();
+    drop(conn);
+    let r = oncely(url, &["purge"]);
+    assert!(r.ok, "{}", r.err);
+    assert!(r.out.contains("deleted 0 finished jobs"), "{}", r.out);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = oncely(url, &["purge", "--older-than", "1s"]);
+    assert!(r.ok, "{}", r.err);
+    assert!(r.out.contains("deleted 1 finished jobs"), "{}", r.out);
+    assert_eq!(state_in_sql(db.pool(), id).await, "available");
+}
+
+#[test]
+fn an_unreachable_database_is_one_line_and_exit_code_1() {
+    let started = Instant::now();
+    let r = oncely("postgres://postgres@127.0.0.1:1/none", &["stats"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.err.starts_with("oncely: cannot connect to the database"), "{}", r.err);
+    assert_eq!(r.err.trim_end().lines().count(), 1, "{}", r.err);
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
