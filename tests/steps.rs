@@ -242,6 +242,7 @@ async fn ledger_claims_take_over_expired_leases_and_fence_the_old_holder() {
         ttl: Some(Duration::from_secs(3600)),
         supersedes: None,
         now: None,
+        read_first: false,
     };
     let Claimed::Run { attempt: a1, took_over_from: None } = ledger::claim(&mut conn, &key, &opts("a", Some("fp"))).await.unwrap() else {
         panic!("first claim runs")

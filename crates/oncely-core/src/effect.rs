@@ -176,6 +176,7 @@ impl Effect<'_> {
             ttl: self.ttl,
             supersedes: self.supersedes.as_deref(),
             now: None,
+            read_first: false,
         }
     }
 

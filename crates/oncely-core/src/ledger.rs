@@ -94,6 +94,10 @@ pub struct ClaimOptions<'a> {
     pub supersedes: Option<&'a str>,
     /// The clock, for tests; `None` is the database clock.
     pub now: Option<DateTime<Utc>>,
+    /// Read the record before claiming: a completed record is then answered without a write (no
+    /// row lock, no commit). Worth it where repeats are common (HTTP retries); a wasted round trip
+    /// where most claims are new (job steps).
+    pub read_first: bool,
 }
 
 /// What [`claim`] decided.
@@ -122,14 +126,12 @@ pub enum Claimed {
 /// claim, the effect and [`complete`] atomic.
 pub async fn claim(conn: &mut sqlx::PgConnection, key: &LedgerKey, opts: &ClaimOptions<'_>) -> Result<Claimed> {
     key.validate()?;
-    // Fast path: a completed record answers without a write (a replay, a retried step).
-    if let Some(row) = sqlx::query(queries::LEDGER_GET)
-        .bind(&key.namespace)
-        .bind(&key.key)
-        .bind(opts.now)
-        .fetch_optional(&mut *conn)
-        .await?
-    {
+    // Fast path: a completed record answers without a write.
+    let existing = match opts.read_first {
+        true => sqlx::query(queries::LEDGER_GET).bind(&key.namespace).bind(&key.key).bind(opts.now).fetch_optional(&mut *conn).await?,
+        false => None,
+    };
+    if let Some(row) = existing {
         if row.try_get::<String, _>("state")? == "completed" {
             if row.try_get::<Option<String>, _>("fingerprint")?.as_deref() != opts.fingerprint {
                 return Ok(Claimed::Mismatch);

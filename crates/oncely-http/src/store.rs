@@ -109,7 +109,7 @@ pub(crate) fn decode(c: Claimed) -> Result<StoreClaim, StoreError> {
 }
 
 pub(crate) fn claim_options<'a>(owner: &'a str, fingerprint: &'a str, lease: Duration, ttl: Duration) -> ClaimOptions<'a> {
-    ClaimOptions { owner, fingerprint: Some(fingerprint), lease, ttl: Some(ttl), supersedes: None, now: None }
+    ClaimOptions { owner, fingerprint: Some(fingerprint), lease, ttl: Some(ttl), supersedes: None, now: None, read_first: true }
 }
 
 #[async_trait]
