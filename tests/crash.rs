@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -59,13 +58,7 @@ async fn a_job_of_a_worker_killed_mid_job_is_completed_by_another_within_the_lea
     sqlx::query("CREATE TABLE started (job_id bigint, pid int)").execute(pool).await.unwrap();
     let id = enqueue(pool, NewJob::new(&Slow { label: "report".into() }).unwrap()).await.unwrap().id;
 
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "child_worker_process", "--nocapture"])
-        .env("ONCELY_CHILD_DATABASE_URL", db.url())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_child("child_worker_process", &[("ONCELY_CHILD_DATABASE_URL", db.url())]);
     let pid: i32 = eventually(Duration::from_secs(30), "the child to start the job", || async {
         sqlx::query_scalar("SELECT pid FROM started WHERE job_id = $1").bind(id).fetch_optional(pool).await.unwrap()
     })

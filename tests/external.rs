@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -172,14 +171,7 @@ async fn a_process_killed_between_call_and_record_calls_again_with_the_same_key(
     let (provider, addr) = Provider::start().await;
     let id = enqueue(pool, NewJob::new(&Charge { order: 1, policy: "retry".into(), provider: addr }).unwrap()).await.unwrap().id;
 
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "external_child_worker", "--nocapture"])
-        .env("ONCELY_EXTERNAL_CHILD_URL", db.url())
-        .env("ONCELY_EXTERNAL_CHILD", "1")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_child("external_child_worker", &[("ONCELY_EXTERNAL_CHILD_URL", db.url()), ("ONCELY_EXTERNAL_CHILD", "1")]);
     eventually(Duration::from_secs(30), "the child to make the call", || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM called").fetch_one(pool).await.unwrap();
         (n > 0).then_some(())

@@ -8,7 +8,6 @@ mod common;
 #[path = "../examples/report_pipeline/pipeline.rs"]
 mod pipeline;
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,13 +50,7 @@ async fn the_pipeline_counts_usage_exactly_once_through_repeated_sigkills() {
     let mut kills = 0;
     let mut rng = rand::rng();
     loop {
-        let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--ignored", "--exact", "pipeline_child_worker", "--nocapture"])
-            .env("ONCELY_PIPELINE_CHILD_URL", db.url())
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let mut child = spawn_child("pipeline_child_worker", &[("ONCELY_PIPELINE_CHILD_URL", db.url())]);
         if kills < KILLS {
             // Kill at a random moment once the child has made some progress.
             let before = ready(pool).await;

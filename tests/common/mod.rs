@@ -60,3 +60,14 @@ pub async fn wait_all_finished(pool: &PgPool, deadline: Duration) {
 pub fn builder(pool: PgPool) -> oncely::worker::WorkerBuilder {
     Worker::builder(pool).configure(fast)
 }
+
+/// Run the ignored test `name` of this test binary as a child process (a worker to kill), with
+/// `env` set. It is killed if dropped.
+pub fn spawn_child(name: &str, env: &[(&str, &str)]) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(std::env::current_exe().expect("the test binary's path"));
+    cmd.args(["--ignored", "--exact", name, "--nocapture"]).stdout(std::process::Stdio::null()).kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("the test binary runs again as a child")
+}

@@ -58,6 +58,12 @@ impl Problem {
     /// The response: `status`, a problem document with `detail` and `request_id`, and a
     /// machine-readable `code` for clients that switch on it (e.g. `idempotency_conflict`).
     pub(crate) fn response(self, status: StatusCode, detail: &str, request_id: &str, code: Option<&str>) -> Response<Full<Bytes>> {
+        let (parts, body) = self.parts(status, detail, request_id, code);
+        Response::from_parts(parts, Full::new(body))
+    }
+
+    /// [`response`](Self::response) as a head and a body.
+    pub(crate) fn parts(self, status: StatusCode, detail: &str, request_id: &str, code: Option<&str>) -> (http::response::Parts, Bytes) {
         let mut doc = serde_json::json!({
             "type": self.type_uri(),
             "title": self.title(),
@@ -68,12 +74,12 @@ impl Problem {
         if let Some(code) = code {
             doc["code"] = code.into();
         }
-        let mut resp = Response::new(Full::new(Bytes::from(doc.to_string())));
-        *resp.status_mut() = status;
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        let (mut parts, ()) = Response::new(()).into_parts();
+        parts.status = status;
+        parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if let Ok(v) = HeaderValue::from_str(request_id) {
-            resp.headers_mut().insert("x-request-id", v);
+            parts.headers.insert("x-request-id", v);
         }
-        resp
+        (parts, Bytes::from(doc.to_string()))
     }
 }

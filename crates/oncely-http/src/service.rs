@@ -266,26 +266,35 @@ where
         retry_after(problem(Problem::StoreUnavailable, StatusCode::SERVICE_UNAVAILABLE, detail, request_id, None), Duration::from_secs(1))
     }
 
-    /// Run the handler, catching a panic as a 500.
-    async fn run_inner(&mut self, req: Request<InnerBody<B>>, request_id: &str) -> Result<(Response<Full<Bytes>>, bool), S::Error> {
-        match AssertUnwindSafe(self.inner.call(req)).catch_unwind().await {
+    /// Run the handler (a panic becomes a 500), call the `before_store` hook, and buffer the
+    /// response. Returns the response head, its body, and whether the handler failed.
+    async fn run_buffered(&mut self, req: Request<InnerBody<B>>, request_id: &str) -> Result<(http::response::Parts, Bytes, bool), S::Error> {
+        let failure = |detail: &str| {
+            let (parts, body) = Problem::HandlerPanicked.parts(StatusCode::INTERNAL_SERVER_ERROR, detail, request_id, None);
+            (parts, body, true)
+        };
+        let out = match AssertUnwindSafe(self.inner.call(req)).catch_unwind().await {
             Ok(Ok(resp)) => {
                 let (parts, body) = resp.into_parts();
                 match body.collect().await {
-                    Ok(c) => Ok((Response::from_parts(parts, Full::new(c.to_bytes())), false)),
+                    Ok(c) => (parts, c.to_bytes(), false),
                     Err(e) => {
                         let e: BoxError = e.into();
                         tracing::error!(error = %e, "the handler's response body failed");
-                        Ok((Problem::HandlerPanicked.response(StatusCode::INTERNAL_SERVER_ERROR, "the response could not be produced", request_id, None), true))
+                        failure("the response could not be produced")
                     }
                 }
             }
-            Ok(Err(e)) => Err(e),
+            Ok(Err(e)) => return Err(e),
             Err(_) => {
                 tracing::error!(%request_id, "the handler panicked; releasing the idempotency key");
-                Ok((Problem::HandlerPanicked.response(StatusCode::INTERNAL_SERVER_ERROR, "internal error", request_id, None), true))
+                failure("internal error")
             }
+        };
+        if let Some(hook) = &self.config.before_store {
+            hook().await;
         }
+        Ok(out)
     }
 
     fn storable(&self, status: StatusCode, failed: bool) -> bool {
@@ -294,14 +303,14 @@ where
             && !matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS)
     }
 
-    fn to_stored(&self, resp: &Response<Full<Bytes>>, body: &Bytes) -> StoredResponse {
+    fn to_stored(&self, parts: &http::response::Parts, body: &Bytes) -> StoredResponse {
         let headers = self
             .config
             .stored_headers
             .iter()
-            .flat_map(|name| resp.headers().get_all(name).iter().filter_map(move |v| Some((name.as_str().to_owned(), v.to_str().ok()?.to_owned()))))
+            .flat_map(|name| parts.headers.get_all(name).iter().filter_map(move |v| Some((name.as_str().to_owned(), v.to_str().ok()?.to_owned()))))
             .collect();
-        StoredResponse { status: resp.status().as_u16(), headers, body: body.to_vec() }
+        StoredResponse { status: parts.status.as_u16(), headers, body: body.to_vec() }
     }
 
     async fn with_store(
@@ -332,13 +341,9 @@ where
         };
         // If this future is dropped from here on (the client went away, the process died), the key
         // stays in progress until its lease ends: the handler may have made its effects.
-        let (resp, failed) = self.run_inner(req, request_id).await?;
-        if let Some(hook) = &cfg.before_store {
-            hook().await;
-        }
-        let body = resp.body().clone().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-        if self.storable(resp.status(), failed) {
-            let stored = self.to_stored(&resp, &body);
+        let (parts, body, failed) = self.run_buffered(req, request_id).await?;
+        if self.storable(parts.status, failed) {
+            let stored = self.to_stored(&parts, &body);
             if let Err(e) = store.complete(scope, key, token, &stored, cfg.ttl).await {
                 // The handler ran; its response goes out. The key frees when its lease ends, and a
                 // retry after that runs again: use transactional mode to close this window.
@@ -347,7 +352,7 @@ where
         } else if let Err(e) = store.release(scope, key, token).await {
             tracing::warn!(error = %e, "could not release the idempotency key; it frees when its lease ends");
         }
-        Ok(resp.map(|_| Either::Right(Full::new(body))))
+        Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
     }
 
     async fn with_tx(
@@ -378,25 +383,21 @@ where
         };
         let handle = RequestTx::new(tx);
         req.extensions_mut().insert(handle.clone());
-        let (resp, failed) = self.run_inner(req, request_id).await?;
-        if let Some(hook) = &cfg.before_store {
-            hook().await;
-        }
-        let body = resp.body().clone().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let (parts, body, failed) = self.run_buffered(req, request_id).await?;
         let Some(tx) = handle.take().await else {
             tracing::error!(%request_id, "the handler kept the request transaction; nothing was committed");
             let detail = "the request was not processed; retry with the same Idempotency-Key";
             return Ok(problem(Problem::StoreUnavailable, StatusCode::INTERNAL_SERVER_ERROR, detail, request_id, None));
         };
-        if !self.storable(resp.status(), failed) {
+        if !self.storable(parts.status, failed) {
             // Roll back the handler's writes with the claim: the retry starts from scratch.
             let _ = tx.rollback().await;
-            return Ok(resp.map(|_| Either::Right(Full::new(body))));
+            return Ok(Response::from_parts(parts, Either::Right(Full::new(body))));
         }
-        let stored = self.to_stored(&resp, &body);
+        let stored = self.to_stored(&parts, &body);
         if let Err(e) = mode.complete_and_commit(tx, scope, key, token, &stored, cfg.ttl).await {
             return Ok(self.unavailable(&e, request_id));
         }
-        Ok(resp.map(|_| Either::Right(Full::new(body))))
+        Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
     }
 }
