@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::{Acquire, PgExecutor, Postgres, Row};
-use tracing::instrument;
+use futures::future::BoxFuture;
+use tracing::{instrument, Instrument};
 
 use crate::error::{Error, Result};
 use crate::job::{rows_to_jobs, Job, JobId, JobRow, JobState, NewJob};
@@ -72,20 +73,31 @@ pub const COPY_THRESHOLD: usize = 256;
 ///
 /// Outside a transaction, a COPY batch commits as a whole; pass a transaction to make it commit or
 /// roll back with your own writes.
-#[instrument(skip_all, fields(count = jobs.len()), err)]
-pub async fn enqueue_many<'a>(conn: impl Acquire<'a, Database = Postgres>, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
-    if jobs.is_empty() {
-        return Ok(Vec::new());
-    }
-    for job in jobs {
-        job.validate()?;
-    }
-    let mut conn = conn.acquire().await?;
-    let simple = jobs.iter().all(|j| j.unique_key.is_none() && j.run_at.is_none() && j.delay.is_none());
-    if simple && jobs.len() >= COPY_THRESHOLD {
-        return enqueue_copy(&mut conn, jobs).await;
-    }
-    enqueue_unnest(&mut conn, jobs).await
+///
+/// (The future is boxed and `Send` so that callers can await it inside their own boxed futures;
+/// an `async fn` generic over `Acquire` trips a limit of the compiler's `Send` inference there.)
+pub fn enqueue_many<'a, A>(conn: A, jobs: &'a [NewJob]) -> BoxFuture<'a, Result<Vec<Enqueued>>>
+where
+    A: Acquire<'a, Database = Postgres> + Send + 'a,
+{
+    let span = tracing::info_span!("enqueue_many", count = jobs.len());
+    Box::pin(
+        async move {
+            if jobs.is_empty() {
+                return Ok(Vec::new());
+            }
+            for job in jobs {
+                job.validate()?;
+            }
+            let mut conn = conn.acquire().await?;
+            let simple = jobs.iter().all(|j| j.unique_key.is_none() && j.run_at.is_none() && j.delay.is_none());
+            if simple && jobs.len() >= COPY_THRESHOLD {
+                return enqueue_copy(&mut conn, jobs).await;
+            }
+            enqueue_unnest(&mut conn, jobs).await
+        }
+        .instrument(span),
+    )
 }
 
 /// One field of a COPY text row: `\N` for NULL, backslash escapes for the rest.
