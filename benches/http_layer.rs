@@ -2,6 +2,7 @@
 //! PostgreSQL stores) against the same handler without it, in one run. Not a test.
 //!
 //! `scripts/with-postgres cargo bench --bench http_layer`
+#![allow(clippy::print_stdout)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

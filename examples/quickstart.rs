@@ -2,6 +2,7 @@
 //!
 //! Run: `scripts/with-postgres cargo run --example quickstart`
 //! (uses `DATABASE_URL`, else the local server, else a throwaway cluster).
+#![allow(clippy::print_stdout)]
 
 use std::time::Duration;
 

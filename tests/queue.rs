@@ -120,7 +120,7 @@ async fn a_stale_worker_cannot_complete_or_fail_a_job_taken_over_by_another() {
         .execute(pool)
         .await
         .unwrap();
-    let rescued = rescue_expired(&mut *pool.acquire().await.unwrap(), 100).await.unwrap();
+    let rescued = rescue_expired(&mut pool.acquire().await.unwrap(), 100).await.unwrap();
     assert_eq!(rescued.requeued, vec![id]);
     let b = lease::claim_jobs(pool, "default", 10, "worker-b", Duration::from_secs(30)).await.unwrap();
     let fresh = Claim::from(&b[0]);
@@ -174,7 +174,7 @@ async fn a_dead_job_goes_back_to_its_queue_with_its_history() {
     let state = lease::fail_job(pool, claim, ErrorKind::Error, "boom", Some(Duration::from_secs(1))).await.unwrap();
     assert_eq!(state, JobState::Dead, "out of attempts: dead even though retry was asked");
 
-    oncely::retry_job(&mut *pool.acquire().await.unwrap(), id).await.unwrap();
+    oncely::retry_job(&mut pool.acquire().await.unwrap(), id).await.unwrap();
     let job = get_job(pool, id).await.unwrap();
     assert_eq!(job.state, JobState::Available);
     assert_eq!(job.errors.len(), 1);

@@ -4,6 +4,7 @@
 //! scripts/with-postgres cargo run --example api               # serve on 127.0.0.1:3000
 //! scripts/with-postgres cargo run --example api -- --demo     # serve, double-submit, print, exit
 //! ```
+#![allow(clippy::print_stdout)]
 
 mod app;
 

@@ -82,6 +82,9 @@ pub enum StepError {
     },
 }
 
+/// A reconciliation callback: given the idempotency key, did the earlier call take effect?
+pub type Reconciler<T> = Box<dyn FnOnce(String) -> BoxFuture<'static, Result<Option<T>, BoxError>> + Send>;
+
 /// What an external step does when an earlier attempt's call has an unknown outcome (the process
 /// died between recording its intent and recording the result).
 pub enum OnUnknown<T> {
@@ -90,7 +93,7 @@ pub enum OnUnknown<T> {
     RetrySameKey,
     /// Ask the external system: `Some(output)` means the call took effect (it is recorded and
     /// returned), `None` that it did not (the call runs).
-    Reconcile(Box<dyn FnOnce(String) -> BoxFuture<'static, Result<Option<T>, BoxError>> + Send>),
+    Reconcile(Reconciler<T>),
     /// Fail the step with [`StepError::OutcomeUnknown`] (the worker dead-letters the job) so a
     /// person decides.
     Park,

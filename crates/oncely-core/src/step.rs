@@ -48,7 +48,7 @@ use futures::future::BoxFuture;
 use serde::{de::DeserializeOwned, Serialize};
 use sqlx::PgPool;
 
-pub use crate::effect::{Boundary, BoundaryHook, BoundaryPoint, BoxError, InjectedCrash, OnUnknown, StepError};
+pub use crate::effect::{Boundary, BoundaryHook, BoundaryPoint, BoxError, InjectedCrash, OnUnknown, Reconciler, StepError};
 use crate::effect::Effect;
 use crate::job::JobId;
 use crate::ledger::LedgerKey;

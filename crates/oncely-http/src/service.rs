@@ -299,7 +299,7 @@ where
 
     fn storable(&self, status: StatusCode, failed: bool) -> bool {
         !failed
-            && !(status.is_server_error() && !self.config.store_server_errors)
+            && (!status.is_server_error() || self.config.store_server_errors)
             && !matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS)
     }
 
