@@ -48,6 +48,15 @@ pub enum Error {
         attempt: i32,
     },
 
+    /// No such record (endpoint, event, delivery).
+    #[error("{what} {id} not found")]
+    NotFound {
+        /// What was looked for.
+        what: &'static str,
+        /// Its id.
+        id: i64,
+    },
+
     /// No job with this id exists.
     #[error("job {0} not found")]
     JobNotFound(JobId),

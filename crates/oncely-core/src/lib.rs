@@ -10,18 +10,25 @@
 //! effect [`ledger`]: [`step`]s inside jobs and [`with_idempotency`] outside them. Effects in this
 //! PostgreSQL database, committed with their ledger record, happen exactly once; calls to other
 //! systems get a stable idempotency key and are effectively once when the callee deduplicates.
+//!
+//! Events: the [`outbox`] publishes an event inside the caller's transaction and fans it out to
+//! [`webhook`] endpoints as delivery jobs; the [`inbox`] accepts an inbound event once per
+//! `(source, event id)` together with the job that processes it.
 
 mod effect;
 pub mod error;
+pub mod inbox;
 pub mod job;
 pub mod lease;
 pub mod ledger;
 pub mod maintenance;
 mod migrate;
+pub mod outbox;
 mod queries;
 pub mod queue;
 pub mod retry;
 pub mod step;
+pub mod webhook;
 
 pub use effect::{with_idempotency, with_idempotency_tx, StepError, DEFAULT_IDEMPOTENCY_LEASE, IDEMPOTENCY_NAMESPACE};
 pub use error::{Error, Result};

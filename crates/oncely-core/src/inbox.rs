@@ -1,0 +1,147 @@
+//! The inbox: accept an inbound event (a Stripe webhook, a message from another service) at most
+//! once per `(source, event id)`, in the same statement that enqueues the job that processes it.
+//!
+//! A sender that retries, a receiver that crashes after accepting, twenty copies arriving at once on
+//! twenty connections: the event is accepted once and processed by one job. The record and the job
+//! are written by one statement, so there is no moment where one exists without the other. If the
+//! caller passes its own transaction, both also commit or roll back with the caller's writes.
+
+use sqlx::{Acquire, Postgres, Row};
+use tracing::instrument;
+
+use crate::error::{Error, Result};
+use crate::job::{JobId, NewJob};
+
+/// The longest source or event id, in bytes.
+pub const MAX_INBOX_ID_LEN: usize = 255;
+
+/// What [`accept`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// First time: the event was recorded and its job enqueued.
+    New {
+        /// The processing job.
+        job: JobId,
+    },
+    /// Already accepted earlier: nothing was done.
+    Duplicate {
+        /// The job that processes (or processed) it.
+        job: JobId,
+    },
+}
+
+impl Accepted {
+    /// The processing job, new or earlier.
+    pub fn job(self) -> JobId {
+        match self {
+            Accepted::New { job } | Accepted::Duplicate { job } => job,
+        }
+    }
+
+    /// True for the first acceptance.
+    pub fn is_new(self) -> bool {
+        matches!(self, Accepted::New { .. })
+    }
+}
+
+/// Record and enqueue in one statement. The job id is drawn first so the inbox row can name it; on
+/// a duplicate that id is simply unused. `ON CONFLICT DO NOTHING` waits for a concurrent insert of
+/// the same key to commit or roll back, so exactly one of many concurrent calls inserts.
+const INBOX_ACCEPT: &str = r#"
+WITH jid AS (
+    SELECT nextval(pg_get_serial_sequence('oncely.jobs', 'id')) AS id
+), accepted AS (
+    INSERT INTO oncely.inbox (source, event_id, payload, job_id)
+    SELECT $1, $2, $3, jid.id FROM jid
+    ON CONFLICT (source, event_id) DO NOTHING
+    RETURNING job_id
+), job AS (
+    INSERT INTO oncely.jobs (id, kind, queue, args, priority, run_at, max_attempts)
+    SELECT accepted.job_id, $4, $5, $6, $7, coalesce($8, now() + make_interval(secs => coalesce($9, 0))), $10
+    FROM accepted
+    RETURNING id, CASE WHEN run_at <= now() THEN pg_notify('oncely_jobs', queue) END IS NULL AS notified
+)
+SELECT id FROM job
+"#;
+
+/// Accept an inbound event once: record `(source, event_id)` with its payload and enqueue `job` to
+/// process it, or — when that pair was accepted before — do nothing and return the earlier job.
+///
+/// Pass your transaction to make acceptance commit with your own writes; on a pool it commits by
+/// itself. `job` must not carry a unique key (the inbox already deduplicates).
+///
+/// # Example
+///
+/// ```no_run
+/// # use oncely_core::{JobArgs, NewJob};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Serialize, Deserialize)] struct HandleStripeEvent { id: String }
+/// # impl JobArgs for HandleStripeEvent { const KIND: &'static str = "handle_stripe_event"; }
+/// # async fn example(pool: sqlx::PgPool, body: serde_json::Value) -> oncely_core::Result<()> {
+/// use oncely_core::inbox::{accept, Accepted};
+/// let id = body["id"].as_str().unwrap_or_default().to_owned();
+/// let job = NewJob::new(&HandleStripeEvent { id: id.clone() })?;
+/// match accept(&pool, "stripe", &id, &body, job).await? {
+///     Accepted::New { job } => tracing::info!(%job, "accepted"),
+///     Accepted::Duplicate { .. } => tracing::info!("already accepted; answering 200 again"),
+/// }
+/// # Ok(()) }
+/// ```
+#[instrument(skip(conn, payload, job), fields(job.kind = %job.kind), err)]
+pub async fn accept<'a, A>(conn: A, source: &str, event_id: &str, payload: &serde_json::Value, job: NewJob) -> Result<Accepted>
+where
+    A: Acquire<'a, Database = Postgres>,
+{
+    validate(source, event_id, &job)?;
+    let mut conn = conn.acquire().await?;
+    let inserted: Option<i64> = sqlx::query_scalar(INBOX_ACCEPT)
+        .bind(source)
+        .bind(event_id)
+        .bind(payload)
+        .bind(&job.kind)
+        .bind(&job.queue)
+        .bind(&job.args)
+        .bind(job.priority)
+        .bind(job.run_at)
+        .bind(job.delay.map(|d| d.as_secs_f64()))
+        .bind(job.max_attempts)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if let Some(id) = inserted {
+        return Ok(Accepted::New { job: JobId(id) });
+    }
+    // The conflicting row committed before our insert returned, so a new statement sees it.
+    let row = sqlx::query("SELECT job_id FROM oncely.inbox WHERE source = $1 AND event_id = $2")
+        .bind(source)
+        .bind(event_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(Accepted::Duplicate { job: JobId(row.try_get("job_id")?) })
+}
+
+fn validate(source: &str, event_id: &str, job: &NewJob) -> Result<()> {
+    for (what, v) in [("source", source), ("event id", event_id)] {
+        if v.is_empty() || v.len() > MAX_INBOX_ID_LEN {
+            return Err(Error::InvalidInput(format!("inbox {what} must be 1..={MAX_INBOX_ID_LEN} bytes, got {}", v.len())));
+        }
+    }
+    if job.unique_key.is_some() {
+        return Err(Error::InvalidInput("an inbox job takes no unique key: the inbox already deduplicates".into()));
+    }
+    job.validate()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_ids_and_unique_keys_are_refused() {
+        let job = NewJob::from_json("k", serde_json::json!({}));
+        assert!(validate("stripe", "evt_1", &job).is_ok());
+        assert!(validate("", "evt_1", &job).is_err());
+        assert!(validate("stripe", "", &job).is_err());
+        assert!(validate("stripe", &"x".repeat(256), &job).is_err());
+        assert!(validate("stripe", "evt_1", &job.unique_key("u")).is_err());
+    }
+}

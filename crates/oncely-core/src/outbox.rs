@@ -1,0 +1,273 @@
+//! The transactional outbox: publish an event inside your business transaction.
+//!
+//! [`publish`] writes the event and, in the same statement, one delivery row and one delivery job
+//! per enabled webhook endpoint subscribed to its topic. So the event and its deliveries exist if
+//! and only if the caller's transaction commits, and nothing ever polls the events table by
+//! "id greater than the last one seen" — which would skip an event whose transaction took a lower
+//! id but committed after a higher one. Delivery jobs run on the ordinary queue (leases, fenced
+//! writes, rescue, dead letter); the `oncely-webhooks` crate has their handler.
+//!
+//! Events that share an ordering key are numbered in commit order: publish holds a transaction-level
+//! advisory lock on the key until the caller commits, so two transactions publishing under one key
+//! are serialized (and only those). Endpoints created with `ordered` receive such events one at a
+//! time, in that order.
+//!
+//! What is *not* promised: an endpoint created after an event was published does not receive it.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgExecutor, Row};
+use tracing::instrument;
+
+use crate::error::{Error, Result};
+use crate::job::JobId;
+
+/// The job kind of webhook deliveries (one job per endpoint and event).
+pub const DELIVERY_KIND: &str = "oncely.webhook_delivery";
+/// Defaults to `"webhooks"`: the queue delivery jobs go to.
+pub const DEFAULT_DELIVERY_QUEUE: &str = "webhooks";
+/// Defaults to 8: delivery attempts per endpoint before a delivery goes to the dead letter (with the
+/// default schedule of `oncely-webhooks`, about 28 hours of retries).
+pub const DEFAULT_DELIVERY_ATTEMPTS: i32 = 8;
+/// The topic of the operational event published when an endpoint is disabled.
+pub const ENDPOINT_DISABLED_TOPIC: &str = "oncely.endpoint.disabled";
+/// The longest topic or ordering key, in bytes.
+pub const MAX_TOPIC_LEN: usize = 255;
+
+/// An event's id (the `oncely.events.id` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize, sqlx::Type)]
+#[sqlx(transparent)]
+#[serde(transparent)]
+pub struct EventId(pub i64);
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// An event to publish.
+///
+/// # Example
+///
+/// ```
+/// use oncely_core::outbox::Event;
+/// let event = Event::new("invoice.paid", &serde_json::json!({ "invoice": "in_123" }))?
+///     .ordering_key("customer:42");
+/// # Ok::<(), oncely_core::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub(crate) topic: String,
+    pub(crate) payload: serde_json::Value,
+    pub(crate) ordering_key: Option<String>,
+    pub(crate) queue: String,
+    pub(crate) max_attempts: i32,
+}
+
+impl Event {
+    /// An event on `topic` with `payload` serialized to JSON.
+    pub fn new(topic: impl Into<String>, payload: &impl Serialize) -> Result<Self> {
+        let topic = topic.into();
+        let payload = serde_json::to_value(payload)
+            .map_err(|source| Error::InvalidArgs { kind: format!("event {topic}"), source })?;
+        Ok(Self::from_json(topic, payload))
+    }
+
+    /// An event from raw JSON.
+    pub fn from_json(topic: impl Into<String>, payload: serde_json::Value) -> Self {
+        Self {
+            topic: topic.into(),
+            payload,
+            ordering_key: None,
+            queue: DEFAULT_DELIVERY_QUEUE.to_owned(),
+            max_attempts: DEFAULT_DELIVERY_ATTEMPTS,
+        }
+    }
+
+    /// Events with the same ordering key reach ordered endpoints one at a time, in commit order.
+    pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
+        self.ordering_key = Some(key.into());
+        self
+    }
+
+    /// The queue of this event's delivery jobs. Defaults to [`DEFAULT_DELIVERY_QUEUE`].
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = queue.into();
+        self
+    }
+
+    /// Delivery attempts per endpoint. Defaults to [`DEFAULT_DELIVERY_ATTEMPTS`].
+    pub fn max_attempts(mut self, n: i32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        validate_topic(&self.topic)?;
+        if let Some(key) = &self.ordering_key {
+            if key.is_empty() || key.len() > MAX_TOPIC_LEN {
+                return Err(Error::InvalidInput(format!("ordering key must be 1..={MAX_TOPIC_LEN} bytes, got {}", key.len())));
+            }
+        }
+        if self.queue.is_empty() || self.queue.len() > 128 {
+            return Err(Error::InvalidInput(format!("queue name must be 1..=128 bytes, got {}", self.queue.len())));
+        }
+        if self.max_attempts < 1 {
+            return Err(Error::InvalidInput(format!("max_attempts must be at least 1, got {}", self.max_attempts)));
+        }
+        Ok(())
+    }
+}
+
+/// A topic is 1 to 255 bytes of printable ASCII without spaces (`*` alone means "every topic" in
+/// an endpoint's subscription and cannot be published).
+pub(crate) fn validate_topic(topic: &str) -> Result<()> {
+    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN || !topic.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::InvalidInput(format!(
+            "topic must be 1..={MAX_TOPIC_LEN} printable ASCII characters without spaces, got {topic:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// What [`publish`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The event's id.
+    pub id: EventId,
+    /// Its Standard Webhooks message id (`webhook-id`), the same on every delivery attempt.
+    pub message_id: String,
+    /// How many endpoints it will be delivered to.
+    pub deliveries: i64,
+}
+
+/// The `webhook-id` of an event: `msg_` and its uuid in hex.
+pub fn message_id(uid: uuid::Uuid) -> String {
+    format!("msg_{}", uid.simple())
+}
+
+const EVENT_PUBLISH: &str = r#"
+WITH lock AS (
+    SELECT CASE WHEN $3::text IS NOT NULL
+                THEN pg_advisory_xact_lock(hashtextextended('oncely.events/' || $3, 0)) END AS locked
+), ev AS (
+    INSERT INTO oncely.events (topic, payload, ordering_key)
+    SELECT $1, $2, $3 FROM lock
+    RETURNING id, uid, ordering_key
+), eps AS (
+    SELECT id, ordered FROM oncely.webhook_endpoints
+    WHERE enabled AND topics && ARRAY[$1::text, '*']
+), jobs AS (
+    INSERT INTO oncely.jobs (kind, queue, args, max_attempts)
+    SELECT $6, $4, jsonb_build_object('event_id', ev.id, 'endpoint_id', eps.id), $5
+    FROM ev CROSS JOIN eps
+    RETURNING id, (args->>'endpoint_id')::bigint AS endpoint_id, pg_notify('oncely_jobs', queue) IS NULL AS notified
+), deliveries AS (
+    INSERT INTO oncely.webhook_deliveries (endpoint_id, event_id, ordering_key, job_id)
+    SELECT jobs.endpoint_id, ev.id, CASE WHEN eps.ordered THEN ev.ordering_key END, jobs.id
+    FROM jobs JOIN eps ON eps.id = jobs.endpoint_id CROSS JOIN ev
+    RETURNING 1
+)
+SELECT ev.id, ev.uid, (SELECT count(*) FROM deliveries) AS deliveries FROM ev
+"#;
+
+/// Publish an event: inside the caller's transaction, so that it exists (and is delivered) if and
+/// only if that transaction commits. One statement.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn example(pool: sqlx::PgPool) -> oncely_core::Result<()> {
+/// use oncely_core::outbox::{publish, Event};
+///
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("UPDATE invoices SET paid = true WHERE id = $1").bind(123_i64).execute(&mut *tx).await?;
+/// publish(&mut *tx, &Event::new("invoice.paid", &serde_json::json!({ "invoice": 123 }))?).await?;
+/// tx.commit().await?; // no commit, no event
+/// # Ok(()) }
+/// ```
+#[instrument(skip_all, fields(topic = %event.topic), err)]
+pub async fn publish<'e>(executor: impl PgExecutor<'e>, event: &Event) -> Result<Published> {
+    event.validate()?;
+    let row = sqlx::query(EVENT_PUBLISH)
+        .bind(&event.topic)
+        .bind(&event.payload)
+        .bind(&event.ordering_key)
+        .bind(&event.queue)
+        .bind(event.max_attempts)
+        .bind(DELIVERY_KIND)
+        .fetch_one(executor)
+        .await?;
+    Ok(Published {
+        id: EventId(row.try_get("id")?),
+        message_id: message_id(row.try_get("uid")?),
+        deliveries: row.try_get("deliveries")?,
+    })
+}
+
+/// A stored event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    /// Its id.
+    pub id: EventId,
+    /// Its `webhook-id`.
+    pub message_id: String,
+    /// The topic.
+    pub topic: String,
+    /// The payload.
+    pub payload: serde_json::Value,
+    /// The ordering key.
+    pub ordering_key: Option<String>,
+    /// When it was published (database clock).
+    pub created_at: DateTime<Utc>,
+}
+
+/// Fetch one event.
+pub async fn get_event<'e>(executor: impl PgExecutor<'e>, id: EventId) -> Result<StoredEvent> {
+    let row = sqlx::query("SELECT id, uid, topic, payload, ordering_key, created_at FROM oncely.events WHERE id = $1")
+        .bind(id)
+        .fetch_optional(executor)
+        .await?
+        .ok_or(Error::NotFound { what: "event", id: id.0 })?;
+    Ok(StoredEvent {
+        id,
+        message_id: message_id(row.try_get("uid")?),
+        topic: row.try_get("topic")?,
+        payload: row.try_get("payload")?,
+        ordering_key: row.try_get("ordering_key")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+/// The id of the job that delivers `event` to `endpoint`, if the delivery exists.
+pub async fn delivery_job<'e>(executor: impl PgExecutor<'e>, endpoint: i64, event: EventId) -> Result<Option<JobId>> {
+    Ok(sqlx::query_scalar("SELECT job_id FROM oncely.webhook_deliveries WHERE endpoint_id = $1 AND event_id = $2")
+        .bind(endpoint)
+        .bind(event)
+        .fetch_optional(executor)
+        .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_events_are_refused_before_the_database() {
+        let ok = Event::from_json("invoice.paid", serde_json::json!({}));
+        assert!(ok.validate().is_ok());
+        for topic in ["", "has space", "tab\t", &"x".repeat(256)] {
+            assert!(Event::from_json(topic, serde_json::json!({})).validate().is_err(), "{topic:?}");
+        }
+        assert!(ok.clone().ordering_key("").validate().is_err());
+        assert!(ok.clone().max_attempts(0).validate().is_err());
+        assert!(ok.queue("").validate().is_err());
+    }
+
+    #[test]
+    fn message_ids_are_the_uuid_in_hex() {
+        let uid = uuid::Uuid::parse_str("0b6e5f1c-2a4f-4f59-9a39-0f8f6a1d2c3e").unwrap();
+        assert_eq!(message_id(uid), "msg_0b6e5f1c2a4f4f599a390f8f6a1d2c3e");
+    }
+}

@@ -1,0 +1,605 @@
+//! Webhook endpoints, their secrets, and the record of each delivery — the database side of webhook
+//! delivery. Sending (HTTP, signatures, the retry schedule) is the `oncely-webhooks` crate's.
+//!
+//! An endpoint has a URL, the topics it receives (`*` for all), a `whsec_` secret, and an enabled
+//! flag. Rotating the secret keeps the old one signing beside the new one for an overlap, so
+//! receivers can switch without dropping a message. A disabled endpoint receives nothing new, and
+//! its pending deliveries fail into the dead letter, where a person can retry them after enabling it.
+
+use std::fmt;
+use std::time::Duration;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgExecutor, Row};
+
+use crate::error::{Error, Result};
+use crate::job::{JobId, JobState};
+use crate::outbox::{self, message_id, Event, EventId};
+
+/// The prefix of a webhook secret.
+pub const SECRET_PREFIX: &str = "whsec_";
+/// Shortest secret, in random bytes.
+pub const MIN_SECRET_BYTES: usize = 24;
+/// Longest secret, in random bytes.
+pub const MAX_SECRET_BYTES: usize = 64;
+/// Defaults to 24 hours: how long the previous secret keeps signing after a rotation.
+pub const DEFAULT_ROTATION_OVERLAP: Duration = Duration::from_secs(24 * 3600);
+
+/// An endpoint's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize, sqlx::Type)]
+#[sqlx(transparent)]
+#[serde(transparent)]
+pub struct EndpointId(pub i64);
+
+impl fmt::Display for EndpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A Standard Webhooks signing secret: `whsec_` followed by the base64 of 24 to 64 random bytes.
+/// Its `Debug` form hides the key.
+///
+/// # Example
+///
+/// ```
+/// use oncely_core::webhook::WebhookSecret;
+/// let secret = WebhookSecret::generate();
+/// assert!(secret.as_str().starts_with("whsec_"));
+/// assert_eq!(secret.key().len(), 32);
+/// assert!(WebhookSecret::parse("whsec_tooshort").is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookSecret {
+    text: String,
+    key: Vec<u8>,
+}
+
+impl WebhookSecret {
+    /// A new secret of 32 random bytes.
+    pub fn generate() -> Self {
+        let key: [u8; 32] = rand::random();
+        let text = format!("{SECRET_PREFIX}{}", base64::engine::general_purpose::STANDARD.encode(key));
+        WebhookSecret { text, key: key.to_vec() }
+    }
+
+    /// Parse `whsec_<base64>`, checking the key is 24 to 64 bytes.
+    pub fn parse(text: &str) -> Result<Self> {
+        let b64 = text
+            .strip_prefix(SECRET_PREFIX)
+            .ok_or_else(|| Error::InvalidInput(format!("a webhook secret starts with `{SECRET_PREFIX}`")))?;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|_| Error::InvalidInput("a webhook secret is `whsec_` and standard base64".into()))?;
+        if !(MIN_SECRET_BYTES..=MAX_SECRET_BYTES).contains(&key.len()) {
+            return Err(Error::InvalidInput(format!(
+                "a webhook secret holds {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} bytes, this one {}",
+                key.len()
+            )));
+        }
+        Ok(WebhookSecret { text: text.to_owned(), key })
+    }
+
+    /// The secret as given to receivers (`whsec_...`).
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The HMAC key: the decoded bytes after the prefix.
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+}
+
+impl fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WebhookSecret(whsec_…{} bytes)", self.key.len())
+    }
+}
+
+/// An endpoint to create.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn example(pool: sqlx::PgPool) -> oncely_core::Result<()> {
+/// use oncely_core::webhook::{create_endpoint, NewEndpoint};
+/// let endpoint = create_endpoint(&pool, &NewEndpoint::new("https://example.com/hooks", ["invoice.paid"])).await?;
+/// println!("give the receiver its secret: {}", endpoint.secret.as_str());
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct NewEndpoint {
+    /// Where to POST.
+    pub url: String,
+    /// The topics to receive; `*` for all.
+    pub topics: Vec<String>,
+    /// The signing secret. Defaults to a new random one.
+    pub secret: Option<WebhookSecret>,
+    /// Deliver events that share an ordering key one at a time, in order. Defaults to false.
+    pub ordered: bool,
+}
+
+impl NewEndpoint {
+    /// An endpoint for `url` receiving `topics`, with a new secret, unordered.
+    pub fn new<T: Into<String>>(url: impl Into<String>, topics: impl IntoIterator<Item = T>) -> Self {
+        NewEndpoint { url: url.into(), topics: topics.into_iter().map(Into::into).collect(), secret: None, ordered: false }
+    }
+
+    /// Use this secret.
+    pub fn secret(mut self, secret: WebhookSecret) -> Self {
+        self.secret = Some(secret);
+        self
+    }
+
+    /// Ordered delivery per ordering key.
+    pub fn ordered(mut self, ordered: bool) -> Self {
+        self.ordered = ordered;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        validate_url(&self.url)?;
+        if self.topics.is_empty() {
+            return Err(Error::InvalidInput("an endpoint needs at least one topic (`*` for all)".into()));
+        }
+        for topic in &self.topics {
+            outbox::validate_topic(topic)?;
+        }
+        Ok(())
+    }
+}
+
+fn validate_url(url: &str) -> Result<()> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| Error::InvalidInput(format!("endpoint URL must start with http:// or https://, got {url:?}")))?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty() || url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::InvalidInput(format!("endpoint URL is not a valid absolute URL: {url:?}")));
+    }
+    Ok(())
+}
+
+/// A webhook endpoint as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    /// Its id.
+    pub id: EndpointId,
+    /// Where deliveries are POSTed.
+    pub url: String,
+    /// Topics it receives.
+    pub topics: Vec<String>,
+    /// The current signing secret.
+    pub secret: WebhookSecret,
+    /// The previous secret, while a rotation's overlap lasts (it signs too).
+    pub previous_secret: Option<WebhookSecret>,
+    /// Ordered delivery per ordering key.
+    pub ordered: bool,
+    /// False once disabled (410 Gone, failing too long, or by a person).
+    pub enabled: bool,
+    /// Why it was disabled.
+    pub disabled_reason: Option<String>,
+    /// Start of the current run of failures.
+    pub failing_since: Option<DateTime<Utc>>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+}
+
+impl Endpoint {
+    /// The secrets that sign a delivery now: the current one, then the previous one during a
+    /// rotation.
+    pub fn signing_secrets(&self) -> Vec<&WebhookSecret> {
+        std::iter::once(&self.secret).chain(self.previous_secret.as_ref()).collect()
+    }
+}
+
+/// Columns of an endpoint row, with the table aliased `p` in every statement.
+const ENDPOINT_COLUMNS: &str = "p.id, p.url, p.topics, p.secret, \
+    CASE WHEN p.previous_secret_expires_at > now() THEN p.previous_secret END AS previous_secret, \
+    p.ordered, p.enabled, p.disabled_reason, p.failing_since, p.created_at";
+
+fn endpoint_from_row(row: &sqlx::postgres::PgRow) -> Result<Endpoint> {
+    let previous: Option<String> = row.try_get("previous_secret")?;
+    Ok(Endpoint {
+        id: EndpointId(row.try_get("id")?),
+        url: row.try_get("url")?,
+        topics: row.try_get("topics")?,
+        secret: WebhookSecret::parse(row.try_get("secret")?)?,
+        previous_secret: previous.as_deref().map(WebhookSecret::parse).transpose()?,
+        ordered: row.try_get("ordered")?,
+        enabled: row.try_get("enabled")?,
+        disabled_reason: row.try_get("disabled_reason")?,
+        failing_since: row.try_get("failing_since")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+/// Create an endpoint. It receives events published after its transaction commits.
+pub async fn create_endpoint<'e>(executor: impl PgExecutor<'e>, new: &NewEndpoint) -> Result<Endpoint> {
+    new.validate()?;
+    let secret = new.secret.clone().unwrap_or_else(WebhookSecret::generate);
+    let sql = format!(
+        "INSERT INTO oncely.webhook_endpoints AS p (url, topics, secret, ordered) VALUES ($1, $2, $3, $4) RETURNING {ENDPOINT_COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(&new.url)
+        .bind(&new.topics)
+        .bind(secret.as_str())
+        .bind(new.ordered)
+        .fetch_one(executor)
+        .await?;
+    endpoint_from_row(&row)
+}
+
+/// Fetch one endpoint.
+pub async fn get_endpoint<'e>(executor: impl PgExecutor<'e>, id: EndpointId) -> Result<Endpoint> {
+    let sql = format!("SELECT {ENDPOINT_COLUMNS} FROM oncely.webhook_endpoints p WHERE id = $1");
+    let row = sqlx::query(&sql).bind(id).fetch_optional(executor).await?;
+    endpoint_from_row(&row.ok_or(Error::NotFound { what: "webhook endpoint", id: id.0 })?)
+}
+
+/// All endpoints, oldest first.
+pub async fn list_endpoints<'e>(executor: impl PgExecutor<'e>) -> Result<Vec<Endpoint>> {
+    let sql = format!("SELECT {ENDPOINT_COLUMNS} FROM oncely.webhook_endpoints p ORDER BY id");
+    sqlx::query(&sql).fetch_all(executor).await?.iter().map(endpoint_from_row).collect()
+}
+
+/// Rotate an endpoint's secret: `new` signs from now on, and the current one keeps signing too for
+/// `overlap` (both signatures are sent), so receivers can switch without dropping a message.
+pub async fn rotate_secret<'e>(
+    executor: impl PgExecutor<'e>,
+    id: EndpointId,
+    new: &WebhookSecret,
+    overlap: Duration,
+) -> Result<Endpoint> {
+    let sql = format!(
+        "UPDATE oncely.webhook_endpoints p SET previous_secret = secret, secret = $2, \
+         previous_secret_expires_at = now() + make_interval(secs => $3), updated_at = now() \
+         WHERE id = $1 RETURNING {ENDPOINT_COLUMNS}"
+    );
+    let row = sqlx::query(&sql).bind(id).bind(new.as_str()).bind(overlap.as_secs_f64()).fetch_optional(executor).await?;
+    endpoint_from_row(&row.ok_or(Error::NotFound { what: "webhook endpoint", id: id.0 })?)
+}
+
+/// Disable an endpoint and publish an [`ENDPOINT_DISABLED_TOPIC`](outbox::ENDPOINT_DISABLED_TOPIC)
+/// event (`{endpoint_id, url, reason}`) in the same transaction. Returns false (and publishes
+/// nothing) when it was already disabled. Pending deliveries to it fail into the dead letter when
+/// next attempted.
+pub async fn disable_endpoint(conn: &mut PgConnection, id: EndpointId, reason: &str) -> Result<bool> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let url: Option<String> = sqlx::query_scalar(
+        "UPDATE oncely.webhook_endpoints SET enabled = false, disabled_reason = $2, disabled_at = now(), updated_at = now() \
+         WHERE id = $1 AND enabled RETURNING url",
+    )
+    .bind(id)
+    .bind(reason)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(url) = url else {
+        // Already disabled, or absent: say which.
+        get_endpoint(&mut *tx, id).await?;
+        return Ok(false);
+    };
+    let payload = serde_json::json!({ "endpoint_id": id, "url": url, "reason": reason });
+    outbox::publish(&mut *tx, &Event::from_json(outbox::ENDPOINT_DISABLED_TOPIC, payload)).await?;
+    tx.commit().await?;
+    tracing::warn!(endpoint.id = %id, %reason, "webhook endpoint disabled");
+    Ok(true)
+}
+
+/// Enable an endpoint again, clearing its failure run. Deliveries that failed while it was disabled
+/// stay in the dead letter until retried ([`redeliver`] or `oncely jobs retry`).
+pub async fn enable_endpoint<'e>(executor: impl PgExecutor<'e>, id: EndpointId) -> Result<()> {
+    let done = sqlx::query(
+        "UPDATE oncely.webhook_endpoints SET enabled = true, disabled_reason = NULL, disabled_at = NULL, \
+         failing_since = NULL, updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .execute(executor)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(Error::NotFound { what: "webhook endpoint", id: id.0 });
+    }
+    Ok(())
+}
+
+/// Where a delivery stands: derived from its record and its job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// A 2xx answer was recorded.
+    Delivered,
+    /// Waiting for its next attempt, or being attempted.
+    Pending,
+    /// Out of attempts, or failed for good (410, endpoint disabled): in the dead letter.
+    Dead,
+    /// Its job was cancelled.
+    Cancelled,
+    /// Not delivered, and its job has been pruned.
+    Unknown,
+}
+
+/// One (endpoint, event) delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The endpoint.
+    pub endpoint_id: EndpointId,
+    /// The event.
+    pub event_id: EventId,
+    /// The `webhook-id` sent with every attempt.
+    pub message_id: String,
+    /// The job that delivers it.
+    pub job_id: JobId,
+    /// Where it stands.
+    pub state: DeliveryState,
+    /// Attempts made (requests sent, answered or not).
+    pub attempts: i32,
+    /// The last HTTP status received.
+    pub last_status: Option<i32>,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// When the last attempt was made.
+    pub last_attempt_at: Option<DateTime<Utc>>,
+    /// When a 2xx was received.
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+/// Which deliveries [`list_deliveries`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    /// Only to this endpoint.
+    pub endpoint: Option<EndpointId>,
+    /// Only of this event.
+    pub event: Option<EventId>,
+    /// Only those not delivered (pending, dead, cancelled, unknown).
+    pub undelivered: bool,
+    /// At most this many. Defaults to 100.
+    pub limit: Option<i64>,
+}
+
+/// Deliveries, newest event first.
+pub async fn list_deliveries<'e>(executor: impl PgExecutor<'e>, filter: &DeliveryFilter) -> Result<Vec<Delivery>> {
+    let rows = sqlx::query(
+        "SELECT d.endpoint_id, d.event_id, e.uid, d.job_id, d.attempts, d.last_status, d.last_error, \
+                d.last_attempt_at, d.delivered_at, j.state AS job_state \
+         FROM oncely.webhook_deliveries d JOIN oncely.events e ON e.id = d.event_id \
+         LEFT JOIN oncely.jobs j ON j.id = d.job_id \
+         WHERE ($1::bigint IS NULL OR d.endpoint_id = $1) AND ($2::bigint IS NULL OR d.event_id = $2) \
+           AND (NOT $3 OR d.delivered_at IS NULL) \
+         ORDER BY d.event_id DESC, d.endpoint_id LIMIT $4",
+    )
+    .bind(filter.endpoint)
+    .bind(filter.event)
+    .bind(filter.undelivered)
+    .bind(filter.limit.unwrap_or(100))
+    .fetch_all(executor)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let delivered_at: Option<DateTime<Utc>> = r.try_get("delivered_at")?;
+            let job_state: Option<String> = r.try_get("job_state")?;
+            let state = match (delivered_at, job_state.as_deref().map(str::parse::<JobState>).transpose()?) {
+                (Some(_), _) => DeliveryState::Delivered,
+                (None, Some(JobState::Available | JobState::Running)) => DeliveryState::Pending,
+                (None, Some(JobState::Dead | JobState::Completed)) => DeliveryState::Dead,
+                (None, Some(JobState::Cancelled)) => DeliveryState::Cancelled,
+                (None, None) => DeliveryState::Unknown,
+            };
+            Ok(Delivery {
+                endpoint_id: EndpointId(r.try_get("endpoint_id")?),
+                event_id: EventId(r.try_get("event_id")?),
+                message_id: message_id(r.try_get("uid")?),
+                job_id: JobId(r.try_get("job_id")?),
+                state,
+                attempts: r.try_get("attempts")?,
+                last_status: r.try_get("last_status")?,
+                last_error: r.try_get("last_error")?,
+                last_attempt_at: r.try_get("last_attempt_at")?,
+                delivered_at,
+            })
+        })
+        .collect()
+}
+
+/// Deliver an event to an endpoint again, by hand: a dead (or finished, or pruned) delivery gets a
+/// new job with the same `webhook-id`, so a receiver that deduplicates still applies it once.
+/// A delivery whose job is still live is left alone and that job is returned.
+pub async fn redeliver(conn: &mut PgConnection, endpoint: EndpointId, event: EventId) -> Result<JobId> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let row = sqlx::query(
+        "SELECT d.job_id, j.state, j.queue, j.max_attempts FROM oncely.webhook_deliveries d \
+         LEFT JOIN oncely.jobs j ON j.id = d.job_id WHERE d.endpoint_id = $1 AND d.event_id = $2 FOR UPDATE OF d",
+    )
+    .bind(endpoint)
+    .bind(event)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(Error::NotFound { what: "webhook delivery of event", id: event.0 })?;
+    let state: Option<String> = row.try_get("state")?;
+    if matches!(state.as_deref(), Some("available" | "running")) {
+        return Ok(JobId(row.try_get("job_id")?));
+    }
+    let queue: String = row.try_get::<Option<String>, _>("queue")?.unwrap_or_else(|| outbox::DEFAULT_DELIVERY_QUEUE.into());
+    let max_attempts: i32 = row.try_get::<Option<i32>, _>("max_attempts")?.unwrap_or(outbox::DEFAULT_DELIVERY_ATTEMPTS);
+    let args = serde_json::json!({ "event_id": event, "endpoint_id": endpoint });
+    let job = crate::job::NewJob::from_json(outbox::DELIVERY_KIND, args).queue(queue).max_attempts(max_attempts);
+    let id = crate::queue::enqueue(&mut *tx, job).await?.id;
+    sqlx::query("UPDATE oncely.webhook_deliveries SET job_id = $3, delivered_at = NULL WHERE endpoint_id = $1 AND event_id = $2")
+        .bind(endpoint)
+        .bind(event)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// Everything a sender needs for one delivery attempt, read in one query.
+#[derive(Debug, Clone)]
+pub struct DeliveryTarget {
+    /// The endpoint, as stored now.
+    pub endpoint: Endpoint,
+    /// The event.
+    pub event: outbox::StoredEvent,
+    /// The job that currently owns this delivery.
+    pub job_id: JobId,
+    /// Set on ordered endpoints.
+    pub ordering_key: Option<String>,
+    /// Attempts made so far.
+    pub attempts: i32,
+    /// Set once a 2xx was recorded.
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+/// Load what an attempt to deliver `event` to `endpoint` needs.
+pub async fn load_delivery<'e>(executor: impl PgExecutor<'e>, endpoint: EndpointId, event: EventId) -> Result<DeliveryTarget> {
+    let sql = format!(
+        "SELECT {ENDPOINT_COLUMNS}, d.job_id, d.ordering_key AS delivery_ordering_key, d.attempts, d.delivered_at, \
+                e.uid, e.topic, e.payload, e.ordering_key AS event_ordering_key, e.created_at AS event_created_at \
+         FROM oncely.webhook_deliveries d \
+         JOIN oncely.webhook_endpoints p ON p.id = d.endpoint_id JOIN oncely.events e ON e.id = d.event_id \
+         WHERE d.endpoint_id = $1 AND d.event_id = $2"
+    );
+    let row = sqlx::query(&sql)
+        .bind(endpoint)
+        .bind(event)
+        .fetch_optional(executor)
+        .await?
+        .ok_or(Error::NotFound { what: "webhook delivery of event", id: event.0 })?;
+    Ok(DeliveryTarget {
+        endpoint: endpoint_from_row(&row)?,
+        event: outbox::StoredEvent {
+            id: event,
+            message_id: message_id(row.try_get("uid")?),
+            topic: row.try_get("topic")?,
+            payload: row.try_get("payload")?,
+            ordering_key: row.try_get("event_ordering_key")?,
+            created_at: row.try_get("event_created_at")?,
+        },
+        job_id: JobId(row.try_get("job_id")?),
+        ordering_key: row.try_get("delivery_ordering_key")?,
+        attempts: row.try_get("attempts")?,
+        delivered_at: row.try_get("delivered_at")?,
+    })
+}
+
+/// True while an earlier event with the same ordering key has not been delivered to this endpoint
+/// and its job is still live (an ordered delivery waits for it; a dead one no longer blocks).
+pub async fn delivery_has_live_predecessor<'e>(
+    executor: impl PgExecutor<'e>,
+    endpoint: EndpointId,
+    ordering_key: &str,
+    event: EventId,
+) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM oncely.webhook_deliveries d JOIN oncely.jobs j ON j.id = d.job_id \
+         WHERE d.endpoint_id = $1 AND d.ordering_key = $2 AND d.event_id < $3 AND d.delivered_at IS NULL \
+           AND j.state IN ('available', 'running'))",
+    )
+    .bind(endpoint)
+    .bind(ordering_key)
+    .bind(event)
+    .fetch_one(executor)
+    .await?)
+}
+
+/// The result of one delivery attempt, to record.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    /// The HTTP status, when an answer came.
+    pub status: Option<i32>,
+    /// What went wrong, when it did.
+    pub error: Option<String>,
+    /// True for a 2xx.
+    pub delivered: bool,
+}
+
+/// What recording an attempt found.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptRecorded {
+    /// Attempts made, this one included.
+    pub attempts: i32,
+    /// How long the endpoint has been failing without a success in between (database clock); zero
+    /// after a success.
+    pub failing_for: Duration,
+}
+
+/// Record one attempt: the delivery's counters, and the endpoint's failure run (cleared by a
+/// success, started by the first failure). A success on an ordered endpoint also wakes the next
+/// waiting delivery of the same ordering key.
+pub async fn record_delivery_attempt<'e>(
+    executor: impl PgExecutor<'e>,
+    endpoint: EndpointId,
+    event: EventId,
+    attempt: &AttemptRecord,
+) -> Result<AttemptRecorded> {
+    let row = sqlx::query(
+        r#"
+WITH d AS (
+    UPDATE oncely.webhook_deliveries
+    SET attempts = attempts + 1, last_status = $3, last_error = $4, last_attempt_at = now(),
+        delivered_at = CASE WHEN $5 THEN now() ELSE delivered_at END
+    WHERE endpoint_id = $1 AND event_id = $2
+    RETURNING attempts, ordering_key
+), p AS (
+    UPDATE oncely.webhook_endpoints
+    SET failing_since = CASE WHEN $5 THEN NULL ELSE coalesce(failing_since, now()) END
+    WHERE id = $1
+    RETURNING coalesce(extract(epoch FROM now() - failing_since), 0)::float8 AS failing_for
+), wake AS (
+    UPDATE oncely.jobs SET run_at = now()
+    WHERE $5 AND state = 'available' AND id = (
+        SELECT n.job_id FROM oncely.webhook_deliveries n, d
+        WHERE n.endpoint_id = $1 AND n.ordering_key = d.ordering_key AND n.event_id > $2 AND n.delivered_at IS NULL
+        ORDER BY n.event_id LIMIT 1)
+    RETURNING pg_notify('oncely_jobs', queue)
+)
+SELECT d.attempts, p.failing_for, (SELECT count(*) FROM wake) AS woken FROM d, p
+"#,
+    )
+    .bind(endpoint)
+    .bind(event)
+    .bind(attempt.status)
+    .bind(&attempt.error)
+    .bind(attempt.delivered)
+    .fetch_optional(executor)
+    .await?
+    .ok_or(Error::NotFound { what: "webhook delivery of event", id: event.0 })?;
+    let failing_for: f64 = row.try_get("failing_for")?;
+    Ok(AttemptRecorded {
+        attempts: row.try_get("attempts")?,
+        failing_for: Duration::from_secs_f64(failing_for.max(0.0)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_round_trip_and_bad_ones_are_refused() {
+        let s = WebhookSecret::generate();
+        assert_eq!(WebhookSecret::parse(s.as_str()).unwrap(), s);
+        assert!(!format!("{s:?}").contains(&s.as_str()[6..]), "Debug must not show the key");
+        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
+        assert!(WebhookSecret::parse(&format!("whsec_{}", b64(23))).is_err());
+        assert!(WebhookSecret::parse(&format!("whsec_{}", b64(24))).is_ok());
+        assert!(WebhookSecret::parse(&format!("whsec_{}", b64(64))).is_ok());
+        assert!(WebhookSecret::parse(&format!("whsec_{}", b64(65))).is_err());
+        assert!(WebhookSecret::parse(&b64(32)).is_err());
+        assert!(WebhookSecret::parse("whsec_not base64!").is_err());
+    }
+
+    #[test]
+    fn endpoint_urls_and_topics_are_checked() {
+        assert!(NewEndpoint::new("http://127.0.0.1:8080/hook", ["a"]).validate().is_ok());
+        assert!(NewEndpoint::new("https://example.com", ["*"]).validate().is_ok());
+        for url in ["ftp://x", "http://", "example.com/hook", "http://a b/"] {
+            assert!(NewEndpoint::new(url, ["a"]).validate().is_err(), "{url}");
+        }
+        assert!(NewEndpoint::new("http://x", Vec::<String>::new()).validate().is_err());
+        assert!(NewEndpoint::new("http://x", ["has space"]).validate().is_err());
+    }
+}
