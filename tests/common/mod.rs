@@ -71,3 +71,4 @@ pub fn spawn_child(name: &str, env: &[(&str, &str)]) -> tokio::process::Child {
     }
     cmd.spawn().expect("the test binary runs again as a child")
 }
+pub mod receiver;

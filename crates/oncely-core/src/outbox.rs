@@ -241,7 +241,11 @@ pub async fn get_event<'e>(executor: impl PgExecutor<'e>, id: EventId) -> Result
 }
 
 /// The id of the job that delivers `event` to `endpoint`, if the delivery exists.
-pub async fn delivery_job<'e>(executor: impl PgExecutor<'e>, endpoint: i64, event: EventId) -> Result<Option<JobId>> {
+pub async fn delivery_job<'e>(
+    executor: impl PgExecutor<'e>,
+    endpoint: crate::webhook::EndpointId,
+    event: EventId,
+) -> Result<Option<JobId>> {
     Ok(sqlx::query_scalar("SELECT job_id FROM oncely.webhook_deliveries WHERE endpoint_id = $1 AND event_id = $2")
         .bind(endpoint)
         .bind(event)

@@ -1,0 +1,457 @@
+//! Outbox and webhook delivery against a local receiver: transactional publish, random failures,
+//! signatures checked by an independent HMAC implementation, fresh timestamps, stable webhook ids,
+//! 410, Retry-After, disabling, ordered delivery, two workers, rotation, and a delivery worker killed
+//! with SIGKILL mid-request.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::receiver::{Hit, Receiver, Reply};
+use common::*;
+use oncely::core::outbox::{self, publish, Event, DEFAULT_DELIVERY_QUEUE, ENDPOINT_DISABLED_TOPIC};
+use oncely::core::webhook::{
+    self, create_endpoint, get_endpoint, list_deliveries, redeliver, rotate_secret, DeliveryFilter, DeliveryState,
+    NewEndpoint, WebhookSecret,
+};
+use oncely::JobState;
+use oncely_webhooks::{DeliveryConfig, RetrySchedule, WebhookDelivery};
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+
+/// HMAC-SHA256 written from RFC 2104, independent of the `hmac` crate the sender uses.
+fn rfc2104_hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |b: u8| block.iter().map(|k| k ^ b).collect::<Vec<u8>>();
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(msg).finalize();
+    Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
+}
+
+/// Check a hit's signature header the way the Standard Webhooks spec describes it: the key is the
+/// base64 after `whsec_`, the content `id.timestamp.body`, one of the space-separated `v1,`
+/// entries must match.
+fn spec_verifies(secret: &str, hit: &Hit) -> bool {
+    let engine = base64::engine::general_purpose::STANDARD;
+    let key = engine.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
+    let mut content = format!("{}.{}.", hit.id, hit.timestamp).into_bytes();
+    content.extend_from_slice(&hit.body);
+    let expected = format!("v1,{}", engine.encode(rfc2104_hmac_sha256(&key, &content)));
+    hit.signature.split(' ').any(|s| s == expected)
+}
+
+#[test]
+fn the_independent_hmac_matches_rfc_4231_case_2() {
+    let mac = rfc2104_hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+    let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(hex, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+}
+
+fn fast_delivery() -> DeliveryConfig {
+    DeliveryConfig {
+        request_timeout: Duration::from_secs(1),
+        schedule: RetrySchedule { delays: vec![Duration::from_millis(20), Duration::from_millis(50)], jitter: 0.2 },
+        ordered_wait: Duration::from_millis(100),
+        ..DeliveryConfig::default()
+    }
+}
+
+fn delivery_worker(pool: PgPool, config: DeliveryConfig) -> oncely::WorkerHandle {
+    builder(pool)
+        .register(WebhookDelivery::new(config))
+        .queue(DEFAULT_DELIVERY_QUEUE, 16)
+        .build()
+        .unwrap()
+        .start()
+}
+
+async fn wait_delivered(pool: &PgPool, n: usize) {
+    eventually(Duration::from_secs(60), "every delivery delivered", || async {
+        let all = list_deliveries(pool, &DeliveryFilter { limit: Some(100_000), ..Default::default() }).await.ok()?;
+        (all.len() == n && all.iter().all(|d| d.state == DeliveryState::Delivered)).then_some(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_exists_if_and_only_if_its_transaction_commits() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let rx = Receiver::start(|_| Reply::Status(200)).await;
+    create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["order.created"])).await.unwrap();
+    // An endpoint for another topic gets nothing.
+    create_endpoint(pool, &NewEndpoint::new(rx.url("other"), ["invoice.paid"])).await.unwrap();
+
+    let mut tx = pool.begin().await.unwrap();
+    let rolled_back = publish(&mut *tx, &Event::new("order.created", &serde_json::json!({"n": 1})).unwrap()).await.unwrap();
+    assert_eq!(rolled_back.deliveries, 1);
+    tx.rollback().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let committed = publish(&mut *tx, &Event::new("order.created", &serde_json::json!({"n": 2})).unwrap()).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let h = delivery_worker(db.new_pool(4).await, fast_delivery());
+    wait_delivered(pool, 1).await;
+    h.shutdown().await;
+
+    let hits = rx.hits();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert_eq!((hits[0].endpoint.as_str(), hits[0].id.as_str()), ("a", committed.message_id.as_str()));
+    let body: serde_json::Value = serde_json::from_slice(&hits[0].body).unwrap();
+    assert_eq!(body["type"], "order.created");
+    assert_eq!(body["data"], serde_json::json!({"n": 2}));
+    assert!(hits.iter().all(|h| h.id != rolled_back.message_id));
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.events").fetch_one(pool).await.unwrap();
+    assert_eq!(events, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_a_receiver_failing_at_random_every_event_arrives_signed_with_a_stable_id_and_fresh_timestamps() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let rx = Receiver::start(|_| {
+        let mut rng = rand::rng();
+        match rng.random_range(0..10) {
+            0..=2 => Reply::Status(500),
+            3 => Reply::Status(404),
+            _ => Reply::Status(204),
+        }
+    })
+    .await;
+    let a = create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
+    let b = create_endpoint(pool, &NewEndpoint::new(rx.url("b"), ["report.ready"])).await.unwrap();
+    let secrets = HashMap::from([("a", a.secret.as_str().to_owned()), ("b", b.secret.as_str().to_owned())]);
+
+    const EVENTS: usize = 150;
+    let mut ids = Vec::new();
+    for i in 0..EVENTS {
+        let e = Event::new("report.ready", &serde_json::json!({"report": i})).unwrap().max_attempts(40);
+        ids.push(publish(pool, &e).await.unwrap().message_id);
+    }
+    let h = delivery_worker(db.new_pool(8).await, fast_delivery());
+    wait_delivered(pool, EVENTS * 2).await;
+    h.shutdown().await;
+
+    let hits = rx.hits();
+    // Every event reached both endpoints, and the receiver's deduplicated effects are exactly those.
+    let mut effects = rx.effects();
+    effects.sort();
+    let mut expected: Vec<(String, String)> =
+        ids.iter().flat_map(|id| [("a".to_owned(), id.clone()), ("b".to_owned(), id.clone())]).collect();
+    expected.sort();
+    assert_eq!(effects, expected);
+    assert!(hits.len() > EVENTS * 2, "random failures must have caused retries ({} hits)", hits.len());
+
+    let mut per_delivery: BTreeMap<(String, String), Vec<&Hit>> = BTreeMap::new();
+    for hit in &hits {
+        assert!(spec_verifies(&secrets[hit.endpoint.as_str()], hit), "signature of {hit:?}");
+        let ts: i64 = hit.timestamp.parse().unwrap();
+        assert!((hit.arrived_unix - ts).abs() <= 2, "timestamp {ts} is not fresh at arrival {}", hit.arrived_unix);
+        per_delivery.entry((hit.endpoint.clone(), hit.id.clone())).or_default().push(hit);
+    }
+    let mut retried = 0;
+    for ((endpoint, id), attempts) in &per_delivery {
+        assert!(ids.contains(id), "unknown webhook-id {id}");
+        // The body is byte-identical on every attempt; only a 2xx ends the attempts.
+        assert!(attempts.iter().all(|h| h.body == attempts[0].body));
+        let successes = attempts.iter().filter(|h| (200..300).contains(&h.status)).count();
+        assert_eq!(successes, 1, "{endpoint}/{id}: {attempts:?}");
+        assert!((200..300).contains(&attempts.last().unwrap().status));
+        if attempts.len() > 1 {
+            retried += 1;
+        }
+    }
+    assert!(retried > 0);
+
+    // The record matches what the receiver saw.
+    let deliveries = list_deliveries(pool, &DeliveryFilter { limit: Some(10_000), ..Default::default() }).await.unwrap();
+    for d in &deliveries {
+        let endpoint = if d.endpoint_id == a.id { "a" } else { "b" };
+        assert_eq!(d.attempts as usize, per_delivery[&(endpoint.to_owned(), d.message_id.clone())].len());
+        assert_eq!(d.last_status, Some(204));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_delivery_workers_never_attempt_one_delivery_concurrently() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let rx = Receiver::start(|hit| {
+        if rand::rng().random_bool(0.3) {
+            Reply::Status(503)
+        } else if hit.nth == 1 {
+            Reply::SlowOk(Duration::from_millis(5))
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
+    const EVENTS: usize = 200;
+    for i in 0..EVENTS {
+        publish(pool, &Event::new("t", &i).unwrap().max_attempts(40)).await.unwrap();
+    }
+    let w1 = delivery_worker(db.new_pool(6).await, fast_delivery());
+    let w2 = delivery_worker(db.new_pool(6).await, fast_delivery());
+    wait_delivered(pool, EVENTS).await;
+    w1.shutdown().await;
+    w2.shutdown().await;
+
+    let hits = rx.hits();
+    assert!(hits.iter().all(|h| h.in_flight == 1), "a delivery was attempted twice at once");
+    assert_eq!(rx.effects().len(), EVENTS);
+    let successes = hits.iter().filter(|h| h.status == 200).count();
+    assert_eq!(successes, EVENTS, "each event succeeded exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gone_disables_the_endpoint_and_publishes_an_operational_event() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let rx = Receiver::start(|hit| if hit.endpoint == "gone" { Reply::Status(410) } else { Reply::Status(200) }).await;
+    let gone = create_endpoint(pool, &NewEndpoint::new(rx.url("gone"), ["order.created"])).await.unwrap();
+    let ops = create_endpoint(pool, &NewEndpoint::new(rx.url("ops"), [ENDPOINT_DISABLED_TOPIC])).await.unwrap();
+    publish(pool, &Event::new("order.created", &1).unwrap()).await.unwrap();
+    let h = delivery_worker(db.new_pool(4).await, fast_delivery());
+
+    eventually(Duration::from_secs(20), "the operational event to reach ops", || async {
+        rx.hits().iter().any(|h| h.endpoint == "ops" && h.status == 200).then_some(())
+    })
+    .await;
+    // A later event is not even queued for the disabled endpoint.
+    let later = publish(pool, &Event::new("order.created", &2).unwrap()).await.unwrap();
+    assert_eq!(later.deliveries, 0);
+    wait_all_finished(pool, Duration::from_secs(20)).await;
+    h.shutdown().await;
+
+    let ep = get_endpoint(pool, gone.id).await.unwrap();
+    assert!(!ep.enabled);
+    assert!(ep.disabled_reason.unwrap().contains("410"));
+    assert_eq!(rx.hits().iter().filter(|h| h.endpoint == "gone").count(), 1, "410 is not retried");
+    let ds = list_deliveries(pool, &DeliveryFilter { endpoint: Some(gone.id), ..Default::default() }).await.unwrap();
+    assert_eq!((ds.len(), ds[0].state, ds[0].last_status), (1, DeliveryState::Dead, Some(410)));
+    let op = rx.hits().into_iter().find(|h| h.endpoint == "ops").unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&op.body).unwrap();
+    assert_eq!(body["type"], ENDPOINT_DISABLED_TOPIC);
+    assert_eq!(body["data"]["endpoint_id"], gone.id.0);
+    assert!(get_endpoint(pool, ops.id).await.unwrap().enabled);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_after_is_respected() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let rx = Receiver::start(|hit| match hit.nth {
+        1 => Reply::StatusRetryAfter(429, "2".into()),
+        2 => Reply::StatusRetryAfter(503, "1".into()),
+        _ => Reply::Status(200),
+    })
+    .await;
+    create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
+    publish(pool, &Event::new("t", &0).unwrap()).await.unwrap();
+    let h = delivery_worker(db.new_pool(4).await, fast_delivery());
+    wait_delivered(pool, 1).await;
+    h.shutdown().await;
+
+    let mut hits = rx.hits();
+    hits.sort_by_key(|h| h.nth);
+    assert_eq!(hits.iter().map(|h| h.status).collect::<Vec<_>>(), vec![429, 503, 200]);
+    // Without Retry-After the schedule would retry after at most 50 ms.
+    let first_gap = hits[1].arrived - hits[0].arrived;
+    let second_gap = hits[2].arrived - hits[1].arrived;
+    assert!(first_gap >= Duration::from_secs(2), "{first_gap:?}");
+    assert!(second_gap >= Duration::from_secs(1), "{second_gap:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ordered_delivery_keeps_order_per_key_under_failures() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let rx = Receiver::start(|_| if rand::rng().random_bool(0.35) { Reply::Status(500) } else { Reply::Status(200) }).await;
+    create_endpoint(pool, &NewEndpoint::new(rx.url("ordered"), ["*"]).ordered(true)).await.unwrap();
+    let mut expected: HashMap<&str, Vec<String>> = HashMap::new();
+    for i in 0..40 {
+        let key = ["customer:1", "customer:2"][i % 2];
+        let e = Event::new("t", &i).unwrap().ordering_key(key).max_attempts(60);
+        expected.entry(key).or_default().push(publish(pool, &e).await.unwrap().message_id);
+    }
+    let h = delivery_worker(db.new_pool(8).await, fast_delivery());
+    wait_delivered(pool, 40).await;
+    h.shutdown().await;
+
+    let effects: Vec<String> = rx.effects().into_iter().map(|(_, id)| id).collect();
+    for ids in expected.values() {
+        let got: Vec<&String> = effects.iter().filter(|id| ids.contains(id)).collect();
+        assert_eq!(got, ids.iter().collect::<Vec<_>>(), "order within one key");
+    }
+    assert!(rx.hits().iter().any(|h| h.status == 500), "failures were injected");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endpoint_failing_past_the_limit_is_disabled_and_its_deliveries_can_be_redelivered() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let f = fail.clone();
+    let rx = Receiver::start(move |_| {
+        if f.load(std::sync::atomic::Ordering::SeqCst) { Reply::Status(500) } else { Reply::Status(200) }
+    })
+    .await;
+    let ep = create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
+    let ev = publish(pool, &Event::new("t", &0).unwrap().max_attempts(1000)).await.unwrap();
+    let config = DeliveryConfig { disable_after: Duration::from_millis(500), ..fast_delivery() };
+    let h = delivery_worker(db.new_pool(4).await, config);
+    eventually(Duration::from_secs(20), "the endpoint to be disabled", || async {
+        (!get_endpoint(pool, ep.id).await.ok()?.enabled).then_some(())
+    })
+    .await;
+    wait_all_finished(pool, Duration::from_secs(20)).await;
+
+    let d = &list_deliveries(pool, &DeliveryFilter { event: Some(ev.id), ..Default::default() }).await.unwrap()[0];
+    assert_eq!(d.state, DeliveryState::Dead);
+    assert!(d.attempts >= 2 && d.last_status == Some(500));
+    let disabled: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.events WHERE topic = $1")
+        .bind(ENDPOINT_DISABLED_TOPIC)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(disabled, 1, "one operational event");
+
+    // A person fixes the receiver, enables the endpoint and redelivers: same webhook-id.
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    webhook::enable_endpoint(pool, ep.id).await.unwrap();
+    let job = redeliver(&mut *pool.acquire().await.unwrap(), ep.id, ev.id).await.unwrap();
+    assert_ne!(job, d.job_id);
+    wait_delivered(pool, 1).await;
+    h.shutdown().await;
+    assert_eq!(oncely::get_job(pool, job).await.unwrap().state, JobState::Completed);
+    let hits = rx.hits();
+    assert!(hits.iter().all(|h| h.id == ev.message_id));
+    assert_eq!(hits.last().map(|h| h.status), Some(200));
+    assert_eq!(rx.effects().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn during_a_rotation_both_secrets_sign_and_after_it_only_the_new_one() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let rx = Receiver::start(|_| Reply::Status(200)).await;
+    let ep = create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
+    let old = ep.secret.as_str().to_owned();
+    let new = WebhookSecret::generate();
+    rotate_secret(pool, ep.id, &new, Duration::from_secs(3600)).await.unwrap();
+    publish(pool, &Event::new("t", &1).unwrap()).await.unwrap();
+    let h = delivery_worker(db.new_pool(4).await, fast_delivery());
+    wait_delivered(pool, 1).await;
+
+    let newer = WebhookSecret::generate();
+    rotate_secret(pool, ep.id, &newer, Duration::ZERO).await.unwrap();
+    publish(pool, &Event::new("t", &2).unwrap()).await.unwrap();
+    wait_delivered(pool, 2).await;
+    h.shutdown().await;
+
+    let mut hits = rx.hits();
+    hits.sort_by_key(|h| h.arrived);
+    assert!(spec_verifies(&old, &hits[0]) && spec_verifies(new.as_str(), &hits[0]));
+    assert_eq!(hits[0].signature.split(' ').count(), 2);
+    assert!(spec_verifies(newer.as_str(), &hits[1]) && !spec_verifies(new.as_str(), &hits[1]));
+    assert_eq!(hits[1].signature.split(' ').count(), 1);
+    assert!(WebhookSecret::parse("whsec_short").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_typed_errors_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    for bad in [NewEndpoint::new("ftp://x/y", ["t"]), NewEndpoint::new("http://x/", Vec::<String>::new())] {
+        assert!(matches!(create_endpoint(pool, &bad).await, Err(oncely::Error::InvalidInput(_))));
+    }
+    assert!(matches!(publish(pool, &Event::from_json("", serde_json::json!(1))).await, Err(oncely::Error::InvalidInput(_))));
+    assert!(matches!(
+        get_endpoint(pool, webhook::EndpointId(999)).await,
+        Err(oncely::Error::NotFound { what: "webhook endpoint", id: 999 })
+    ));
+    assert!(matches!(
+        redeliver(&mut *pool.acquire().await.unwrap(), webhook::EndpointId(1), outbox::EventId(1)).await,
+        Err(oncely::Error::NotFound { .. })
+    ));
+    let n: i64 = sqlx::query_scalar("SELECT (SELECT count(*) FROM oncely.events) + (SELECT count(*) FROM oncely.webhook_endpoints)")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+}
+
+const CHILD_LEASE: Duration = Duration::from_secs(2);
+
+/// Runs only as the child process of the SIGKILL test: a delivery worker.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "spawned by the SIGKILL delivery test as a child process"]
+async fn child_delivery_worker() {
+    let Ok(url) = std::env::var("ONCELY_CHILD_DATABASE_URL") else { return };
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let config = DeliveryConfig { request_timeout: Duration::from_secs(60), ..fast_delivery() };
+    let _h = oncely::Worker::builder(pool)
+        .register(WebhookDelivery::new(config))
+        .queue(DEFAULT_DELIVERY_QUEUE, 1)
+        .lease(CHILD_LEASE)
+        .configure(|c| c.maintenance = false)
+        .build()
+        .unwrap()
+        .start();
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_worker_killed_mid_request_delivers_again_with_the_same_id_and_the_effect_happens_once() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    // The receiver applies the effect, then hangs on the first request: the sender dies before it
+    // learns the answer.
+    let rx = Receiver::start(|hit| if hit.nth == 1 { Reply::Hang } else { Reply::Status(200) }).await;
+    create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
+    let ev = publish(pool, &Event::new("payment.succeeded", &serde_json::json!({"amount": 100})).unwrap()).await.unwrap();
+
+    let mut child = spawn_child("child_delivery_worker", &[("ONCELY_CHILD_DATABASE_URL", db.url())]);
+    eventually(Duration::from_secs(30), "the child's request to arrive", || async {
+        rx.hits().iter().any(|h| h.nth == 1).then_some(())
+    })
+    .await;
+    child.start_kill().unwrap();
+    assert!(!child.wait().await.unwrap().success());
+
+    let h = builder(db.new_pool(4).await)
+        .register(WebhookDelivery::new(fast_delivery()))
+        .queue(DEFAULT_DELIVERY_QUEUE, 4)
+        .lease(CHILD_LEASE)
+        .build()
+        .unwrap()
+        .start();
+    wait_delivered(pool, 1).await;
+    h.shutdown().await;
+
+    let hits = rx.hits();
+    assert_eq!(hits.len(), 2, "{hits:?}");
+    assert!(hits.iter().all(|h| h.id == ev.message_id), "the same webhook-id on both attempts");
+    assert_eq!(rx.effects(), vec![("a".to_owned(), ev.message_id.clone())], "the receiver applied it once");
+    let job = outbox::delivery_job(pool, webhook::EndpointId(1), ev.id).await.unwrap().unwrap();
+    let job = oncely::get_job(pool, job).await.unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Completed, 2));
+    assert_eq!(job.errors[0].kind, oncely::core::ErrorKind::LeaseExpired);
+}
