@@ -5,6 +5,7 @@ mod bench;
 mod duration;
 mod jobs;
 mod table;
+mod webhooks;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use clap::{Parser, Subcommand};
 use oncely_core::{JobFilter, JobState};
 
 #[derive(Parser, Debug)]
-#[command(name = "oncely", version, about = "Durable jobs on PostgreSQL: migrate, inspect and manage jobs, benchmark")]
+#[command(name = "oncely", version, about = "Durable jobs on PostgreSQL: migrate, inspect and manage jobs and webhooks, benchmark")]
 struct Cli {
     /// PostgreSQL URL, e.g. postgres://user@host:5432/db. Required; may follow the subcommand.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
@@ -30,6 +31,11 @@ enum Cmd {
     Jobs {
         #[command(subcommand)]
         cmd: JobsCmd,
+    },
+    /// Webhook endpoints and deliveries.
+    Webhooks {
+        #[command(subcommand)]
+        cmd: WebhooksCmd,
     },
     /// Job counts per queue and state.
     Stats,
@@ -77,6 +83,55 @@ enum JobsCmd {
     Retry {
         /// The job id.
         id: i64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum WebhooksCmd {
+    /// Create an endpoint (with a new secret, printed once).
+    Add {
+        /// Where to POST, e.g. http://billing.internal/hooks.
+        url: String,
+        /// Topics to receive (repeat, or `*` for all).
+        #[arg(long = "topic", required = true)]
+        topics: Vec<String>,
+        /// Deliver events that share an ordering key one at a time, in order.
+        #[arg(long)]
+        ordered: bool,
+    },
+    /// List endpoints with their state.
+    Endpoints,
+    /// List deliveries, newest event first.
+    Deliveries {
+        /// Only to this endpoint.
+        #[arg(long)]
+        endpoint: Option<i64>,
+        /// Only those not delivered (pending, dead, cancelled).
+        #[arg(long)]
+        undelivered: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Deliver an event to an endpoint again, with the same webhook-id.
+    Redeliver {
+        /// The endpoint id.
+        endpoint: i64,
+        /// The event id.
+        event: i64,
+    },
+    /// Enable a disabled endpoint.
+    Enable {
+        /// The endpoint id.
+        endpoint: i64,
+    },
+    /// Disable an endpoint (publishes an oncely.endpoint.disabled event).
+    Disable {
+        /// The endpoint id.
+        endpoint: i64,
+        /// Why.
+        #[arg(long, default_value = "disabled by an operator")]
+        reason: String,
     },
 }
 
@@ -194,6 +249,16 @@ async fn dispatch(pool: &sqlx::PgPool, cmd: Cmd) -> Result<(), Fail> {
             JobsCmd::Show { id } => jobs::show(pool, id).await,
             JobsCmd::Cancel { id } => jobs::cancel(pool, id).await,
             JobsCmd::Retry { id } => jobs::retry(pool, id).await,
+        },
+        Cmd::Webhooks { cmd } => match cmd {
+            WebhooksCmd::Add { url, topics, ordered } => webhooks::add(pool, url, topics, ordered).await,
+            WebhooksCmd::Endpoints => webhooks::endpoints(pool).await,
+            WebhooksCmd::Deliveries { endpoint, undelivered, limit } => {
+                webhooks::deliveries(pool, endpoint, undelivered, limit).await
+            }
+            WebhooksCmd::Redeliver { endpoint, event } => webhooks::redeliver(pool, endpoint, event).await,
+            WebhooksCmd::Enable { endpoint } => webhooks::enable(pool, endpoint).await,
+            WebhooksCmd::Disable { endpoint, reason } => webhooks::disable(pool, endpoint, &reason).await,
         },
         Cmd::Stats => jobs::stats(pool).await,
         Cmd::Purge { older_than, dead_older_than } => jobs::purge(pool, older_than, dead_older_than).await,

@@ -120,3 +120,48 @@ fn an_unreachable_database_is_one_line_and_exit_code_1() {
     assert_eq!(r.err.trim_end().lines().count(), 1, "{}", r.err);
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn manages_webhook_endpoints_and_redelivers_a_dead_delivery() {
+    let db = oncely_testkit::TestDb::new().await;
+    let url = db.url();
+    let pool = db.pool();
+
+    let r = oncely(url, &["webhooks", "add", "http://127.0.0.1:9/hooks", "--topic", "invoice.paid"]);
+    assert!(r.ok, "{}", r.err);
+    assert!(r.out.contains("endpoint 1 created") && r.out.contains("whsec_"), "{}", r.out);
+    let r = oncely(url, &["webhooks", "add", "ftp://nowhere", "--topic", "x"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.err.contains("http:// or https://"), "{}", r.err);
+
+    let ev = oncely_core::outbox::publish(pool, &oncely_core::outbox::Event::from_json("invoice.paid", serde_json::json!({})))
+        .await
+        .unwrap();
+    let job: i64 = sqlx::query_scalar("SELECT job_id FROM oncely.webhook_deliveries").fetch_one(pool).await.unwrap();
+    // The delivery ran out of attempts.
+    sqlx::query("UPDATE oncely.jobs SET state = 'dead', finished_at = now() WHERE id = $1").bind(job).execute(pool).await.unwrap();
+
+    let r = oncely(url, &["webhooks", "deliveries", "--undelivered"]);
+    assert!(r.ok, "{}", r.err);
+    let line = r.out.lines().find(|l| l.contains(&ev.message_id)).unwrap_or_else(|| panic!("{}", r.out));
+    assert!(line.contains("dead"), "{line}");
+
+    let r = oncely(url, &["webhooks", "redeliver", "1", &ev.id.to_string()]);
+    assert!(r.ok, "{}", r.err);
+    let new_job: i64 = sqlx::query_scalar("SELECT job_id FROM oncely.webhook_deliveries").fetch_one(pool).await.unwrap();
+    assert_ne!(new_job, job);
+    assert_eq!(state_in_sql(pool, new_job).await, "available");
+    assert!(r.out.contains(&format!("job {new_job}")), "{}", r.out);
+
+    let r = oncely(url, &["webhooks", "disable", "1", "--reason", "maintenance"]);
+    assert!(r.ok && r.out.contains("disabled"), "{}", r.err);
+    let r = oncely(url, &["webhooks", "endpoints"]);
+    assert!(r.out.contains("disabled: maintenance"), "{}", r.out);
+    let r = oncely(url, &["webhooks", "enable", "1"]);
+    assert!(r.ok, "{}", r.err);
+    let r = oncely(url, &["webhooks", "endpoints"]);
+    assert!(r.out.lines().nth(1).is_some_and(|l| l.trim_end().ends_with("enabled")), "{}", r.out);
+    let r = oncely(url, &["webhooks", "redeliver", "7", "1"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.err.contains("not found"), "{}", r.err);
+}
