@@ -455,3 +455,58 @@ async fn a_delivery_worker_killed_mid_request_delivers_again_with_the_same_id_an
     assert_eq!((job.state, job.attempt), (JobState::Completed, 2));
     assert_eq!(job.errors[0].kind, oncely::core::ErrorKind::LeaseExpired);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn maintenance_prunes_old_events_nothing_needs_and_old_inbox_records() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    create_endpoint(pool, &NewEndpoint::new("http://127.0.0.1:9/hooks", ["*"])).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(publish(pool, &Event::new("t", &i).unwrap()).await.unwrap().id);
+    }
+    let (delivered, dead, job_pruned, recent) = (ids[0], ids[1], ids[2], ids[3]);
+    let exec = |sql: &'static str, id: outbox::EventId| async move {
+        sqlx::query(sql).bind(id).execute(pool).await.unwrap();
+    };
+    exec("UPDATE oncely.webhook_deliveries SET delivered_at = now() WHERE event_id = $1", delivered).await;
+    exec("DELETE FROM oncely.jobs WHERE id = (SELECT job_id FROM oncely.webhook_deliveries WHERE event_id = $1)", delivered).await;
+    exec("UPDATE oncely.jobs SET state = 'dead', finished_at = now() WHERE id = (SELECT job_id FROM oncely.webhook_deliveries WHERE event_id = $1)", dead).await;
+    exec("DELETE FROM oncely.jobs WHERE id = (SELECT job_id FROM oncely.webhook_deliveries WHERE event_id = $1)", job_pruned).await;
+    exec("UPDATE oncely.jobs SET state = 'cancelled', finished_at = now() WHERE id = (SELECT job_id FROM oncely.webhook_deliveries WHERE event_id = $1)", recent).await;
+    sqlx::query("UPDATE oncely.events SET created_at = now() - interval '2 hours' WHERE id <> $1").bind(recent).execute(pool).await.unwrap();
+    for (id, age) in [("old", "2 hours"), ("new", "1 minute")] {
+        let job = oncely::NewJob::from_json("noop", serde_json::json!({}));
+        oncely::core::inbox::accept(pool, "stripe", id, &serde_json::json!({}), job).await.unwrap();
+        sqlx::query(&format!("UPDATE oncely.inbox SET received_at = now() - interval '{age}' WHERE event_id = $1"))
+            .bind(id)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+
+    let h = builder(db.new_pool(4).await)
+        .register(oncely::handler_fn(|_ctx, _a: Noop| async { Ok(()) }))
+        .queue("unused", 1)
+        .configure(|c| {
+            c.prune_interval = Duration::from_millis(100);
+            c.event_retention = Duration::from_secs(3600);
+            c.inbox_retention = Duration::from_secs(3600);
+        })
+        .build()
+        .unwrap()
+        .start();
+    let left: Vec<i64> = eventually(Duration::from_secs(20), "old events and inbox records pruned", || async {
+        let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM oncely.events ORDER BY id").fetch_all(pool).await.ok()?;
+        let inbox: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.inbox").fetch_one(pool).await.ok()?;
+        (left.len() <= 2 && inbox <= 1).then_some(left)
+    })
+    .await;
+    h.shutdown().await;
+    assert_eq!(left, vec![dead.0, recent.0], "a dead delivery keeps its event redeliverable; recent events stay");
+    let inbox: Vec<String> = sqlx::query_scalar("SELECT event_id FROM oncely.inbox").fetch_all(pool).await.unwrap();
+    assert_eq!(inbox, vec!["new".to_owned()]);
+    let deliveries: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.webhook_deliveries").fetch_one(pool).await.unwrap();
+    assert_eq!(deliveries, 2, "delivery rows go with their events");
+}

@@ -119,6 +119,21 @@ where
     Ok(Accepted::Duplicate { job: JobId(row.try_get("job_id")?) })
 }
 
+/// Delete up to `limit` inbox records received longer ago than `older_than`. A sender that resends
+/// an event after its record is gone has it accepted again, so keep records longer than any sender
+/// retries (Stripe: 3 days). Returns how many were deleted.
+pub async fn prune_inbox<'e>(executor: impl sqlx::PgExecutor<'e>, older_than: std::time::Duration, limit: i64) -> Result<u64> {
+    let res = sqlx::query(
+        "DELETE FROM oncely.inbox WHERE (source, event_id) IN ( \
+             SELECT source, event_id FROM oncely.inbox WHERE received_at < now() - make_interval(secs => $1) LIMIT $2)",
+    )
+    .bind(older_than.as_secs_f64())
+    .bind(limit)
+    .execute(executor)
+    .await?;
+    Ok(res.rows_affected())
+}
+
 fn validate(source: &str, event_id: &str, job: &NewJob) -> Result<()> {
     for (what, v) in [("source", source), ("event id", event_id)] {
         if v.is_empty() || v.len() > MAX_INBOX_ID_LEN {

@@ -253,6 +253,26 @@ pub async fn delivery_job<'e>(
         .await?)
 }
 
+/// Delete up to `limit` events published longer ago than `older_than` that nothing needs any more:
+/// every delivery of theirs was delivered, or its job is gone (dead jobs are kept for their own
+/// retention, so a dead delivery stays redeliverable until then). Their delivery rows go with them.
+/// Returns how many were deleted.
+pub async fn prune_events<'e>(executor: impl PgExecutor<'e>, older_than: std::time::Duration, limit: i64) -> Result<u64> {
+    let res = sqlx::query(
+        "DELETE FROM oncely.events WHERE id IN ( \
+             SELECT e.id FROM oncely.events e \
+             WHERE e.created_at < now() - make_interval(secs => $1) \
+               AND NOT EXISTS (SELECT 1 FROM oncely.webhook_deliveries d JOIN oncely.jobs j ON j.id = d.job_id \
+                               WHERE d.event_id = e.id AND d.delivered_at IS NULL) \
+             LIMIT $2)",
+    )
+    .bind(older_than.as_secs_f64())
+    .bind(limit)
+    .execute(executor)
+    .await?;
+    Ok(res.rows_affected())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,13 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// Defaults to 7 days: how long dead jobs are kept for a person to look at.
 pub const DEFAULT_DEAD_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Defaults to 30 days: how long published events are kept once nothing needs them (all their
+/// deliveries delivered, or their jobs pruned).
+pub const DEFAULT_EVENT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Defaults to 30 days: how long inbox records are kept. A sender resending an event after that has
+/// it accepted again, so keep this longer than any sender retries.
+pub const DEFAULT_INBOX_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// One queue a worker serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueConfig {
@@ -74,6 +81,10 @@ pub struct WorkerConfig {
     pub retention: Duration,
     /// Retention of dead jobs.
     pub dead_retention: Duration,
+    /// Retention of published events nothing needs any more. Defaults to [`DEFAULT_EVENT_RETENTION`].
+    pub event_retention: Duration,
+    /// Retention of inbox records. Defaults to [`DEFAULT_INBOX_RETENTION`].
+    pub inbox_retention: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -94,6 +105,8 @@ impl Default for WorkerConfig {
             ledger_cleanup_interval: DEFAULT_LEDGER_CLEANUP_INTERVAL,
             retention: DEFAULT_RETENTION,
             dead_retention: DEFAULT_DEAD_RETENTION,
+            event_retention: DEFAULT_EVENT_RETENTION,
+            inbox_retention: DEFAULT_INBOX_RETENTION,
         }
     }
 }

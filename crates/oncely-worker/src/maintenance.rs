@@ -1,5 +1,5 @@
 //! Maintenance: on the one worker elected leader, rescue jobs whose lease expired, prune
-//! finished jobs past their retention, and delete expired ledger records (hourly by default,
+//! finished jobs, published events and inbox records past their retention, and delete expired ledger records (hourly by default,
 //! writing an audit row to `oncely.maintenance_runs` for each run). Every worker campaigns; the leader renews its lease each
 //! tick, and another takes over within a few ticks of its death.
 
@@ -89,10 +89,22 @@ async fn rescue(shared: &Shared) -> oncely_core::Result<()> {
 
 async fn prune(shared: &Shared) -> oncely_core::Result<()> {
     let cfg = &shared.config;
+    let pool = &shared.pool;
+    in_batches("finished jobs", || prune_finished(pool, cfg.retention, cfg.dead_retention, PRUNE_BATCH)).await?;
+    in_batches("events", || oncely_core::outbox::prune_events(pool, cfg.event_retention, PRUNE_BATCH)).await?;
+    in_batches("inbox records", || oncely_core::inbox::prune_inbox(pool, cfg.inbox_retention, PRUNE_BATCH)).await
+}
+
+/// Run a batch delete until it deletes less than a full batch.
+async fn in_batches<F, Fut>(what: &str, mut batch: F) -> oncely_core::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = oncely_core::Result<u64>>,
+{
     loop {
-        let n = prune_finished(&shared.pool, cfg.retention, cfg.dead_retention, PRUNE_BATCH).await?;
+        let n = batch().await?;
         if n > 0 {
-            tracing::info!(deleted = n, "pruned finished jobs");
+            tracing::info!(deleted = n, "pruned {what}");
         }
         if (n as i64) < PRUNE_BATCH {
             return Ok(());
