@@ -510,3 +510,38 @@ async fn maintenance_prunes_old_events_nothing_needs_and_old_inbox_records() {
     let deliveries: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.webhook_deliveries").fetch_one(pool).await.unwrap();
     assert_eq!(deliveries, 2, "delivery rows go with their events");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publishes_under_one_ordering_key_are_serialized_in_commit_order_and_other_keys_are_not() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let event = |key: &str| Event::new("t", &key).unwrap().ordering_key(key);
+
+    let mut first = pool.begin().await.unwrap();
+    let e1 = publish(&mut *first, &event("customer:1")).await.unwrap();
+    let second_pool = db.new_pool(1).await;
+    let second = tokio::spawn(async move {
+        let mut tx = second_pool.begin().await.unwrap();
+        let e = publish(&mut *tx, &event("customer:1")).await.unwrap();
+        tx.commit().await.unwrap();
+        e
+    });
+    eventually(Duration::from_secs(10), "the second publish to wait on the key's lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'advisory'",
+        )
+        .fetch_one(pool)
+        .await
+        .ok()?;
+        (waiting == 1).then_some(())
+    })
+    .await;
+    // Another key does not wait for the open transaction, and takes the next id meanwhile.
+    let other = publish(&db.new_pool(1).await, &event("customer:2")).await.unwrap();
+    assert!(other.id > e1.id);
+    assert!(!second.is_finished());
+    first.commit().await.unwrap();
+    let e2 = second.await.unwrap();
+    assert!(e2.id > other.id, "numbered after the first transaction committed");
+}
