@@ -21,3 +21,8 @@ pub use oncely_worker::{handler_fn, Handler, HandlerResult, JobContext, Outcome,
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// The events guide's code blocks, compiled as doctests.
+#[doc = include_str!("../docs/webhooks.md")]
+#[cfg(doctest)]
+pub struct WebhooksGuideDoctests;
