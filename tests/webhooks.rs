@@ -222,6 +222,8 @@ async fn gone_disables_the_endpoint_and_publishes_an_operational_event() {
     let rx = Receiver::start(|hit| if hit.endpoint == "gone" { Reply::Status(410) } else { Reply::Status(200) }).await;
     let gone = create_endpoint(pool, &NewEndpoint::new(rx.url("gone"), ["order.created"])).await.unwrap();
     let ops = create_endpoint(pool, &NewEndpoint::new(rx.url("ops"), [ENDPOINT_DISABLED_TOPIC])).await.unwrap();
+    // Another tenant's catch-all endpoint must not learn of it.
+    create_endpoint(pool, &NewEndpoint::new(rx.url("all"), ["*"])).await.unwrap();
     publish(pool, &Event::new("order.created", &1).unwrap()).await.unwrap();
     let h = delivery_worker(db.new_pool(4).await, fast_delivery());
 
@@ -231,7 +233,7 @@ async fn gone_disables_the_endpoint_and_publishes_an_operational_event() {
     .await;
     // A later event is not even queued for the disabled endpoint.
     let later = publish(pool, &Event::new("order.created", &2).unwrap()).await.unwrap();
-    assert_eq!(later.deliveries, 0);
+    assert_eq!(later.deliveries, 1, "only the catch-all endpoint");
     wait_all_finished(pool, Duration::from_secs(20)).await;
     h.shutdown().await;
 
@@ -246,6 +248,9 @@ async fn gone_disables_the_endpoint_and_publishes_an_operational_event() {
     assert_eq!(body["type"], ENDPOINT_DISABLED_TOPIC);
     assert_eq!(body["data"]["endpoint_id"], gone.id.0);
     assert!(get_endpoint(pool, ops.id).await.unwrap().enabled);
+    let all: Vec<String> = rx.hits().iter().filter(|h| h.endpoint == "all").map(|h| h.id.clone()).collect();
+    assert_eq!(all.len(), 2, "the catch-all got both order events and not the operational one: {all:?}");
+    assert!(!all.contains(&op.id));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -29,6 +29,9 @@ pub const DEFAULT_DELIVERY_QUEUE: &str = "webhooks";
 /// Defaults to 8: delivery attempts per endpoint before a delivery goes to the dead letter (with the
 /// default schedule of `oncely-webhooks`, about 28 hours of retries).
 pub const DEFAULT_DELIVERY_ATTEMPTS: i32 = 8;
+/// Topics under this prefix are operational: an endpoint subscribed to `*` does not receive them;
+/// only endpoints that name them do.
+pub const OPERATIONAL_TOPIC_PREFIX: &str = "oncely.";
 /// The topic of the operational event published when an endpoint is disabled.
 pub const ENDPOINT_DISABLED_TOPIC: &str = "oncely.endpoint.disabled";
 /// The longest topic or ordering key, in bytes.
@@ -157,7 +160,9 @@ WITH lock AS (
     RETURNING id, uid, ordering_key
 ), eps AS (
     SELECT id, ordered FROM oncely.webhook_endpoints
-    WHERE enabled AND topics && ARRAY[$1::text, '*']
+    -- '*' receives every topic except the operational ones under 'oncely.', which can name other
+    -- endpoints (and so other tenants): those go only to endpoints that subscribe to them by name.
+    WHERE enabled AND topics && ARRAY[$1::text, CASE WHEN starts_with($1, 'oncely.') THEN NULL ELSE '*' END]
 ), jobs AS (
     INSERT INTO oncely.jobs (kind, queue, args, max_attempts)
     SELECT $6, $4, jsonb_build_object('event_id', ev.id, 'endpoint_id', eps.id), $5
