@@ -151,15 +151,8 @@ async fn tables(pool: &sqlx::PgPool) {
 async fn external_child_worker() {
     let Ok(url) = std::env::var("ONCELY_EXTERNAL_CHILD_URL") else { return };
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    let _h = oncely::Worker::builder(pool)
-        .register(charge_handler())
-        .queue("default", 1)
-        .lease(Duration::from_secs(1))
-        .configure(|c| c.maintenance = false)
-        .build()
-        .unwrap()
-        .start();
-    std::future::pending::<()>().await;
+    run_child_worker(oncely::Worker::builder(pool).register(charge_handler()).queue("default", 1).lease(Duration::from_secs(1)))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

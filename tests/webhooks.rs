@@ -411,15 +411,8 @@ async fn child_delivery_worker() {
     let Ok(url) = std::env::var("ONCELY_CHILD_DATABASE_URL") else { return };
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let config = DeliveryConfig { request_timeout: Duration::from_secs(60), ..fast_delivery() };
-    let _h = oncely::Worker::builder(pool)
-        .register(WebhookDelivery::new(config))
-        .queue(DEFAULT_DELIVERY_QUEUE, 1)
-        .lease(CHILD_LEASE)
-        .configure(|c| c.maintenance = false)
-        .build()
-        .unwrap()
-        .start();
-    std::future::pending::<()>().await;
+    let worker = oncely::Worker::builder(pool).register(WebhookDelivery::new(config));
+    run_child_worker(worker.queue(DEFAULT_DELIVERY_QUEUE, 1).lease(CHILD_LEASE)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

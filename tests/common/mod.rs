@@ -61,6 +61,13 @@ pub fn builder(pool: PgPool) -> oncely::worker::WorkerBuilder {
     Worker::builder(pool).configure(fast)
 }
 
+/// The body of a child worker process: start a worker without maintenance (the parent rescues)
+/// and run until killed.
+pub async fn run_child_worker(builder: oncely::worker::WorkerBuilder) {
+    let _h = builder.configure(|c| c.maintenance = false).build().unwrap().start();
+    std::future::pending::<()>().await;
+}
+
 /// Run the ignored test `name` of this test binary as a child process (a worker to kill), with
 /// `env` set. It is killed if dropped.
 pub fn spawn_child(name: &str, env: &[(&str, &str)]) -> tokio::process::Child {

@@ -94,20 +94,10 @@ where
 {
     validate(source, event_id, &job)?;
     let mut conn = conn.acquire().await?;
-    let inserted: Option<i64> = sqlx::query_scalar(INBOX_ACCEPT)
-        .bind(source)
-        .bind(event_id)
-        .bind(payload)
-        .bind(&job.kind)
-        .bind(&job.queue)
-        .bind(&job.args)
-        .bind(job.priority)
-        .bind(job.run_at)
-        .bind(job.delay.map(|d| d.as_secs_f64()))
-        .bind(job.max_attempts)
-        .fetch_optional(&mut *conn)
-        .await?;
-    if let Some(id) = inserted {
+    let query = sqlx::query(INBOX_ACCEPT).bind(source).bind(event_id).bind(payload);
+    let inserted = crate::queue::bind_job_columns(query, &job).fetch_optional(&mut *conn).await?;
+    if let Some(row) = inserted {
+        let id: i64 = row.try_get("id")?;
         return Ok(Accepted::New { job: JobId(id) });
     }
     // The conflicting row committed before our insert returned, so a new statement sees it.

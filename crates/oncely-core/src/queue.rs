@@ -47,7 +47,17 @@ pub struct Enqueued {
 pub async fn enqueue<'e>(executor: impl PgExecutor<'e>, job: NewJob) -> Result<Enqueued> {
     job.validate()?;
     let sql = if job.unique_key.is_some() { queries::JOB_INSERT_ONE_UNIQUE } else { queries::JOB_INSERT_ONE };
-    let row = sqlx::query(sql)
+    let row = bind_job_columns(sqlx::query(sql), &job).bind(&job.unique_key).fetch_one(executor).await?;
+    Ok(Enqueued { id: JobId(row.try_get("id")?), existing: row.try_get("existing")? })
+}
+
+/// Bind a job's kind, queue, args, priority, run_at, delay (seconds) and max attempts, in that
+/// order: the parameters every single-job insert takes.
+pub(crate) fn bind_job_columns<'q>(
+    query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    job: &'q NewJob,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    query
         .bind(&job.kind)
         .bind(&job.queue)
         .bind(&job.args)
@@ -55,10 +65,6 @@ pub async fn enqueue<'e>(executor: impl PgExecutor<'e>, job: NewJob) -> Result<E
         .bind(job.run_at)
         .bind(job.delay.map(|d| d.as_secs_f64()))
         .bind(job.max_attempts)
-        .bind(&job.unique_key)
-        .fetch_one(executor)
-        .await?;
-    Ok(Enqueued { id: JobId(row.try_get("id")?), existing: row.try_get("existing")? })
 }
 
 /// Batches of at least this many jobs, without unique keys or delays, are written with COPY.
