@@ -543,3 +543,53 @@ async fn publishes_under_one_ordering_key_are_serialized_in_commit_order_and_oth
     let e2 = second.await.unwrap();
     assert!(e2.id > other.id, "numbered after the first transaction committed");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_committed_after_a_later_one_was_delivered_is_still_delivered() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let rx = Receiver::start(|_| Reply::Status(200)).await;
+    create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
+    let h = delivery_worker(db.new_pool(4).await, fast_delivery());
+
+    // The slow transaction takes the lower id and commits last.
+    let mut slow = pool.begin().await.unwrap();
+    let early = publish(&mut *slow, &Event::new("t", &"slow").unwrap()).await.unwrap();
+    let late = publish(pool, &Event::new("t", &"fast").unwrap()).await.unwrap();
+    assert!(early.id < late.id);
+    eventually(Duration::from_secs(20), "the later event delivered", || async {
+        rx.effects().iter().any(|(_, id)| *id == late.message_id).then_some(())
+    })
+    .await;
+    slow.commit().await.unwrap();
+    wait_delivered(pool, 2).await;
+    h.shutdown().await;
+    let ids: Vec<String> = rx.effects().into_iter().map(|(_, id)| id).collect();
+    assert_eq!(ids, vec![late.message_id, early.message_id]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attempt_past_the_request_timeout_is_retried_with_the_same_id() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    // The first request is answered only after the sender gave up on it.
+    let rx = Receiver::start(|hit| if hit.nth == 1 { Reply::SlowOk(Duration::from_secs(2)) } else { Reply::Status(200) }).await;
+    create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
+    let ev = publish(pool, &Event::new("t", &1).unwrap()).await.unwrap();
+    let config = DeliveryConfig { request_timeout: Duration::from_millis(300), ..fast_delivery() };
+    let h = delivery_worker(db.new_pool(4).await, config);
+    wait_delivered(pool, 1).await;
+    h.shutdown().await;
+
+    let d = &list_deliveries(pool, &DeliveryFilter::default()).await.unwrap()[0];
+    assert_eq!((d.attempts, d.last_status), (2, Some(200)));
+    let job = oncely::get_job(pool, d.job_id).await.unwrap();
+    assert!(job.errors[0].message.contains("no answer within"), "{:?}", job.errors);
+    // The receiver applied the first attempt (then was too slow to say so); the retry carried the
+    // same id, so it deduplicated it.
+    assert_eq!(rx.effects(), vec![("a".to_owned(), ev.message_id.clone())]);
+    let hits = rx.hits();
+    assert_eq!((hits.len(), hits[0].nth, hits[0].id.as_str()), (1, 2, ev.message_id.as_str()));
+}

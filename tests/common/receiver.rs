@@ -39,7 +39,7 @@ pub enum Reply {
     StatusRetryAfter(u16, String),
     /// Apply the effect, then never answer.
     Hang,
-    /// Answer 200 after a pause.
+    /// Apply the effect, then answer 200 after a pause.
     SlowOk(Duration),
 }
 
@@ -136,8 +136,10 @@ async fn handle(State(r): State<Receiver>, Path(endpoint): Path<String>, headers
             unreachable!()
         }
         Reply::SlowOk(d) => {
-            tokio::time::sleep(d).await; // the receiver's own processing time, not synchronization
             apply(&r);
+            // The receiver's own slowness in answering, not synchronization. If the sender gives up
+            // first, the connection closes and this request is never recorded as a hit.
+            tokio::time::sleep(d).await;
             (200, StatusCode::OK.into_response())
         }
     };
