@@ -593,3 +593,40 @@ async fn an_attempt_past_the_request_timeout_is_retried_with_the_same_id() {
     let hits = rx.hits();
     assert_eq!((hits.len(), hits[0].nth, hits[0].id.as_str()), (1, 2, ev.message_id.as_str()));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_waiting_behind_a_slow_retry_sleep_until_it_instead_of_polling() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let rx = Receiver::start(|hit| if hit.nth == 1 && hit.body.windows(5).any(|w| w == b"\"head") {
+        Reply::StatusRetryAfter(503, "3".into())
+    } else {
+        Reply::Status(200)
+    })
+    .await;
+    create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"]).ordered(true)).await.unwrap();
+    let head = publish(pool, &Event::new("t", &"head").unwrap().ordering_key("k")).await.unwrap();
+    let mut behind = Vec::new();
+    for i in 0..5 {
+        behind.push(publish(pool, &Event::new("t", &i).unwrap().ordering_key("k")).await.unwrap());
+    }
+    let h = delivery_worker(db.new_pool(4).await, fast_delivery());
+    wait_delivered(pool, 6).await;
+    h.shutdown().await;
+
+    let order: Vec<String> = rx.effects().into_iter().map(|(_, id)| id).collect();
+    let expected: Vec<String> = std::iter::once(&head).chain(&behind).map(|p| p.message_id.clone()).collect();
+    assert_eq!(order, expected);
+    // With a 100 ms recheck, polling through the 3 s wait would snooze each about 30 times. They
+    // sleep through it instead; once the head is delivered the chain unwinds with a few rechecks
+    // each (an event checks while the one before it is still being woken).
+    let snoozes: Vec<i32> = sqlx::query_scalar(
+        "SELECT j.snoozes FROM oncely.webhook_deliveries d JOIN oncely.jobs j ON j.id = d.job_id WHERE d.event_id <> $1",
+    )
+    .bind(head.id)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(snoozes.iter().all(|&s| s <= 12), "{snoozes:?}");
+}

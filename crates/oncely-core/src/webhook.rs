@@ -485,24 +485,28 @@ pub async fn load_delivery<'e>(executor: impl PgExecutor<'e>, endpoint: Endpoint
     })
 }
 
-/// True while an earlier event with the same ordering key has not been delivered to this endpoint
-/// and its job is still live (an ordered delivery waits for it; a dead one no longer blocks).
-pub async fn delivery_has_live_predecessor<'e>(
+/// While an earlier event with the same ordering key has not been delivered to this endpoint and
+/// its job is still live, how long until the latest such job is due (zero when it is due or
+/// running): an ordered delivery waits at least that long. `None` when nothing blocks it (a dead
+/// predecessor no longer does).
+pub async fn delivery_live_predecessor<'e>(
     executor: impl PgExecutor<'e>,
     endpoint: EndpointId,
     ordering_key: &str,
     event: EventId,
-) -> Result<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM oncely.webhook_deliveries d JOIN oncely.jobs j ON j.id = d.job_id \
+) -> Result<Option<Duration>> {
+    let due_in: Option<f64> = sqlx::query_scalar(
+        "SELECT max(greatest(extract(epoch FROM j.run_at - now()), 0))::float8 \
+         FROM oncely.webhook_deliveries d JOIN oncely.jobs j ON j.id = d.job_id \
          WHERE d.endpoint_id = $1 AND d.ordering_key = $2 AND d.event_id < $3 AND d.delivered_at IS NULL \
-           AND j.state IN ('available', 'running'))",
+           AND j.state IN ('available', 'running')",
     )
     .bind(endpoint)
     .bind(ordering_key)
     .bind(event)
     .fetch_one(executor)
-    .await?)
+    .await?;
+    Ok(due_in.map(Duration::from_secs_f64))
 }
 
 /// The result of one delivery attempt, to record.

@@ -40,8 +40,9 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// Defaults to 5 days: an endpoint failing this long without a success is disabled.
 pub const DEFAULT_DISABLE_AFTER: Duration = Duration::from_secs(5 * 24 * 3600);
-/// Defaults to 10 s: how often an ordered delivery checks again whether its predecessor is done
-/// (a delivered predecessor also wakes it at once).
+/// Defaults to 10 s: how often, at least, an ordered delivery checks again whether its
+/// predecessor is done (it waits until the predecessor's next attempt when that is later; a
+/// delivered predecessor also wakes it at once).
 pub const DEFAULT_ORDERED_WAIT: Duration = Duration::from_secs(10);
 
 /// The arguments of a delivery job (published by [`oncely_core::outbox::publish`]).
@@ -227,8 +228,10 @@ impl<T: Transport> WebhookDelivery<T> {
             return Err(Outcome::fail(format!("endpoint {} is disabled: {reason}", endpoint.id)));
         }
         if let Some(key) = &target.ordering_key {
-            if webhook::delivery_has_live_predecessor(pool, endpoint.id, key, args.event_id).await? {
-                return Err(Outcome::snooze(self.config.ordered_wait));
+            if let Some(due_in) = webhook::delivery_live_predecessor(pool, endpoint.id, key, args.event_id).await? {
+                // Sleep past the predecessor's next attempt: a long retry of the head of a key
+                // must not make every event queued behind it poll. Its success wakes us earlier.
+                return Err(Outcome::snooze(due_in.max(self.config.ordered_wait)));
             }
         }
         if ctx.is_cancelled() {
