@@ -442,3 +442,31 @@ async fn the_builder_refuses_bad_configurations() {
     let zero = oncely::Worker::builder(db.pool().clone()).register(seen_handler(Default::default())).queue("q", 0).build();
     assert!(matches!(zero, Err(oncely::worker::Error::Config(m)) if m.contains("concurrency 0")));
 }
+
+/// A retry or snooze shorter than the poll interval runs on time: the worker wakes its own fetcher
+/// instead of waiting for the next poll (NOTIFY only announces jobs due at once).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_or_snooze_shorter_than_the_poll_interval_does_not_wait_for_the_next_poll() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let h = builder(db.new_pool(4).await)
+        .register(handler_fn(|ctx, _a: Noop| async move {
+            match ctx.attempt() {
+                1 => Err(Outcome::retry_after("once more", Duration::from_millis(50))),
+                2 => Err(Outcome::snooze(Duration::from_millis(50))),
+                _ => Ok(()),
+            }
+        }))
+        .queue("default", 2)
+        .configure(|c| c.poll_interval = Duration::from_secs(60))
+        .build()
+        .unwrap()
+        .start();
+    let id = enqueue(pool, NewJob::new(&Noop { n: 1 }).unwrap()).await.unwrap().id;
+    // Well under one poll interval: only the worker's own wake-ups can make this.
+    wait_all_finished(pool, Duration::from_secs(10)).await;
+    h.shutdown().await;
+    let job = get_job(pool, id).await.unwrap();
+    assert_eq!((job.state, job.attempt, job.snoozes), (JobState::Completed, 3, 1));
+}

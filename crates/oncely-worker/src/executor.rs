@@ -8,7 +8,7 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use futures::FutureExt;
 use oncely_core::step::{InjectedCrash, StepScope};
-use oncely_core::{Claim, ErrorKind, Job};
+use oncely_core::{Claim, ErrorKind, Job, JobState};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -157,12 +157,16 @@ async fn record(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) {
     let result = write.retry(persist_backoff()).when(|e| e.is_transient()).await;
     let stats = &shared.stats;
     match (result, &finish) {
-        (Ok(state), Finish::Failed { message, .. }) => {
+        (Ok(state), Finish::Failed { message, retry_in, .. }) => {
             WorkerStats::add(&stats.failed, 1);
+            if let (Some(JobState::Available), Some(d)) = (state, retry_in) {
+                shared.wake_after(&job.queue, *d);
+            }
             tracing::warn!(error = %message, new_state = ?state, max_attempts = job.max_attempts, "attempt failed");
         }
         (Ok(_), Finish::Snooze(d)) => {
             WorkerStats::add(&stats.snoozed, 1);
+            shared.wake_after(&job.queue, *d);
             tracing::debug!(delay = ?d, "job snoozed");
         }
         (Ok(_), Finish::Cancel(reason)) => {

@@ -172,9 +172,26 @@ pub(crate) struct Shared {
     pub(crate) hard_stop: CancellationToken,
     pub(crate) stats: Arc<WorkerStats>,
     pub(crate) step_hook: Option<BoundaryHook>,
+    /// Each served queue's fetcher wake-up.
+    pub(crate) wakers: HashMap<String, Arc<Notify>>,
 }
 
 impl Shared {
+    /// Wake `queue`'s fetcher after `delay`, when that is sooner than its next poll: a job retried
+    /// or snoozed for less than the poll interval then runs on time, not at the next poll. Work
+    /// from other workers still relies on NOTIFY and polling.
+    pub(crate) fn wake_after(&self, queue: &str, delay: Duration) {
+        if delay >= self.config.poll_interval {
+            return;
+        }
+        if let Some(wake) = self.wakers.get(queue).cloned() {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                wake.notify_one();
+            });
+        }
+    }
+
     pub(crate) fn running_claims(&self) -> Vec<Claim> {
         let running = self.running.lock().expect("running-jobs lock poisoned by a panic while held");
         running.iter().map(|(id, r)| Claim { id: *id, attempt: r.attempt }).collect()
@@ -213,6 +230,8 @@ impl Worker {
     pub fn start(self) -> WorkerHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(WorkerStats::default());
+        let wakers: HashMap<String, Arc<Notify>> =
+            self.config.queues.iter().map(|q| (q.name.clone(), Arc::new(Notify::new()))).collect();
         let shared = Arc::new(Shared {
             pool: self.pool,
             config: self.config,
@@ -222,16 +241,15 @@ impl Worker {
             hard_stop: CancellationToken::new(),
             stats: stats.clone(),
             step_hook: self.step_hook,
+            wakers: wakers.clone(),
         });
         let stop = CancellationToken::new();
         let jobs = TaskTracker::new();
         tracing::info!(worker.id = %shared.config.worker_id, queues = ?shared.config.queues, "worker starting");
 
-        let mut wakers = HashMap::new();
         let mut fetchers = Vec::new();
         for q in &shared.config.queues {
-            let wake = Arc::new(Notify::new());
-            wakers.insert(q.name.clone(), wake.clone());
+            let wake = wakers[&q.name].clone();
             fetchers.push(tokio::spawn(fetcher::run(shared.clone(), q.clone(), wake, stop.clone(), jobs.clone())));
         }
         let services_stop = CancellationToken::new();
