@@ -547,11 +547,17 @@ WITH d AS (
         delivered_at = CASE WHEN $5 THEN now() ELSE delivered_at END
     WHERE endpoint_id = $1 AND event_id = $2
     RETURNING attempts, ordering_key
-), p AS (
+), flip AS (
+    -- Only a change of the failure run writes the endpoint row: concurrent deliveries to one
+    -- endpoint would otherwise queue for its row lock, each through its commit.
     UPDATE oncely.webhook_endpoints
-    SET failing_since = CASE WHEN $5 THEN NULL ELSE coalesce(failing_since, now()) END
-    WHERE id = $1
-    RETURNING coalesce(extract(epoch FROM now() - failing_since), 0)::float8 AS failing_for
+    SET failing_since = CASE WHEN $5 THEN NULL ELSE now() END
+    WHERE id = $1 AND (failing_since IS NULL) <> $5
+    RETURNING id
+), p AS (
+    -- The snapshot before `flip`: NULL when this failure starts the run.
+    SELECT CASE WHEN $5 THEN 0 ELSE coalesce(extract(epoch FROM now() - failing_since), 0) END::float8 AS failing_for
+    FROM oncely.webhook_endpoints WHERE id = $1
 ), wake AS (
     UPDATE oncely.jobs SET run_at = now()
     WHERE $5 AND state = 'available' AND id = (
@@ -560,7 +566,7 @@ WITH d AS (
         ORDER BY n.event_id LIMIT 1)
     RETURNING pg_notify('oncely_jobs', queue)
 )
-SELECT d.attempts, p.failing_for, (SELECT count(*) FROM wake) AS woken FROM d, p
+SELECT d.attempts, p.failing_for, (SELECT count(*) FROM wake) AS woken, (SELECT count(*) FROM flip) AS flipped FROM d, p
 "#,
     )
     .bind(endpoint)
