@@ -1,5 +1,6 @@
 -- oncely: the transactional outbox, webhook endpoints and deliveries, and the inbox.
--- Additive: never edit once applied.
+-- Additive: never edit once applied. Value checks are domains (see the previous migration); the
+-- API validates URLs and topic lists before they get here.
 
 -- An event published inside the caller's transaction: it exists if and only if that commits.
 -- Delivery never scans this table by "id > last seen": publish fans the event out, in the same
@@ -9,20 +10,20 @@ CREATE TABLE oncely.events (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     -- The Standard Webhooks message id is derived from it (`msg_` + hex): stable across retries.
     uid          uuid        NOT NULL DEFAULT gen_random_uuid() UNIQUE,
-    topic        text        NOT NULL CHECK (length(topic) BETWEEN 1 AND 255),
+    topic        oncely.name NOT NULL,
     payload      jsonb       NOT NULL,
     -- Events with the same ordering key are numbered in commit order (publish holds a transaction
     -- lock on the key), and ordered endpoints receive them in that order.
-    ordering_key text        CHECK (ordering_key IS NULL OR length(ordering_key) BETWEEN 1 AND 255),
+    ordering_key oncely.name,
     created_at   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX events_created_idx ON oncely.events (created_at);
 
 CREATE TABLE oncely.webhook_endpoints (
     id                         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    url                        text        NOT NULL CHECK (length(url) BETWEEN 1 AND 2048),
+    url                        text        NOT NULL,
     -- Topics the endpoint receives; '*' receives every topic.
-    topics                     text[]      NOT NULL CHECK (cardinality(topics) >= 1),
+    topics                     text[]      NOT NULL,
     -- `whsec_` + base64 of 24 to 64 random bytes.
     secret                     text        NOT NULL,
     -- During a rotation the old secret also signs, until it expires.
@@ -48,7 +49,7 @@ CREATE TABLE oncely.webhook_deliveries (
     ordering_key    text,
     -- The delivery job (no foreign key: finished jobs are pruned).
     job_id          bigint      NOT NULL,
-    attempts        integer     NOT NULL DEFAULT 0,
+    attempts        oncely.non_negative NOT NULL DEFAULT 0,
     last_status     integer,
     last_error      text,
     last_attempt_at timestamptz,
@@ -62,8 +63,8 @@ CREATE INDEX webhook_deliveries_order_idx ON oncely.webhook_deliveries (endpoint
 
 -- Inbound events accepted at most once per (source, event id), with the job that processes them.
 CREATE TABLE oncely.inbox (
-    source      text        NOT NULL CHECK (length(source) BETWEEN 1 AND 255),
-    event_id    text        NOT NULL CHECK (length(event_id) BETWEEN 1 AND 255),
+    source      oncely.name NOT NULL,
+    event_id    oncely.name NOT NULL,
     payload     jsonb       NOT NULL,
     job_id      bigint      NOT NULL,
     received_at timestamptz NOT NULL DEFAULT now(),
