@@ -82,11 +82,11 @@ struct Receiver {
 
 async fn receive(State(r): State<Arc<Receiver>>, Path(n): Path<usize>, headers: HeaderMap, body: Bytes) -> Response {
     let Some(secret) = r.secrets.get(n) else { return StatusCode::NOT_FOUND.into_response() };
-    if verify_headers(secret, &headers, &body, DEFAULT_TOLERANCE).is_err() {
+    let Ok(verified) = verify_headers(secret, &headers, &body, DEFAULT_TOLERANCE) else {
         r.seen.lock().expect("receiver lock").bad_signatures += 1;
         return StatusCode::UNAUTHORIZED.into_response();
-    }
-    let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    };
+    let id = verified.message_id;
     let roll: f64 = rand::random();
     let (fail, slow) = (roll < r.failure_rate, roll < r.failure_rate / 20.0);
     {

@@ -22,5 +22,5 @@ pub mod signature;
 pub mod transport;
 
 pub use delivery::{event_body, parse_retry_after, DeliverWebhook, DeliveryConfig, RetrySchedule, WebhookDelivery};
-pub use signature::{sign, signature_header, verify, verify_headers, VerifyError};
+pub use signature::{sign, signature_header, verify, verify_headers, Verified, VerifyError};
 pub use transport::{HttpTransport, Transport, TransportError, WebhookRequest, WebhookResponse};

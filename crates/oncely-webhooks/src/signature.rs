@@ -75,6 +75,15 @@ pub enum VerifyError {
     NoMatchingSignature,
 }
 
+/// A message that verified: what a receiver deduplicates on, and when it was sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The `webhook-id`: the same on every attempt, so the key to deduplicate on.
+    pub message_id: String,
+    /// The attempt's `webhook-timestamp`, Unix seconds.
+    pub timestamp: i64,
+}
+
 /// Verify a message with the receiver's clock. See [`verify_at`].
 pub fn verify(
     secret: &WebhookSecret,
@@ -83,7 +92,7 @@ pub fn verify(
     signatures: &str,
     body: &[u8],
     tolerance: Duration,
-) -> Result<(), VerifyError> {
+) -> Result<Verified, VerifyError> {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     verify_at(secret, msg_id, timestamp, signatures, body, now, tolerance)
 }
@@ -99,7 +108,7 @@ pub fn verify_at(
     body: &[u8],
     now: i64,
     tolerance: Duration,
-) -> Result<(), VerifyError> {
+) -> Result<Verified, VerifyError> {
     let ts: i64 = timestamp.trim().parse().map_err(|_| VerifyError::InvalidTimestamp)?;
     let skew = now.saturating_sub(ts);
     if skew.unsigned_abs() > tolerance.as_secs() {
@@ -109,14 +118,14 @@ pub fn verify_at(
         let Some(b64) = candidate.strip_prefix("v1,") else { continue };
         let Ok(given) = base64::engine::general_purpose::STANDARD.decode(b64) else { continue };
         if mac(secret, msg_id, ts, body).verify_slice(&given).is_ok() {
-            return Ok(());
+            return Ok(Verified { message_id: msg_id.to_owned(), timestamp: ts });
         }
     }
     Err(VerifyError::NoMatchingSignature)
 }
 
 /// Verify a request's headers and body with the receiver's clock — the helper for oncely users who
-/// receive webhooks.
+/// receive webhooks. On success it returns the `webhook-id` to deduplicate on.
 ///
 /// # Example
 ///
@@ -131,7 +140,8 @@ pub fn verify_at(
 /// headers.insert("webhook-id", "msg_1".parse().unwrap());
 /// headers.insert("webhook-timestamp", now.to_string().parse().unwrap());
 /// headers.insert("webhook-signature", sign(&secret, "msg_1", now, body).parse().unwrap());
-/// assert!(verify_headers(&secret, &headers, body, DEFAULT_TOLERANCE).is_ok());
+/// let verified = verify_headers(&secret, &headers, body, DEFAULT_TOLERANCE).unwrap();
+/// assert_eq!((verified.message_id.as_str(), verified.timestamp), ("msg_1", now));
 /// assert!(verify_headers(&secret, &headers, b"tampered", DEFAULT_TOLERANCE).is_err());
 /// ```
 pub fn verify_headers(
@@ -139,7 +149,7 @@ pub fn verify_headers(
     headers: &http::HeaderMap,
     body: &[u8],
     tolerance: Duration,
-) -> Result<(), VerifyError> {
+) -> Result<Verified, VerifyError> {
     let get = |name: &'static str| {
         headers.get(name).and_then(|v| v.to_str().ok()).ok_or(VerifyError::MissingHeader(name))
     };
@@ -166,7 +176,10 @@ mod tests {
         let t = 1_700_000_000;
         let sig = sign(&secret, "msg_1", t, b"body");
         let tol = DEFAULT_TOLERANCE;
-        assert_eq!(verify_at(&secret, "msg_1", "1700000000", &sig, b"body", t + 299, tol), Ok(()));
+        assert_eq!(
+            verify_at(&secret, "msg_1", "1700000000", &sig, b"body", t + 299, tol),
+            Ok(Verified { message_id: "msg_1".into(), timestamp: t })
+        );
         assert_eq!(verify_at(&secret, "msg_2", "1700000000", &sig, b"body", t, tol), Err(VerifyError::NoMatchingSignature));
         assert_eq!(verify_at(&secret, "msg_1", "1700000001", &sig, b"body", t, tol), Err(VerifyError::NoMatchingSignature));
         assert_eq!(verify_at(&other, "msg_1", "1700000000", &sig, b"body", t, tol), Err(VerifyError::NoMatchingSignature));
@@ -183,11 +196,11 @@ mod tests {
         let header = signature_header(&[&new, &old], "msg_1", 10, b"x");
         assert_eq!(header.split(' ').count(), 2);
         for s in [&old, &new] {
-            assert_eq!(verify_at(s, "msg_1", "10", &header, b"x", 10, DEFAULT_TOLERANCE), Ok(()));
+            assert!(verify_at(s, "msg_1", "10", &header, b"x", 10, DEFAULT_TOLERANCE).is_ok());
         }
         assert!(verify_at(&WebhookSecret::generate(), "msg_1", "10", &header, b"x", 10, DEFAULT_TOLERANCE).is_err());
         // Unknown versions and garbage are skipped, not fatal.
         let mixed = format!("v2,abc v1,!!! {header}");
-        assert_eq!(verify_at(&old, "msg_1", "10", &mixed, b"x", 10, DEFAULT_TOLERANCE), Ok(()));
+        assert!(verify_at(&old, "msg_1", "10", &mixed, b"x", 10, DEFAULT_TOLERANCE).is_ok());
     }
 }
