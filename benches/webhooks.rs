@@ -13,7 +13,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use bytes::Bytes;
-use oncely::core::outbox::{publish, Event, DEFAULT_DELIVERY_QUEUE};
+use oncely::core::outbox::{publish, publish_many, Event, DEFAULT_DELIVERY_QUEUE};
 use oncely::core::webhook::{create_endpoint, NewEndpoint};
 use oncely::worker::{WorkerHandle, WorkerStats};
 use oncely::Worker;
@@ -136,19 +136,36 @@ async fn main() {
     create_endpoint(&pool, &NewEndpoint::new(format!("http://{addr}/fast"), ["bench.throughput"])).await.unwrap();
     create_endpoint(&pool, &NewEndpoint::new(format!("http://{addr}/timed"), ["bench.latency"])).await.unwrap();
 
-    // (b) Publish EVENTS with no worker running, then deliver them all.
+    // (b) Publish EVENTS with no worker running — the first half one `publish` call per event, the
+    // second half one `publish_many` call per batch, PUBLISH_BATCH per transaction — then deliver
+    // them all.
+    let half = EVENTS / 2;
+    let event = |i: u64| Event::from_json("bench.throughput", serde_json::json!({ "n": i }));
     let start = Instant::now();
-    for first in (0..EVENTS).step_by(PUBLISH_BATCH as usize) {
+    for first in (0..half).step_by(PUBLISH_BATCH as usize) {
         let mut tx = pool.begin().await.unwrap();
-        for i in first..(first + PUBLISH_BATCH).min(EVENTS) {
-            let event = Event::from_json("bench.throughput", serde_json::json!({ "n": i }));
-            publish(&mut *tx, &event).await.unwrap();
+        for i in first..(first + PUBLISH_BATCH).min(half) {
+            publish(&mut *tx, &event(i)).await.unwrap();
         }
         tx.commit().await.unwrap();
     }
     let elapsed = start.elapsed();
-    let publish_rate = EVENTS as f64 / elapsed.as_secs_f64();
-    println!("[3/5] publish, {PUBLISH_BATCH} per transaction: {EVENTS} events in {elapsed:.2?} = {publish_rate:.0}/s");
+    let publish_rate = half as f64 / elapsed.as_secs_f64();
+    println!("[3/5] publish, {PUBLISH_BATCH} per transaction: {half} events in {elapsed:.2?} = {publish_rate:.0}/s");
+    let batches: Vec<Vec<Event>> = (half..EVENTS)
+        .step_by(PUBLISH_BATCH as usize)
+        .map(|first| (first..(first + PUBLISH_BATCH).min(EVENTS)).map(event).collect())
+        .collect();
+    let start = Instant::now();
+    for batch in &batches {
+        publish_many(&pool, batch).await.unwrap();
+    }
+    let elapsed = start.elapsed();
+    let publish_many_rate = (EVENTS - half) as f64 / elapsed.as_secs_f64();
+    println!(
+        "[3/5] publish_many, {PUBLISH_BATCH} per call: {} events in {elapsed:.2?} = {publish_many_rate:.0}/s",
+        EVENTS - half
+    );
 
     let worker_pool = PgPoolOptions::new().max_connections(WORKER_CONNECTIONS).connect(&url).await.unwrap();
     let mut warm = Vec::new();
@@ -217,6 +234,7 @@ async fn main() {
         ("INSERT commits/s, 1 connection".to_owned(), format!("{base_one:.0}"), String::new()),
         (format!("INSERT commits/s, {BASELINE_CONNECTIONS} connections"), format!("{base_many:.0}"), String::new()),
         (format!("publish events/s, {PUBLISH_BATCH} per transaction"), format!("{publish_rate:.0}"), String::new()),
+        (format!("publish_many events/s, {PUBLISH_BATCH} per call"), format!("{publish_many_rate:.0}"), String::new()),
         (
             "deliveries/s".to_owned(),
             format!("{deliver_rate:.0}"),

@@ -630,3 +630,49 @@ async fn events_waiting_behind_a_slow_retry_sleep_until_it_instead_of_polling() 
     .unwrap();
     assert!(snoozes.iter().all(|&s| s <= 12), "{snoozes:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publish_many_stores_a_batch_in_input_order_and_fans_each_event_out() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let rx = Receiver::start(|_| Reply::Status(200)).await;
+    create_endpoint(pool, &NewEndpoint::new(rx.url("all"), ["*"])).await.unwrap();
+    create_endpoint(pool, &NewEndpoint::new(rx.url("paid"), ["invoice.paid"]).ordered(true)).await.unwrap();
+    let events: Vec<Event> = (0..300)
+        .map(|i| {
+            let topic = if i % 3 == 0 { "invoice.paid" } else { "invoice.created" };
+            Event::new(topic, &i).unwrap().ordering_key(format!("customer:{}", i % 7))
+        })
+        .collect();
+    // A rolled-back batch leaves nothing.
+    let mut tx = pool.begin().await.unwrap();
+    outbox::publish_many(&mut *tx, &events).await.unwrap();
+    tx.rollback().await.unwrap();
+
+    let published = outbox::publish_many(pool, &events).await.unwrap();
+    assert_eq!(published.len(), 300);
+    assert!(published.windows(2).all(|w| w[0].id < w[1].id), "ids follow the input");
+    for (i, p) in published.iter().enumerate() {
+        assert_eq!(p.deliveries, if i % 3 == 0 { 2 } else { 1 }, "event {i}");
+        let stored = outbox::get_event(pool, p.id).await.unwrap();
+        assert_eq!((stored.payload, stored.message_id.as_str()), (serde_json::json!(i), p.message_id.as_str()));
+    }
+    assert!(outbox::publish_many(pool, &[]).await.unwrap().is_empty());
+    assert!(matches!(
+        outbox::publish_many(pool, &[events[0].clone(), Event::from_json("bad topic", serde_json::json!(1))]).await,
+        Err(oncely::Error::InvalidInput(_))
+    ));
+
+    let h = delivery_worker(db.new_pool(8).await, fast_delivery());
+    wait_delivered(pool, 400).await;
+    h.shutdown().await;
+    // The ordered endpoint got each customer's paid invoices in input order.
+    let paid: Vec<String> = rx.effects().into_iter().filter(|(e, _)| e == "paid").map(|(_, id)| id).collect();
+    for customer in 0..7 {
+        let want: Vec<&String> =
+            published.iter().enumerate().filter(|(i, _)| i % 3 == 0 && i % 7 == customer).map(|(_, p)| &p.message_id).collect();
+        let got: Vec<&String> = paid.iter().filter(|id| want.contains(id)).collect();
+        assert_eq!(got, want, "customer {customer}");
+    }
+}

@@ -150,31 +150,50 @@ pub fn message_id(uid: uuid::Uuid) -> String {
     format!("msg_{}", uid.simple())
 }
 
-const EVENT_PUBLISH: &str = r#"
-WITH lock AS (
-    SELECT CASE WHEN $3::text IS NOT NULL
-                THEN pg_advisory_xact_lock(hashtextextended('oncely.events/' || $3, 0)) END AS locked
+/// Insert a batch of events, one delivery job and one delivery row per (event, subscribed
+/// endpoint), in one statement. Returns one row per event, in input order.
+const EVENT_PUBLISH_MANY: &str = r#"
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[], $5::int[])
+        WITH ORDINALITY AS t(topic, payload, ordering_key, queue, max_attempts, ord)
+), lock AS (
+    -- A transaction lock per ordering key, taken in key order so that two batches never wait for
+    -- each other crosswise. Held until the caller commits: events of one key are numbered in
+    -- commit order.
+    SELECT count(pg_advisory_xact_lock(hashtextextended('oncely.events/' || k, 0))) AS locked
+    FROM (SELECT DISTINCT ordering_key AS k FROM input WHERE ordering_key IS NOT NULL ORDER BY 1) AS keys
 ), ev AS (
     INSERT INTO oncely.events (topic, payload, ordering_key)
-    SELECT $1, $2, $3 FROM lock
-    RETURNING id, uid, ordering_key
-), eps AS (
-    SELECT id, ordered FROM oncely.webhook_endpoints
+    SELECT topic, payload, ordering_key FROM input CROSS JOIN lock ORDER BY ord
+    RETURNING id, uid, topic, ordering_key
+), numbered AS (
+    -- Ids are drawn in insertion order, which is input order.
+    SELECT ev.*, row_number() OVER (ORDER BY ev.id) AS ord FROM ev
+), targets AS (
+    SELECT n.id AS event_id, n.ordering_key, i.queue, i.max_attempts, p.id AS endpoint_id, p.ordered
+    FROM numbered n
+    JOIN input i ON i.ord = n.ord
     -- '*' receives every topic except the operational ones under 'oncely.', which can name other
     -- endpoints (and so other tenants): those go only to endpoints that subscribe to them by name.
-    WHERE enabled AND topics && ARRAY[$1::text, CASE WHEN starts_with($1, 'oncely.') THEN NULL ELSE '*' END]
+    JOIN oncely.webhook_endpoints p
+      ON p.enabled AND p.topics && ARRAY[n.topic::text, CASE WHEN starts_with(n.topic, 'oncely.') THEN NULL ELSE '*' END]
 ), jobs AS (
     INSERT INTO oncely.jobs (kind, queue, args, max_attempts)
-    SELECT $6, $4, jsonb_build_object('event_id', ev.id, 'endpoint_id', eps.id), $5
-    FROM ev CROSS JOIN eps
-    RETURNING id, (args->>'endpoint_id')::bigint AS endpoint_id, pg_notify('oncely_jobs', queue) IS NULL AS notified
+    SELECT $6, queue, jsonb_build_object('event_id', event_id, 'endpoint_id', endpoint_id), max_attempts
+    FROM targets
+    RETURNING id, (args->>'event_id')::bigint AS event_id, (args->>'endpoint_id')::bigint AS endpoint_id,
+              pg_notify('oncely_jobs', queue) IS NULL AS notified
 ), deliveries AS (
     INSERT INTO oncely.webhook_deliveries (endpoint_id, event_id, ordering_key, job_id)
-    SELECT jobs.endpoint_id, ev.id, CASE WHEN eps.ordered THEN ev.ordering_key END, jobs.id
-    FROM jobs JOIN eps ON eps.id = jobs.endpoint_id CROSS JOIN ev
-    RETURNING 1
+    SELECT t.endpoint_id, t.event_id, CASE WHEN t.ordered THEN t.ordering_key END, jobs.id
+    FROM jobs JOIN targets t ON t.event_id = jobs.event_id AND t.endpoint_id = jobs.endpoint_id
+    RETURNING event_id
+), counts AS (
+    SELECT event_id, count(*) AS n FROM deliveries GROUP BY event_id
 )
-SELECT ev.id, ev.uid, (SELECT count(*) FROM deliveries) AS deliveries FROM ev
+SELECT n.id, n.uid, coalesce(c.n, 0) AS deliveries
+FROM numbered n LEFT JOIN counts c ON c.event_id = n.id
+ORDER BY n.ord
 "#;
 
 /// Publish an event: inside the caller's transaction, so that it exists (and is delivered) if and
@@ -194,21 +213,60 @@ SELECT ev.id, ev.uid, (SELECT count(*) FROM deliveries) AS deliveries FROM ev
 /// ```
 #[instrument(skip_all, fields(topic = %event.topic), err)]
 pub async fn publish<'e>(executor: impl PgExecutor<'e>, event: &Event) -> Result<Published> {
-    event.validate()?;
-    let row = sqlx::query(EVENT_PUBLISH)
-        .bind(&event.topic)
-        .bind(&event.payload)
-        .bind(&event.ordering_key)
-        .bind(&event.queue)
-        .bind(event.max_attempts)
+    let mut published = publish_many(executor, std::slice::from_ref(event)).await?;
+    published.pop().ok_or_else(|| Error::InvalidInput("publish: the statement returned no event".into()))
+}
+
+/// Publish many events in one statement (a backfill, or several events of one business change), in
+/// input order: ids, and so the order of events sharing an ordering key, follow the slice. Like
+/// [`publish`], pass your transaction to make them commit with your writes.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn example(pool: sqlx::PgPool) -> oncely_core::Result<()> {
+/// use oncely_core::outbox::{publish_many, Event};
+/// let events: Vec<Event> = (1..=3)
+///     .map(|n| Event::from_json("invoice.paid", serde_json::json!({ "invoice": n })).ordering_key("customer:42"))
+///     .collect();
+/// let published = publish_many(&pool, &events).await?;
+/// assert_eq!(published.len(), 3);
+/// # Ok(()) }
+/// ```
+#[instrument(skip_all, fields(count = events.len()), err)]
+pub async fn publish_many<'e>(executor: impl PgExecutor<'e>, events: &[Event]) -> Result<Vec<Published>> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    for event in events {
+        event.validate()?;
+    }
+    let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
+    let payloads: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
+    let keys: Vec<Option<&str>> = events.iter().map(|e| e.ordering_key.as_deref()).collect();
+    let queues: Vec<&str> = events.iter().map(|e| e.queue.as_str()).collect();
+    let max_attempts: Vec<i32> = events.iter().map(|e| e.max_attempts).collect();
+    let rows = sqlx::query(EVENT_PUBLISH_MANY)
+        .bind(&topics)
+        .bind(&payloads)
+        .bind(&keys)
+        .bind(&queues)
+        .bind(&max_attempts)
         .bind(DELIVERY_KIND)
-        .fetch_one(executor)
+        .fetch_all(executor)
         .await?;
-    Ok(Published {
-        id: EventId(row.try_get("id")?),
-        message_id: message_id(row.try_get("uid")?),
-        deliveries: row.try_get("deliveries")?,
-    })
+    if rows.len() != events.len() {
+        return Err(Error::InvalidInput(format!("publish_many: stored {} events of {}", rows.len(), events.len())));
+    }
+    rows.iter()
+        .map(|row| {
+            Ok(Published {
+                id: EventId(row.try_get("id")?),
+                message_id: message_id(row.try_get("uid")?),
+                deliveries: row.try_get("deliveries")?,
+            })
+        })
+        .collect()
 }
 
 /// A stored event.
