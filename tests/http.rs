@@ -21,7 +21,8 @@ struct Counter(Arc<AtomicU32>);
 
 async fn create(State(c): State<Counter>, body: String) -> axum::response::Response {
     let n = c.0.fetch_add(1, Ordering::SeqCst) + 1;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Longer than a transactional duplicate waits under InFlight::Reject (TX_REJECT_LOCK_WAIT).
+    tokio::time::sleep(Duration::from_millis(80)).await;
     axum::response::Response::builder()
         .status(StatusCode::CREATED)
         .header("content-type", "application/json")
@@ -260,7 +261,10 @@ async fn concurrent(app: &Router, n: usize, key: &'static str) -> Vec<Got> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_identical_requests_run_the_handler_once() {
     for n in [10, 100] {
-        for (name, layer, _db) in stores().await {
+        let mut layers = stores().await;
+        let tx_db = TestDb::new().await;
+        layers.push(("transactional", IdempotencyLayer::transactional(tx_db.new_pool(8).await), Some(tx_db)));
+        for (name, layer, _db) in layers {
             // Default: the others get 409 with Retry-After (or a replay if they came late).
             let counter = Counter::default();
             let app = app(layer.clone(), counter.clone());
@@ -271,6 +275,8 @@ async fn concurrent_identical_requests_run_the_handler_once() {
             assert_eq!(created + busy.len(), n, "{name} x{n}");
             assert!(busy.iter().all(|g| g.headers.contains_key("retry-after")));
             assert!(!busy.is_empty(), "{name} x{n}: some duplicates arrived while the first ran");
+            let ran = got.iter().filter(|g| g.status == StatusCode::CREATED && !g.headers.contains_key("idempotency-replayed"));
+            assert_eq!(ran.count(), 1, "{name} x{n}: the other 201s are replays");
 
             // Wait mode: every response is the same.
             let counter = Counter::default();

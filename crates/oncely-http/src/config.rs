@@ -28,6 +28,11 @@ pub enum MissingKey {
 }
 
 /// What to do when the key's first request is still running.
+///
+/// In transactional mode the first request holds its key in its open transaction, so a duplicate
+/// waits on it in the database: under `Reject` for at most
+/// [`TX_REJECT_LOCK_WAIT`](crate::TX_REJECT_LOCK_WAIT) (one that is about to commit is replayed),
+/// under `Wait(d)` for at most `d`; then 409. Either way it holds a pool connection meanwhile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum InFlight {
     /// Answer 409 with `Retry-After`. The default.

@@ -26,4 +26,4 @@ pub use service::{fingerprint, Idempotency, IdempotencyLayer, InnerBody, Respons
 pub use store::{IdempotencyStore, MemoryStore, PgStore, StoreClaim, StoreError, StoredResponse};
 #[cfg(feature = "axum")]
 pub use tx::MissingRequestTx;
-pub use tx::{RequestTx, TxConn};
+pub use tx::{RequestTx, TxConn, TX_REJECT_LOCK_WAIT};

@@ -365,7 +365,11 @@ where
         request_id: &str,
     ) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
         let cfg = self.config.clone();
-        let (tx, claimed) = match mode.begin_and_claim(scope, key, fp, cfg.lease, cfg.ttl).await {
+        let lock_wait = match cfg.in_flight {
+            InFlight::Reject => crate::tx::TX_REJECT_LOCK_WAIT,
+            InFlight::Wait(max) => max,
+        };
+        let (tx, claimed) = match mode.begin_and_claim(scope, key, fp, cfg.lease, cfg.ttl, lock_wait).await {
             Ok(v) => v,
             Err(e) => return Ok(self.unavailable(&e, request_id)),
         };

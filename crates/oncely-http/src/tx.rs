@@ -10,12 +10,27 @@ use tokio::sync::{Mutex, MutexGuard};
 
 use crate::store::{claim_options, decode, ledger_key, StoreClaim, StoreError, StoredResponse};
 
+/// SQLSTATE `lock_not_available`: a `lock_timeout` ran out.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+/// What a duplicate that found the key held by an open transaction is told to wait: such requests
+/// hold their key only while they run, typically milliseconds.
+const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Defaults to 50 ms: how long a duplicate waits on the first request's open transaction under
+/// [`InFlight::Reject`](crate::InFlight::Reject) before it is answered 409 (one that is about to
+/// commit is replayed instead).
+pub const TX_REJECT_LOCK_WAIT: Duration = Duration::from_millis(50);
+
 #[derive(Clone)]
 pub(crate) struct TxMode {
     pub(crate) pool: sqlx::PgPool,
 }
 
 impl TxMode {
+    /// Begin the request's transaction and claim the key in it. Inside the transaction the claim is
+    /// invisible to others until the commit: a concurrent duplicate waits on the row, then sees the
+    /// stored response (or, after a rollback, claims the key itself). That wait is bounded by
+    /// `lock_wait` (a `lock_timeout` for the claim alone): past it the duplicate is
+    /// [`StoreClaim::Busy`].
     pub(crate) async fn begin_and_claim(
         &self,
         scope: &str,
@@ -23,13 +38,28 @@ impl TxMode {
         fingerprint: &str,
         lease: Duration,
         ttl: Duration,
+        lock_wait: Duration,
     ) -> Result<(Transaction<'static, Postgres>, StoreClaim), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(|e| StoreError(e.to_string()))?;
+        let db = |e: sqlx::Error| StoreError(e.to_string());
+        let mut tx = self.pool.begin().await.map_err(db)?;
         let owner = format!("http-tx:{}", uuid::Uuid::new_v4());
-        // Inside the transaction the claim is invisible to others until the commit; a concurrent
-        // duplicate waits on the row and then sees the stored response.
-        let claimed = ledger::claim(&mut tx, &ledger_key(scope, key), &claim_options(&owner, fingerprint, lease, ttl)).await?;
-        Ok((tx, decode(claimed)?))
+        let wait = format!("{}ms", lock_wait.as_millis().max(1));
+        let previous: String = sqlx::query_scalar("SELECT current_setting('lock_timeout') FROM set_config('lock_timeout', $1, true)")
+            .bind(&wait)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        let claimed = match ledger::claim(&mut tx, &ledger_key(scope, key), &claim_options(&owner, fingerprint, lease, ttl)).await {
+            Ok(c) => decode(c)?,
+            Err(oncely_core::Error::Database(sqlx::Error::Database(e))) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+                // The first request still holds the key in its open transaction.
+                return Ok((tx, StoreClaim::Busy { retry_after: BUSY_RETRY_AFTER }));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // The handler's own statements run under the session's lock timeout again.
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)").bind(&previous).execute(&mut *tx).await.map_err(db)?;
+        Ok((tx, claimed))
     }
 
     pub(crate) async fn complete_and_commit(
