@@ -437,3 +437,103 @@ async fn a_request_whose_process_died_mid_handler_holds_its_key_only_until_the_l
     assert_eq!(&ok.body[..], b"project p1");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+/// A request to `path` with `method`, key `k`, no caller identity header.
+fn anonymous(method: http::Method, path: &str, key: &str, body: &str) -> Request<Body> {
+    Request::builder().method(method).uri(path).header("idempotency-key", key).body(Body::from(body.to_owned())).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keyless_callers_are_scoped_by_their_address_from_connect_info() {
+    let db = TestDb::new().await;
+    let counter = Counter::default();
+    let app = app(IdempotencyLayer::new(PgStore::new(db.pool().clone())), counter.clone());
+    let from = |ip: [u8; 4]| {
+        let mut r = anonymous(http::Method::POST, "/things", "shared-key", "b");
+        r.extensions_mut().insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((ip, 40_000))));
+        r
+    };
+    let a = send(&app, from([10, 0, 0, 1])).await;
+    let b = send(&app, from([10, 0, 0, 2])).await;
+    assert_eq!((a.status, b.status), (StatusCode::CREATED, StatusCode::CREATED));
+    assert!(!b.headers.contains_key("idempotency-replayed"), "another address never gets the first's response");
+    assert_ne!(a.body, b.body);
+    let again = send(&app, from([10, 0, 0, 1])).await;
+    assert_eq!((again.body, again.headers.contains_key("idempotency-replayed")), (a.body, true));
+    assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn other_methods_pass_through_and_a_key_reused_on_another_route_or_method_conflicts() {
+    let db = TestDb::new().await;
+    let counter = Counter::default();
+    let router = Router::new()
+        .route("/things", post(create).put(create).get(create))
+        .route("/other", post(create))
+        .layer(IdempotencyLayer::new(PgStore::new(db.pool().clone())))
+        .with_state(counter.clone());
+    // GET is not idempotency-checked by default: both run, nothing is stored.
+    for _ in 0..2 {
+        let mut r = anonymous(http::Method::GET, "/things", "get-key", "");
+        r.headers_mut().insert("x-api-key", http::HeaderValue::from_static("tenant-a"));
+        assert_eq!(send(&router, r).await.status, StatusCode::CREATED);
+    }
+    assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.ledger").fetch_one(db.pool()).await.unwrap();
+    assert_eq!(stored, 0);
+
+    assert_eq!(send(&router, req(Some("k1"), "same")).await.status, StatusCode::CREATED);
+    let mut other_route = anonymous(http::Method::POST, "/other", "k1", "same");
+    other_route.headers_mut().insert("x-api-key", http::HeaderValue::from_static("tenant-a"));
+    let g = send(&router, other_route).await;
+    assert_eq!((g.status, problem_type(&g).ends_with("idempotency-key-reused")), (StatusCode::UNPROCESSABLE_ENTITY, true));
+    let mut other_method = anonymous(http::Method::PATCH, "/things", "k1", "same");
+    other_method.headers_mut().insert("x-api-key", http::HeaderValue::from_static("tenant-a"));
+    assert_eq!(send(&router, other_method).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(counter.0.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_fails_answers_503_without_its_error_text_and_runs_nothing() {
+    let db = TestDb::new().await;
+    let pool = db.new_pool(2).await;
+    let counter = Counter::default();
+    let app = app(IdempotencyLayer::new(PgStore::new(pool.clone())), counter.clone());
+    // The database goes away under the store.
+    sqlx::query("DROP TABLE oncely.ledger").execute(db.pool()).await.unwrap();
+    let g = send(&app, req(Some("k"), "a")).await;
+    assert_eq!(g.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(problem_type(&g).ends_with("store-unavailable"), "{}", problem_type(&g));
+    assert!(g.headers.contains_key("retry-after"));
+    let text = String::from_utf8_lossy(&g.body).to_lowercase();
+    for leak in ["ledger", "relation", "sqlx", "database", "does not exist", "oncely."] {
+        assert!(!text.contains(leak), "the response leaks `{leak}`: {text}");
+    }
+    assert_eq!(counter.0.load(Ordering::SeqCst), 0, "nothing ran without a claim");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_store_server_errors_a_5xx_is_replayed_instead_of_run_again() {
+    for (name, layer, _db) in stores().await {
+        let runs = Arc::new(AtomicU32::new(0));
+        let r = runs.clone();
+        let app = Router::new()
+            .route(
+                "/things",
+                post(move || {
+                    let r = r.clone();
+                    async move {
+                        let n = r.fetch_add(1, Ordering::SeqCst) + 1;
+                        (StatusCode::BAD_GATEWAY, format!("upstream failed, run {n}"))
+                    }
+                }),
+            )
+            .layer(with(layer, |c| c.store_server_errors = true));
+        let first = send(&app, req(Some("k"), "a")).await;
+        let second = send(&app, req(Some("k"), "a")).await;
+        assert_eq!((first.status, second.status), (StatusCode::BAD_GATEWAY, StatusCode::BAD_GATEWAY), "{name}");
+        assert_eq!(second.body, first.body, "{name}");
+        assert!(second.headers.contains_key("idempotency-replayed"), "{name}");
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "{name}");
+    }
+}

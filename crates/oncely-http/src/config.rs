@@ -126,9 +126,14 @@ fn digest(kind: &str, v: &[u8]) -> String {
     format!("{kind}:{hex}")
 }
 
-/// The default scope: a hash of the `x-api-key` header, else of `authorization`, else the
-/// [`ClientAddr`] in the request extensions, else `anonymous` (all keyless callers share a
-/// scope: configure a scope for public endpoints).
+/// The default scope: a hash of the `x-api-key` header, else of `authorization`, else the client
+/// address — a [`ClientAddr`] in the request extensions, or (with the `axum` feature) axum's
+/// `ConnectInfo<SocketAddr>`, present when the server runs with
+/// `into_make_service_with_connect_info` — else `anonymous`.
+///
+/// Behind a reverse proxy every client has the proxy's address: put the real one in a
+/// [`ClientAddr`] (from a header your proxy sets), or configure a scope. Callers with no identity
+/// at all share the `anonymous` scope: give public endpoints a scope of their own.
 pub fn default_scope(parts: &http::request::Parts) -> String {
     if let Some(v) = parts.headers.get("x-api-key") {
         return digest("key", v.as_bytes());
@@ -138,6 +143,10 @@ pub fn default_scope(parts: &http::request::Parts) -> String {
     }
     if let Some(ClientAddr(ip)) = parts.extensions.get::<ClientAddr>() {
         return format!("ip:{ip}");
+    }
+    #[cfg(feature = "axum")]
+    if let Some(axum::extract::ConnectInfo(addr)) = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>() {
+        return format!("ip:{}", addr.ip());
     }
     "anonymous".into()
 }

@@ -15,6 +15,8 @@ pub enum Problem {
     KeyMissing,
     /// 413: the body is over the limit; nothing was stored.
     BodyTooLarge,
+    /// 400: the body could not be read (the client went away mid-body, a broken encoding).
+    BodyUnreadable,
     /// 422 (or 409): the key was used with a different request.
     KeyReused,
     /// 409: a request with this key is still being processed.
@@ -31,6 +33,7 @@ impl Problem {
             Problem::KeyMalformed => "idempotency-key-malformed",
             Problem::KeyMissing => "idempotency-key-missing",
             Problem::BodyTooLarge => "body-too-large",
+            Problem::BodyUnreadable => "body-unreadable",
             Problem::KeyReused => "idempotency-key-reused",
             Problem::InProgress => "idempotency-key-in-progress",
             Problem::StoreUnavailable => "idempotency-store-unavailable",
@@ -48,6 +51,7 @@ impl Problem {
             Problem::KeyMalformed => "Malformed Idempotency-Key",
             Problem::KeyMissing => "Idempotency-Key required",
             Problem::BodyTooLarge => "Request body too large",
+            Problem::BodyUnreadable => "Request body could not be read",
             Problem::KeyReused => "Idempotency-Key reused with a different request",
             Problem::InProgress => "A request with this Idempotency-Key is in progress",
             Problem::StoreUnavailable => "Idempotency store unavailable",

@@ -224,7 +224,7 @@ where
             Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Ok(too_large()),
             Err(e) => {
                 let detail = format!("the request body could not be read: {e}");
-                return Ok(problem(Problem::KeyMalformed, StatusCode::BAD_REQUEST, &detail, &request_id, None));
+                return Ok(problem(Problem::BodyUnreadable, StatusCode::BAD_REQUEST, &detail, &request_id, None));
             }
         };
         let route = cfg.route.clone().unwrap_or_else(|| parts.uri.path().to_owned());

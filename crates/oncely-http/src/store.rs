@@ -81,8 +81,10 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     async fn release(&self, scope: &str, key: &str, token: i32) -> Result<(), StoreError>;
 }
 
+/// The ledger key of (scope, key). The scope's length leads, so that no two pairs share a key
+/// whatever `|` they contain (`a|b` + `c` and `a` + `b|c` differ).
 pub(crate) fn ledger_key(scope: &str, key: &str) -> LedgerKey {
-    LedgerKey::new(HTTP_NAMESPACE, format!("{scope}|{key}"))
+    LedgerKey::new(HTTP_NAMESPACE, format!("{}:{scope}|{key}", scope.len()))
 }
 
 /// The store on the effect ledger (`oncely.ledger`, namespace `http`). Expired keys are deleted by
@@ -173,6 +175,12 @@ impl MemoryStore {
         self.entries.lock().expect("memory store lock poisoned").map.len()
     }
 
+    /// Length of the eviction queue (for tests: it stays proportional to the capacity).
+    #[doc(hidden)]
+    pub fn queue_len(&self) -> usize {
+        self.entries.lock().expect("memory store lock poisoned").order.len()
+    }
+
     /// True when empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -180,13 +188,30 @@ impl MemoryStore {
 }
 
 impl Entries {
-    /// Drop the oldest entries until there is room for one more.
-    fn make_room(&mut self, capacity: usize) {
+    /// Drop the oldest entries until there is room for one more. A key whose request is still
+    /// running (a live lease) is never dropped — that would let a duplicate run beside it — so with
+    /// every entry in progress the store grows past its capacity until they finish.
+    fn make_room(&mut self, capacity: usize, now: Instant) {
+        let mut running = Vec::new();
         while self.map.len() >= capacity {
-            let Some((seq, id)) = self.order.pop_front() else { return };
-            if self.map.get(&id).is_some_and(|e| e.seq == seq) {
-                self.map.remove(&id);
+            let Some((seq, id)) = self.order.pop_front() else { break };
+            match self.map.get(&id) {
+                Some(e) if e.seq == seq && e.response.is_none() && e.lease_until > now => running.push((seq, id)),
+                Some(e) if e.seq == seq => {
+                    self.map.remove(&id);
+                }
+                _ => {} // stale: the entry was released, expired or replaced
             }
+        }
+        // Running entries keep their place at the front, oldest first.
+        for item in running.into_iter().rev() {
+            self.order.push_front(item);
+        }
+        // Released and expired entries leave stale pairs behind; keep the queue proportional to
+        // the map.
+        if self.order.len() > 2 * capacity.max(self.map.len()) {
+            let map = &self.map;
+            self.order.retain(|(seq, id)| map.get(id).is_some_and(|e| e.seq == *seq));
         }
     }
 }
@@ -215,7 +240,7 @@ impl IdempotencyStore for MemoryStore {
             e.lease_until = now + lease;
             return Ok(StoreClaim::Run { token: e.token });
         }
-        entries.make_room(self.capacity);
+        entries.make_room(self.capacity, now);
         let seq = entries.next_seq;
         entries.next_seq += 1;
         entries.order.push_back((seq, id.clone()));
@@ -256,6 +281,12 @@ mod tests {
         StoredResponse { status: 201, headers: vec![], body: body.as_bytes().to_vec() }
     }
 
+    #[test]
+    fn ledger_keys_of_different_scope_and_key_pairs_differ() {
+        assert_ne!(ledger_key("a|b", "c").key, ledger_key("a", "b|c").key);
+        assert_eq!(ledger_key("tenant", "k1").key, ledger_key("tenant", "k1").key);
+    }
+
     #[tokio::test]
     async fn memory_store_evicts_the_oldest_when_full_and_expires_by_ttl() {
         let store = MemoryStore::with_capacity(2);
@@ -273,6 +304,28 @@ mod tests {
         let StoreClaim::Run { token } = short.claim("s", "k", "fp", lease, Duration::ZERO).await.unwrap() else { panic!() };
         short.complete("s", "k", token, &resp("k"), Duration::ZERO).await.unwrap();
         assert!(matches!(short.claim("s", "k", "fp", lease, ttl).await.unwrap(), StoreClaim::Run { .. }), "expired: runs again");
+    }
+
+    #[tokio::test]
+    async fn memory_store_never_evicts_a_running_key_and_its_queue_stays_bounded() {
+        let store = MemoryStore::with_capacity(2);
+        let (lease, ttl) = (Duration::from_secs(60), Duration::from_secs(60));
+        // Two requests in progress fill the store; a third key still runs, and neither running
+        // key is evicted: their duplicates are busy, not run again.
+        for k in ["a", "b", "c"] {
+            assert!(matches!(store.claim("s", k, "fp", lease, ttl).await.unwrap(), StoreClaim::Run { .. }));
+        }
+        assert_eq!(store.len(), 3, "over capacity while all are running");
+        for k in ["a", "b"] {
+            assert!(matches!(store.claim("s", k, "fp", lease, ttl).await.unwrap(), StoreClaim::Busy { .. }), "{k}");
+        }
+        // Many released keys (5xx) leave no trail in the eviction queue.
+        for i in 0..1000 {
+            let k = format!("r{i}");
+            let StoreClaim::Run { token } = store.claim("s", &k, "fp", lease, ttl).await.unwrap() else { panic!() };
+            store.release("s", &k, token).await.unwrap();
+        }
+        assert!(store.queue_len() <= 2 * store.len().max(2) + 1, "queue {}", store.queue_len());
     }
 
     #[tokio::test]

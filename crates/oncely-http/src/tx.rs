@@ -147,7 +147,7 @@ mod extract {
                 .response(
                     StatusCode::BAD_REQUEST,
                     "this endpoint needs an Idempotency-Key (it runs in the key's transaction)",
-                    "",
+                    &uuid::Uuid::new_v4().to_string(),
                     None,
                 )
                 .into_response()
