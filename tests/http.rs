@@ -537,3 +537,36 @@ async fn with_store_server_errors_a_5xx_is_replayed_instead_of_run_again() {
         assert_eq!(runs.load(Ordering::SeqCst), 1, "{name}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_http_keys_are_cleaned_up_live_ones_kept_and_each_run_audited() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let store = PgStore::new(pool.clone());
+    let counter = Counter::default();
+    let expired = app(with(IdempotencyLayer::new(store.clone()), |c| c.ttl = Duration::ZERO), counter.clone());
+    let live = app(with(IdempotencyLayer::new(store.clone()), |c| c.ttl = Duration::from_secs(3600)), counter.clone());
+    assert_eq!(send(&expired, req(Some("old"), "a")).await.status, StatusCode::CREATED);
+    assert_eq!(send(&live, req(Some("new"), "a")).await.status, StatusCode::CREATED);
+    let keys = || async {
+        sqlx::query_scalar::<_, String>("SELECT key FROM oncely.ledger WHERE namespace = 'http' ORDER BY key").fetch_all(pool).await.unwrap()
+    };
+    assert_eq!(keys().await.len(), 2);
+
+    let cleanup = store.spawn_cleanup(Duration::from_millis(50));
+    let deleted: i64 = eventually(Duration::from_secs(10), "an audited cleanup run", || async {
+        sqlx::query_scalar("SELECT deleted FROM oncely.maintenance_runs WHERE task = 'ledger_cleanup' ORDER BY id LIMIT 1")
+            .fetch_optional(pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    cleanup.abort();
+    assert_eq!(deleted, 1);
+    let left = keys().await;
+    assert_eq!(left.len(), 1);
+    assert!(left[0].ends_with("|new"), "{left:?}");
+    // The live key still replays; the expired one runs again.
+    assert!(send(&live, req(Some("new"), "a")).await.headers.contains_key("idempotency-replayed"));
+    assert!(!send(&expired, req(Some("old"), "a")).await.headers.contains_key("idempotency-replayed"));
+}

@@ -94,10 +94,42 @@ pub struct PgStore {
     pool: sqlx::PgPool,
 }
 
+/// Defaults to 1 hour: how often [`PgStore::spawn_cleanup`] deletes expired keys.
+pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(3600);
+/// Expired ledger records deleted per statement by [`PgStore::spawn_cleanup`].
+const CLEANUP_BATCH: i64 = 5_000;
+
 impl PgStore {
     /// A store on `pool` (migrated with `oncely_core::migrate`).
     pub fn new(pool: sqlx::PgPool) -> Self {
         PgStore { pool }
+    }
+
+    /// For services that run no oncely worker (whose maintenance leader does this already): delete
+    /// expired keys every `interval` ([`DEFAULT_CLEANUP_INTERVAL`]), in batches, writing one audit
+    /// row per run to `oncely.maintenance_runs` (task `ledger_cleanup`). Several replicas may each
+    /// run it: deletes are idempotent, and each run is audited. Abort the handle to stop it.
+    ///
+    /// ```no_run
+    /// # async fn example(pool: sqlx::PgPool) {
+    /// let store = oncely_http::PgStore::new(pool);
+    /// let cleanup = store.spawn_cleanup(oncely_http::store::DEFAULT_CLEANUP_INTERVAL);
+    /// # cleanup.abort(); }
+    /// ```
+    pub fn spawn_cleanup(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await; // the first tick is immediate: run one interval after start
+            loop {
+                tick.tick().await;
+                match ledger::cleanup_expired(&pool, CLEANUP_BATCH, Some("oncely-http")).await {
+                    Ok(n) => tracing::info!(deleted = n, "deleted expired idempotency keys"),
+                    Err(e) => tracing::warn!(error = %e, "idempotency key cleanup failed; next run in one interval"),
+                }
+            }
+        })
     }
 }
 
