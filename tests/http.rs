@@ -570,3 +570,48 @@ async fn expired_http_keys_are_cleaned_up_live_ones_kept_and_each_run_audited() 
     assert!(send(&live, req(Some("new"), "a")).await.headers.contains_key("idempotency-replayed"));
     assert!(!send(&expired, req(Some("old"), "a")).await.headers.contains_key("idempotency-replayed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_running_longer_than_the_lease_keeps_its_key_and_runs_once() {
+    const LEASE: Duration = Duration::from_millis(300);
+    for (name, layer, _db) in stores().await {
+        let runs = Arc::new(AtomicU32::new(0));
+        let r = runs.clone();
+        let app = Router::new()
+            .route(
+                "/things",
+                post(move || {
+                    let r = r.clone();
+                    async move {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(LEASE * 4).await; // the handler's slow work
+                        StatusCode::CREATED
+                    }
+                }),
+            )
+            .layer(with(layer, |c| c.lease = LEASE));
+        let started = std::time::Instant::now();
+        let first = tokio::spawn({
+            let app = app.clone();
+            async move { send(&app, req(Some("slow"), "a")).await }
+        });
+        let r = runs.clone();
+        eventually(Duration::from_secs(5), "the first request's handler to start", || async { (r.load(Ordering::SeqCst) == 1).then_some(()) }).await;
+        let mut late_duplicates = 0;
+        while !first.is_finished() {
+            let dup = send(&app, req(Some("slow"), "a")).await;
+            assert!(
+                dup.status == StatusCode::CONFLICT || dup.headers.contains_key("idempotency-replayed"),
+                "{name}: a duplicate ran beside the first ({})",
+                dup.status
+            );
+            if dup.status == StatusCode::CONFLICT && started.elapsed() > LEASE * 2 {
+                late_duplicates += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await; // pacing the client, not waiting on state
+        }
+        assert_eq!(first.await.unwrap().status, StatusCode::CREATED, "{name}");
+        assert!(late_duplicates > 0, "{name}: duplicates were sent after the original lease ran out");
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "{name}: the slow handler ran once");
+    }
+}

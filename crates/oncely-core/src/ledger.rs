@@ -196,6 +196,21 @@ pub async fn complete<'e>(
         .ok_or_else(|| Error::LedgerClaimLost { key: key.to_string(), attempt })
 }
 
+/// Extend claim `attempt`'s lease to `lease` from now, so that a holder still at work keeps its
+/// key (a heartbeat). Refused with [`Error::LedgerClaimLost`] when the claim was taken over or
+/// finished.
+pub async fn extend<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt: i32, lease: Duration) -> Result<()> {
+    sqlx::query(queries::LEDGER_EXTEND)
+        .bind(&key.namespace)
+        .bind(&key.key)
+        .bind(attempt)
+        .bind(lease.as_secs_f64())
+        .fetch_optional(executor)
+        .await?
+        .map(|_| ())
+        .ok_or_else(|| Error::LedgerClaimLost { key: key.to_string(), attempt })
+}
+
 /// Forget claim `attempt` when the effect did not happen (it failed cleanly), so the next claimant
 /// runs it from scratch. A claim already taken over is left alone.
 pub async fn release<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt: i32) -> Result<()> {

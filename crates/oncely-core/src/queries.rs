@@ -281,6 +281,14 @@ WHERE namespace = $1 AND key = $2 AND attempt = $3 AND state = 'in_progress'
 RETURNING attempt
 "#;
 
+/// Extend the lease of in-progress claim `$3` by `$4` seconds from now.
+pub(crate) const LEDGER_EXTEND: &str = r#"
+UPDATE oncely.ledger
+SET lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
+WHERE namespace = $1 AND key = $2 AND attempt = $3 AND state = 'in_progress'
+RETURNING attempt
+"#;
+
 /// Forget claim `$3` of a key that recorded nothing, so the next claimant runs from scratch.
 pub(crate) const LEDGER_RELEASE: &str = r#"
 DELETE FROM oncely.ledger

@@ -340,8 +340,22 @@ where
             }
         };
         // If this future is dropped from here on (the client went away, the process died), the key
-        // stays in progress until its lease ends: the handler may have made its effects.
-        let (parts, body, failed) = self.run_buffered(req, request_id).await?;
+        // stays in progress until its lease ends: the handler may have made its effects. While the
+        // handler runs, a heartbeat extends the lease, so a slow handler is never run twice.
+        let heartbeat = async {
+            let mut tick = tokio::time::interval((cfg.lease / 3).max(Duration::from_millis(10)));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = store.extend(scope, key, token, cfg.lease).await {
+                    tracing::warn!(error = %e, %request_id, "could not extend the idempotency key's lease");
+                }
+            }
+        };
+        let (parts, body, failed) = tokio::select! {
+            out = self.run_buffered(req, request_id) => out?,
+            () = heartbeat => unreachable!("the heartbeat loop never ends"),
+        };
         if self.storable(parts.status, failed) {
             let stored = self.to_stored(&parts, &body);
             if let Err(e) = store.complete(scope, key, token, &stored, cfg.ttl).await {

@@ -79,6 +79,13 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     async fn complete(&self, scope: &str, key: &str, token: i32, response: &StoredResponse, ttl: Duration) -> Result<(), StoreError>;
     /// Forget claim `token` so the next request with the key runs.
     async fn release(&self, scope: &str, key: &str, token: i32) -> Result<(), StoreError>;
+    /// Extend claim `token`'s lease to `lease` from now while its request still runs. The layer
+    /// calls it every third of the lease; the default does nothing (the lease then bounds how long
+    /// a handler may run before a duplicate may run beside it).
+    async fn extend(&self, scope: &str, key: &str, token: i32, lease: Duration) -> Result<(), StoreError> {
+        let _ = (scope, key, token, lease);
+        Ok(())
+    }
 }
 
 /// The ledger key of (scope, key). The scope's length leads, so that no two pairs share a key
@@ -161,6 +168,10 @@ impl IdempotencyStore for PgStore {
 
     async fn release(&self, scope: &str, key: &str, token: i32) -> Result<(), StoreError> {
         Ok(ledger::release(&self.pool, &ledger_key(scope, key), token).await?)
+    }
+
+    async fn extend(&self, scope: &str, key: &str, token: i32, lease: Duration) -> Result<(), StoreError> {
+        Ok(ledger::extend(&self.pool, &ledger_key(scope, key), token, lease).await?)
     }
 }
 
@@ -302,6 +313,17 @@ impl IdempotencyStore for MemoryStore {
             entries.map.remove(&id);
         }
         Ok(())
+    }
+
+    async fn extend(&self, scope: &str, key: &str, token: i32, lease: Duration) -> Result<(), StoreError> {
+        let mut entries = self.entries.lock().expect("memory store lock poisoned");
+        match entries.map.get_mut(&(scope.to_owned(), key.to_owned())) {
+            Some(e) if e.token == token && e.response.is_none() => {
+                e.lease_until = Instant::now() + lease;
+                Ok(())
+            }
+            _ => Err(StoreError(format!("claim {token} of key {key} was taken over"))),
+        }
     }
 }
 
