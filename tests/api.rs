@@ -99,6 +99,41 @@ async fn billing_endpoints_count_once_and_refuse_a_reused_key_with_409() {
     assert_eq!(settlements, 1);
 }
 
+/// Simulate a crash after the checkout handler ran and before the layer stored its response: the
+/// key's record is back in progress with its lease run out, so the retry runs the handler again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkout_retried_after_a_crash_adds_no_second_subscription() {
+    let db = TestDb::new().await;
+    let (addr, provider) = serve(&db).await;
+    let h = [("authorization", "Bearer user-7"), ("idempotency-key", "checkout-crash-1")];
+    let first = post(&addr, "/checkout", &h, r#"{"price":"pro"}"#).await;
+    assert_eq!(first.status, 201);
+    let crashed = sqlx::query(
+        "UPDATE oncely.ledger SET state = 'in_progress', output = NULL, lease_expires_at = now() - interval '1 second'
+         WHERE namespace = 'http' AND key LIKE '%|checkout-crash-1'",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(crashed.rows_affected(), 1);
+
+    let retry = post(&addr, "/checkout", &h, r#"{"price":"pro"}"#).await;
+    assert_eq!(retry.status, 201);
+    assert_eq!(retry.header("idempotency-replayed"), None, "the handler ran again");
+    assert_eq!(provider.calls.load(Ordering::SeqCst), 2, "the provider was called again, with the same key");
+    assert_eq!(retry.body, first.body, "and returned the same session");
+    let subs: i64 = sqlx::query_scalar("SELECT count(*) FROM subscriptions").fetch_one(db.pool()).await.unwrap();
+    assert_eq!(subs, 1, "one subscription per provider session");
+}
+
+fn json(r: &Resp) -> serde_json::Value {
+    serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.body))
+}
+
+async fn scalar(db: &TestDb, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(db.pool()).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn control_plane_endpoints_generate_a_key_when_none_is_sent() {
     let db = TestDb::new().await;
@@ -109,10 +144,143 @@ async fn control_plane_endpoints_generate_a_key_when_none_is_sent() {
     let again = post(&addr, "/projects", &[("x-api-key", "ops"), ("idempotency-key", &key)], r#"{"project_id":"p1","name":"One"}"#).await;
     assert_eq!((again.status, again.body.as_str()), (201, created.body.as_str()), "a retry with the returned key replays");
     assert_eq!(again.header("location"), Some("/projects/p1"));
+    assert_eq!(again.header("idempotency-replayed"), Some("true"));
 
-    let k1 = post(&addr, "/projects/p1/keys", &[("x-api-key", "ops"), ("idempotency-key", "create_key:req-1")], "").await;
-    let k2 = post(&addr, "/projects/p1/keys", &[("x-api-key", "ops"), ("idempotency-key", "create_key:req-1")], "").await;
+    let body = r#"{"request_id":"req-1"}"#;
+    let k1 = post(&addr, "/projects/p1/keys", &[("x-api-key", "ops"), ("idempotency-key", "create_key:req-1")], body).await;
+    let k2 = post(&addr, "/projects/p1/keys", &[("x-api-key", "ops"), ("idempotency-key", "create_key:req-1")], body).await;
+    assert_eq!(k1.status, 201);
     assert_eq!(k1.body, k2.body, "a retried create returns the same key");
-    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys").fetch_one(db.pool()).await.unwrap();
-    assert_eq!(keys, 1);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM api_keys").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn provisioning_a_project_twice_with_different_or_no_keys_creates_one_project() {
+    let db = TestDb::new().await;
+    let (addr, _) = serve(&db).await;
+    let body = r#"{"project_id":"p1","name":"One"}"#;
+    // A double-click that sends no header: two generated keys, so the layer cannot tell.
+    let (a, b) = tokio::join!(post(&addr, "/projects", &[("x-api-key", "ops")], body), post(&addr, "/projects", &[("x-api-key", "ops")], body));
+    assert_eq!((a.status, b.status), (201, 201), "{} / {}", a.body, b.body);
+    assert_ne!(a.header("idempotency-key"), b.header("idempotency-key"));
+    assert_eq!(a.body, b.body, "the same response");
+    assert_eq!(json(&a), serde_json::json!({"id": "p1", "name": "One"}));
+    let replays = [a.header("idempotency-replayed"), b.header("idempotency-replayed")];
+    assert_eq!(replays.iter().filter(|r| **r == Some("true")).count(), 1, "one ran, one got its record: {replays:?}");
+    // Two different header keys: the same again.
+    let c = post(&addr, "/projects", &[("x-api-key", "ops"), ("idempotency-key", "click-1")], body).await;
+    let d = post(&addr, "/projects", &[("x-api-key", "ops"), ("idempotency-key", "click-2")], body).await;
+    assert_eq!((c.status, c.body.as_str(), d.status, d.body.as_str()), (201, a.body.as_str(), 201, a.body.as_str()));
+    assert_eq!((c.header("location"), d.header("location")), (Some("/projects/p1"), Some("/projects/p1")));
+    assert_eq!(scalar(&db, "SELECT count(*) FROM projects").await, 1, "one project");
+    assert_eq!(scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE namespace = 'idempotency' AND key = 'provision:p1'").await, 1);
+
+    // Not the same request: another caller, or another name for the id. Nothing is replayed to it.
+    let other = post(&addr, "/projects", &[("x-api-key", "someone-else")], body).await;
+    assert_eq!((other.status, json(&other)["code"].as_str()), (409, Some("project_exists")));
+    let renamed = post(&addr, "/projects", &[("x-api-key", "ops")], r#"{"project_id":"p1","name":"Renamed"}"#).await;
+    assert_eq!((renamed.status, json(&renamed)["code"].as_str()), (409, Some("project_exists")));
+    // A project made before any record (or after it expired) is a conflict, not a replay.
+    sqlx::query("INSERT INTO projects (id, name) VALUES ('p0', 'Zero')").execute(db.pool()).await.unwrap();
+    let old = post(&addr, "/projects", &[("x-api-key", "ops")], r#"{"project_id":"p0","name":"Zero"}"#).await;
+    assert_eq!(old.status, 409);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE namespace = 'idempotency' AND key = 'provision:p0'").await, 0, "refusals are not recorded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn creating_a_key_twice_with_one_request_id_creates_one_key() {
+    let db = TestDb::new().await;
+    let (addr, _) = serve(&db).await;
+    assert_eq!(post(&addr, "/projects", &[("x-api-key", "ops")], r#"{"project_id":"p1","name":"One"}"#).await.status, 201);
+    let body = r#"{"request_id":"req-42"}"#;
+    // Five concurrent retries, each with its own header key or none.
+    let headers: [&[(&str, &str)]; 5] = [
+        &[("x-api-key", "ops")],
+        &[("x-api-key", "ops")],
+        &[("x-api-key", "ops"), ("idempotency-key", "k-1")],
+        &[("x-api-key", "ops"), ("idempotency-key", "k-2")],
+        &[("x-api-key", "ops"), ("idempotency-key", "k-3")],
+    ];
+    let all = futures::future::join_all(headers.iter().map(|h| post(&addr, "/projects/p1/keys", h, body))).await;
+    for r in &all {
+        assert_eq!((r.status, r.body.as_str()), (201, all[0].body.as_str()), "the same key for every retry");
+    }
+    let key = json(&all[0]);
+    assert_eq!(key["project_id"], "p1");
+    assert!(key["id"].as_str().unwrap().starts_with("key_"));
+    assert_eq!(all.iter().filter(|r| r.header("idempotency-replayed").is_none()).count(), 1, "one ran");
+    assert_eq!(scalar(&db, "SELECT count(*) FROM api_keys").await, 1, "one key");
+
+    // Another request id is another key.
+    let other = post(&addr, "/projects/p1/keys", &[("x-api-key", "ops")], r#"{"request_id":"req-43"}"#).await;
+    assert_eq!(other.status, 201);
+    assert_ne!(json(&other)["id"], key["id"]);
+    // The request id reused by another caller, or for another project: refused, the key not shown.
+    let thief = post(&addr, "/projects/p1/keys", &[("x-api-key", "someone-else")], body).await;
+    assert_eq!((thief.status, json(&thief)["code"].as_str()), (409, Some("request_id_conflict")));
+    assert!(!thief.body.contains(key["id"].as_str().unwrap()));
+    let elsewhere = post(&addr, "/projects/p2/keys", &[("x-api-key", "ops")], body).await;
+    assert_eq!(elsewhere.status, 409);
+    // An unknown project: 404, and nothing recorded under the request id.
+    let missing = post(&addr, "/projects/nope/keys", &[("x-api-key", "ops")], r#"{"request_id":"req-44"}"#).await;
+    assert_eq!((missing.status, json(&missing)["code"].as_str()), (404, Some("no_such_project")));
+    assert_eq!(scalar(&db, "SELECT count(*) FROM api_keys").await, 2);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE namespace = 'idempotency' AND key = 'create_key:req-44'").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn creating_a_key_without_a_request_id_is_a_400() {
+    let db = TestDb::new().await;
+    let (addr, _) = serve(&db).await;
+    assert_eq!(post(&addr, "/projects", &[("x-api-key", "ops")], r#"{"project_id":"p1","name":"One"}"#).await.status, 201);
+    let long = format!(r#"{{"request_id":"{}"}}"#, "r".repeat(256));
+    for (i, body) in ["", "{}", r#"{"request_id":""}"#, r#"{"request_id":null}"#, "not json", &long].into_iter().enumerate() {
+        let header_key = format!("create-{i}");
+        let r = post(&addr, "/projects/p1/keys", &[("x-api-key", "ops"), ("idempotency-key", &header_key)], body).await;
+        assert_eq!(r.status, 400, "body {body:?}: {}", r.body);
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(json(&r)["code"], "request_id_required");
+        assert!(json(&r)["error"].as_str().unwrap().contains("request_id"));
+    }
+    // Without any header too.
+    let r = post(&addr, "/projects/p1/keys", &[("x-api-key", "ops")], "").await;
+    assert_eq!((r.status, json(&r)["code"].as_str()), (400, Some("request_id_required")));
+    assert_eq!(scalar(&db, "SELECT count(*) FROM api_keys").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoking_a_key_twice_returns_the_same_response_and_one_timestamp() {
+    let db = TestDb::new().await;
+    let (addr, _) = serve(&db).await;
+    assert_eq!(post(&addr, "/projects", &[("x-api-key", "ops")], r#"{"project_id":"p1","name":"One"}"#).await.status, 201);
+    let key = json(&post(&addr, "/projects/p1/keys", &[("x-api-key", "ops")], r#"{"request_id":"req-1"}"#).await)["id"].as_str().unwrap().to_owned();
+    let path = format!("/keys/{key}/revoke");
+
+    let first = post(&addr, &path, &[("x-api-key", "ops")], "").await;
+    let second = post(&addr, &path, &[("x-api-key", "ops"), ("idempotency-key", "revoke-again")], "").await;
+    assert_eq!((first.status, second.status), (200, 200), "{}", first.body);
+    assert_eq!(first.body, second.body, "the same response");
+    assert_eq!((first.header("idempotency-replayed"), second.header("idempotency-replayed")), (None, Some("true")));
+    let body = json(&first);
+    assert_eq!((body["id"].as_str(), body["revoked"].as_bool()), (Some(key.as_str()), Some(true)));
+    let stored: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT revoked_at FROM api_keys WHERE id = $1").bind(&key).fetch_one(db.pool()).await.unwrap();
+    let answered: chrono::DateTime<chrono::Utc> = body["revoked_at"].as_str().unwrap().parse().unwrap();
+    assert_eq!(answered, stored, "one revocation timestamp");
+
+    // After the record expires the revocation is still permanent: the same body again.
+    let expired = sqlx::query("UPDATE oncely.ledger SET expires_at = now() - interval '1 second' WHERE namespace = 'idempotency' AND key = $1")
+        .bind(format!("revoke:{key}"))
+        .execute(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(expired.rows_affected(), 1);
+    let third = post(&addr, &path, &[("x-api-key", "ops")], "").await;
+    assert_eq!((third.status, third.body.as_str()), (200, first.body.as_str()));
+    assert_eq!(third.header("idempotency-replayed"), None, "it ran again, and changed nothing");
+    let stored_again: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT revoked_at FROM api_keys WHERE id = $1").bind(&key).fetch_one(db.pool()).await.unwrap();
+    assert_eq!(stored_again, stored);
+
+    let unknown = post(&addr, "/keys/key_nope/revoke", &[("x-api-key", "ops")], "").await;
+    assert_eq!((unknown.status, json(&unknown)["code"].as_str()), (404, Some("no_such_key")));
+    assert_eq!(scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE namespace = 'idempotency' AND key = 'revoke:key_nope'").await, 0);
 }

@@ -3,30 +3,55 @@
 //! - Billing (seed 003): `POST /api/v1/usage`, `POST /api/v1/usage/bulk`, `POST /api/v1/settle` —
 //!   transactional mode (the usage rows and the stored response commit together), a key reused
 //!   with another body is `409 idempotency_conflict`, 24 h TTL.
-//! - Control plane (seed 004): `POST /projects` (1 h TTL), `POST /projects/{id}/keys` (5 min),
-//!   `POST /keys/{id}/revoke` (5 min). A request without a key gets a generated one, returned in the
-//!   `Idempotency-Key` response header.
+//! - Control plane (seed 004), with two lines of defence:
+//!   1. The `Idempotency-Key` layer in front, as on every route: a retry that resends the header
+//!      gets the stored response byte for byte, a key reused with another body is refused, and a
+//!      request without a key gets a generated one, returned in the `Idempotency-Key` response
+//!      header (1 h for `/projects`, 5 min for the key routes). It only helps clients that send
+//!      the same key again.
+//!   2. Behind it, each handler deduplicates on the seed's business key, whatever header came (none
+//!      on a double-click, a fresh one per click, one per retrying proxy): the effect and its
+//!      record in the effect ledger commit in one transaction (`oncely::with_idempotency_tx`), so
+//!      it happens once per key, and a repeat gets the recorded body with
+//!      `Idempotency-Replayed: true`.
+//!
+//!   | route | body | business key, TTL | repeat |
+//!   |---|---|---|---|
+//!   | `POST /projects` | `{"project_id", "name"}` | `provision:{project_id}`, 1 h | same caller, same name: the recorded `201`; else `409 project_exists` |
+//!   | `POST /projects/{id}/keys` | `{"request_id"}` (required: `400 request_id_required`) | `create_key:{request_id}`, 5 min | same caller, same project: the recorded `201` with the same key; else `409 request_id_conflict` |
+//!   | `POST /keys/{id}/revoke` | none | `revoke:{key_id}`, 1 year ([`REVOKE_TTL`]) | the same `200` with the original `revoked_at` (also after the record expires) |
+//!
+//!   Refusals (`404` no such project or key, `409` project exists) are not recorded: the
+//!   transaction rolls back and a later request runs again.
 //! - Checkout (seed 001): `POST /checkout` requires a key; concurrent duplicates (a double-click)
 //!   wait for the first and get its response. The payment provider is called with a stable key
 //!   derived from the caller and the request's key, so even a retry after a crash creates one
-//!   session.
+//!   session, and `subscriptions.session_id` is unique (the insert is `ON CONFLICT DO NOTHING`), so
+//!   that retry adds no second subscription.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use oncely::core::ledger::LedgerKey;
-use oncely_http::{IdempotencyConfig, IdempotencyLayer, InFlight, MissingKey, PgStore, RequestTx};
-use serde::Deserialize;
+use oncely::core::step::BoxError;
+use oncely::StepError;
+use oncely_http::{IdempotencyConfig, IdempotencyLayer, InFlight, MissingKey, PgStore, RequestTx, IDEMPOTENCY_REPLAYED};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 /// A payment provider that deduplicates on its idempotency key, as Stripe does.
 #[derive(Default)]
@@ -39,9 +64,11 @@ impl PaymentProvider {
     pub async fn create_checkout_session(&self, idempotency_key: &str, user: &str, price: &str) -> String {
         self.calls.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(30)).await; // the network
+        // Session ids are unique across processes, as a real provider's are.
         let mut sessions = self.sessions.lock().unwrap();
-        let n = sessions.len() + 1;
-        sessions.entry(idempotency_key.to_owned()).or_insert_with(|| format!("cs_{n}_{user}_{price}")).clone()
+        let session = sessions.entry(idempotency_key.to_owned()).or_insert_with(|| format!("cs_{}", uuid::Uuid::new_v4().simple()));
+        tracing::debug!(user, price, session = %session, "provider: checkout session");
+        session.clone()
     }
 }
 
@@ -59,6 +86,8 @@ pub async fn setup(pool: &PgPool) -> Result<(), Box<dyn std::error::Error + Send
         "CREATE TABLE IF NOT EXISTS projects (id text PRIMARY KEY, name text NOT NULL)",
         "CREATE TABLE IF NOT EXISTS api_keys (id text PRIMARY KEY, project_id text NOT NULL, revoked_at timestamptz)",
         "CREATE TABLE IF NOT EXISTS subscriptions (id bigserial PRIMARY KEY, user_id text NOT NULL, session_id text NOT NULL)",
+        // One subscription per provider session (also for tables made before this index existed).
+        "CREATE UNIQUE INDEX IF NOT EXISTS subscriptions_session_id_key ON subscriptions (session_id)",
     ] {
         sqlx::query(sql).execute(pool).await?;
     }
@@ -136,37 +165,229 @@ async fn settle(tx: Option<RequestTx>, State(s): State<AppState>, headers: Heade
     }
 }
 
+/// How long `provision:{project_id}` is kept (seed 004: 1 hour).
+pub const PROVISION_TTL: Duration = Duration::from_secs(3600);
+/// How long `create_key:{request_id}` is kept (seed 004: 5 minutes).
+pub const CREATE_KEY_TTL: Duration = Duration::from_secs(300);
+/// How long `revoke:{key_id}` is kept. Seed 004 says "Immediate (revocation is permanent)": the
+/// revocation itself is permanent and naturally idempotent (`revoked_at = coalesce(revoked_at,
+/// now())`, so a repeat returns the original timestamp), so this record only spares the repeat a
+/// write and marks it as a replay. `with_idempotency_tx` takes a `Duration` and has no "keep
+/// forever" (a huge one overflows PostgreSQL's interval), so it is a long one: a year. After it the
+/// record expires, the ledger cleanup reclaims it, and a repeat runs the no-op UPDATE and answers
+/// the same body again.
+pub const REVOKE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(json!({"error": message, "code": code}))).into_response()
+}
+
+/// An answer that is not an effect (a 404, a 409): the closure returns it as its error, so the
+/// transaction rolls back, nothing is recorded under the business key, and a later request runs
+/// again.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: &'static str,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.status)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+fn refuse(status: StatusCode, code: &'static str, message: &'static str) -> BoxError {
+    Box::new(Refusal { status, code, message })
+}
+
+/// What a business-key record holds: the response body and the caller scope it was made for. The
+/// business keys are global (the seed's formats name no caller), so a replay goes only to the scope
+/// that made the record; anyone else is answered as if the record did not exist.
+#[derive(Serialize, Deserialize)]
+struct Recorded<T> {
+    scope: String,
+    body: T,
+}
+
+/// The caller scope, derived as the layer derives it (a hash of `x-api-key`, else of
+/// `authorization`, else `anonymous`): records never hold the credential itself.
+fn scope(parts: &Parts) -> String {
+    oncely_http::config::default_scope(parts)
+}
+
+/// Run `effect` once per business `key` for `ttl`, in one transaction with its ledger record
+/// (`oncely::with_idempotency_tx`, ledger namespace `idempotency`). Returns the effect's output,
+/// or the recorded one, and whether this call ran it (`false`: replayed).
+async fn once<T, F>(pool: &PgPool, key: &str, ttl: Duration, effect: F) -> Result<(T, bool), Response>
+where
+    T: Serialize + DeserializeOwned,
+    F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, BoxError>>,
+{
+    let ran = AtomicBool::new(false);
+    let out = oncely::with_idempotency_tx(pool, key, ttl, |tx| {
+        ran.store(true, Ordering::SeqCst);
+        effect(tx)
+    })
+    .await;
+    match out {
+        Ok(v) => Ok((v, ran.load(Ordering::SeqCst))),
+        Err(StepError::Failed { source, .. }) => Err(match source.downcast::<Refusal>() {
+            Ok(r) => error(r.status, r.code, r.message),
+            Err(e) => internal(e),
+        }),
+        // Not expected here (a claim in a transaction waits for a concurrent one to commit), but a
+        // plain `with_idempotency` on the same key could hold it.
+        Err(StepError::Busy { retry_after, .. }) => {
+            let mut resp = error(StatusCode::CONFLICT, "in_progress", "the same operation is in progress; retry");
+            resp.headers_mut().insert("retry-after", (retry_after.as_secs() + 1).into());
+            Err(resp)
+        }
+        Err(e) => Err(internal(e)),
+    }
+}
+
+/// `status` with `body` as JSON; a recorded answer (`ran` false) is marked
+/// `Idempotency-Replayed: true`, as the layer marks its replays.
+fn answer(status: StatusCode, ran: bool, body: impl Serialize) -> Response {
+    let mut resp = (status, Json(body)).into_response();
+    if !ran {
+        resp.headers_mut().insert(IDEMPOTENCY_REPLAYED, HeaderValue::from_static("true"));
+    }
+    resp
+}
+
 #[derive(Deserialize)]
 struct NewProject {
     project_id: String,
     name: String,
 }
 
-async fn provision_project(State(s): State<AppState>, Json(p): Json<NewProject>) -> Response {
-    let r = sqlx::query("INSERT INTO projects (id, name) VALUES ($1, $2) ON CONFLICT DO NOTHING").bind(&p.project_id).bind(&p.name).execute(&s.pool).await;
-    match r {
-        Ok(r) if r.rows_affected() == 1 => {
-            (StatusCode::CREATED, [("location", format!("/projects/{}", p.project_id))], Json(json!({"id": p.project_id, "name": p.name}))).into_response()
+#[derive(Serialize, Deserialize, PartialEq)]
+struct Project {
+    id: String,
+    name: String,
+}
+
+/// `POST /projects {"project_id", "name"}`: one project per `provision:{project_id}`.
+async fn provision_project(State(s): State<AppState>, parts: Parts, body: Result<Json<NewProject>, JsonRejection>) -> Response {
+    let Ok(Json(p)) = body else {
+        return error(StatusCode::BAD_REQUEST, "invalid_body", "the body must be JSON {\"project_id\": \"...\", \"name\": \"...\"}");
+    };
+    if p.project_id.is_empty() || p.project_id.len() > 255 {
+        return error(StatusCode::BAD_REQUEST, "invalid_project_id", "project_id must be 1 to 255 bytes");
+    }
+    let scope = scope(&parts);
+    let wanted = Project { id: p.project_id, name: p.name };
+    let key = format!("provision:{}", wanted.id);
+    let record = Recorded { scope: scope.clone(), body: Project { id: wanted.id.clone(), name: wanted.name.clone() } };
+    let out = once(&s.pool, &key, PROVISION_TTL, move |tx| {
+        Box::pin(async move {
+            let r = sqlx::query("INSERT INTO projects (id, name) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(&record.body.id)
+                .bind(&record.body.name)
+                .execute(&mut *tx)
+                .await?;
+            if r.rows_affected() == 0 {
+                // Provisioned before this key's record (or after it expired): not ours to replay.
+                return Err(refuse(StatusCode::CONFLICT, "project_exists", "project exists"));
+            }
+            Ok(record)
+        })
+    })
+    .await;
+    match out {
+        // The same caller asking for the same project again: the same answer.
+        Ok((rec, ran)) if rec.scope == scope && rec.body == wanted => {
+            let location = HeaderValue::from_str(&format!("/projects/{}", rec.body.id));
+            let mut resp = answer(StatusCode::CREATED, ran, rec.body);
+            if let Ok(v) = location {
+                resp.headers_mut().insert("location", v);
+            }
+            resp
         }
-        Ok(_) => (StatusCode::CONFLICT, Json(json!({"error": "project exists"}))).into_response(),
-        Err(e) => internal(e),
+        // Someone else's project, or this id with another name: exactly what it is.
+        Ok(_) => error(StatusCode::CONFLICT, "project_exists", "project exists"),
+        Err(resp) => resp,
     }
 }
 
-async fn create_key(State(s): State<AppState>, Path(project): Path<String>) -> Response {
-    let id = format!("key_{}", uuid::Uuid::new_v4().simple());
-    match sqlx::query("INSERT INTO api_keys (id, project_id) VALUES ($1, $2)").bind(&id).bind(&project).execute(&s.pool).await {
-        Ok(_) => (StatusCode::CREATED, Json(json!({"id": id, "project_id": project}))).into_response(),
-        Err(e) => internal(e),
+#[derive(Deserialize)]
+struct NewKey {
+    request_id: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ApiKey {
+    id: String,
+    project_id: String,
+}
+
+/// `POST /projects/{id}/keys {"request_id"}`: one key per `create_key:{request_id}`.
+async fn create_key(State(s): State<AppState>, Path(project): Path<String>, parts: Parts, body: Result<Json<NewKey>, JsonRejection>) -> Response {
+    let request_id = match body {
+        Ok(Json(NewKey { request_id: Some(id) })) if !id.is_empty() && id.len() <= 255 => id,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "request_id_required",
+                "the body must be JSON {\"request_id\": \"...\"} with a request id of 1 to 255 bytes, made once per key to create and sent again on every retry",
+            )
+        }
+    };
+    let scope = scope(&parts);
+    let key = format!("create_key:{request_id}");
+    let record = Recorded { scope: scope.clone(), body: ApiKey { id: format!("key_{}", uuid::Uuid::new_v4().simple()), project_id: project.clone() } };
+    let out = once(&s.pool, &key, CREATE_KEY_TTL, move |tx| {
+        Box::pin(async move {
+            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM projects WHERE id = $1)").bind(&record.body.project_id).fetch_one(&mut *tx).await?;
+            if !exists {
+                return Err(refuse(StatusCode::NOT_FOUND, "no_such_project", "no such project"));
+            }
+            sqlx::query("INSERT INTO api_keys (id, project_id) VALUES ($1, $2)").bind(&record.body.id).bind(&record.body.project_id).execute(&mut *tx).await?;
+            Ok(record)
+        })
+    })
+    .await;
+    match out {
+        Ok((rec, ran)) if rec.scope == scope && rec.body.project_id == project => answer(StatusCode::CREATED, ran, rec.body),
+        // Never hand a key to another caller, or to a request for another project.
+        Ok(_) => error(StatusCode::CONFLICT, "request_id_conflict", "this request_id was already used for a different request"),
+        Err(resp) => resp,
     }
 }
 
-async fn revoke_key(State(s): State<AppState>, Path(key): Path<String>) -> Response {
-    let r = sqlx::query("UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1").bind(&key).execute(&s.pool).await;
-    match r {
-        Ok(r) if r.rows_affected() == 1 => (StatusCode::OK, Json(json!({"id": key, "revoked": true}))).into_response(),
-        Ok(_) => (StatusCode::NOT_FOUND, Json(json!({"error": "no such key"}))).into_response(),
-        Err(e) => internal(e),
+#[derive(Serialize, Deserialize)]
+struct Revocation {
+    id: String,
+    revoked: bool,
+    revoked_at: DateTime<Utc>,
+}
+
+/// `POST /keys/{id}/revoke`: naturally idempotent, recorded under `revoke:{key_id}`.
+async fn revoke_key(State(s): State<AppState>, Path(key_id): Path<String>) -> Response {
+    let key = format!("revoke:{key_id}");
+    let out = once(&s.pool, &key, REVOKE_TTL, move |tx| {
+        Box::pin(async move {
+            // `coalesce` keeps the first revocation's time: a repeat that runs (after the record
+            // expired) answers the same body.
+            let at: Option<DateTime<Utc>> = sqlx::query_scalar("UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 RETURNING revoked_at")
+                .bind(&key_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            match at {
+                Some(revoked_at) => Ok(Revocation { id: key_id, revoked: true, revoked_at }),
+                None => Err(refuse(StatusCode::NOT_FOUND, "no_such_key", "no such key")),
+            }
+        })
+    })
+    .await;
+    match out {
+        Ok((body, ran)) => answer(StatusCode::OK, ran, body),
+        Err(resp) => resp,
     }
 }
 
@@ -181,7 +402,14 @@ async fn create_checkout_session(State(s): State<AppState>, headers: HeaderMap, 
     // Stable across retries: derived from the caller and the request's key, never from the time.
     let provider_key = LedgerKey::new("checkout", format!("{user}|{key}")).idempotency_key();
     let session = s.provider.create_checkout_session(&provider_key, &user, &c.price).await;
-    let r = sqlx::query("INSERT INTO subscriptions (user_id, session_id) VALUES ($1, $2)").bind(&user).bind(&session).execute(&s.pool).await;
+    // A retry after a crash between this insert and the layer storing the response runs the
+    // handler again; the provider returns the same session, and the unique index on `session_id`
+    // makes the insert a no-op: one subscription per provider session.
+    let r = sqlx::query("INSERT INTO subscriptions (user_id, session_id) VALUES ($1, $2) ON CONFLICT (session_id) DO NOTHING")
+        .bind(&user)
+        .bind(&session)
+        .execute(&s.pool)
+        .await;
     match r {
         Ok(_) => (StatusCode::CREATED, Json(json!({"checkout_session": session}))).into_response(),
         Err(e) => internal(e),

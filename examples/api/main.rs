@@ -1,4 +1,5 @@
-//! The example API server (seeds 001, 003, 004) behind the Idempotency-Key layer.
+//! The example API server (seeds 001, 003, 004) behind the Idempotency-Key layer; the control-plane
+//! routes also deduplicate on the seed's business keys (see `app.rs`).
 //!
 //! ```text
 //! scripts/with-postgres cargo run --example api               # serve on 127.0.0.1:3000
@@ -13,10 +14,12 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// POST `body` as user-7, with an `Idempotency-Key` header when `key` is not empty.
 async fn post(addr: &str, path: &str, key: &str, body: &str) -> std::io::Result<String> {
     let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    let key_header = if key.is_empty() { String::new() } else { format!("idempotency-key: {key}\r\n") };
     let req = format!(
-        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer user-7\r\nidempotency-key: {key}\r\n\
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer user-7\r\n{key_header}\
          content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
@@ -56,5 +59,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .fetch_one(&pool)
         .await?;
     println!("subscriptions for that session: {subs}; payment provider calls: {}", provider.calls.load(Ordering::SeqCst));
+
+    // Control plane: the business keys dedupe whatever Idempotency-Key header comes (or none).
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let project = format!("demo-{}", &run[..12]);
+    let body = format!(r#"{{"project_id":"{project}","name":"Demo"}}"#);
+    println!("provision, key A:        {}", post(&addr, "/projects", &format!("{key}-pa"), &body).await?);
+    println!("provision, key B:        {}", post(&addr, "/projects", &format!("{key}-pb"), &body).await?);
+    let keys_path = format!("/projects/{project}/keys");
+    let create = format!(r#"{{"request_id":"{run}"}}"#);
+    let k1 = post(&addr, &keys_path, "", &create).await?;
+    println!("create key, no header:   {k1}");
+    println!("create key, again:       {}", post(&addr, &keys_path, "", &create).await?);
+    println!("create key, no id:       {}", post(&addr, &keys_path, "", "{}").await?);
+    let key_id = k1.split(r#""id":""#).nth(1).and_then(|r| r.split('"').next()).unwrap_or_default().to_owned();
+    let revoke_path = format!("/keys/{key_id}/revoke");
+    println!("revoke:                  {}", post(&addr, &revoke_path, "", "").await?);
+    println!("revoke again:            {}", post(&addr, &revoke_path, "", "").await?);
+    let (projects, keys): (i64, i64) = sqlx::query_as("SELECT (SELECT count(*) FROM projects WHERE id = $1), (SELECT count(*) FROM api_keys WHERE project_id = $1)")
+        .bind(&project)
+        .fetch_one(&pool)
+        .await?;
+    println!("projects {project}: {projects}; keys: {keys}");
     Ok(())
 }
