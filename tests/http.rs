@@ -202,26 +202,33 @@ async fn an_expired_key_runs_again() {
     .await;
 }
 
+/// A router with one POST route behind `layer`, whose handler `f` gets its 0-based call number;
+/// and the call counter.
+fn counting<F, Fut, R>(path: &str, layer: IdempotencyLayer, f: F) -> (Router, Arc<AtomicU32>)
+where
+    F: Fn(u32) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = R> + Send + 'static,
+    R: axum::response::IntoResponse + 'static,
+{
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let handler = move || {
+        let (c, f) = (c.clone(), f.clone());
+        async move { f(c.fetch_add(1, Ordering::SeqCst)).await }
+    };
+    (Router::new().route(path, post(handler)).layer(layer), calls)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_error_or_a_panic_releases_the_key_so_the_retry_runs() {
     for (name, layer, _db) in stores().await {
-        let calls = Arc::new(AtomicU32::new(0));
-        let c = calls.clone();
-        let app = Router::new()
-            .route(
-                "/pay",
-                post(move || {
-                    let c = c.clone();
-                    async move {
-                        match c.fetch_add(1, Ordering::SeqCst) {
-                            0 => (StatusCode::BAD_GATEWAY, "upstream down").into_response_(),
-                            1 => panic!("handler bug"),
-                            _ => (StatusCode::OK, "paid").into_response_(),
-                        }
-                    }
-                }),
-            )
-            .layer(layer);
+        let (app, calls) = counting("/pay", layer, |n| async move {
+            match n {
+                0 => (StatusCode::BAD_GATEWAY, "upstream down").into_response_(),
+                1 => panic!("handler bug"),
+                _ => (StatusCode::OK, "paid").into_response_(),
+            }
+        });
         let r = || Request::post("/pay").header("idempotency-key", "p").body(Body::empty()).unwrap();
         assert_eq!(send(&app, r()).await.status, StatusCode::BAD_GATEWAY, "{name}");
         let panicked = send(&app, r()).await;
@@ -515,20 +522,9 @@ async fn a_store_that_fails_answers_503_without_its_error_text_and_runs_nothing(
 #[tokio::test(flavor = "multi_thread")]
 async fn with_store_server_errors_a_5xx_is_replayed_instead_of_run_again() {
     for (name, layer, _db) in stores().await {
-        let runs = Arc::new(AtomicU32::new(0));
-        let r = runs.clone();
-        let app = Router::new()
-            .route(
-                "/things",
-                post(move || {
-                    let r = r.clone();
-                    async move {
-                        let n = r.fetch_add(1, Ordering::SeqCst) + 1;
-                        (StatusCode::BAD_GATEWAY, format!("upstream failed, run {n}"))
-                    }
-                }),
-            )
-            .layer(with(layer, |c| c.store_server_errors = true));
+        let (app, runs) = counting("/things", with(layer, |c| c.store_server_errors = true), |n| async move {
+            (StatusCode::BAD_GATEWAY, format!("upstream failed, run {}", n + 1))
+        });
         let first = send(&app, req(Some("k"), "a")).await;
         let second = send(&app, req(Some("k"), "a")).await;
         assert_eq!((first.status, second.status), (StatusCode::BAD_GATEWAY, StatusCode::BAD_GATEWAY), "{name}");
@@ -575,21 +571,10 @@ async fn expired_http_keys_are_cleaned_up_live_ones_kept_and_each_run_audited() 
 async fn a_handler_running_longer_than_the_lease_keeps_its_key_and_runs_once() {
     const LEASE: Duration = Duration::from_millis(300);
     for (name, layer, _db) in stores().await {
-        let runs = Arc::new(AtomicU32::new(0));
-        let r = runs.clone();
-        let app = Router::new()
-            .route(
-                "/things",
-                post(move || {
-                    let r = r.clone();
-                    async move {
-                        r.fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(LEASE * 4).await; // the handler's slow work
-                        StatusCode::CREATED
-                    }
-                }),
-            )
-            .layer(with(layer, |c| c.lease = LEASE));
+        let (app, runs) = counting("/things", with(layer, |c| c.lease = LEASE), |_| async {
+            tokio::time::sleep(LEASE * 4).await; // the handler's slow work
+            StatusCode::CREATED
+        });
         let started = std::time::Instant::now();
         let first = tokio::spawn({
             let app = app.clone();
