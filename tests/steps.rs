@@ -345,3 +345,54 @@ async fn the_maintenance_leader_deletes_expired_keys_and_audits_each_run() {
     let keys: Vec<String> = sqlx::query_scalar("SELECT key FROM oncely.ledger").fetch_all(pool).await.unwrap();
     assert_eq!(keys, vec!["live".to_string()]);
 }
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SlowCall {
+    n: i64,
+}
+impl JobArgs for SlowCall {
+    const KIND: &'static str = "slow_call";
+}
+
+/// A step that runs longer than its lease keeps its key: a duplicate job waits instead of taking it
+/// over and running the call a second time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_running_longer_than_its_lease_is_not_taken_over_by_a_duplicate() {
+    const LEASE: Duration = Duration::from_millis(300);
+    let db = TestDb::new().await;
+    let jobs = vec![NewJob::new(&SlowCall { n: 1 }).unwrap(), NewJob::new(&SlowCall { n: 2 }).unwrap()];
+    enqueue_many(db.pool(), &jobs).await.unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let h = builder(db.new_pool(6).await)
+        .register(handler_fn(move |ctx, a: SlowCall| {
+            let c = c.clone();
+            async move {
+                let out: i64 = ctx
+                    .step("call")
+                    .key("shared:slow-call")
+                    .lease(LEASE)
+                    .run(|| async {
+                        c.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(LEASE * 4).await; // the call's own slowness
+                        Ok::<_, std::io::Error>(a.n)
+                    })
+                    .await?;
+                sqlx::query("CREATE TABLE IF NOT EXISTS outputs (n bigint)").execute(ctx.pool()).await?;
+                sqlx::query("INSERT INTO outputs VALUES ($1)").bind(out).execute(ctx.pool()).await?;
+                Ok(())
+            }
+        }))
+        .queue("default", 2)
+        .build()
+        .unwrap()
+        .start();
+    wait_all_finished(db.pool(), Duration::from_secs(30)).await;
+    h.shutdown().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the slow call ran once");
+    let outputs: Vec<i64> = sqlx::query_scalar("SELECT n FROM outputs").fetch_all(db.pool()).await.unwrap();
+    assert_eq!(outputs.len(), 2);
+    assert_eq!(outputs[0], outputs[1], "both jobs got the one call's output");
+    let snoozed: i64 = sqlx::query_scalar("SELECT max(snoozes)::bigint FROM oncely.jobs").fetch_one(db.pool()).await.unwrap();
+    assert!(snoozed >= 1, "the duplicate waited while the call ran");
+}

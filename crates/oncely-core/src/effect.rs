@@ -246,7 +246,7 @@ impl Effect<'_> {
                 },
             }
         }
-        match f(idempotency_key).await {
+        match self.heartbeat(attempt, f(idempotency_key)).await {
             Ok(v) => self.record(attempt, v).await,
             Err(e) => {
                 // The effect did not happen (or may be repeated under the same key): let the next
@@ -256,6 +256,26 @@ impl Effect<'_> {
                 }
                 Err(StepError::Failed { step: self.label.to_owned(), source: e.into() })
             }
+        }
+    }
+
+    /// Run `work` while extending claim `attempt`'s lease every third of it: a claimant still at
+    /// work keeps its key however long the work takes, and only a dead one's claim expires.
+    async fn heartbeat<R>(&self, attempt: i32, work: impl Future<Output = R>) -> R {
+        let beat = async {
+            let mut tick = tokio::time::interval((self.lease / 3).max(Duration::from_millis(10)));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = ledger::extend(self.pool, &self.key, attempt, self.lease).await {
+                    tracing::warn!(step = self.label, error = %e, "could not extend the step's claim");
+                }
+            }
+        };
+        futures::pin_mut!(work, beat);
+        match futures::future::select(work, beat).await {
+            futures::future::Either::Left((out, _)) => out,
+            futures::future::Either::Right(((), _)) => unreachable!("the heartbeat loop never ends"),
         }
     }
 

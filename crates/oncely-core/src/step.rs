@@ -58,7 +58,9 @@ pub const STEP_NAMESPACE: &str = "step";
 /// Defaults to 30 days: how long a step's record (and so its deduplication) lasts.
 pub const DEFAULT_STEP_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Defaults to 5 minutes: how long an in-progress `run` or `external` step holds its key against
-/// *other jobs* (a later attempt of the same job takes it over at once).
+/// *other jobs* after its holder stops renewing it (a later attempt of the same job takes it over at
+/// once). A running step renews it every third of the lease, so it bounds how long a crashed
+/// holder blocks the key, not how long a step may run.
 pub const DEFAULT_STEP_LEASE: Duration = Duration::from_secs(300);
 
 /// The steps of one job attempt.
@@ -125,7 +127,8 @@ impl<'a> Step<'a> {
         self
     }
 
-    /// How long an in-progress claim holds against other jobs. Defaults to [`DEFAULT_STEP_LEASE`].
+    /// How long an in-progress claim holds against other jobs once its holder stops renewing it
+    /// (the step renews it every third of it while running). Defaults to [`DEFAULT_STEP_LEASE`].
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self
