@@ -165,3 +165,49 @@ async fn manages_webhook_endpoints_and_redelivers_a_dead_delivery() {
     assert_eq!(r.code, Some(1));
     assert!(r.err.contains("not found"), "{}", r.err);
 }
+
+/// `oncely bench`, the documented benchmark, on a tiny load: it runs every phase, checks its own
+/// counts in SQL (it fails otherwise), prints every figure of the summary and drops its scratch
+/// database.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_runs_every_phase_and_drops_its_scratch_database() {
+    let db = oncely_testkit::TestDb::new().await;
+    let r = oncely(
+        db.url(),
+        &[
+            "bench",
+            "--jobs",
+            "400",
+            "--concurrency",
+            "10",
+            "--latency-samples",
+            "10",
+            "--baseline-connections",
+            "2",
+            "--baseline-time",
+            "200ms",
+        ],
+    );
+    assert!(r.ok, "stdout:\n{}\nstderr:\n{}", r.out, r.err);
+    // 400 / 4 one-by-one jobs in 10 rounds: 100 of each loop.
+    assert!(r.out.contains("[3/7] enqueue one by one: 100 jobs"), "{}", r.out);
+    assert!(r.out.contains("a plain INSERT into oncely.jobs ="), "{}", r.out);
+    assert!(r.out.contains("(checked in SQL: 400 completed)"), "{}", r.out);
+    for figure in ["enqueue one-by-one:", "where it goes:", "enqueue batched:", "processing:", "enqueue->start latency:"] {
+        assert!(r.out.lines().any(|l| l.trim_start().starts_with(figure)), "no {figure:?} in the summary:\n{}", r.out);
+    }
+    let scratch = r
+        .out
+        .lines()
+        .find_map(|l| l.strip_prefix("dropped database "))
+        .unwrap_or_else(|| panic!("no scratch database dropped:\n{}", r.out))
+        .trim()
+        .to_owned();
+    assert!(scratch.starts_with("oncely_bench_"), "{scratch}");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(&scratch)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the scratch database {scratch} is still there");
+}
