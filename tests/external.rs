@@ -102,7 +102,13 @@ struct Charge {
     order: i64,
     policy: String,
     provider: String,
+    /// The first attempt dies after the step claimed its key and before the request left.
+    #[serde(default)]
+    crash_before_call: bool,
 }
+
+/// Whether a `crash_before_call` charge has crashed once already (one test sets it).
+static CRASHED_BEFORE_CALL: AtomicBool = AtomicBool::new(false);
 impl JobArgs for Charge {
     const KIND: &'static str = "charge";
 }
@@ -122,10 +128,19 @@ fn charge_handler() -> impl oncely::Handler<Charge> {
             }
         };
         let pool = ctx.pool().clone();
+        let job_id = ctx.id();
         let charge: String = ctx
             .step("charge")
             .key(format!("charge:order:{}", c.order))
             .external(policy, |key| async move {
+                if c.crash_before_call && !CRASHED_BEFORE_CALL.swap(true, Ordering::SeqCst) {
+                    // As if the process died here: the intent is recorded, no request was sent.
+                    std::panic::panic_any(InjectedCrash(oncely::core::step::Boundary {
+                        job_id,
+                        step: "charge".into(),
+                        point: oncely::core::step::BoundaryPoint::BeforeRecord,
+                    }));
+                }
                 let (_, body) = http(&addr, "POST", "/charges", &key).await?;
                 if std::env::var_os("ONCELY_EXTERNAL_CHILD").is_some() {
                     // The child process stops here, after the call and before the record, and waits
@@ -162,7 +177,7 @@ async fn a_process_killed_between_call_and_record_calls_again_with_the_same_key(
     let pool = db.pool();
     tables(pool).await;
     let (provider, addr) = Provider::start().await;
-    let id = enqueue(pool, NewJob::new(&Charge { order: 1, policy: "retry".into(), provider: addr }).unwrap()).await.unwrap().id;
+    let id = enqueue(pool, NewJob::new(&Charge { order: 1, policy: "retry".into(), provider: addr, crash_before_call: false }).unwrap()).await.unwrap().id;
 
     let mut child = spawn_child("external_child_worker", &[("ONCELY_EXTERNAL_CHILD_URL", db.url()), ("ONCELY_EXTERNAL_CHILD", "1")]);
     eventually(Duration::from_secs(30), "the child to make the call", || async {
@@ -195,7 +210,7 @@ async fn crash_after_call_then_run(policy: &str) -> (TestDb, Provider, oncely::J
     let db = TestDb::new().await;
     tables(db.pool()).await;
     let (provider, addr) = Provider::start().await;
-    let id = enqueue(db.pool(), NewJob::new(&Charge { order: 2, policy: policy.into(), provider: addr }).unwrap()).await.unwrap().id;
+    let id = enqueue(db.pool(), NewJob::new(&Charge { order: 2, policy: policy.into(), provider: addr, crash_before_call: false }).unwrap()).await.unwrap().id;
     let crashed = Arc::new(AtomicBool::new(false));
     let hook: oncely::core::step::BoundaryHook = Arc::new(move |b| {
         if b.step == "charge" && b.point == oncely::core::step::BoundaryPoint::BeforeRecord && !crashed.swap(true, Ordering::SeqCst) {
@@ -238,4 +253,32 @@ async fn park_dead_letters_the_job_for_a_person_with_the_key_to_look_up() {
     assert_eq!(provider.posts().len(), 1, "not called again");
     let charged: i64 = sqlx::query_scalar("SELECT count(*) FROM orders_charged").fetch_one(db.pool()).await.unwrap();
     assert_eq!(charged, 0);
+}
+
+/// The other answer of a reconciliation: the first attempt died after claiming the step and before
+/// its request left, so the provider has no charge under the key; the reconciler says so (`None`)
+/// and the call runs, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_that_finds_no_charge_calls_once() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    tables(pool).await;
+    let (provider, addr) = Provider::start().await;
+    let charge = Charge { order: 3, policy: "reconcile".into(), provider: addr, crash_before_call: true };
+    let id = enqueue(pool, NewJob::new(&charge).unwrap()).await.unwrap().id;
+    let h = builder(db.new_pool(5).await).register(charge_handler()).queue("default", 1).lease(Duration::from_millis(500)).build().unwrap().start();
+    wait_all_finished(pool, Duration::from_secs(30)).await;
+    h.shutdown().await;
+
+    assert!(CRASHED_BEFORE_CALL.load(Ordering::SeqCst), "the first attempt crashed");
+    let job = get_job(pool, id).await.unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Completed, 2));
+    assert_eq!(job.errors[0].kind, oncely::core::ErrorKind::LeaseExpired, "the first attempt died mid-step");
+    assert_eq!(provider.gets(), 1, "one reconciliation, which found nothing");
+    let posts = provider.posts();
+    assert_eq!(posts.len(), 1, "then one charge request: {posts:?}");
+    assert!(posts[0].starts_with("oncely_"));
+    let charged: Vec<(i64, String)> = sqlx::query_as("SELECT * FROM orders_charged").fetch_all(pool).await.unwrap();
+    assert_eq!(charged, vec![(3, "ch_1".to_string())]);
 }
