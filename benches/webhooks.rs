@@ -17,7 +17,7 @@ use oncely::core::outbox::{publish, publish_many, Event, DEFAULT_DELIVERY_QUEUE}
 use oncely::core::webhook::{create_endpoint, NewEndpoint};
 use oncely::worker::{WorkerHandle, WorkerStats};
 use oncely::Worker;
-use oncely_webhooks::{DeliveryConfig, WebhookDelivery};
+use oncely_webhooks::{DeliveryConfig, HttpTransport, WebhookDelivery};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::mpsc;
@@ -174,7 +174,7 @@ async fn main() {
     }
     drop(warm);
     let worker = Worker::builder(worker_pool.clone())
-        .register(WebhookDelivery::new(DeliveryConfig::default()))
+        .register(WebhookDelivery::with_transport(DeliveryConfig::default(), HttpTransport::new().allow_private_networks()))
         .queue(DEFAULT_DELIVERY_QUEUE, CONCURRENCY)
         .configure(|c| c.fetch_batch = FETCH_BATCH)
         .build()

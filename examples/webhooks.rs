@@ -32,7 +32,7 @@ use oncely::core::webhook::{
 };
 use oncely::Worker;
 use oncely_webhooks::signature::{verify_headers, DEFAULT_TOLERANCE};
-use oncely_webhooks::{DeliveryConfig, RetrySchedule, WebhookDelivery};
+use oncely_webhooks::{DeliveryConfig, HttpTransport, RetrySchedule, WebhookDelivery};
 use sqlx::Connection;
 
 #[derive(Parser, Debug)]
@@ -190,7 +190,8 @@ async fn run(args: &Args, pool: &sqlx::PgPool) -> BoxResult<bool> {
         ..DeliveryConfig::default()
     };
     let worker = Worker::builder(pool.clone())
-        .register(WebhookDelivery::new(config))
+        // The receiver listens on loopback, which HttpTransport refuses unless allowed.
+        .register(WebhookDelivery::with_transport(config, HttpTransport::new().allow_private_networks()))
         .queue(DEFAULT_DELIVERY_QUEUE, 32)
         .configure(|c| {
             c.maintenance_interval = Duration::from_millis(500);

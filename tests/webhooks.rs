@@ -17,7 +17,7 @@ use oncely::core::webhook::{
     NewEndpoint, WebhookSecret,
 };
 use oncely::JobState;
-use oncely_webhooks::{DeliveryConfig, RetrySchedule, WebhookDelivery};
+use oncely_webhooks::{DeliveryConfig, HttpTransport, RetrySchedule, WebhookDelivery};
 use rand::Rng;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -63,9 +63,14 @@ fn fast_delivery() -> DeliveryConfig {
     }
 }
 
+/// The delivery handler for the tests' receivers, which listen on loopback addresses.
+fn local_delivery(config: DeliveryConfig) -> WebhookDelivery {
+    WebhookDelivery::with_transport(config, HttpTransport::new().allow_private_networks())
+}
+
 fn delivery_worker(pool: PgPool, config: DeliveryConfig) -> oncely::WorkerHandle {
     builder(pool)
-        .register(WebhookDelivery::new(config))
+        .register(local_delivery(config))
         .queue(DEFAULT_DELIVERY_QUEUE, 16)
         .build()
         .unwrap()
@@ -253,6 +258,41 @@ async fn gone_disables_the_endpoint_and_publishes_an_operational_event() {
     assert!(!all.contains(&op.id));
 }
 
+/// With the default transport, an endpoint on a loopback address (as an endpoint aimed at the
+/// service's own network or a metadata service would be) gets no request: its delivery goes to
+/// the dead letter after one attempt, with the reason, and other endpoints are unaffected.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_transport_refuses_non_public_addresses_for_good() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let rx = Receiver::start(|_| Reply::Status(200)).await;
+    let inside = create_endpoint(pool, &NewEndpoint::new(rx.url("inside"), ["*"])).await.unwrap();
+    let by_name = create_endpoint(pool, &NewEndpoint::new(rx.url("by-name").replace("127.0.0.1", "localhost"), ["*"]))
+        .await
+        .unwrap();
+    let ev = publish(pool, &Event::new("order.created", &1).unwrap()).await.unwrap();
+    assert_eq!(ev.deliveries, 2);
+    let h = builder(db.new_pool(4).await)
+        .register(WebhookDelivery::new(fast_delivery()))
+        .queue(DEFAULT_DELIVERY_QUEUE, 4)
+        .build()
+        .unwrap()
+        .start();
+    wait_all_finished(pool, Duration::from_secs(20)).await;
+    h.shutdown().await;
+
+    assert_eq!(rx.hits().len(), 0, "no request left");
+    for ep in [inside.id, by_name.id] {
+        let ds = list_deliveries(pool, &DeliveryFilter { endpoint: Some(ep), ..Default::default() }).await.unwrap();
+        assert_eq!((ds.len(), ds[0].state, ds[0].attempts), (1, DeliveryState::Dead, 1), "{ds:?}");
+        let error = ds[0].last_error.as_deref().unwrap_or_default();
+        assert!(error.contains("public address") && error.contains("allow_private_networks"), "{error}");
+        let job = oncely::get_job(pool, ds[0].job_id).await.unwrap();
+        assert_eq!(job.attempt, 1, "not retried: {:?}", job.errors);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn retry_after_is_respected() {
     init_tracing();
@@ -411,7 +451,7 @@ async fn child_delivery_worker() {
     let Ok(url) = std::env::var("ONCELY_CHILD_DATABASE_URL") else { return };
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let config = DeliveryConfig { request_timeout: Duration::from_secs(60), ..fast_delivery() };
-    let worker = oncely::Worker::builder(pool).register(WebhookDelivery::new(config));
+    let worker = oncely::Worker::builder(pool).register(local_delivery(config));
     run_child_worker(worker.queue(DEFAULT_DELIVERY_QUEUE, 1).lease(CHILD_LEASE)).await;
 }
 
@@ -435,7 +475,7 @@ async fn a_delivery_worker_killed_mid_request_delivers_again_with_the_same_id_an
     assert!(!child.wait().await.unwrap().success());
 
     let h = builder(db.new_pool(4).await)
-        .register(WebhookDelivery::new(fast_delivery()))
+        .register(local_delivery(fast_delivery()))
         .queue(DEFAULT_DELIVERY_QUEUE, 4)
         .lease(CHILD_LEASE)
         .build()

@@ -5,12 +5,26 @@
 //! For `https://` endpoints, implement [`Transport`] over the client your service already uses
 //! (a dozen lines over reqwest or hyper-rustls) and pass it to
 //! [`WebhookDelivery::with_transport`](crate::WebhookDelivery::with_transport).
+//!
+//! Endpoint URLs come from your users, so by default `HttpTransport` connects to public addresses
+//! only: an endpoint naming a loopback, private, link-local (e.g. a cloud metadata service),
+//! shared, multicast or reserved address, by IP or through a host name that resolves to one, is
+//! refused with [`TransportError::Unusable`] and its delivery goes to the dead letter with the
+//! reason. The check applies to the addresses the connection is made to (a name is resolved once
+//! and only its public addresses are tried), so a name that resolves differently on the next
+//! lookup cannot slip past it. [`HttpTransport::allow_private_networks`] lifts it, for endpoints
+//! inside your own network and for tests. A `Transport` of your own should apply the same rule.
 
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -78,15 +92,17 @@ pub trait Transport: Send + Sync + 'static {
     async fn send(&self, request: WebhookRequest) -> Result<WebhookResponse, TransportError>;
 }
 
-/// A pooled HTTP/1.1 client for `http://` endpoints (keep-alive connections are reused).
+/// A pooled HTTP/1.1 client for `http://` endpoints (keep-alive connections are reused), that
+/// connects to public addresses only unless told otherwise (see the [module docs](self)).
 #[derive(Clone)]
 pub struct HttpTransport {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpConnector<PublicOnly>, Full<Bytes>>,
+    allow_private: bool,
 }
 
 impl std::fmt::Debug for HttpTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HttpTransport")
+        f.debug_struct("HttpTransport").field("allow_private_networks", &self.allow_private).finish()
     }
 }
 
@@ -97,15 +113,113 @@ impl Default for HttpTransport {
 }
 
 impl HttpTransport {
-    /// A client with a 10-second connect timeout and idle connections kept for 90 seconds.
+    /// A client for public addresses, with a 10-second connect timeout and idle connections kept
+    /// for 90 seconds.
     pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
+        Self::build(false)
+    }
+
+    /// The same client, allowed to connect to any address: loopback, private networks,
+    /// link-local. Use it only when every endpoint URL is trusted (your own services, tests).
+    pub fn allow_private_networks(self) -> Self {
+        Self::build(true)
+    }
+
+    fn build(allow_private: bool) -> Self {
+        let mut connector = HttpConnector::new_with_resolver(PublicOnly { inner: GaiResolver::new(), allow_private });
         connector.set_connect_timeout(Some(Duration::from_secs(10)));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
-        HttpTransport { client }
+        HttpTransport { client, allow_private }
+    }
+}
+
+/// Whether an endpoint may be sent to at `ip`: false for loopback, private (RFC 1918, IPv6 unique
+/// local), shared (100.64.0.0/10), link-local (which includes cloud metadata services at
+/// 169.254.169.254), unspecified, broadcast, multicast, documentation, benchmarking and reserved
+/// addresses, and for IPv6 addresses that embed such an IPv4 address.
+pub fn is_public_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => is_public_v6(v6),
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, c, _] = ip.octets();
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || ip.is_documentation()
+        || a == 0 // "this network"
+        || (a == 100 && (64..128).contains(&b)) // shared address space (carrier-grade NAT)
+        || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+        || (a == 198 && (b == 18 || b == 19)) // benchmarking
+        || a >= 240) // reserved
+}
+
+fn is_public_v6(ip: Ipv6Addr) -> bool {
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return is_public_v4(v4);
+    }
+    let s = ip.segments();
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || (s[0] & 0xfe00) == 0xfc00 // unique local
+        || (s[0] & 0xffc0) == 0xfe80 // link-local
+        || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+        || (s[0] == 0x0064 && s[1] == 0xff9b && !is_public_v4(embedded_v4(s))) // NAT64 of a non-public IPv4
+        || (s[..6] == [0; 6] && !is_public_v4(embedded_v4(s)))) // IPv4-compatible (deprecated)
+}
+
+fn embedded_v4(s: [u16; 8]) -> Ipv4Addr {
+    Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8)
+}
+
+/// The error of a host name that resolves to no public address.
+#[derive(Debug, thiserror::Error)]
+#[error("{host} resolves to no public address ({addresses}); HttpTransport::allow_private_networks allows it")]
+struct NotPublic {
+    host: String,
+    addresses: String,
+}
+
+/// A resolver that drops the non-public addresses of a name, and fails when none is left.
+#[derive(Clone)]
+struct PublicOnly {
+    inner: GaiResolver,
+    allow_private: bool,
+}
+
+impl tower_service::Service<Name> for PublicOnly {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let allow_private = self.allow_private;
+        let host = name.as_str().to_owned();
+        let lookup = self.inner.call(name);
+        Box::pin(async move {
+            let all: Vec<SocketAddr> = lookup.await?.collect();
+            let public: Vec<SocketAddr> =
+                all.iter().copied().filter(|a| allow_private || is_public_address(a.ip())).collect();
+            if public.is_empty() && !all.is_empty() {
+                let addresses = all.iter().map(|a| a.ip().to_string()).collect::<Vec<_>>().join(", ");
+                return Err(Box::new(NotPublic { host, addresses }) as Self::Error);
+            }
+            Ok(public.into_iter())
+        })
     }
 }
 
@@ -119,13 +233,27 @@ impl Transport for HttpTransport {
                 "HttpTransport sends plain http:// only; give WebhookDelivery a TLS-capable Transport".into(),
             ));
         }
+        if !self.allow_private {
+            // An IP literal is connected to without a lookup, so it is checked here.
+            let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+            if let Ok(ip) = host.parse::<IpAddr>() {
+                if !is_public_address(ip) {
+                    return Err(unusable(format!(
+                        "{ip} is not a public address; HttpTransport::allow_private_networks allows it"
+                    )));
+                }
+            }
+        }
         let mut builder = http::Request::post(uri);
         for (name, value) in &request.headers {
             builder = builder.header(*name, value);
         }
         let req = builder.body(Full::new(request.body.clone())).map_err(|e| unusable(e.to_string()))?;
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| TransportError::Failed(error_chain(&e)))?;
+            let resp = self.client.request(req).await.map_err(|e| match not_public(&e) {
+                Some(reason) => TransportError::Unusable { url: request.url.clone(), reason },
+                None => TransportError::Failed(error_chain(&e)),
+            })?;
             let status = resp.status().as_u16();
             let retry_after =
                 resp.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -141,6 +269,18 @@ impl Transport for HttpTransport {
     }
 }
 
+/// The [`NotPublic`] refusal somewhere in `e`'s chain of causes, as text.
+fn not_public(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(refused) = err.downcast_ref::<NotPublic>() {
+            return Some(refused.to_string());
+        }
+        next = err.source();
+    }
+    None
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
@@ -150,4 +290,113 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn only_public_addresses_are_public() {
+        for blocked in [
+            "127.0.0.1",
+            "127.8.9.10",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "100.127.255.254",
+            "0.0.0.0",
+            "0.1.2.3",
+            "255.255.255.255",
+            "224.0.0.1",
+            "240.0.0.1",
+            "192.0.0.8",
+            "192.0.2.1",
+            "198.18.0.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "ff02::1",
+            "2001:db8::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "::7f00:1",
+        ] {
+            assert!(!is_public_address(blocked.parse().unwrap()), "{blocked} must not count as public");
+        }
+        for public in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.32.0.1",
+            "100.128.0.1",
+            "192.0.1.1",
+            "198.20.0.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+        ] {
+            assert!(is_public_address(public.parse().unwrap()), "{public} is public");
+        }
+    }
+
+    /// A local HTTP server answering 204 to every request; returns its port and a request count.
+    fn local_server() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = hits.clone();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n");
+            }
+        });
+        (port, hits)
+    }
+
+    fn request(url: String) -> WebhookRequest {
+        WebhookRequest { url, headers: vec![], body: Bytes::from_static(b"{}"), timeout: Duration::from_secs(5) }
+    }
+
+    #[tokio::test]
+    async fn private_endpoints_are_refused_for_good_unless_allowed() {
+        let (port, hits) = local_server();
+        let transport = HttpTransport::new();
+        // By IP literal, IPv4 and IPv6, and by a name that resolves to loopback only.
+        for url in [
+            format!("http://127.0.0.1:{port}/hook"),
+            format!("http://[::1]:{port}/hook"),
+            format!("http://[::ffff:127.0.0.1]:{port}/hook"),
+            format!("http://localhost:{port}/hook"),
+        ] {
+            let err = transport.send(request(url.clone())).await.unwrap_err();
+            assert!(err.is_permanent(), "{url}: {err}");
+            let text = err.to_string();
+            assert!(text.contains("public address") && text.contains("allow_private_networks"), "{url}: {text}");
+        }
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0, "no request reached the server");
+
+        let allowed = HttpTransport::new().allow_private_networks();
+        for url in [format!("http://127.0.0.1:{port}/hook"), format!("http://localhost:{port}/hook")] {
+            let resp = allowed.send(request(url.clone())).await.unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(resp.status, 204, "{url}");
+        }
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
 }
