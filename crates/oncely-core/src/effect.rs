@@ -295,7 +295,7 @@ impl Effect<'_> {
         E: Into<BoxError>,
     {
         self.at(BoundaryPoint::BeforeClaim);
-        let mut tx = self.pool.begin().await.map_err(|e| self.ledger_err(e.into()))?;
+        let mut tx = crate::txn::begin(self.pool).await.map_err(|e| self.ledger_err(e.into()))?;
         let claimed = ledger::claim(&mut tx, &self.key, &self.opts()).await.map_err(|e| self.ledger_err(e))?;
         let attempt = match claimed {
             Claimed::Run { attempt, .. } => attempt,

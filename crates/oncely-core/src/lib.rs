@@ -28,6 +28,7 @@ mod queries;
 pub mod queue;
 pub mod retry;
 pub mod step;
+pub mod txn;
 pub mod webhook;
 
 pub use effect::{with_idempotency, with_idempotency_tx, StepError, DEFAULT_IDEMPOTENCY_LEASE, IDEMPOTENCY_NAMESPACE};

@@ -41,7 +41,9 @@ impl TxMode {
         lock_wait: Duration,
     ) -> Result<(Transaction<'static, Postgres>, StoreClaim), StoreError> {
         let db = |e: sqlx::Error| StoreError(e.to_string());
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        // Cancel-safe: a client that disconnects here must not leave a pooled connection in a
+        // transaction.
+        let mut tx = oncely_core::txn::begin(&self.pool).await.map_err(db)?;
         let owner = format!("http-tx:{}", uuid::Uuid::new_v4());
         let wait = format!("{}ms", lock_wait.as_millis().max(1));
         let previous: String = sqlx::query_scalar("SELECT current_setting('lock_timeout') FROM set_config('lock_timeout', $1, true)")
