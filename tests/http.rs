@@ -497,7 +497,20 @@ async fn other_methods_pass_through_and_a_key_reused_on_another_route_or_method_
     let mut other_method = anonymous(http::Method::PATCH, "/things", "k1", "same");
     other_method.headers_mut().insert("x-api-key", http::HeaderValue::from_static("tenant-a"));
     assert_eq!(send(&router, other_method).await.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(counter.0.load(Ordering::SeqCst), 3);
+    // The query string is part of the request: the same key with other parameters is refused too.
+    let mut with_query = anonymous(http::Method::POST, "/things?units=5", "k2", "same");
+    with_query.headers_mut().insert("x-api-key", http::HeaderValue::from_static("tenant-a"));
+    assert_eq!(send(&router, with_query).await.status, StatusCode::CREATED);
+    let mut other_query = anonymous(http::Method::POST, "/things?units=50", "k2", "same");
+    other_query.headers_mut().insert("x-api-key", http::HeaderValue::from_static("tenant-a"));
+    let g = send(&router, other_query).await;
+    assert_eq!((g.status, problem_type(&g).ends_with("idempotency-key-reused")), (StatusCode::UNPROCESSABLE_ENTITY, true));
+    let mut same_query = anonymous(http::Method::POST, "/things?units=5", "k2", "same");
+    same_query.headers_mut().insert("x-api-key", http::HeaderValue::from_static("tenant-a"));
+    let g = send(&router, same_query).await;
+    assert_eq!(g.status, StatusCode::CREATED);
+    assert_eq!(g.headers.get("idempotency-replayed").map(|v| v.to_str().unwrap()), Some("true"), "replayed");
+    assert_eq!(counter.0.load(Ordering::SeqCst), 4);
 }
 
 #[tokio::test(flavor = "multi_thread")]

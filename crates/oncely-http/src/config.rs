@@ -75,7 +75,8 @@ pub struct IdempotencyConfig {
     pub scope: ScopeFn,
     /// Response headers kept for replay. Defaults to content-type, location, etag.
     pub stored_headers: Vec<HeaderName>,
-    /// The route name in the fingerprint. Defaults to the request path.
+    /// A name for the route, added to the fingerprint before the request's path and query string
+    /// (which are always in it). None by default.
     pub route: Option<String>,
     #[doc(hidden)]
     pub before_store: Option<BeforeStore>,

@@ -157,7 +157,8 @@ fn retry_after<B>(mut resp: Response<ResponseBody<B>>, d: Duration) -> Response<
     resp
 }
 
-/// SHA-256 of method, route and body.
+/// SHA-256 of method, route (the request's path and query, after the configured route name if
+/// any) and body.
 pub fn fingerprint(method: &http::Method, route: &str, body: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(method.as_str().as_bytes());
@@ -227,7 +228,13 @@ where
                 return Ok(problem(Problem::BodyUnreadable, StatusCode::BAD_REQUEST, &detail, &request_id, None));
             }
         };
-        let route = cfg.route.clone().unwrap_or_else(|| parts.uri.path().to_owned());
+        // The path and the query string: the same key sent with `?units=5` and then `?units=50` is
+        // a different request, not a replay.
+        let target = parts.uri.path_and_query().map_or_else(|| parts.uri.path(), |pq| pq.as_str());
+        let route = match &cfg.route {
+            Some(name) => format!("{name} {target}"),
+            None => target.to_owned(),
+        };
         let fp = fingerprint(&parts.method, &route, &body);
         let scope = (cfg.scope)(&parts);
         let req = Request::from_parts(parts, Either::Right(Full::new(body)));
