@@ -114,6 +114,9 @@ pub fn handler(failures: Failures, calls: Arc<Calls>) -> impl Handler<GenerateRe
             let counted: i64 = ctx
                 .step("count_usage")
                 .key(format!("usage:report:{id}"))
+                // A report is billed once, ever: without this the record would expire after the
+                // default 30 days, and a report re-run after that would be billed again.
+                .keep_forever()
                 .transactional(|tx| {
                     let (calls, failures) = (calls.clone(), failures.clone());
                     Box::pin(async move {
