@@ -282,3 +282,85 @@ async fn reconcile_that_finds_no_charge_calls_once() {
     let charged: Vec<(i64, String)> = sqlx::query_as("SELECT * FROM orders_charged").fetch_all(pool).await.unwrap();
     assert_eq!(charged, vec![(3, "ch_1".to_string())]);
 }
+
+/// Run the charge worker (no crash) until no job is left to run.
+async fn drain(db: &TestDb) {
+    let h = builder(db.new_pool(5).await).register(charge_handler()).queue("default", 1).lease(Duration::from_millis(500)).build().unwrap().start();
+    wait_all_finished(db.pool(), Duration::from_secs(30)).await;
+    h.shutdown().await;
+}
+
+/// Park is only useful if a person can finish what it started: the parked job names the ledger
+/// record; retrying without settling it parks again without calling; settling it with what the
+/// provider says (the charge happened) and retrying completes the job with that charge, with no
+/// second request.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parked_step_is_settled_by_a_person_and_the_retried_job_uses_what_they_found() {
+    use oncely::core::ledger::{self, LedgerKey, Resolution};
+    init_tracing();
+    let (db, provider, job) = crash_after_call_then_run("park").await;
+    let pool = db.pool();
+    assert_eq!(job.state, JobState::Dead);
+    let message = &job.errors.last().unwrap().message;
+    assert!(message.contains("oncely ledger resolve step 'charge:order:2'"), "{message}");
+    let record = LedgerKey::new("step", "charge:order:2");
+
+    // Not settled yet: a retry parks again, and calls nobody.
+    oncely::retry_job(&mut pool.acquire().await.unwrap(), job.id).await.unwrap();
+    drain(&db).await;
+    assert_eq!(get_job(pool, job.id).await.unwrap().state, JobState::Dead);
+    assert_eq!(provider.posts().len(), 1);
+
+    // Bad resolutions are refused with the reason.
+    let err = ledger::resolve(pool, &LedgerKey::new("step", "charge:order:999"), &Resolution::DidNotTakeEffect).await.unwrap_err();
+    assert!(err.to_string().contains("no such record"), "{err}");
+
+    // The person asks the provider under the key the step used, and records what it says.
+    let (status, charge) = http(job.args["provider"].as_str().unwrap(), "GET", &format!("/charges/{}", record.idempotency_key()), "").await.unwrap();
+    assert_eq!((status, charge.as_str()), (200, "ch_1"));
+    ledger::resolve(pool, &record, &Resolution::TookEffect(serde_json::json!(charge))).await.unwrap();
+    let again = ledger::resolve(pool, &record, &Resolution::DidNotTakeEffect).await.unwrap_err();
+    assert!(again.to_string().contains("already completed"), "{again}");
+
+    oncely::retry_job(&mut pool.acquire().await.unwrap(), job.id).await.unwrap();
+    drain(&db).await;
+    assert_eq!(get_job(pool, job.id).await.unwrap().state, JobState::Completed);
+    assert_eq!(provider.posts().len(), 1, "no second charge request");
+    let charged: Vec<(i64, String)> = sqlx::query_as("SELECT * FROM orders_charged").fetch_all(pool).await.unwrap();
+    assert_eq!(charged, vec![(2, "ch_1".to_string())]);
+}
+
+/// The other settlement: the provider has no charge under the key, so the person clears the
+/// record and the retried job makes the call.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parked_step_settled_as_not_done_calls_on_retry() {
+    use oncely::core::ledger::{self, LedgerKey, Resolution};
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    tables(pool).await;
+    let (provider, addr) = Provider::start().await;
+    // A claim whose holder died before its request left: in progress, lease over, no output.
+    let record = LedgerKey::new("step", "charge:order:4");
+    let opts = ledger::ClaimOptions {
+        owner: "job:0:1",
+        fingerprint: None,
+        lease: Duration::ZERO,
+        ttl: None,
+        supersedes: None,
+        now: None,
+        read_first: false,
+    };
+    ledger::claim(&mut pool.acquire().await.unwrap(), &record, &opts).await.unwrap();
+    let id = enqueue(pool, NewJob::new(&Charge { order: 4, policy: "park".into(), provider: addr, crash_before_call: false }).unwrap()).await.unwrap().id;
+    drain(&db).await;
+    let job = get_job(pool, id).await.unwrap();
+    assert_eq!(job.state, JobState::Dead, "parked: {:?}", job.errors);
+    assert!(provider.posts().is_empty());
+
+    ledger::resolve(pool, &record, &Resolution::DidNotTakeEffect).await.unwrap();
+    oncely::retry_job(&mut pool.acquire().await.unwrap(), id).await.unwrap();
+    drain(&db).await;
+    assert_eq!(get_job(pool, id).await.unwrap().state, JobState::Completed);
+    assert_eq!(provider.posts(), vec![record.idempotency_key()], "one request, under the step's key");
+}

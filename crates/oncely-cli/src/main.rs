@@ -4,6 +4,7 @@
 mod bench;
 mod duration;
 mod jobs;
+mod ledger;
 mod table;
 mod webhooks;
 
@@ -36,6 +37,11 @@ enum Cmd {
     Webhooks {
         #[command(subcommand)]
         cmd: WebhooksCmd,
+    },
+    /// Effect records: look at one, settle a parked one.
+    Ledger {
+        #[command(subcommand)]
+        cmd: LedgerCmd,
     },
     /// Job counts per queue and state.
     Stats,
@@ -83,6 +89,32 @@ enum JobsCmd {
     Retry {
         /// The job id.
         id: i64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LedgerCmd {
+    /// Show one record: its state, claimant, output and expiry.
+    Show {
+        /// The namespace: `step` for job steps with a business key, `idempotency` for
+        /// with_idempotency (as printed in a parked job's error).
+        namespace: String,
+        /// The key within the namespace.
+        key: String,
+    },
+    /// Settle a record whose outcome is unknown (a parked step), after checking with the
+    /// external system; then retry the job. Refused while a live claim holds the record.
+    Resolve {
+        /// The namespace (see `ledger show`).
+        namespace: String,
+        /// The key within the namespace.
+        key: String,
+        /// The effect happened: record this JSON as the step's output.
+        #[arg(long, value_name = "JSON", conflicts_with = "did_not_take_effect", required_unless_present = "did_not_take_effect")]
+        took_effect: Option<String>,
+        /// The effect did not happen: forget the record, so the next attempt runs it.
+        #[arg(long)]
+        did_not_take_effect: bool,
     },
 }
 
@@ -249,6 +281,14 @@ async fn dispatch(pool: &sqlx::PgPool, cmd: Cmd) -> Result<(), Fail> {
             JobsCmd::Show { id } => jobs::show(pool, id).await,
             JobsCmd::Cancel { id } => jobs::cancel(pool, id).await,
             JobsCmd::Retry { id } => jobs::retry(pool, id).await,
+        },
+        Cmd::Ledger { cmd } => match cmd {
+            LedgerCmd::Show { namespace, key } => {
+                ledger::show(pool, &oncely_core::ledger::LedgerKey::new(namespace, key)).await
+            }
+            LedgerCmd::Resolve { namespace, key, took_effect, did_not_take_effect: _ } => {
+                ledger::resolve(pool, &oncely_core::ledger::LedgerKey::new(namespace, key), took_effect).await
+            }
         },
         Cmd::Webhooks { cmd } => match cmd {
             WebhooksCmd::Add { url, topics, ordered } => webhooks::add(pool, url, topics, ordered).await,

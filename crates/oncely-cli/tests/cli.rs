@@ -211,3 +211,51 @@ async fn bench_runs_every_phase_and_drops_its_scratch_database() {
         .unwrap();
     assert_eq!(left, 0, "the scratch database {scratch} is still there");
 }
+
+/// `oncely ledger show|resolve` on an in-progress record nobody holds (what a parked step leaves).
+#[tokio::test(flavor = "multi_thread")]
+async fn ledger_show_and_resolve_settle_a_record_whose_outcome_is_unknown() {
+    use oncely_core::ledger::{claim, ClaimOptions, LedgerKey};
+    let db = oncely_testkit::TestDb::new().await;
+    let url = db.url();
+    let record = LedgerKey::new("step", "charge:order:7");
+    let opts = ClaimOptions {
+        owner: "job:1:1",
+        fingerprint: None,
+        lease: Duration::ZERO,
+        ttl: None,
+        supersedes: None,
+        now: None,
+        read_first: false,
+    };
+    claim(&mut db.pool().acquire().await.unwrap(), &record, &opts).await.unwrap();
+
+    let r = oncely(url, &["ledger", "show", "step", "charge:order:7"]);
+    assert!(r.ok, "{}", r.err);
+    assert!(r.out.contains("in_progress (nobody holds it)") && r.out.contains(&record.idempotency_key()), "{}", r.out);
+
+    // Neither or both settlements is a usage error; bad JSON is refused before touching anything.
+    assert_eq!(oncely(url, &["ledger", "resolve", "step", "charge:order:7"]).code, Some(2));
+    let both = oncely(url, &["ledger", "resolve", "step", "charge:order:7", "--took-effect", "1", "--did-not-take-effect"]);
+    assert_eq!(both.code, Some(2), "{}", both.err);
+    let bad = oncely(url, &["ledger", "resolve", "step", "charge:order:7", "--took-effect", "ch_1"]);
+    assert_eq!(bad.code, Some(1));
+    assert!(bad.err.contains("as JSON"), "{}", bad.err);
+    let missing = oncely(url, &["ledger", "resolve", "step", "nope", "--did-not-take-effect"]);
+    assert_eq!(missing.code, Some(1));
+    assert!(missing.err.contains("no such record"), "{}", missing.err);
+
+    let r = oncely(url, &["ledger", "resolve", "step", "charge:order:7", "--took-effect", r#""ch_1""#]);
+    assert!(r.ok, "{}", r.err);
+    let (state, output): (String, serde_json::Value) =
+        sqlx::query_as("SELECT state::text, output FROM oncely.ledger WHERE namespace = 'step' AND key = 'charge:order:7'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!((state.as_str(), output), ("completed", serde_json::json!("ch_1")));
+    let again = oncely(url, &["ledger", "resolve", "step", "charge:order:7", "--did-not-take-effect"]);
+    assert_eq!(again.code, Some(1));
+    assert!(again.err.contains("already completed"), "{}", again.err);
+    let r = oncely(url, &["ledger", "show", "step", "charge:order:7"]);
+    assert!(r.out.contains("completed") && r.out.contains(r#""ch_1""#) && r.out.contains("never"), "{}", r.out);
+}

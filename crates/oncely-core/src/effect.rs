@@ -46,12 +46,20 @@ pub enum StepError {
     },
     /// An earlier attempt recorded its intent to call an external system and never recorded the
     /// result, and the step's policy is [`OnUnknown::Park`]: a person must decide.
-    #[error("step `{step}`: outcome of an earlier call with idempotency key {idempotency_key} is unknown; parked for a person")]
+    #[error(
+        "step `{step}`: outcome of an earlier call with idempotency key {idempotency_key} is unknown; parked for a person: \
+         find out from the external system, settle the ledger record \
+         (`oncely ledger resolve {ns} '{key}' --took-effect '<output JSON>'` or `--did-not-take-effect`), then retry the job",
+        ns = .record.namespace,
+        key = .record.key
+    )]
     OutcomeUnknown {
         /// The step name.
         step: String,
         /// The idempotency key the earlier call used.
         idempotency_key: String,
+        /// The ledger record to settle with [`ledger::resolve`](crate::ledger::resolve).
+        record: LedgerKey,
     },
     /// The same step key was used twice in one attempt. Give steps in a loop explicit keys.
     #[error("step key `{0}` used twice in one job attempt; give steps in a loop explicit keys with .key(..)")]
@@ -233,8 +241,17 @@ impl Effect<'_> {
                     tracing::warn!(step = self.label, %previous, %idempotency_key, "earlier attempt left no result; calling again with the same key");
                 }
                 OnUnknown::Park => {
-                    tracing::error!(step = self.label, %previous, %idempotency_key, "earlier attempt left no result; parking for a person");
-                    return Err(StepError::OutcomeUnknown { step: self.label.to_owned(), idempotency_key });
+                    tracing::error!(step = self.label, %previous, %idempotency_key, record = %self.key, "earlier attempt left no result; parking for a person");
+                    // Nobody works on it now: end this claim's lease so a person can resolve the
+                    // record at once (it stays in progress, so every claimant parks until then).
+                    if let Err(e) = ledger::extend(self.pool, &self.key, attempt, Duration::ZERO).await {
+                        tracing::warn!(step = self.label, error = %e, "could not end the parked claim's lease; it ends on its own");
+                    }
+                    return Err(StepError::OutcomeUnknown {
+                        step: self.label.to_owned(),
+                        idempotency_key,
+                        record: self.key.clone(),
+                    });
                 }
                 OnUnknown::Reconcile(reconcile) => match reconcile(idempotency_key.clone()).await {
                     Ok(Some(v)) => {

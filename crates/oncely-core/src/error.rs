@@ -48,6 +48,16 @@ pub enum Error {
         attempt: i32,
     },
 
+    /// A ledger record cannot be resolved by hand: it does not exist, is already completed, or a
+    /// live claim holds it (see [`ledger::resolve`](crate::ledger::resolve)).
+    #[error("ledger record {key}: {reason}")]
+    LedgerNotResolvable {
+        /// The ledger key (`namespace/key`).
+        key: String,
+        /// Why.
+        reason: String,
+    },
+
     /// No such record (endpoint, event, delivery).
     #[error("{what} {id} not found")]
     NotFound {

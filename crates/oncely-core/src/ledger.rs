@@ -223,6 +223,48 @@ pub async fn release<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt
     Ok(())
 }
 
+/// What a person found out about an effect whose outcome was unknown (a step parked by
+/// [`OnUnknown::Park`](crate::step::OnUnknown::Park)).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolution {
+    /// The effect happened, and this is its output: the step's return value as JSON (e.g. the
+    /// provider's charge id). The next attempt returns it without calling again.
+    TookEffect(serde_json::Value),
+    /// The effect did not happen: the record is forgotten and the next attempt runs it.
+    DidNotTakeEffect,
+}
+
+/// Settle by hand an in-progress record whose claimant is gone — typically a parked step, after
+/// checking with the external system — then retry the job (`oncely jobs retry`).
+///
+/// Refused with [`Error::LedgerNotResolvable`] when there is no such record, when it is already
+/// completed, or while a live claim holds it (someone is running the effect right now).
+pub async fn resolve<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, resolution: &Resolution) -> Result<()> {
+    key.validate()?;
+    let row = match resolution {
+        Resolution::TookEffect(output) => {
+            sqlx::query(queries::LEDGER_RESOLVE_TOOK_EFFECT).bind(&key.namespace).bind(&key.key).bind(output)
+        }
+        Resolution::DidNotTakeEffect => {
+            sqlx::query(queries::LEDGER_RESOLVE_DID_NOT_TAKE_EFFECT).bind(&key.namespace).bind(&key.key)
+        }
+    }
+    .fetch_one(executor)
+    .await?;
+    if row.try_get::<i64, _>("resolved")? > 0 {
+        return Ok(());
+    }
+    let state: Option<String> = row.try_get("state")?;
+    let live: Option<bool> = row.try_get("live")?;
+    let reason = match (state.as_deref(), live) {
+        (None, _) => "no such record (it never existed, or expired and was cleaned up)".to_owned(),
+        (Some("completed"), _) => "already completed: its effect is recorded as done".to_owned(),
+        (_, Some(true)) => "a live claim holds it: the effect may be running right now; try again after its lease".to_owned(),
+        (Some(other), _) => format!("in state {other}"),
+    };
+    Err(Error::LedgerNotResolvable { key: key.to_string(), reason })
+}
+
 /// Delete up to `limit` expired records; returns how many.
 pub async fn delete_expired<'e>(executor: impl PgExecutor<'e>, limit: i64) -> Result<u64> {
     Ok(sqlx::query(queries::LEDGER_DELETE_EXPIRED).bind(limit).execute(executor).await?.rows_affected())

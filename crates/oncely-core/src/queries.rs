@@ -295,6 +295,45 @@ DELETE FROM oncely.ledger
 WHERE namespace = $1 AND key = $2 AND attempt = $3 AND state = 'in_progress'
 "#;
 
+/// The tail of both resolutions: whether the record was resolved, and if not, what it looked
+/// like (a data-modifying CTE's outer query sees the record as it was before).
+macro_rules! ledger_resolve_report {
+    () => {
+        r#")
+SELECT (SELECT count(*) FROM resolved) AS resolved, l.state AS state, l.lease_expires_at > now() AS live
+FROM (SELECT 1) AS one LEFT JOIN oncely.ledger l ON l.namespace = $1 AND l.key = $2
+"#
+    };
+}
+
+/// Resolve by hand an in-progress record nobody holds: record output `$3` as its result. A record
+/// with a TTL keeps one as long, counted from now.
+pub(crate) const LEDGER_RESOLVE_TOOK_EFFECT: &str = concat!(
+    r#"
+WITH resolved AS (
+    UPDATE oncely.ledger
+    SET state = 'completed', output = $3, lease_expires_at = NULL, updated_at = now(),
+        expires_at = CASE WHEN expires_at IS NULL THEN NULL
+                          ELSE greatest(expires_at, now() + (expires_at - created_at)) END
+    WHERE namespace = $1 AND key = $2 AND state = 'in_progress'
+      AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+    RETURNING attempt
+"#,
+    ledger_resolve_report!()
+);
+
+/// Resolve by hand an in-progress record nobody holds: forget it, so the next claim runs afresh.
+pub(crate) const LEDGER_RESOLVE_DID_NOT_TAKE_EFFECT: &str = concat!(
+    r#"
+WITH resolved AS (
+    DELETE FROM oncely.ledger
+    WHERE namespace = $1 AND key = $2 AND state = 'in_progress'
+      AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+    RETURNING attempt
+"#,
+    ledger_resolve_report!()
+);
+
 /// Delete up to `$1` expired records (never one whose lease is still live).
 pub(crate) const LEDGER_DELETE_EXPIRED: &str = r#"
 DELETE FROM oncely.ledger
