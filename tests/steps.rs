@@ -346,6 +346,67 @@ async fn the_maintenance_leader_deletes_expired_keys_and_audits_each_run() {
     assert_eq!(keys, vec!["live".to_string()]);
 }
 
+/// The maintenance schedule lives in `oncely.maintenance_runs`, not in a process: a worker that
+/// starts long after the last cleanup (a fleet redeployed more often than the interval) cleans up
+/// at once, and the next one to start, seconds later, does not clean up again.
+#[tokio::test(flavor = "multi_thread")]
+async fn cleanup_is_scheduled_from_the_last_audited_run_not_from_process_start() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    for i in 0..3 {
+        with_idempotency(pool, &format!("old{i}"), Duration::from_secs(3600), || async { Ok::<_, std::io::Error>(i) }).await.unwrap();
+    }
+    sqlx::query("UPDATE oncely.ledger SET expires_at = now() - interval '1 second'").execute(pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO oncely.maintenance_runs (task, worker_id, started_at, deleted) \
+         VALUES ('ledger_cleanup', 'gone', now() - interval '2 hours', 0)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let worker = |id: &'static str| {
+        builder(pool.clone())
+            .register(handler_fn(|_ctx, _: Looper| async move { Ok(()) }))
+            .queue("default", 1)
+            .configure(move |c| {
+                c.worker_id = id.into();
+                // The default: an hour. Without the audit table this worker would wait that long.
+                c.ledger_cleanup_interval = Duration::from_secs(3600);
+                c.prune_interval = Duration::from_millis(100);
+            })
+            .build()
+            .unwrap()
+            .start()
+    };
+    let first = worker("first");
+    let deleted: i64 = eventually(Duration::from_secs(10), "a cleanup run by the new worker", || async {
+        sqlx::query_scalar("SELECT deleted FROM oncely.maintenance_runs WHERE task = 'ledger_cleanup' AND worker_id = 'first'")
+            .fetch_optional(pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(deleted, 3);
+    first.shutdown().await;
+
+    let second = worker("second");
+    // Wait for the second worker to lead maintenance (it records prune runs), then check that it
+    // did not clean up again.
+    eventually(Duration::from_secs(10), "the second worker's maintenance runs", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.maintenance_runs WHERE task = 'prune' AND worker_id = 'second'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        (n >= 2).then_some(())
+    })
+    .await;
+    second.shutdown().await;
+    let cleanups: Vec<String> =
+        sqlx::query_scalar("SELECT worker_id FROM oncely.maintenance_runs WHERE task = 'ledger_cleanup' ORDER BY id").fetch_all(pool).await.unwrap();
+    assert_eq!(cleanups, vec!["gone".to_string(), "first".to_string()]);
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct SlowCall {
     n: i64,

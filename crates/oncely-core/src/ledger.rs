@@ -282,12 +282,6 @@ pub async fn cleanup_expired(pool: &sqlx::PgPool, batch: i64, worker_id: Option<
             break;
         }
     }
-    sqlx::query(queries::MAINTENANCE_RUN_INSERT)
-        .bind("ledger_cleanup")
-        .bind(worker_id)
-        .bind(started)
-        .bind(total as i64)
-        .execute(pool)
-        .await?;
+    crate::maintenance::record_run(pool, crate::maintenance::LEDGER_CLEANUP_TASK, worker_id, started, total).await?;
     Ok(total)
 }

@@ -79,3 +79,65 @@ pub async fn resign_leader<'e>(executor: impl PgExecutor<'e>, name: &str, leader
     sqlx::query(queries::LEADER_RESIGN).bind(name).bind(leader_id).execute(executor).await?;
     Ok(())
 }
+
+/// The audit task name of the worker's pruning runs (finished jobs, events, inbox records).
+pub const PRUNE_TASK: &str = "prune";
+/// The audit task name of expired-ledger-record cleanups ([`crate::ledger::cleanup_expired`]).
+pub const LEDGER_CLEANUP_TASK: &str = "ledger_cleanup";
+
+/// How long ago (database clock) the latest run of `task` recorded in `oncely.maintenance_runs`
+/// started; `None` if none is recorded. Periodic tasks schedule from this rather than from their
+/// process's start, so a fleet that restarts more often than a task's interval still runs it.
+pub async fn last_run_age<'e>(executor: impl PgExecutor<'e>, task: &str) -> Result<Option<Duration>> {
+    let secs: Option<f64> = sqlx::query_scalar(
+        // NULL when no run is recorded (not greatest(.., 0), which would turn that into "just now").
+        "SELECT extract(epoch FROM now() - max(started_at))::float8 FROM oncely.maintenance_runs WHERE task = $1",
+    )
+    .bind(task)
+    .fetch_one(executor)
+    .await?;
+    Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
+}
+
+/// How long until `task` is next due, given its `interval`: zero when it is due now (never run,
+/// or its latest run started at least `interval` ago).
+pub async fn due_in<'e>(executor: impl PgExecutor<'e>, task: &str, interval: Duration) -> Result<Duration> {
+    Ok(match last_run_age(executor, task).await? {
+        Some(age) => interval.saturating_sub(age),
+        None => Duration::ZERO,
+    })
+}
+
+/// Record one run of `task` in `oncely.maintenance_runs`: when it started (database clock), by
+/// whom, and how many rows it deleted.
+pub async fn record_run<'e>(
+    executor: impl PgExecutor<'e>,
+    task: &str,
+    worker_id: Option<&str>,
+    started: chrono::DateTime<chrono::Utc>,
+    deleted: u64,
+) -> Result<()> {
+    sqlx::query(queries::MAINTENANCE_RUN_INSERT)
+        .bind(task)
+        .bind(worker_id)
+        .bind(started)
+        .bind(i64::try_from(deleted).unwrap_or(i64::MAX))
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+/// Delete up to `limit` recorded runs of `task` that started more than `older_than` ago; returns
+/// how many. (The worker keeps a week of its per-minute prune runs; cleanup audits stay.)
+pub async fn prune_runs<'e>(executor: impl PgExecutor<'e>, task: &str, older_than: Duration, limit: i64) -> Result<u64> {
+    let res = sqlx::query(
+        "DELETE FROM oncely.maintenance_runs WHERE id IN (SELECT id FROM oncely.maintenance_runs \
+         WHERE task = $1 AND started_at < now() - make_interval(secs => $2) LIMIT $3)",
+    )
+    .bind(task)
+    .bind(secs(older_than))
+    .bind(limit)
+    .execute(executor)
+    .await?;
+    Ok(res.rows_affected())
+}

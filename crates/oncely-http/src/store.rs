@@ -114,8 +114,10 @@ impl PgStore {
 
     /// For services that run no oncely worker (whose maintenance leader does this already): delete
     /// expired keys every `interval` ([`DEFAULT_CLEANUP_INTERVAL`]), in batches, writing one audit
-    /// row per run to `oncely.maintenance_runs` (task `ledger_cleanup`). Several replicas may each
-    /// run it: deletes are idempotent, and each run is audited. Abort the handle to stop it.
+    /// row per run to `oncely.maintenance_runs` (task `ledger_cleanup`). The schedule is kept
+    /// there: the first run comes at once if the last recorded one is `interval` old or more.
+    /// Several replicas may each run it: deletes are idempotent, and each run is audited. Abort
+    /// the handle to stop it.
     ///
     /// ```no_run
     /// # async fn example(pool: sqlx::PgPool) {
@@ -126,14 +128,27 @@ impl PgStore {
     pub fn spawn_cleanup(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
         let pool = self.pool.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await; // the first tick is immediate: run one interval after start
             loop {
-                tick.tick().await;
+                // Scheduled from the last audited run, not from this process's start: replicas
+                // restarted more often than `interval` still clean up, and do not all run at once.
+                let wait = match oncely_core::maintenance::due_in(&pool, oncely_core::maintenance::LEDGER_CLEANUP_TASK, interval).await {
+                    Ok(wait) => wait,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not read the cleanup schedule; trying again in a minute");
+                        tokio::time::sleep(interval.min(Duration::from_secs(60))).await;
+                        continue;
+                    }
+                };
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
                 match ledger::cleanup_expired(&pool, CLEANUP_BATCH, Some("oncely-http")).await {
                     Ok(n) => tracing::info!(deleted = n, "deleted expired idempotency keys"),
-                    Err(e) => tracing::warn!(error = %e, "idempotency key cleanup failed; next run in one interval"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "idempotency key cleanup failed; next run in one interval");
+                        tokio::time::sleep(interval).await;
+                    }
                 }
             }
         })

@@ -1,11 +1,14 @@
 //! Maintenance: on the one worker elected leader, rescue jobs whose lease expired, prune
-//! finished jobs, published events and inbox records past their retention, and delete expired ledger records (hourly by default,
-//! writing an audit row to `oncely.maintenance_runs` for each run). Every worker campaigns; the leader renews its lease each
+//! finished jobs, published events and inbox records past their retention (every minute by default), and delete expired ledger
+//! records (hourly by default), writing an audit row to `oncely.maintenance_runs` for each run. Those schedules are kept in
+//! that table, so restarts and leader changes neither skip nor repeat runs. Every worker campaigns; the leader renews its lease each
 //! tick, and another takes over within a few ticks of its death.
 
 use std::sync::Arc;
 
-use oncely_core::maintenance::{elect_leader, prune_finished, rescue_expired, resign_leader};
+use oncely_core::maintenance::{
+    due_in, elect_leader, prune_finished, prune_runs, record_run, rescue_expired, resign_leader, LEDGER_CLEANUP_TASK, PRUNE_TASK,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::worker::Shared;
@@ -18,6 +21,8 @@ const RESCUE_BATCH: i64 = 1000;
 const LEDGER_BATCH: i64 = 5_000;
 /// Jobs deleted per statement.
 const PRUNE_BATCH: i64 = 10_000;
+/// How long the records of prune runs are kept (they are written every `prune_interval`).
+const PRUNE_RUNS_KEPT: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let cfg = &shared.config;
@@ -26,8 +31,11 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(cfg.maintenance_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leader = false;
-    let mut last_prune = tokio::time::Instant::now();
-    let mut last_cleanup = tokio::time::Instant::now();
+    // When to look at the periodic tasks' schedules next. They are kept in the database (the last
+    // audited run of each), not from this process's start: a fleet restarted more often than a
+    // task's interval still runs it, and a new leader does not run one its predecessor just ran.
+    let mut next_prune = tokio::time::Instant::now();
+    let mut next_cleanup = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -52,18 +60,17 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         if let Err(e) = rescue(&shared).await {
             tracing::warn!(error = %e, "rescue failed");
         }
-        if last_prune.elapsed() >= cfg.prune_interval {
-            last_prune = tokio::time::Instant::now();
-            if let Err(e) = prune(&shared).await {
-                tracing::warn!(error = %e, "prune failed");
-            }
+        if tokio::time::Instant::now() >= next_prune {
+            next_prune = periodic(&shared, PRUNE_TASK, cfg.prune_interval, || prune(&shared)).await;
         }
-        if last_cleanup.elapsed() >= cfg.ledger_cleanup_interval {
-            last_cleanup = tokio::time::Instant::now();
-            match oncely_core::ledger::cleanup_expired(&shared.pool, LEDGER_BATCH, Some(me)).await {
-                Ok(n) => tracing::info!(deleted = n, "deleted expired ledger records"),
-                Err(e) => tracing::warn!(error = %e, "ledger cleanup failed"),
-            }
+        if tokio::time::Instant::now() >= next_cleanup {
+            next_cleanup = periodic(&shared, LEDGER_CLEANUP_TASK, cfg.ledger_cleanup_interval, || async {
+                // Records its own audit row.
+                let n = oncely_core::ledger::cleanup_expired(&shared.pool, LEDGER_BATCH, Some(me)).await?;
+                tracing::info!(deleted = n, "deleted expired ledger records");
+                Ok(None)
+            })
+            .await;
         }
     }
     if leader {
@@ -71,6 +78,47 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             tracing::warn!(error = %e, "could not resign maintenance leadership; it expires by itself");
         }
     }
+}
+
+/// Run `task` if its last audited run started `interval` ago or more, recording the run when
+/// `work` returns a count (`None`: it records itself). Returns when to look again.
+async fn periodic<F, Fut>(shared: &Shared, task: &str, interval: std::time::Duration, work: F) -> tokio::time::Instant
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = oncely_core::Result<Option<u64>>>,
+{
+    let now = tokio::time::Instant::now();
+    let retry = now + shared.config.maintenance_interval;
+    let due_in = match due_in(&shared.pool, task, interval).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, task, "could not read the maintenance schedule");
+            return retry;
+        }
+    };
+    tracing::debug!(task, ?due_in, "maintenance schedule");
+    if !due_in.is_zero() {
+        return now + due_in;
+    }
+    let started = match sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT now()").fetch_one(&shared.pool).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, task, "maintenance task not started");
+            return retry;
+        }
+    };
+    let result = work().await;
+    tracing::debug!(task, ?result, "maintenance task ran");
+    match result {
+        Ok(Some(deleted)) => {
+            if let Err(e) = record_run(&shared.pool, task, Some(shared.config.worker_id.as_str()), started, deleted).await {
+                tracing::warn!(error = %e, task, "could not record the maintenance run");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, task, "maintenance task failed; next try in one interval"),
+    }
+    now + interval
 }
 
 async fn rescue(shared: &Shared) -> oncely_core::Result<()> {
@@ -87,27 +135,33 @@ async fn rescue(shared: &Shared) -> oncely_core::Result<()> {
     }
 }
 
-async fn prune(shared: &Shared) -> oncely_core::Result<()> {
+/// Prune finished jobs, events and inbox records past their retention; returns how many rows.
+async fn prune(shared: &Shared) -> oncely_core::Result<Option<u64>> {
     let cfg = &shared.config;
     let pool = &shared.pool;
-    in_batches("finished jobs", || prune_finished(pool, cfg.retention, cfg.dead_retention, PRUNE_BATCH)).await?;
-    in_batches("events", || oncely_core::outbox::prune_events(pool, cfg.event_retention, PRUNE_BATCH)).await?;
-    in_batches("inbox records", || oncely_core::inbox::prune_inbox(pool, cfg.inbox_retention, PRUNE_BATCH)).await
+    let jobs = in_batches("finished jobs", || prune_finished(pool, cfg.retention, cfg.dead_retention, PRUNE_BATCH)).await?;
+    let events = in_batches("events", || oncely_core::outbox::prune_events(pool, cfg.event_retention, PRUNE_BATCH)).await?;
+    let inbox = in_batches("inbox records", || oncely_core::inbox::prune_inbox(pool, cfg.inbox_retention, PRUNE_BATCH)).await?;
+    // This task records a run every minute or so: keep a week of those.
+    in_batches("prune run records", || prune_runs(pool, PRUNE_TASK, PRUNE_RUNS_KEPT, PRUNE_BATCH)).await?;
+    Ok(Some(jobs + events + inbox))
 }
 
-/// Run a batch delete until it deletes less than a full batch.
-async fn in_batches<F, Fut>(what: &str, mut batch: F) -> oncely_core::Result<()>
+/// Run a batch delete until it deletes less than a full batch; returns how many in all.
+async fn in_batches<F, Fut>(what: &str, mut batch: F) -> oncely_core::Result<u64>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = oncely_core::Result<u64>>,
 {
+    let mut total = 0;
     loop {
         let n = batch().await?;
+        total += n;
         if n > 0 {
             tracing::info!(deleted = n, "pruned {what}");
         }
         if (n as i64) < PRUNE_BATCH {
-            return Ok(());
+            return Ok(total);
         }
     }
 }
