@@ -118,6 +118,7 @@ fn charge_handler() -> impl oncely::Handler<Charge> {
         let addr = c.provider.clone();
         let policy = match c.policy.as_str() {
             "retry" => OnUnknown::RetrySameKey,
+            "retry-forever" => OnUnknown::RetrySameKeyWithin(Duration::MAX),
             "park" => OnUnknown::Park,
             _ => {
                 let addr = addr.clone();
@@ -363,4 +364,55 @@ async fn a_parked_step_settled_as_not_done_calls_on_retry() {
     drain(&db).await;
     assert_eq!(get_job(pool, id).await.unwrap().state, JobState::Completed);
     assert_eq!(provider.posts(), vec![record.idempotency_key()], "one request, under the step's key");
+}
+
+/// Callees forget idempotency keys (Stripe after 24 hours): an unknown outcome whose first call is
+/// older than that is not called again under the default retry policy, which parks instead; a
+/// policy for a callee that keeps keys forever still calls.
+#[tokio::test(flavor = "multi_thread")]
+async fn retrying_with_the_same_key_stops_where_the_callee_forgets_keys() {
+    use oncely::core::ledger::{self, LedgerKey};
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    tables(pool).await;
+    let (provider, addr) = Provider::start().await;
+    for (order, policy) in [(5, "retry"), (6, "retry-forever")] {
+        // An intent recorded 25 hours ago whose holder died: in progress, lease over.
+        let record = LedgerKey::new("step", format!("charge:order:{order}"));
+        let opts = ledger::ClaimOptions {
+            owner: "job:0:1",
+            fingerprint: None,
+            lease: Duration::ZERO,
+            ttl: None,
+            supersedes: None,
+            now: None,
+            read_first: false,
+        };
+        ledger::claim(&mut pool.acquire().await.unwrap(), &record, &opts).await.unwrap();
+        sqlx::query("UPDATE oncely.ledger SET created_at = now() - interval '25 hours' WHERE key = $1")
+            .bind(&record.key)
+            .execute(pool)
+            .await
+            .unwrap();
+        let charge = Charge { order, policy: policy.into(), provider: addr.clone(), crash_before_call: false };
+        enqueue(pool, NewJob::new(&charge).unwrap()).await.unwrap();
+    }
+    drain(&db).await;
+
+    let states: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT (args->>'order')::bigint, state::text FROM oncely.jobs ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(states, vec![(5, "dead".to_string()), (6, "completed".to_string())]);
+    let dead = oncely::list_jobs(pool, &oncely::JobFilter { state: Some(JobState::Dead), ..Default::default() }).await.unwrap();
+    let message = &dead[0].errors.last().unwrap().message;
+    assert!(message.contains("parked") && message.contains("charge:order:5"), "{message}");
+    assert_eq!(
+        provider.posts(),
+        vec![LedgerKey::new("step", "charge:order:6").idempotency_key()],
+        "only the order whose callee keeps keys was called again"
+    );
 }

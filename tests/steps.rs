@@ -244,7 +244,7 @@ async fn ledger_claims_take_over_expired_leases_and_fence_the_old_holder() {
         now: None,
         read_first: false,
     };
-    let Claimed::Run { attempt: a1, took_over_from: None } = ledger::claim(&mut conn, &key, &opts("a", Some("fp"))).await.unwrap() else {
+    let Claimed::Run { attempt: a1, took_over_from: None, .. } = ledger::claim(&mut conn, &key, &opts("a", Some("fp"))).await.unwrap() else {
         panic!("first claim runs")
     };
     assert!(matches!(ledger::claim(&mut conn, &key, &opts("b", Some("fp"))).await.unwrap(), Claimed::Busy { retry_after } if retry_after > Duration::from_secs(25)));
@@ -253,8 +253,11 @@ async fn ledger_claims_take_over_expired_leases_and_fence_the_old_holder() {
     // A's lease runs out (injected clock: 31 s later); B takes over; A's late write is refused.
     let later = opts("b", Some("fp"));
     let later = ClaimOptions { now: Some(chrono::Utc::now() + chrono::Duration::seconds(31)), ..later };
-    let Claimed::Run { attempt: a2, took_over_from } = ledger::claim(&mut conn, &key, &later).await.unwrap() else { panic!("takeover") };
+    let Claimed::Run { attempt: a2, took_over_from, intent_age } = ledger::claim(&mut conn, &key, &later).await.unwrap() else {
+        panic!("takeover")
+    };
     assert_eq!((a2, took_over_from.as_deref()), (a1 + 1, Some("a")));
+    assert!((30..40).contains(&intent_age.as_secs()), "the intent dates from A's claim, 31 s earlier: {intent_age:?}");
     let late = ledger::complete(&mut *conn, &key, a1, &serde_json::json!("from a"), None).await;
     assert!(matches!(late, Err(oncely::Error::LedgerClaimLost { .. })));
     ledger::complete(&mut *conn, &key, a2, &serde_json::json!("from b"), None).await.unwrap();

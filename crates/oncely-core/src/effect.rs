@@ -90,6 +90,10 @@ pub enum StepError {
     },
 }
 
+/// Defaults to 24 hours, Stripe's: how long after its first call an [`OnUnknown::RetrySameKey`]
+/// step still calls again with the same key. Past it the callee may have forgotten the key.
+pub const DEFAULT_CALLEE_KEY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
 /// A reconciliation callback: given the idempotency key, did the earlier call take effect?
 pub type Reconciler<T> = Box<dyn FnOnce(String) -> BoxFuture<'static, Result<Option<T>, BoxError>> + Send>;
 
@@ -97,8 +101,15 @@ pub type Reconciler<T> = Box<dyn FnOnce(String) -> BoxFuture<'static, Result<Opt
 /// died between recording its intent and recording the result).
 pub enum OnUnknown<T> {
     /// Call again with the same idempotency key: right when the callee deduplicates on it (Stripe,
-    /// Standard Webhooks receivers).
+    /// Standard Webhooks receivers) — for as long as it remembers the key. Callees forget keys
+    /// (Stripe after 24 hours), so this is [`OnUnknown::RetrySameKeyWithin`] the
+    /// [`DEFAULT_CALLEE_KEY_WINDOW`] of 24 hours from the first call: past it the step parks, as
+    /// with [`OnUnknown::Park`], because calling again could repeat the effect.
     RetrySameKey,
+    /// Call again with the same idempotency key while the first call with it is younger than
+    /// this (how long the callee keeps keys; `Duration::MAX` for one that keeps them forever);
+    /// past it, park.
+    RetrySameKeyWithin(Duration),
     /// Ask the external system: `Some(output)` means the call took effect (it is recorded and
     /// returned), `None` that it did not (the call runs).
     Reconcile(Reconciler<T>),
@@ -122,6 +133,7 @@ impl<T> std::fmt::Debug for OnUnknown<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             OnUnknown::RetrySameKey => "RetrySameKey",
+            OnUnknown::RetrySameKeyWithin(_) => "RetrySameKeyWithin(..)",
             OnUnknown::Reconcile(_) => "Reconcile(..)",
             OnUnknown::Park => "Park",
         })
@@ -231,14 +243,30 @@ impl Effect<'_> {
         .await
         .map_err(|e| self.ledger_err(e))?;
         let (attempt, took_over_from) = match claimed {
-            Claimed::Run { attempt, took_over_from } => (attempt, took_over_from),
+            Claimed::Run { attempt, took_over_from, intent_age } => (attempt, took_over_from.map(|p| (p, intent_age))),
             other => return self.decode(self.not_run(other)?),
         };
         let idempotency_key = self.key.idempotency_key();
-        if let Some(previous) = took_over_from {
+        if let Some((previous, intent_age)) = took_over_from {
+            let on_unknown = match on_unknown {
+                OnUnknown::RetrySameKey => OnUnknown::RetrySameKeyWithin(DEFAULT_CALLEE_KEY_WINDOW),
+                other => other,
+            };
             match on_unknown {
-                OnUnknown::RetrySameKey => {
+                OnUnknown::RetrySameKeyWithin(window) if intent_age < window => {
                     tracing::warn!(step = self.label, %previous, %idempotency_key, "earlier attempt left no result; calling again with the same key");
+                }
+                OnUnknown::RetrySameKey | OnUnknown::RetrySameKeyWithin(_) => {
+                    // The callee may have forgotten the key by now: calling again could do it twice.
+                    tracing::error!(step = self.label, %previous, %idempotency_key, ?intent_age, record = %self.key, "earlier attempt left no result and its key is older than the callee keeps keys; parking for a person");
+                    if let Err(e) = ledger::extend(self.pool, &self.key, attempt, Duration::ZERO).await {
+                        tracing::warn!(step = self.label, error = %e, "could not end the parked claim's lease; it ends on its own");
+                    }
+                    return Err(StepError::OutcomeUnknown {
+                        step: self.label.to_owned(),
+                        idempotency_key,
+                        record: self.key.clone(),
+                    });
                 }
                 OnUnknown::Park => {
                     tracing::error!(step = self.label, %previous, %idempotency_key, record = %self.key, "earlier attempt left no result; parking for a person");

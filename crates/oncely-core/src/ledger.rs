@@ -110,6 +110,9 @@ pub enum Claimed {
         /// Set when this claim took over an in-progress record whose holder never recorded a
         /// result: if that holder made an external call, its outcome is unknown.
         took_over_from: Option<String>,
+        /// How long ago the record's first claim was made (database clock): when a callee
+        /// forgets idempotency keys after a while, how old the key it was first sent is.
+        intent_age: Duration,
     },
     /// The effect already happened: here is its stored output.
     Completed(serde_json::Value),
@@ -153,7 +156,11 @@ pub async fn claim(conn: &mut sqlx::PgConnection, key: &LedgerKey, opts: &ClaimO
             .fetch_optional(&mut *conn)
             .await?;
         if let Some(row) = row {
-            return Ok(Claimed::Run { attempt: row.try_get("attempt")?, took_over_from: row.try_get("previous_owner")? });
+            return Ok(Claimed::Run {
+                attempt: row.try_get("attempt")?,
+                took_over_from: row.try_get("previous_owner")?,
+                intent_age: Duration::from_secs_f64(row.try_get::<f64, _>("intent_age")?),
+            });
         }
         let Some(row) = sqlx::query(queries::LEDGER_GET)
             .bind(&key.namespace)

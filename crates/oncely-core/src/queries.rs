@@ -259,7 +259,8 @@ WHERE l.expires_at <= "#, ledger_now!(), r#"
        AND l.fingerprint IS NOT DISTINCT FROM EXCLUDED.fingerprint
        AND (l.lease_expires_at <= "#, ledger_now!(), r#"
             OR ($7::text IS NOT NULL AND starts_with(l.owner, $7) AND l.owner <> EXCLUDED.owner)))
-RETURNING attempt, previous_owner
+RETURNING attempt, previous_owner,
+          greatest(extract(epoch FROM "#, ledger_now!(), r#" - created_at), 0)::float8 AS intent_age
 "#
 );
 

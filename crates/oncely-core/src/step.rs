@@ -48,7 +48,9 @@ use futures::future::BoxFuture;
 use serde::{de::DeserializeOwned, Serialize};
 use sqlx::PgPool;
 
-pub use crate::effect::{Boundary, BoundaryHook, BoundaryPoint, BoxError, InjectedCrash, OnUnknown, Reconciler, StepError};
+pub use crate::effect::{
+    Boundary, BoundaryHook, BoundaryPoint, BoxError, InjectedCrash, OnUnknown, Reconciler, StepError, DEFAULT_CALLEE_KEY_WINDOW,
+};
 use crate::effect::Effect;
 use crate::job::JobId;
 use crate::ledger::LedgerKey;
