@@ -175,6 +175,69 @@ async fn concurrent_plain_claims_run_once_and_the_rest_are_busy_or_replayed() {
     assert_eq!(later, "cs_1");
 }
 
+/// Seed 001: "fire 10 concurrent requests, assert 1 result". With `.wait(..)` the duplicates of a
+/// double-click wait for the first call and all get its result; none is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_duplicates_that_wait_all_get_the_first_calls_result() {
+    let db = TestDb::new().await;
+    let pool = db.new_pool(12).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let barrier = Arc::new(tokio::sync::Barrier::new(10));
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let (pool, barrier, runs) = (pool.clone(), barrier.clone(), runs.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                oncely::core::idempotent(&pool, "checkout:user-7:req-9")
+                    .wait(Duration::from_secs(10))
+                    .run(|| async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Ok::<_, std::io::Error>(format!("cs_{i}"))
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let results: Vec<String> = futures::future::join_all(tasks).await.into_iter().map(|r| r.unwrap().unwrap()).collect();
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "one call ran");
+    assert!(results.iter().all(|r| r == &results[0]), "every caller got the first call's result: {results:?}");
+}
+
+/// The options of `idempotent`: a fingerprint refuses the key's reuse for another call, and a
+/// record can be kept forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotent_checks_fingerprints_and_can_keep_a_record_forever() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let call = |fp: &'static str, out: &'static str| {
+        oncely::core::idempotent(pool, "settle:req-1").fingerprint(fp).keep_forever().run(move || async move {
+            Ok::<_, std::io::Error>(out.to_string())
+        })
+    };
+    assert_eq!(call("units=5", "first").await.unwrap(), "first");
+    assert_eq!(call("units=5", "second").await.unwrap(), "first", "same call: replayed");
+    assert!(matches!(call("units=50", "third").await, Err(StepError::Mismatch { .. })), "same key, other call: refused");
+    let expires: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT expires_at FROM oncely.ledger WHERE key = 'settle:req-1'").fetch_one(pool).await.unwrap();
+    assert_eq!(expires, None, "kept forever");
+    // The same in a transaction, with the default TTL of a day.
+    let tx_call = |fp: &'static str| {
+        oncely::core::idempotent(pool, "settle:req-2").fingerprint(fp).run_tx(|tx| {
+            Box::pin(async move { sqlx::query_scalar::<_, i32>("SELECT 7").fetch_one(&mut *tx).await })
+        })
+    };
+    assert_eq!(tx_call("a").await.unwrap(), 7);
+    assert!(matches!(tx_call("b").await, Err(StepError::Mismatch { .. })));
+    let ttl_hours: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM expires_at - created_at)::float8 / 3600 FROM oncely.ledger WHERE key = 'settle:req-2'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!((23.9..24.1).contains(&ttl_hours), "{ttl_hours}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn with_idempotency_runs_first_replays_second_and_runs_again_after_expiry() {
     let db = TestDb::new().await;

@@ -182,6 +182,10 @@ pub(crate) struct Effect<'a> {
     pub(crate) lease: Duration,
     pub(crate) ttl: Option<Duration>,
     pub(crate) hook: Option<(&'a BoundaryHook, JobId)>,
+    /// What the call was; a later call under the key with another gets [`StepError::Mismatch`].
+    pub(crate) fingerprint: Option<String>,
+    /// How long a call that finds the key held by a running call waits for its result.
+    pub(crate) wait: Duration,
 }
 
 impl Effect<'_> {
@@ -194,7 +198,7 @@ impl Effect<'_> {
     fn opts(&self) -> ClaimOptions<'_> {
         ClaimOptions {
             owner: &self.owner,
-            fingerprint: None,
+            fingerprint: self.fingerprint.as_deref(),
             lease: self.lease,
             ttl: self.ttl,
             supersedes: self.supersedes.as_deref(),
@@ -236,12 +240,25 @@ impl Effect<'_> {
         E: Into<BoxError>,
     {
         self.at(BoundaryPoint::BeforeClaim);
-        let claimed = async {
-            let mut conn = self.pool.acquire().await?;
-            ledger::claim(&mut conn, &self.key, &self.opts()).await
-        }
-        .await
-        .map_err(|e| self.ledger_err(e))?;
+        // A call that finds the key held by a running one waits up to `wait` for its result.
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let mut pause = Duration::from_millis(5);
+        let claimed = loop {
+            let claimed = async {
+                let mut conn = self.pool.acquire().await?;
+                ledger::claim(&mut conn, &self.key, &self.opts()).await
+            }
+            .await
+            .map_err(|e| self.ledger_err(e))?;
+            let now = tokio::time::Instant::now();
+            match claimed {
+                Claimed::Busy { retry_after } if now < deadline => {
+                    tokio::time::sleep(pause.min(retry_after.max(Duration::from_millis(1))).min(deadline - now)).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                other => break other,
+            }
+        };
         let (attempt, took_over_from) = match claimed {
             Claimed::Run { attempt, took_over_from, intent_age } => (attempt, took_over_from.map(|p| (p, intent_age))),
             other => return self.decode(self.not_run(other)?),
@@ -366,15 +383,119 @@ impl Effect<'_> {
 }
 
 fn idempotency_effect<'a>(pool: &'a PgPool, key: &'a str, ttl: Duration) -> Effect<'a> {
-    Effect {
-        pool,
-        label: key,
-        key: LedgerKey::new(IDEMPOTENCY_NAMESPACE, key),
-        owner: format!("call:{}", uuid::Uuid::new_v4()),
-        supersedes: None,
-        lease: DEFAULT_IDEMPOTENCY_LEASE,
-        ttl: Some(ttl),
-        hook: None,
+    idempotent(pool, key).ttl(ttl).to_effect()
+}
+
+/// Defaults to 24 hours: how long an [`idempotent`] call's record lasts unless told otherwise.
+pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Run something once per key, with options: [`with_idempotency`] and [`with_idempotency_tx`]
+/// with a fingerprint, a record kept forever, or concurrent duplicates that wait for the first
+/// call's result instead of getting [`StepError::Busy`].
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn example(pool: sqlx::PgPool, body: String) -> Result<(), oncely_core::StepError> {
+/// use std::time::Duration;
+/// let session: String = oncely_core::idempotent(&pool, "checkout:user-7:req-123")
+///     .fingerprint(&body) // the same key with another request is refused (StepError::Mismatch)
+///     .wait(Duration::from_secs(10)) // a double-click waits for the first call's answer
+///     .run(|| async { Ok::<_, std::io::Error>("cs_test_123".to_string()) })
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub fn idempotent<'a>(pool: &'a PgPool, key: &'a str) -> Idempotent<'a> {
+    Idempotent { pool, key, ttl: Some(DEFAULT_IDEMPOTENCY_TTL), fingerprint: None, wait: Duration::ZERO, lease: DEFAULT_IDEMPOTENCY_LEASE }
+}
+
+/// Options of a once-per-key call; see [`idempotent`].
+#[must_use = "an idempotent call does nothing until .run(..) or .run_tx(..) is awaited"]
+#[derive(Debug, Clone)]
+pub struct Idempotent<'a> {
+    pool: &'a PgPool,
+    key: &'a str,
+    ttl: Option<Duration>,
+    fingerprint: Option<String>,
+    wait: Duration,
+    lease: Duration,
+}
+
+impl Idempotent<'_> {
+    /// How long the record lasts ([`DEFAULT_IDEMPOTENCY_TTL`] by default); after it the key is free.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Keep the record forever: the key is never free again.
+    pub fn keep_forever(mut self) -> Self {
+        self.ttl = None;
+        self
+    }
+
+    /// What the call is (e.g. a hash of the request): a later call under the same key with another
+    /// fingerprint gets [`StepError::Mismatch`] instead of the first call's result. Compared as is;
+    /// pass something short (a hash) for large inputs.
+    pub fn fingerprint(mut self, fingerprint: impl Into<String>) -> Self {
+        self.fingerprint = Some(fingerprint.into());
+        self
+    }
+
+    /// Let a call that finds the key held by a running call wait up to `wait` for that call's
+    /// result (returned as its own) instead of failing at once with [`StepError::Busy`]; past
+    /// `wait` it is still `Busy`. In [`run_tx`](Self::run_tx) a duplicate waits on the first
+    /// call's transaction anyway.
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// How long a running call holds the key before another may take it over if it stops
+    /// renewing it (it renews while it runs). [`DEFAULT_IDEMPOTENCY_LEASE`] by default.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Run `f` once per key, outside any transaction: see [`with_idempotency`].
+    pub async fn run<T, E, F, Fut>(self, f: F) -> Result<T, StepError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: Into<BoxError>,
+    {
+        let effect = self.to_effect();
+        effect.run(OnUnknown::RetrySameKey, |_| f()).await
+    }
+
+    /// Run `f` once per key in the transaction that records it: see [`with_idempotency_tx`].
+    pub async fn run_tx<T, E, F>(self, f: F) -> Result<T, StepError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: for<'c> FnOnce(&'c mut sqlx::PgConnection) -> BoxFuture<'c, Result<T, E>>,
+        E: Into<BoxError>,
+    {
+        let effect = self.to_effect();
+        effect.transactional(f).await
+    }
+}
+
+impl<'a> Idempotent<'a> {
+    fn to_effect(&self) -> Effect<'a> {
+        Effect {
+            pool: self.pool,
+            label: self.key,
+            key: LedgerKey::new(IDEMPOTENCY_NAMESPACE, self.key),
+            owner: format!("call:{}", uuid::Uuid::new_v4()),
+            supersedes: None,
+            lease: self.lease,
+            ttl: self.ttl,
+            hook: None,
+            fingerprint: self.fingerprint.clone(),
+            wait: self.wait,
+        }
     }
 }
 

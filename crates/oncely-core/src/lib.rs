@@ -31,7 +31,10 @@ pub mod step;
 pub mod txn;
 pub mod webhook;
 
-pub use effect::{with_idempotency, with_idempotency_tx, StepError, DEFAULT_IDEMPOTENCY_LEASE, IDEMPOTENCY_NAMESPACE};
+pub use effect::{
+    idempotent, with_idempotency, with_idempotency_tx, Idempotent, StepError, DEFAULT_IDEMPOTENCY_LEASE, DEFAULT_IDEMPOTENCY_TTL,
+    IDEMPOTENCY_NAMESPACE,
+};
 pub use error::{Error, Result};
 pub use job::{AttemptError, ErrorKind, Job, JobArgs, JobId, JobState, NewJob};
 pub use lease::Claim;

@@ -166,6 +166,8 @@ impl<'a> Step<'a> {
             lease: self.lease,
             ttl: self.ttl,
             hook: scope.hook.as_ref().map(|h| (h, scope.job_id)),
+            fingerprint: None,
+            wait: Duration::ZERO,
         };
         Ok((effect, self.name))
     }
