@@ -97,6 +97,22 @@ async fn billing_endpoints_count_once_and_refuse_a_reused_key_with_409() {
     assert!(settle.body.contains(r#""amount":8"#), "5 + 1 + 2 counted once each: {}", settle.body);
     let settlements: i64 = sqlx::query_scalar("SELECT count(*) FROM settlements").fetch_one(db.pool()).await.unwrap();
     assert_eq!(settlements, 1);
+
+    // Seed 003's "settle twice" with two different keys, at once: the usage is billed once.
+    post(&addr, "/api/v1/usage", &key("u-2"), r#"{"units":4}"#).await;
+    let (k2, k3) = (key("s-2"), key("s-3"));
+    let (a, b) = tokio::join!(post(&addr, "/api/v1/settle", &k2, ""), post(&addr, "/api/v1/settle", &k3, ""));
+    assert_eq!((a.status, b.status), (200, 200));
+    let amounts: Vec<i64> = sqlx::query_scalar("SELECT amount FROM settlements ORDER BY amount").fetch_all(db.pool()).await.unwrap();
+    assert_eq!(amounts, vec![0, 4, 8], "the new 4 units billed by one of the two settles, the old 8 not again");
+    // The tables hold a digest of the caller, never the API key.
+    let leaked: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM api_usage WHERE caller LIKE '%ak_live%') + (SELECT count(*) FROM settlements WHERE caller LIKE '%ak_live%')",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(leaked, 0);
 }
 
 /// Simulate a crash after the checkout handler ran and before the layer stored its response: the

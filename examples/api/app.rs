@@ -83,6 +83,8 @@ pub async fn setup(pool: &PgPool) -> Result<(), Box<dyn std::error::Error + Send
     for sql in [
         "CREATE TABLE IF NOT EXISTS api_usage (id bigserial PRIMARY KEY, caller text NOT NULL, units bigint NOT NULL)",
         "CREATE TABLE IF NOT EXISTS settlements (id bigserial PRIMARY KEY, caller text NOT NULL, amount bigint NOT NULL)",
+        // Which settlement billed a usage row: each row is settled once, whatever the settle keys.
+        "ALTER TABLE api_usage ADD COLUMN IF NOT EXISTS settlement_id bigint",
         "CREATE TABLE IF NOT EXISTS projects (id text PRIMARY KEY, name text NOT NULL)",
         "CREATE TABLE IF NOT EXISTS api_keys (id text PRIMARY KEY, project_id text NOT NULL, revoked_at timestamptz)",
         "CREATE TABLE IF NOT EXISTS subscriptions (id bigserial PRIMARY KEY, user_id text NOT NULL, session_id text NOT NULL)",
@@ -94,13 +96,16 @@ pub async fn setup(pool: &PgPool) -> Result<(), Box<dyn std::error::Error + Send
     Ok(())
 }
 
+/// Who is calling, as stored in the tables: a digest of the API key (or `Authorization`), never
+/// the credential itself.
 fn caller(headers: &HeaderMap) -> String {
-    headers
-        .get("x-api-key")
-        .or_else(|| headers.get("authorization"))
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("anonymous")
-        .to_owned()
+    use sha2::{Digest, Sha256};
+    let Some(credential) = headers.get("x-api-key").or_else(|| headers.get("authorization")) else {
+        return "anonymous".to_owned();
+    };
+    let digest = Sha256::digest(credential.as_bytes());
+    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("caller:{hex}")
 }
 
 fn internal(e: impl std::fmt::Display) -> Response {
@@ -153,8 +158,18 @@ async fn record_usage_bulk(tx: Option<RequestTx>, State(s): State<AppState>, hea
 
 async fn settle(tx: Option<RequestTx>, State(s): State<AppState>, headers: HeaderMap) -> Response {
     let who = caller(&headers);
-    let sql = "INSERT INTO settlements (caller, amount)
-               SELECT $1, coalesce(sum(units), 0) FROM api_usage WHERE caller = $1 RETURNING id, amount";
+    // Bills the caller's usage not billed yet, and marks it billed, in one statement. The rows are
+    // locked first, so two settles with different keys at once cannot both count them: the second
+    // waits, then finds them settled.
+    let sql = "WITH pending AS (
+                   SELECT id, units FROM api_usage WHERE caller = $1 AND settlement_id IS NULL FOR UPDATE
+               ), settled AS (
+                   INSERT INTO settlements (caller, amount) SELECT $1, coalesce(sum(units), 0) FROM pending
+                   RETURNING id, amount
+               ), billed AS (
+                   UPDATE api_usage a SET settlement_id = settled.id FROM settled, pending p WHERE a.id = p.id
+               )
+               SELECT id, amount FROM settled";
     let row: Result<(i64, i64), _> = match &tx {
         Some(tx) => sqlx::query_as(sql).bind(&who).fetch_one(&mut *tx.conn().await).await,
         None => sqlx::query_as(sql).bind(&who).fetch_one(&s.pool).await,
