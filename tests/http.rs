@@ -333,6 +333,34 @@ async fn responses_from_outer_layers_are_never_stored() {
     assert_eq!(counter.0.load(Ordering::SeqCst), 1);
 }
 
+/// A handler's own 401, 403 and 429 are answers about the moment (not signed in yet, not allowed
+/// yet, slow down), not about the request: they are not stored, so the retry with the same key runs
+/// the handler again and gets its real answer, which is then stored and replayed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handlers_own_401_403_and_429_are_not_stored() {
+    for status in [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN, StatusCode::TOO_MANY_REQUESTS] {
+        for (name, layer, _db) in stores().await {
+            let calls = Arc::new(AtomicU32::new(0));
+            let c = calls.clone();
+            let app = Router::new()
+                .route(
+                    "/things",
+                    post(move || {
+                        let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                        async move { if n == 1 { status } else { StatusCode::CREATED } }
+                    }),
+                )
+                .layer(layer);
+            assert_eq!(send(&app, req(Some("k"), "a")).await.status, status, "{name}");
+            let retry = send(&app, req(Some("k"), "a")).await;
+            assert_eq!(retry.status, StatusCode::CREATED, "{name} {status}: the retry ran the handler");
+            let third = send(&app, req(Some("k"), "a")).await;
+            assert_eq!((third.status, third.headers.contains_key("idempotency-replayed")), (StatusCode::CREATED, true), "{name}");
+            assert_eq!(calls.load(Ordering::SeqCst), 2, "{name} {status}");
+        }
+    }
+}
+
 /// Record usage: the effect is an UPDATE; in transactional mode through the request's transaction.
 async fn add_usage(tx: Option<RequestTx>, pool: sqlx::PgPool) -> StatusCode {
     let sql = "UPDATE usage SET tokens = tokens + 10 WHERE user_id = 1";
