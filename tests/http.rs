@@ -361,6 +361,38 @@ async fn a_handlers_own_401_403_and_429_are_not_stored() {
     }
 }
 
+/// Clients that send the key under an older name keep working when that name is configured:
+/// either name finds the same record, and a request carrying both is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_key_can_arrive_under_a_configured_older_header_name() {
+    for (name, layer, _db) in stores().await {
+        let counter = Counter::default();
+        let plain = app(layer.clone(), counter.clone());
+        let aliased = app(
+            with(layer, |c| c.key_headers = vec![http::HeaderName::from_static("idempotency-key"), http::HeaderName::from_static("x-idempotency-key")]),
+            counter.clone(),
+        );
+        let old_name = |key: &str| {
+            Request::post("/things").header("x-api-key", "tenant-a").header("x-idempotency-key", key).body(Body::from("a")).unwrap()
+        };
+        // Not configured: the old name is no key at all, so each request runs.
+        send(&plain, old_name("legacy-0")).await;
+        send(&plain, old_name("legacy-0")).await;
+        assert_eq!(counter.0.load(Ordering::SeqCst), 2, "{name}");
+
+        let first = send(&aliased, old_name("legacy-1")).await;
+        let again = send(&aliased, old_name("legacy-1")).await;
+        let new_name = send(&aliased, req(Some("legacy-1"), "a")).await;
+        assert_eq!(counter.0.load(Ordering::SeqCst), 3, "{name}: one more run");
+        assert_eq!((first.body.clone(), first.body.clone()), (again.body, new_name.body), "{name}: both names replay it");
+        let mut both = old_name("legacy-2");
+        both.headers_mut().insert("idempotency-key", http::HeaderValue::from_static("legacy-2"));
+        let refused = send(&aliased, both).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{name}");
+        assert!(problem_type(&refused).ends_with("idempotency-key-malformed"), "{name}");
+    }
+}
+
 /// Record usage: the effect is an UPDATE; in transactional mode through the request's transaction.
 async fn add_usage(tx: Option<RequestTx>, pool: sqlx::PgPool) -> StatusCode {
     let sql = "UPDATE usage SET tokens = tokens + 10 WHERE user_id = 1";

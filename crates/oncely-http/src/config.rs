@@ -55,6 +55,11 @@ pub type BeforeStore = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
 pub struct IdempotencyConfig {
     /// Methods that take part. Defaults to POST and PATCH; others pass through.
     pub methods: Vec<Method>,
+    /// The request headers that carry the key, in order of preference: `Idempotency-Key` by
+    /// default. Add `x-idempotency-key` (say) to keep clients that send the older name working;
+    /// a request carrying more than one key value is refused (400). A generated key is sent back
+    /// under the first name.
+    pub key_headers: Vec<http::HeaderName>,
     /// Missing-key policy. Defaults to [`MissingKey::PassThrough`].
     pub missing_key: MissingKey,
     /// Replay window. Defaults to [`DEFAULT_TTL`].
@@ -86,6 +91,7 @@ impl Default for IdempotencyConfig {
     fn default() -> Self {
         IdempotencyConfig {
             methods: vec![Method::POST, Method::PATCH],
+            key_headers: vec![http::HeaderName::from_static(crate::IDEMPOTENCY_KEY)],
             missing_key: MissingKey::default(),
             ttl: DEFAULT_TTL,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,

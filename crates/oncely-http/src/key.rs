@@ -18,7 +18,7 @@ pub enum KeyError {
     #[error("the Idempotency-Key is not an sf-string or a token of printable ASCII characters")]
     Malformed,
     /// Sent more than once.
-    #[error("the Idempotency-Key header was sent more than once")]
+    #[error("more than one idempotency key was sent (the header repeated, or under two of its names)")]
     Repeated,
 }
 

@@ -189,11 +189,13 @@ where
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let mut values = req.headers().get_all(IDEMPOTENCY_KEY).iter();
-        let parsed = match (values.next(), values.next()) {
-            (None, _) => None,
-            (Some(_), Some(_)) => Some(Err(KeyError::Repeated)),
-            (Some(v), None) => Some(parse_key(v.as_bytes())),
+        let parsed = {
+            let mut values = cfg.key_headers.iter().flat_map(|name| req.headers().get_all(name).iter());
+            match (values.next(), values.next()) {
+                (None, _) => None,
+                (Some(_), Some(_)) => Some(Err(KeyError::Repeated)),
+                (Some(v), None) => Some(parse_key(v.as_bytes())),
+            }
         };
         let (key, generated) = match parsed {
             Some(Ok(k)) => (k, false),
@@ -246,7 +248,8 @@ where
         };
         if generated {
             if let Ok(v) = HeaderValue::from_str(&key) {
-                resp.headers_mut().insert(IDEMPOTENCY_KEY, v);
+                let name = cfg.key_headers.first().cloned().unwrap_or(http::HeaderName::from_static(IDEMPOTENCY_KEY));
+                resp.headers_mut().insert(name, v);
             }
         }
         Ok(resp)
