@@ -716,3 +716,39 @@ async fn publish_many_stores_a_batch_in_input_order_and_fans_each_event_out() {
         assert_eq!(got, want, "customer {customer}");
     }
 }
+
+/// Seed 004's "webhook:{event_id}, delivered only once": a request retried after a timeout, or
+/// sent twice, must not publish twice (two events would carry two `webhook-id`s, which no receiver
+/// can deduplicate). Publishing inside the request's once-per-key transaction does that: 10
+/// concurrent attempts on separate connections publish one event with one delivery.
+#[tokio::test(flavor = "multi_thread")]
+async fn publishing_inside_a_once_per_key_transaction_publishes_once_across_retries() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let rx = Receiver::start(|_| Reply::Status(200)).await;
+    create_endpoint(db.pool(), &NewEndpoint::new(rx.url("billing"), ["payment.succeeded"])).await.unwrap();
+    let pool = db.new_pool(12).await;
+    let attempts: Vec<_> = (0..10)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                oncely::core::with_idempotency_tx(&pool, "webhook:payment:pi_42", Duration::from_secs(3600), |tx| {
+                    Box::pin(async move {
+                        let event = Event::new("payment.succeeded", &serde_json::json!({"payment": "pi_42"})).unwrap();
+                        publish(&mut *tx, &event).await.map(|p| p.message_id)
+                    })
+                })
+                .await
+            })
+        })
+        .collect();
+    let ids: Vec<String> = futures::future::join_all(attempts).await.into_iter().map(|r| r.unwrap().unwrap()).collect();
+    assert!(ids.iter().all(|id| id == &ids[0]), "every attempt answers with the one event's webhook-id: {ids:?}");
+    let (events, jobs): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM oncely.events), (SELECT count(*) FROM oncely.jobs WHERE kind = 'oncely.webhook_delivery')",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!((events, jobs), (1, 1));
+}
