@@ -100,3 +100,53 @@ async fn acceptance_rolls_back_with_the_callers_transaction_and_sources_are_sepa
     let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.jobs").fetch_one(pool).await.unwrap();
     assert_eq!(jobs, 2);
 }
+
+/// An accepted event whose processing failed for good stays a duplicate on resend; `status` says
+/// it failed, the job is retried after the fix, and `status` follows it to success, then to
+/// "forgotten" once its job is pruned.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_follows_an_accepted_events_processing() {
+    use oncely::core::inbox::{status, Processing};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    assert_eq!(status(pool, "stripe", "evt_2").await.unwrap(), None);
+    let job = NewJob::new(&HandleStripeEvent { id: "evt_2".into() }).unwrap().max_attempts(1);
+    let accepted = accept(pool, "stripe", "evt_2", &serde_json::json!({"id": "evt_2"}), job).await.unwrap();
+    let entry = status(pool, "stripe", "evt_2").await.unwrap().unwrap();
+    assert_eq!((entry.job, entry.processing), (accepted.job(), Processing::Pending));
+
+    let broken = Arc::new(AtomicBool::new(true));
+    let b = broken.clone();
+    let h = builder(db.new_pool(4).await)
+        .register(handler_fn(move |_ctx, _: HandleStripeEvent| {
+            let b = b.clone();
+            async move {
+                if b.load(Ordering::SeqCst) {
+                    return Err(oncely::Outcome::fail("the ledger service is down"));
+                }
+                Ok(())
+            }
+        }))
+        .queue("default", 1)
+        .build()
+        .unwrap()
+        .start();
+    wait_all_finished(pool, Duration::from_secs(20)).await;
+    assert_eq!(status(pool, "stripe", "evt_2").await.unwrap().unwrap().processing, Processing::Failed);
+    let resend = NewJob::new(&HandleStripeEvent { id: "evt_2".into() }).unwrap();
+    let again = accept(pool, "stripe", "evt_2", &serde_json::json!({"id": "evt_2"}), resend).await.unwrap();
+    assert_eq!(again, Accepted::Duplicate { job: accepted.job() }, "still a duplicate");
+
+    broken.store(false, Ordering::SeqCst);
+    oncely::retry_job(&mut pool.acquire().await.unwrap(), accepted.job()).await.unwrap();
+    eventually(Duration::from_secs(20), "the retried job to succeed", || async {
+        (status(pool, "stripe", "evt_2").await.unwrap().unwrap().processing == Processing::Succeeded).then_some(())
+    })
+    .await;
+    h.shutdown().await;
+    sqlx::query("DELETE FROM oncely.jobs WHERE id = $1").bind(accepted.job().0).execute(pool).await.unwrap();
+    assert_eq!(status(pool, "stripe", "evt_2").await.unwrap().unwrap().processing, Processing::Forgotten);
+}

@@ -70,6 +70,10 @@ SELECT id FROM job
 /// Pass your transaction to make acceptance commit with your own writes; on a pool it commits by
 /// itself. `job` must not carry a unique key (the inbox already deduplicates).
 ///
+/// A resend of an event whose processing failed for good is still a duplicate (accepting it again
+/// would process it twice if the failure came after its effect): [`status`] tells how an accepted
+/// event's processing stands, and its job can be retried.
+///
 /// # Example
 ///
 /// ```no_run
@@ -107,6 +111,60 @@ where
         .fetch_one(&mut *conn)
         .await?;
     Ok(Accepted::Duplicate { job: JobId(row.try_get("job_id")?) })
+}
+
+/// How the processing of an accepted event stands: the state of its job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Processing {
+    /// Waiting to run, or waiting to retry.
+    Pending,
+    /// Running now.
+    Running,
+    /// Processed.
+    Succeeded,
+    /// Failed for good: its job is in the dead letter. A resend is still a duplicate; retry the
+    /// job (`oncely jobs retry ID`, [`crate::retry_job`]) once the cause is fixed.
+    Failed,
+    /// Its job was cancelled.
+    Cancelled,
+    /// Its job is gone (pruned after its retention): it finished long ago, its outcome no longer
+    /// known.
+    Forgotten,
+}
+
+/// One accepted event, as [`status`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxEntry {
+    /// The job that processes it.
+    pub job: JobId,
+    /// When it was accepted.
+    pub received_at: chrono::DateTime<chrono::Utc>,
+    /// Where its processing stands.
+    pub processing: Processing,
+}
+
+/// Whether `(source, event_id)` was accepted, and how its processing stands; `None` when it was
+/// never accepted (or its record was pruned).
+pub async fn status<'e>(executor: impl sqlx::PgExecutor<'e>, source: &str, event_id: &str) -> Result<Option<InboxEntry>> {
+    let row = sqlx::query(
+        "SELECT i.job_id, i.received_at, j.state::text AS state FROM oncely.inbox i \
+         LEFT JOIN oncely.jobs j ON j.id = i.job_id WHERE i.source = $1 AND i.event_id = $2",
+    )
+    .bind(source)
+    .bind(event_id)
+    .fetch_optional(executor)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let state: Option<String> = row.try_get("state")?;
+    let processing = match state.as_deref().map(str::parse::<crate::JobState>).transpose()? {
+        None => Processing::Forgotten,
+        Some(crate::JobState::Available) => Processing::Pending,
+        Some(crate::JobState::Running) => Processing::Running,
+        Some(crate::JobState::Completed) => Processing::Succeeded,
+        Some(crate::JobState::Dead) => Processing::Failed,
+        Some(crate::JobState::Cancelled) => Processing::Cancelled,
+    };
+    Ok(Some(InboxEntry { job: JobId(row.try_get("job_id")?), received_at: row.try_get("received_at")?, processing }))
 }
 
 /// Delete up to `limit` inbox records received longer ago than `older_than`. A sender that resends
