@@ -284,6 +284,23 @@ async fn reconcile_that_finds_no_charge_calls_once() {
     assert_eq!(charged, vec![(3, "ch_1".to_string())]);
 }
 
+/// The step record a holder that died mid-call leaves: in progress, lease over, no output.
+async fn orphan_claim(pool: &sqlx::PgPool, key: &str) -> oncely::core::ledger::LedgerKey {
+    use oncely::core::ledger::{self, LedgerKey};
+    let record = LedgerKey::new("step", key);
+    let opts = ledger::ClaimOptions {
+        owner: "job:0:1",
+        fingerprint: None,
+        lease: Duration::ZERO,
+        ttl: None,
+        supersedes: None,
+        now: None,
+        read_first: false,
+    };
+    ledger::claim(&mut pool.acquire().await.unwrap(), &record, &opts).await.unwrap();
+    record
+}
+
 /// Run the charge worker (no crash) until no job is left to run.
 async fn drain(db: &TestDb) {
     let h = builder(db.new_pool(5).await).register(charge_handler()).queue("default", 1).lease(Duration::from_millis(500)).build().unwrap().start();
@@ -335,24 +352,14 @@ async fn a_parked_step_is_settled_by_a_person_and_the_retried_job_uses_what_they
 /// record and the retried job makes the call.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_parked_step_settled_as_not_done_calls_on_retry() {
-    use oncely::core::ledger::{self, LedgerKey, Resolution};
+    use oncely::core::ledger::{self, Resolution};
     init_tracing();
     let db = TestDb::new().await;
     let pool = db.pool();
     tables(pool).await;
     let (provider, addr) = Provider::start().await;
     // A claim whose holder died before its request left: in progress, lease over, no output.
-    let record = LedgerKey::new("step", "charge:order:4");
-    let opts = ledger::ClaimOptions {
-        owner: "job:0:1",
-        fingerprint: None,
-        lease: Duration::ZERO,
-        ttl: None,
-        supersedes: None,
-        now: None,
-        read_first: false,
-    };
-    ledger::claim(&mut pool.acquire().await.unwrap(), &record, &opts).await.unwrap();
+    let record = orphan_claim(pool, "charge:order:4").await;
     let id = enqueue(pool, NewJob::new(&Charge { order: 4, policy: "park".into(), provider: addr, crash_before_call: false }).unwrap()).await.unwrap().id;
     drain(&db).await;
     let job = get_job(pool, id).await.unwrap();
@@ -371,7 +378,7 @@ async fn a_parked_step_settled_as_not_done_calls_on_retry() {
 /// policy for a callee that keeps keys forever still calls.
 #[tokio::test(flavor = "multi_thread")]
 async fn retrying_with_the_same_key_stops_where_the_callee_forgets_keys() {
-    use oncely::core::ledger::{self, LedgerKey};
+    use oncely::core::ledger::LedgerKey;
     init_tracing();
     let db = TestDb::new().await;
     let pool = db.pool();
@@ -379,17 +386,7 @@ async fn retrying_with_the_same_key_stops_where_the_callee_forgets_keys() {
     let (provider, addr) = Provider::start().await;
     for (order, policy) in [(5, "retry"), (6, "retry-forever")] {
         // An intent recorded 25 hours ago whose holder died: in progress, lease over.
-        let record = LedgerKey::new("step", format!("charge:order:{order}"));
-        let opts = ledger::ClaimOptions {
-            owner: "job:0:1",
-            fingerprint: None,
-            lease: Duration::ZERO,
-            ttl: None,
-            supersedes: None,
-            now: None,
-            read_first: false,
-        };
-        ledger::claim(&mut pool.acquire().await.unwrap(), &record, &opts).await.unwrap();
+        let record = orphan_claim(pool, &format!("charge:order:{order}")).await;
         sqlx::query("UPDATE oncely.ledger SET created_at = now() - interval '25 hours' WHERE key = $1")
             .bind(&record.key)
             .execute(pool)

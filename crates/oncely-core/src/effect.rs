@@ -276,27 +276,11 @@ impl Effect<'_> {
                 OnUnknown::RetrySameKey | OnUnknown::RetrySameKeyWithin(_) => {
                     // The callee may have forgotten the key by now: calling again could do it twice.
                     tracing::error!(step = self.label, %previous, %idempotency_key, ?intent_age, record = %self.key, "earlier attempt left no result and its key is older than the callee keeps keys; parking for a person");
-                    if let Err(e) = ledger::extend(self.pool, &self.key, attempt, Duration::ZERO).await {
-                        tracing::warn!(step = self.label, error = %e, "could not end the parked claim's lease; it ends on its own");
-                    }
-                    return Err(StepError::OutcomeUnknown {
-                        step: self.label.to_owned(),
-                        idempotency_key,
-                        record: self.key.clone(),
-                    });
+                    return Err(self.park(attempt, idempotency_key).await);
                 }
                 OnUnknown::Park => {
                     tracing::error!(step = self.label, %previous, %idempotency_key, record = %self.key, "earlier attempt left no result; parking for a person");
-                    // Nobody works on it now: end this claim's lease so a person can resolve the
-                    // record at once (it stays in progress, so every claimant parks until then).
-                    if let Err(e) = ledger::extend(self.pool, &self.key, attempt, Duration::ZERO).await {
-                        tracing::warn!(step = self.label, error = %e, "could not end the parked claim's lease; it ends on its own");
-                    }
-                    return Err(StepError::OutcomeUnknown {
-                        step: self.label.to_owned(),
-                        idempotency_key,
-                        record: self.key.clone(),
-                    });
+                    return Err(self.park(attempt, idempotency_key).await);
                 }
                 OnUnknown::Reconcile(reconcile) => match reconcile(idempotency_key.clone()).await {
                     Ok(Some(v)) => {
@@ -319,6 +303,15 @@ impl Effect<'_> {
                 Err(StepError::Failed { step: self.label.to_owned(), source: e.into() })
             }
         }
+    }
+
+    /// Park the step for a person. Nobody works on it now: end this claim's lease so a person can
+    /// resolve the record at once (it stays in progress, so every claimant parks until then).
+    async fn park(&self, attempt: i32, idempotency_key: String) -> StepError {
+        if let Err(e) = ledger::extend(self.pool, &self.key, attempt, Duration::ZERO).await {
+            tracing::warn!(step = self.label, error = %e, "could not end the parked claim's lease; it ends on its own");
+        }
+        StepError::OutcomeUnknown { step: self.label.to_owned(), idempotency_key, record: self.key.clone() }
     }
 
     /// Run `work` while extending claim `attempt`'s lease every third of it: a claimant still at
