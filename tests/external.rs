@@ -322,6 +322,14 @@ async fn a_parked_step_is_settled_by_a_person_and_the_retried_job_uses_what_they
     let message = &job.errors.last().unwrap().message;
     assert!(message.contains("oncely ledger resolve step 'charge:order:2'"), "{message}");
     let record = LedgerKey::new("step", "charge:order:2");
+    // Parked: the lease is over and the record no longer expires, so neither cleanup nor a later
+    // claim can make it look as if nothing happened.
+    let (live, expires): (bool, Option<chrono::DateTime<chrono::Utc>>) =
+        sqlx::query_as("SELECT lease_expires_at > now(), expires_at FROM oncely.ledger WHERE key = 'charge:order:2'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!((live, expires), (false, None));
 
     // Not settled yet: a retry parks again, and calls nobody.
     oncely::retry_job(&mut pool.acquire().await.unwrap(), job.id).await.unwrap();
@@ -329,9 +337,24 @@ async fn a_parked_step_is_settled_by_a_person_and_the_retried_job_uses_what_they
     assert_eq!(get_job(pool, job.id).await.unwrap().state, JobState::Dead);
     assert_eq!(provider.posts().len(), 1);
 
-    // Bad resolutions are refused with the reason.
+    // Bad resolutions are refused with the reason: no such record, or one a live claim holds.
     let err = ledger::resolve(pool, &LedgerKey::new("step", "charge:order:999"), &Resolution::DidNotTakeEffect).await.unwrap_err();
     assert!(err.to_string().contains("no such record"), "{err}");
+    let running = LedgerKey::new("step", "charge:order:1000");
+    let opts = ledger::ClaimOptions {
+        owner: "job:9:1",
+        fingerprint: None,
+        lease: Duration::from_secs(300),
+        ttl: None,
+        supersedes: None,
+        now: None,
+        read_first: false,
+    };
+    ledger::claim(&mut pool.acquire().await.unwrap(), &running, &opts).await.unwrap();
+    for resolution in [Resolution::DidNotTakeEffect, Resolution::TookEffect(serde_json::json!("x"))] {
+        let err = ledger::resolve(pool, &running, &resolution).await.unwrap_err();
+        assert!(err.to_string().contains("live claim"), "{err}");
+    }
 
     // The person asks the provider under the key the step used, and records what it says.
     let (status, charge) = http(job.args["provider"].as_str().unwrap(), "GET", &format!("/charges/{}", record.idempotency_key()), "").await.unwrap();

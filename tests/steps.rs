@@ -204,6 +204,28 @@ async fn concurrent_duplicates_that_wait_all_get_the_first_calls_result() {
     assert!(results.iter().all(|r| r == &results[0]), "every caller got the first call's result: {results:?}");
 }
 
+/// `with_idempotency` hands `f` no key, so no callee's key window applies to it: a call that died
+/// without a result a day ago runs again on the next call (it does not park).
+#[tokio::test(flavor = "multi_thread")]
+async fn with_idempotency_runs_again_after_a_crashed_call_however_old() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let opts = ledger::ClaimOptions {
+        owner: "call:dead",
+        fingerprint: None,
+        lease: Duration::ZERO,
+        ttl: Some(Duration::from_secs(7 * 24 * 3600)),
+        supersedes: None,
+        now: None,
+        read_first: false,
+    };
+    let key = ledger::LedgerKey::new(oncely::core::IDEMPOTENCY_NAMESPACE, "export:7");
+    ledger::claim(&mut pool.acquire().await.unwrap(), &key, &opts).await.unwrap();
+    sqlx::query("UPDATE oncely.ledger SET created_at = now() - interval '25 hours'").execute(pool).await.unwrap();
+    let out = with_idempotency(pool, "export:7", Duration::from_secs(3600), || async { Ok::<_, std::io::Error>(7) }).await;
+    assert_eq!(out.unwrap(), 7);
+}
+
 /// The options of `idempotent`: a fingerprint refuses the key's reuse for another call, and a
 /// record can be kept forever.
 #[tokio::test(flavor = "multi_thread")]
@@ -211,7 +233,8 @@ async fn idempotent_checks_fingerprints_and_can_keep_a_record_forever() {
     let db = TestDb::new().await;
     let pool = db.pool();
     let call = |fp: &'static str, out: &'static str| {
-        oncely::core::idempotent(pool, "settle:req-1").fingerprint(fp).keep_forever().run(move || async move {
+        // `Duration::MAX`: wait as long as it takes (nothing else holds the key here).
+        oncely::core::idempotent(pool, "settle:req-1").fingerprint(fp).keep_forever().wait(Duration::MAX).run(move || async move {
             Ok::<_, std::io::Error>(out.to_string())
         })
     };

@@ -241,7 +241,9 @@ impl Effect<'_> {
     {
         self.at(BoundaryPoint::BeforeClaim);
         // A call that finds the key held by a running one waits up to `wait` for its result.
-        let deadline = tokio::time::Instant::now() + self.wait;
+        let start = tokio::time::Instant::now();
+        // `Duration::MAX` means "as long as it takes".
+        let deadline = start.checked_add(self.wait).unwrap_or(start + Duration::from_secs(100 * 365 * 24 * 3600));
         let mut pause = Duration::from_millis(5);
         let claimed = loop {
             let claimed = async {
@@ -282,12 +284,18 @@ impl Effect<'_> {
                     tracing::error!(step = self.label, %previous, %idempotency_key, record = %self.key, "earlier attempt left no result; parking for a person");
                     return Err(self.park(attempt, idempotency_key).await);
                 }
-                OnUnknown::Reconcile(reconcile) => match reconcile(idempotency_key.clone()).await {
+                // Asking the other system can take a while: keep the claim meanwhile.
+                OnUnknown::Reconcile(reconcile) => match self.heartbeat(attempt, reconcile(idempotency_key.clone())).await {
                     Ok(Some(v)) => {
                         tracing::info!(step = self.label, %previous, "reconciled: the earlier call took effect");
                         return self.record(attempt, v).await;
                     }
-                    Ok(None) => tracing::info!(step = self.label, %previous, "reconciled: the earlier call did not take effect"),
+                    Ok(None) => {
+                        tracing::info!(step = self.label, %previous, "reconciled: the earlier call did not take effect");
+                        // Call only while the claim is still ours: if it lapsed during the
+                        // reconciliation, someone else may be calling (or a person settled it).
+                        ledger::extend(self.pool, &self.key, attempt, self.lease).await.map_err(|e| self.ledger_err(e))?;
+                    }
                     Err(source) => return Err(StepError::Failed { step: self.label.to_owned(), source }),
                 },
             }
@@ -306,10 +314,11 @@ impl Effect<'_> {
     }
 
     /// Park the step for a person. Nobody works on it now: end this claim's lease so a person can
-    /// resolve the record at once (it stays in progress, so every claimant parks until then).
+    /// resolve the record at once, and keep the record until then (it stays in progress, so every
+    /// claimant parks; were it to expire, a later claim would call again as if nothing happened).
     async fn park(&self, attempt: i32, idempotency_key: String) -> StepError {
-        if let Err(e) = ledger::extend(self.pool, &self.key, attempt, Duration::ZERO).await {
-            tracing::warn!(step = self.label, error = %e, "could not end the parked claim's lease; it ends on its own");
+        if let Err(e) = ledger::park(self.pool, &self.key, attempt).await {
+            tracing::warn!(step = self.label, error = %e, "could not mark the claim parked; its lease ends on its own");
         }
         StepError::OutcomeUnknown { step: self.label.to_owned(), idempotency_key, record: self.key.clone() }
     }
@@ -460,7 +469,8 @@ impl Idempotent<'_> {
         E: Into<BoxError>,
     {
         let effect = self.to_effect();
-        effect.run(OnUnknown::RetrySameKey, |_| f()).await
+        // `f` is handed no key, so no callee window applies: a call that left no result runs again.
+        effect.run(OnUnknown::RetrySameKeyWithin(Duration::MAX), |_| f()).await
     }
 
     /// Run `f` once per key in the transaction that records it: see [`with_idempotency_tx`].
@@ -518,7 +528,8 @@ where
     Fut: Future<Output = Result<T, E>>,
     E: Into<BoxError>,
 {
-    idempotency_effect(pool, key, ttl).run(OnUnknown::RetrySameKey, |_| f()).await
+    // `f` is handed no key, so no callee window applies: a call that left no result runs again.
+    idempotency_effect(pool, key, ttl).run(OnUnknown::RetrySameKeyWithin(Duration::MAX), |_| f()).await
 }
 
 /// [`with_idempotency`] for database effects: `f` gets the transaction that also writes the

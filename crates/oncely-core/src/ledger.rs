@@ -218,6 +218,23 @@ pub async fn extend<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt:
         .ok_or_else(|| Error::LedgerClaimLost { key: key.to_string(), attempt })
 }
 
+/// Park claim `attempt`: its outcome is unknown and a person will settle it with [`resolve`]. Its
+/// lease ends now (nobody works on it) and the record no longer expires, so it can neither be
+/// cleaned up nor claimed afresh before it is settled.
+pub async fn park<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt: i32) -> Result<()> {
+    sqlx::query(
+        "UPDATE oncely.ledger SET lease_expires_at = now(), expires_at = NULL, updated_at = now() \
+         WHERE namespace = $1 AND key = $2 AND attempt = $3 AND state = 'in_progress' RETURNING attempt",
+    )
+    .bind(&key.namespace)
+    .bind(&key.key)
+    .bind(attempt)
+    .fetch_optional(executor)
+    .await?
+    .map(|_| ())
+    .ok_or_else(|| Error::LedgerClaimLost { key: key.to_string(), attempt })
+}
+
 /// Forget claim `attempt` when the effect did not happen (it failed cleanly), so the next claimant
 /// runs it from scratch. A claim already taken over is left alone.
 pub async fn release<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt: i32) -> Result<()> {
