@@ -496,6 +496,44 @@ async fn cleanup_is_scheduled_from_the_last_audited_run_not_from_process_start()
     assert_eq!(cleanups, vec!["gone".to_string(), "first".to_string()]);
 }
 
+/// Two runners of one maintenance task (a new leader while the old one still runs it, several
+/// replicas) never run it at once: while another holds the task, `run_if_due` does not run it, and
+/// once that one has recorded its run, the task is not due again until its interval has passed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_maintenance_task_running_elsewhere_is_not_run_again() {
+    use oncely::core::maintenance::run_if_due;
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let runs = AtomicU32::new(0);
+    let work = || async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(0))
+    };
+    // Another runner holds the task.
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('oncely.maintenance/' || 'ledger_cleanup', 0))")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let wait = run_if_due(pool, "ledger_cleanup", Duration::from_secs(3600), Some("me"), work).await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "not run while held elsewhere");
+    assert!(wait > Duration::ZERO && wait <= Duration::from_secs(60), "{wait:?}");
+    // The other runner records its run and lets go: now it is not due for an hour.
+    sqlx::query("INSERT INTO oncely.maintenance_runs (task, worker_id, started_at) VALUES ('ledger_cleanup', 'other', now())")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    other.commit().await.unwrap();
+    let wait = run_if_due(pool, "ledger_cleanup", Duration::from_secs(3600), Some("me"), work).await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "just run elsewhere");
+    assert!(wait > Duration::from_secs(3500), "{wait:?}");
+    // With a short interval it is due, runs once and is recorded.
+    let wait = run_if_due(pool, "ledger_cleanup", Duration::ZERO, Some("me"), work).await.unwrap();
+    assert_eq!((runs.load(Ordering::SeqCst), wait), (1, Duration::ZERO));
+    let mine: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.maintenance_runs WHERE worker_id = 'me'").fetch_one(pool).await.unwrap();
+    assert_eq!(mine, 1);
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct SlowCall {
     n: i64,

@@ -298,14 +298,19 @@ pub async fn delete_expired<'e>(executor: impl PgExecutor<'e>, limit: i64) -> Re
 /// `oncely.maintenance_runs` (task `ledger_cleanup`, with the count). Returns how many.
 pub async fn cleanup_expired(pool: &sqlx::PgPool, batch: i64, worker_id: Option<&str>) -> Result<u64> {
     let started: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
+    let total = delete_all_expired(pool, batch).await?;
+    crate::maintenance::record_run(pool, crate::maintenance::LEDGER_CLEANUP_TASK, worker_id, started, total).await?;
+    Ok(total)
+}
+
+/// Delete every expired record in batches of `batch`, without an audit record; returns how many.
+pub async fn delete_all_expired(pool: &sqlx::PgPool, batch: i64) -> Result<u64> {
     let mut total = 0;
     loop {
         let n = delete_expired(pool, batch).await?;
         total += n;
         if (n as i64) < batch {
-            break;
+            return Ok(total);
         }
     }
-    crate::maintenance::record_run(pool, crate::maintenance::LEDGER_CLEANUP_TASK, worker_id, started, total).await?;
-    Ok(total)
 }

@@ -129,27 +129,24 @@ impl PgStore {
         let pool = self.pool.clone();
         tokio::spawn(async move {
             loop {
-                // Scheduled from the last audited run, not from this process's start: replicas
-                // restarted more often than `interval` still clean up, and do not all run at once.
-                let wait = match oncely_core::maintenance::due_in(&pool, oncely_core::maintenance::LEDGER_CLEANUP_TASK, interval).await {
+                // Scheduled from the last audited run, not from this process's start (replicas
+                // restarted more often than `interval` still clean up), and run under a per-task
+                // lock (replicas never clean up at the same moment).
+                let cleanup = || async {
+                    let n = ledger::delete_all_expired(&pool, CLEANUP_BATCH).await?;
+                    tracing::info!(deleted = n, "deleted expired idempotency keys");
+                    Ok(Some(n))
+                };
+                let task = oncely_core::maintenance::LEDGER_CLEANUP_TASK;
+                let wait = match oncely_core::maintenance::run_if_due(&pool, task, interval, Some("oncely-http"), cleanup).await {
                     Ok(wait) => wait,
                     Err(e) => {
-                        tracing::warn!(error = %e, "could not read the cleanup schedule; trying again in a minute");
-                        tokio::time::sleep(interval.min(Duration::from_secs(60))).await;
-                        continue;
+                        tracing::warn!(error = %e, "idempotency key cleanup failed; next try in one interval");
+                        interval
                     }
                 };
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
-                match ledger::cleanup_expired(&pool, CLEANUP_BATCH, Some("oncely-http")).await {
-                    Ok(n) => tracing::info!(deleted = n, "deleted expired idempotency keys"),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "idempotency key cleanup failed; next run in one interval");
-                        tokio::time::sleep(interval).await;
-                    }
-                }
+                // Never a busy loop, even with a zero interval.
+                tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
             }
         })
     }

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use oncely_core::maintenance::{
-    due_in, elect_leader, prune_finished, prune_runs, record_run, rescue_expired, resign_leader, LEDGER_CLEANUP_TASK, PRUNE_TASK,
+    elect_leader, prune_finished, prune_runs, rescue_expired, resign_leader, run_if_due, LEDGER_CLEANUP_TASK, PRUNE_TASK,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -65,10 +65,9 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         }
         if tokio::time::Instant::now() >= next_cleanup {
             next_cleanup = periodic(&shared, LEDGER_CLEANUP_TASK, cfg.ledger_cleanup_interval, || async {
-                // Records its own audit row.
-                let n = oncely_core::ledger::cleanup_expired(&shared.pool, LEDGER_BATCH, Some(me)).await?;
+                let n = oncely_core::ledger::delete_all_expired(&shared.pool, LEDGER_BATCH).await?;
                 tracing::info!(deleted = n, "deleted expired ledger records");
-                Ok(None)
+                Ok(Some(n))
             })
             .await;
         }
@@ -80,45 +79,24 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// Run `task` if its last audited run started `interval` ago or more, recording the run when
-/// `work` returns a count (`None`: it records itself). Returns when to look again.
+/// Run `task` when due ([`run_if_due`]); returns when to look again. A failure is logged and
+/// tried again one interval later.
 async fn periodic<F, Fut>(shared: &Shared, task: &str, interval: std::time::Duration, work: F) -> tokio::time::Instant
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = oncely_core::Result<Option<u64>>>,
 {
     let now = tokio::time::Instant::now();
-    let retry = now + shared.config.maintenance_interval;
-    let due_in = match due_in(&shared.pool, task, interval).await {
-        Ok(d) => d,
+    match run_if_due(&shared.pool, task, interval, Some(shared.config.worker_id.as_str()), work).await {
+        Ok(next) => {
+            tracing::debug!(task, ?next, "maintenance task scheduled");
+            now + next
+        }
         Err(e) => {
-            tracing::warn!(error = %e, task, "could not read the maintenance schedule");
-            return retry;
+            tracing::warn!(error = %e, task, "maintenance task failed; next try in one interval");
+            now + interval.max(shared.config.maintenance_interval)
         }
-    };
-    tracing::debug!(task, ?due_in, "maintenance schedule");
-    if !due_in.is_zero() {
-        return now + due_in;
     }
-    let started = match sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT now()").fetch_one(&shared.pool).await {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(error = %e, task, "maintenance task not started");
-            return retry;
-        }
-    };
-    let result = work().await;
-    tracing::debug!(task, ?result, "maintenance task ran");
-    match result {
-        Ok(Some(deleted)) => {
-            if let Err(e) = record_run(&shared.pool, task, Some(shared.config.worker_id.as_str()), started, deleted).await {
-                tracing::warn!(error = %e, task, "could not record the maintenance run");
-            }
-        }
-        Ok(None) => {}
-        Err(e) => tracing::warn!(error = %e, task, "maintenance task failed; next try in one interval"),
-    }
-    now + interval
 }
 
 async fn rescue(shared: &Shared) -> oncely_core::Result<()> {
