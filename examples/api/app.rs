@@ -162,7 +162,7 @@ async fn settle(tx: Option<RequestTx>, State(s): State<AppState>, headers: Heade
     // locked first, so two settles with different keys at once cannot both count them: the second
     // waits, then finds them settled.
     let sql = "WITH pending AS (
-                   SELECT id, units FROM api_usage WHERE caller = $1 AND settlement_id IS NULL FOR UPDATE
+                   SELECT id, units FROM api_usage WHERE caller = $1 AND settlement_id IS NULL ORDER BY id FOR UPDATE
                ), settled AS (
                    INSERT INTO settlements (caller, amount) SELECT $1, coalesce(sum(units), 0) FROM pending
                    RETURNING id, amount

@@ -190,7 +190,14 @@ where
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let parsed = {
-            let mut values = cfg.key_headers.iter().flat_map(|name| req.headers().get_all(name).iter());
+            // Each configured name once, even if listed twice.
+            let mut names: Vec<&http::HeaderName> = Vec::with_capacity(cfg.key_headers.len());
+            for name in &cfg.key_headers {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+            let mut values = names.into_iter().flat_map(|name| req.headers().get_all(name).iter());
             match (values.next(), values.next()) {
                 (None, _) => None,
                 (Some(_), Some(_)) => Some(Err(KeyError::Repeated)),

@@ -173,6 +173,9 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || ip.is_multicast()
         || (s[0] & 0xfe00) == 0xfc00 // unique local
         || (s[0] & 0xffc0) == 0xfe80 // link-local
+        || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated, still routed inside some networks)
+        || (s[0] == 0x0064 && s[1] == 0xff9b && s[2] == 0x0001) // local-use NAT64 (RFC 8215)
+        || (s[0] == 0x2002 && !is_public_v4(Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8))) // 6to4 of a non-public IPv4
         || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
         || (s[0] == 0x0064 && s[1] == 0xff9b && !is_public_v4(embedded_v4(s))) // NAT64 of a non-public IPv4
         || (s[..6] == [0; 6] && !is_public_v4(embedded_v4(s)))) // IPv4-compatible (deprecated)
@@ -329,6 +332,10 @@ mod tests {
             "::ffff:169.254.169.254",
             "64:ff9b::a9fe:a9fe",
             "::7f00:1",
+            "fec0::1",
+            "64:ff9b:1::1",
+            "2002:7f00:1::1",
+            "2002:a00:1::1",
         ] {
             assert!(!is_public_address(blocked.parse().unwrap()), "{blocked} must not count as public");
         }
@@ -342,6 +349,7 @@ mod tests {
             "2606:4700::1111",
             "::ffff:8.8.8.8",
             "64:ff9b::808:808",
+            "2002:808:808::1",
         ] {
             assert!(is_public_address(public.parse().unwrap()), "{public} is public");
         }
@@ -384,6 +392,10 @@ mod tests {
             format!("http://[::1]:{port}/hook"),
             format!("http://[::ffff:127.0.0.1]:{port}/hook"),
             format!("http://localhost:{port}/hook"),
+            // Other spellings of 127.0.0.1 go through the resolver, and are filtered there.
+            format!("http://2130706433:{port}/hook"),
+            format!("http://127.1:{port}/hook"),
+            format!("http://0x7f.1:{port}/hook"),
         ] {
             let err = transport.send(request(url.clone())).await.unwrap_err();
             assert!(err.is_permanent(), "{url}: {err}");
