@@ -121,6 +121,27 @@ async fn billing_endpoints_count_once_and_refuse_a_reused_key_with_409() {
     assert_eq!(leaked, 0);
 }
 
+/// Seed 001's BUG-047: one user, two checkouts with different keys at the same moment (two tabs):
+/// one subscription, one provider call, and the other checkout is told which session exists.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_user_gets_one_subscription_whatever_the_checkout_keys() {
+    let db = TestDb::new().await;
+    let (addr, provider) = serve(&db).await;
+    let tab = |k: &'static str| [("authorization", "Bearer user-9"), ("idempotency-key", k)];
+    let (t1, t2) = (tab("tab-1"), tab("tab-2"));
+    let (a, b) = tokio::join!(post(&addr, "/checkout", &t1, r#"{"price":"pro"}"#), post(&addr, "/checkout", &t2, r#"{"price":"pro"}"#));
+    let mut statuses = [a.status, b.status];
+    statuses.sort();
+    assert_eq!(statuses, [201, 409], "{} / {}", a.body, b.body);
+    let (made, refused) = if a.status == 201 { (&a, &b) } else { (&b, &a) };
+    assert!(refused.body.contains("already_subscribed"), "{}", refused.body);
+    let session = made.body.split('"').nth(3).unwrap();
+    assert!(refused.body.contains(session), "the refusal names the existing session: {}", refused.body);
+    assert_eq!(provider.calls.load(Ordering::SeqCst), 1, "the refused checkout called no provider");
+    let subs: i64 = sqlx::query_scalar("SELECT count(*) FROM subscriptions").fetch_one(db.pool()).await.unwrap();
+    assert_eq!(subs, 1);
+}
+
 /// Simulate a crash after the checkout handler ran and before the layer stored its response: the
 /// key's record is back in progress with its lease run out, so the retry runs the handler again.
 #[tokio::test(flavor = "multi_thread")]
@@ -142,7 +163,7 @@ async fn a_checkout_retried_after_a_crash_adds_no_second_subscription() {
     let retry = post(&addr, "/checkout", &h, r#"{"price":"pro"}"#).await;
     assert_eq!(retry.status, 201);
     assert_eq!(retry.header("idempotency-replayed"), None, "the handler ran again");
-    assert_eq!(provider.calls.load(Ordering::SeqCst), 2, "the provider was called again, with the same key");
+    assert_eq!(provider.calls.load(Ordering::SeqCst), 1, "it found the subscription its checkout made: no second provider call");
     assert_eq!(retry.body, first.body, "and returned the same session");
     let subs: i64 = sqlx::query_scalar("SELECT count(*) FROM subscriptions").fetch_one(db.pool()).await.unwrap();
     assert_eq!(subs, 1, "one subscription per provider session");

@@ -26,8 +26,9 @@
 //! - Checkout (seed 001): `POST /checkout` requires a key; concurrent duplicates (a double-click)
 //!   wait for the first and get its response. The payment provider is called with a stable key
 //!   derived from the caller and the request's key, so even a retry after a crash creates one
-//!   session, and `subscriptions.session_id` is unique (the insert is `ON CONFLICT DO NOTHING`), so
-//!   that retry adds no second subscription.
+//!   session, and `subscriptions.session_id` is unique, so that retry adds no second subscription.
+//!   A user has at most one subscription (BUG-047): a checkout with another key, even at the same
+//!   moment, gets `409 already_subscribed` with the existing session, and calls no provider.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 use std::collections::HashMap;
@@ -90,6 +91,10 @@ pub async fn setup(pool: &PgPool) -> Result<(), Box<dyn std::error::Error + Send
         "CREATE TABLE IF NOT EXISTS subscriptions (id bigserial PRIMARY KEY, user_id text NOT NULL, session_id text NOT NULL)",
         // One subscription per provider session (also for tables made before this index existed).
         "CREATE UNIQUE INDEX IF NOT EXISTS subscriptions_session_id_key ON subscriptions (session_id)",
+        // Which checkout made it (the provider key): a retry of that checkout finds it again.
+        "ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS checkout_key text",
+        // Seed 001's BUG-047: one subscription per user, whatever the checkout keys.
+        "CREATE UNIQUE INDEX IF NOT EXISTS subscriptions_user_id_key ON subscriptions (user_id)",
     ] {
         sqlx::query(sql).execute(pool).await?;
     }
@@ -416,19 +421,42 @@ async fn create_checkout_session(State(s): State<AppState>, headers: HeaderMap, 
     let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or_default();
     // Stable across retries: derived from the caller and the request's key, never from the time.
     let provider_key = LedgerKey::new("checkout", format!("{user}|{key}")).idempotency_key();
-    let session = s.provider.create_checkout_session(&provider_key, &user, &c.price).await;
-    // A retry after a crash between this insert and the layer storing the response runs the
-    // handler again; the provider returns the same session, and the unique index on `session_id`
-    // makes the insert a no-op: one subscription per provider session.
-    let r = sqlx::query("INSERT INTO subscriptions (user_id, session_id) VALUES ($1, $2) ON CONFLICT (session_id) DO NOTHING")
-        .bind(&user)
-        .bind(&session)
-        .execute(&s.pool)
-        .await;
-    match r {
-        Ok(_) => (StatusCode::CREATED, Json(json!({"checkout_session": session}))).into_response(),
+    match checkout(&s, &user, &provider_key, &c.price).await {
+        Ok(Ok(session)) => (StatusCode::CREATED, Json(json!({"checkout_session": session}))).into_response(),
+        Ok(Err(existing)) => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": "this user already has a subscription", "code": "already_subscribed", "checkout_session": existing})),
+        )
+            .into_response(),
         Err(e) => internal(e),
     }
+}
+
+/// Seed 001's BUG-047: two checkouts of one user with different keys (two tabs, a client that
+/// lost its key) both passed the "no subscription yet" check. Here one user's checkouts take
+/// turns (a transaction lock per user), the check and the insert happen under it, and a unique
+/// index backs it up. A retry of the checkout that made the subscription (same provider key)
+/// gets that subscription's session again, without calling the provider. `Err(session)`: the user
+/// already has a subscription, made by another checkout.
+async fn checkout(s: &AppState, user: &str, provider_key: &str, price: &str) -> Result<Result<String, String>, sqlx::Error> {
+    let mut tx = oncely::core::txn::begin(&s.pool).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('checkout/' || $1, 0))").bind(user).execute(&mut *tx).await?;
+    let existing: Option<(String, Option<String>)> =
+        sqlx::query_as("SELECT session_id, checkout_key FROM subscriptions WHERE user_id = $1").bind(user).fetch_optional(&mut *tx).await?;
+    if let Some((session, made_by)) = existing {
+        return Ok(if made_by.as_deref() == Some(provider_key) { Ok(session) } else { Err(session) });
+    }
+    let session = s.provider.create_checkout_session(provider_key, user, price).await;
+    // A crash after the provider call and before this commit leaves no row; the retry calls the
+    // provider again with the same key and gets the same session.
+    sqlx::query("INSERT INTO subscriptions (user_id, session_id, checkout_key) VALUES ($1, $2, $3) ON CONFLICT (session_id) DO NOTHING")
+        .bind(user)
+        .bind(&session)
+        .bind(provider_key)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Ok(session))
 }
 
 /// The router, with the per-route idempotency policies of the seeds.
