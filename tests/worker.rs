@@ -470,3 +470,33 @@ async fn a_retry_or_snooze_shorter_than_the_poll_interval_does_not_wait_for_the_
     let job = get_job(pool, id).await.unwrap();
     assert_eq!((job.state, job.attempt, job.snoozes), (JobState::Completed, 3, 1));
 }
+
+/// The test kit's `run_until_idle`: a worker runs until no job is left, retries after their
+/// backoff included, and the outcomes are counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_until_idle_drains_retries_included_and_counts_the_outcomes() {
+    #[derive(Debug, Serialize, Deserialize)]
+    struct Flaky {
+        n: u32,
+    }
+    impl JobArgs for Flaky {
+        const KIND: &'static str = "flaky";
+    }
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let jobs: Vec<NewJob> = (0..30).map(|n| NewJob::new(&Flaky { n }).unwrap()).collect();
+    enqueue_many(pool, &jobs).await.unwrap();
+    let worker = builder(db.new_pool(5).await)
+        .register(handler_fn(|ctx, f: Flaky| async move {
+            match f.n % 10 {
+                // Fails once, then succeeds after its backoff.
+                1 | 2 if ctx.attempt() == 1 => Err(Outcome::retry("not yet")),
+                3 => Err(Outcome::fail("bad input")),
+                4 => Err(Outcome::cancel("not wanted")),
+                _ => Ok(()),
+            }
+        }))
+        .queue("default", 4);
+    let drained = oncely_testkit::run_until_idle(pool, worker, Duration::from_secs(30)).await;
+    assert_eq!(drained, oncely_testkit::Drained { completed: 24, dead: 3, cancelled: 3 });
+}

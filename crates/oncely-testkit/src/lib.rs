@@ -4,6 +4,7 @@
 //!   the one `DATABASE_URL` names, else the local server at `127.0.0.1:5432` as user `postgres`.
 //!   (`scripts/with-postgres` in the repository starts a throwaway cluster when neither answers.)
 //! - [`eventually`]: wait for a condition with a deadline, instead of sleeping.
+//! - [`run_until_idle`]: run a worker until no job is left to run, then count the outcomes.
 //! - [`CrashHarness`]: run a job cleanly, then once more per step boundary with a crash injected
 //!   there, and check that the database effects are the same every time.
 
@@ -173,6 +174,54 @@ where
             panic!("timed out after {deadline:?} waiting for: {what}");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The finished jobs [`run_until_idle`] found, by state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Jobs completed.
+    pub completed: i64,
+    /// Jobs in the dead letter.
+    pub dead: i64,
+    /// Jobs cancelled.
+    pub cancelled: i64,
+}
+
+/// Run the worker `builder` describes until the database has no job left to run — none available
+/// (also none scheduled for later, such as a retry after its backoff) and none running — then shut
+/// it down gracefully and count the finished jobs. Panics after `deadline`, naming how many jobs
+/// were still pending: a job on a queue the worker does not serve never finishes.
+///
+/// ```no_run
+/// # async fn example(pool: sqlx::PgPool, worker: oncely_worker::WorkerBuilder) {
+/// let drained = oncely_testkit::run_until_idle(&pool, worker, std::time::Duration::from_secs(30)).await;
+/// assert_eq!(drained.dead, 0);
+/// # }
+/// ```
+pub async fn run_until_idle(pool: &PgPool, builder: oncely_worker::WorkerBuilder, deadline: Duration) -> Drained {
+    let handle = builder.build().expect("oncely-testkit: the worker configuration is valid").start();
+    let start = Instant::now();
+    loop {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE state IN ('available', 'running')")
+            .fetch_one(pool)
+            .await
+            .expect("oncely-testkit: count pending jobs");
+        if pending == 0 {
+            break;
+        }
+        if start.elapsed() > deadline {
+            handle.shutdown().await;
+            panic!("timed out after {deadline:?} waiting for the queues to go idle: {pending} jobs still available or running");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    handle.shutdown().await;
+    let count = |state| count_in_state(pool, state);
+    Drained {
+        completed: count(oncely_core::JobState::Completed).await,
+        dead: count(oncely_core::JobState::Dead).await,
+        cancelled: count(oncely_core::JobState::Cancelled).await,
     }
 }
 
