@@ -286,12 +286,17 @@ async fn reconcile_that_finds_no_charge_calls_once() {
 
 /// The step record a holder that died mid-call leaves: in progress, lease over, no output.
 async fn orphan_claim(pool: &sqlx::PgPool, key: &str) -> oncely::core::ledger::LedgerKey {
+    claim_step(pool, key, Duration::ZERO).await
+}
+
+/// A step record claimed by some job for `lease`, with no output yet.
+async fn claim_step(pool: &sqlx::PgPool, key: &str, lease: Duration) -> oncely::core::ledger::LedgerKey {
     use oncely::core::ledger::{self, LedgerKey};
     let record = LedgerKey::new("step", key);
     let opts = ledger::ClaimOptions {
         owner: "job:0:1",
         fingerprint: None,
-        lease: Duration::ZERO,
+        lease,
         ttl: None,
         supersedes: None,
         now: None,
@@ -340,17 +345,7 @@ async fn a_parked_step_is_settled_by_a_person_and_the_retried_job_uses_what_they
     // Bad resolutions are refused with the reason: no such record, or one a live claim holds.
     let err = ledger::resolve(pool, &LedgerKey::new("step", "charge:order:999"), &Resolution::DidNotTakeEffect).await.unwrap_err();
     assert!(err.to_string().contains("no such record"), "{err}");
-    let running = LedgerKey::new("step", "charge:order:1000");
-    let opts = ledger::ClaimOptions {
-        owner: "job:9:1",
-        fingerprint: None,
-        lease: Duration::from_secs(300),
-        ttl: None,
-        supersedes: None,
-        now: None,
-        read_first: false,
-    };
-    ledger::claim(&mut pool.acquire().await.unwrap(), &running, &opts).await.unwrap();
+    let running = claim_step(pool, "charge:order:1000", Duration::from_secs(300)).await;
     for resolution in [Resolution::DidNotTakeEffect, Resolution::TookEffect(serde_json::json!("x"))] {
         let err = ledger::resolve(pool, &running, &resolution).await.unwrap_err();
         assert!(err.to_string().contains("live claim"), "{err}");
