@@ -71,12 +71,16 @@ async fn slow_pool(db: &TestDb) -> (sqlx::PgPool, Arc<AtomicU64>) {
 /// works in one).
 async fn next_borrower_is_in_a_transaction(pool: &sqlx::PgPool) -> bool {
     let mut conn = pool.acquire().await.unwrap();
-    let inside = sqlx::query("SAVEPOINT probe").execute(&mut *conn).await.is_ok();
-    if inside {
-        // Leave the pool clean for the report below.
-        sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+    match sqlx::query("SAVEPOINT probe").execute(&mut *conn).await {
+        Ok(_) => {
+            // Leave the pool clean for the report below.
+            sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+            true
+        }
+        // 25P01 no_active_sql_transaction: outside a transaction, as it should be.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("25P01") => false,
+        Err(e) => panic!("the probe failed otherwise (an aborted transaction?): {e}"),
     }
-    inside
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -268,9 +268,7 @@ async fn reconcile_that_finds_no_charge_calls_once() {
     let (provider, addr) = Provider::start().await;
     let charge = Charge { order: 3, policy: "reconcile".into(), provider: addr, crash_before_call: true };
     let id = enqueue(pool, NewJob::new(&charge).unwrap()).await.unwrap().id;
-    let h = builder(db.new_pool(5).await).register(charge_handler()).queue("default", 1).lease(Duration::from_millis(500)).build().unwrap().start();
-    wait_all_finished(pool, Duration::from_secs(30)).await;
-    h.shutdown().await;
+    drain(&db).await;
 
     assert!(CRASHED_BEFORE_CALL.load(Ordering::SeqCst), "the first attempt crashed");
     let job = get_job(pool, id).await.unwrap();
@@ -291,26 +289,13 @@ async fn orphan_claim(pool: &sqlx::PgPool, key: &str) -> oncely::core::ledger::L
 
 /// A step record claimed by some job for `lease`, with no output yet.
 async fn claim_step(pool: &sqlx::PgPool, key: &str, lease: Duration) -> oncely::core::ledger::LedgerKey {
-    use oncely::core::ledger::{self, LedgerKey};
-    let record = LedgerKey::new("step", key);
-    let opts = ledger::ClaimOptions {
-        owner: "job:0:1",
-        fingerprint: None,
-        lease,
-        ttl: None,
-        supersedes: None,
-        now: None,
-        read_first: false,
-    };
-    ledger::claim(&mut pool.acquire().await.unwrap(), &record, &opts).await.unwrap();
-    record
+    claim_record(pool, "step", key, lease, None).await
 }
 
 /// Run the charge worker (no crash) until no job is left to run.
 async fn drain(db: &TestDb) {
-    let h = builder(db.new_pool(5).await).register(charge_handler()).queue("default", 1).lease(Duration::from_millis(500)).build().unwrap().start();
-    wait_all_finished(db.pool(), Duration::from_secs(30)).await;
-    h.shutdown().await;
+    let worker = builder(db.new_pool(5).await).register(charge_handler()).queue("default", 1).lease(Duration::from_millis(500));
+    oncely_testkit::run_until_idle(db.pool(), worker, Duration::from_secs(30)).await;
 }
 
 /// Park is only useful if a person can finish what it started: the parked job names the ledger

@@ -340,17 +340,7 @@ async fn responses_from_outer_layers_are_never_stored() {
 async fn a_handlers_own_401_403_and_429_are_not_stored() {
     for status in [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN, StatusCode::TOO_MANY_REQUESTS] {
         for (name, layer, _db) in stores().await {
-            let calls = Arc::new(AtomicU32::new(0));
-            let c = calls.clone();
-            let app = Router::new()
-                .route(
-                    "/things",
-                    post(move || {
-                        let n = c.fetch_add(1, Ordering::SeqCst) + 1;
-                        async move { if n == 1 { status } else { StatusCode::CREATED } }
-                    }),
-                )
-                .layer(layer);
+            let (app, calls) = counting("/things", layer, move |n| async move { if n == 0 { status } else { StatusCode::CREATED } });
             assert_eq!(send(&app, req(Some("k"), "a")).await.status, status, "{name}");
             let retry = send(&app, req(Some("k"), "a")).await;
             assert_eq!(retry.status, StatusCode::CREATED, "{name} {status}: the retry ran the handler");
@@ -368,6 +358,7 @@ async fn the_key_can_arrive_under_a_configured_older_header_name() {
     for (name, layer, _db) in stores().await {
         let counter = Counter::default();
         let plain = app(layer.clone(), counter.clone());
+        let layer_copy = layer.clone();
         let aliased = app(
             with(layer, |c| c.key_headers = vec![http::HeaderName::from_static("idempotency-key"), http::HeaderName::from_static("x-idempotency-key")]),
             counter.clone(),
@@ -387,6 +378,9 @@ async fn the_key_can_arrive_under_a_configured_older_header_name() {
         assert_eq!((first.body.clone(), first.body.clone()), (again.body, new_name.body), "{name}: both names replay it");
         let mut both = old_name("legacy-2");
         both.headers_mut().insert("idempotency-key", http::HeaderValue::from_static("legacy-2"));
+        // A name listed twice is still one header.
+        let twice = app(with(layer_copy.clone(), |c| c.key_headers = vec![http::HeaderName::from_static("idempotency-key"); 2]), counter.clone());
+        assert_eq!(send(&twice, req(Some("legacy-3"), "a")).await.status, StatusCode::CREATED, "{name}");
         let refused = send(&aliased, both).await;
         assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{name}");
         assert!(problem_type(&refused).ends_with("idempotency-key-malformed"), "{name}");

@@ -210,17 +210,7 @@ async fn concurrent_duplicates_that_wait_all_get_the_first_calls_result() {
 async fn with_idempotency_runs_again_after_a_crashed_call_however_old() {
     let db = TestDb::new().await;
     let pool = db.pool();
-    let opts = ledger::ClaimOptions {
-        owner: "call:dead",
-        fingerprint: None,
-        lease: Duration::ZERO,
-        ttl: Some(Duration::from_secs(7 * 24 * 3600)),
-        supersedes: None,
-        now: None,
-        read_first: false,
-    };
-    let key = ledger::LedgerKey::new(oncely::core::IDEMPOTENCY_NAMESPACE, "export:7");
-    ledger::claim(&mut pool.acquire().await.unwrap(), &key, &opts).await.unwrap();
+    claim_record(pool, oncely::core::IDEMPOTENCY_NAMESPACE, "export:7", Duration::ZERO, Some(Duration::from_secs(7 * 24 * 3600))).await;
     sqlx::query("UPDATE oncely.ledger SET created_at = now() - interval '25 hours'").execute(pool).await.unwrap();
     let out = with_idempotency(pool, "export:7", Duration::from_secs(3600), || async { Ok::<_, std::io::Error>(7) }).await;
     assert_eq!(out.unwrap(), 7);
@@ -507,7 +497,7 @@ async fn a_maintenance_task_running_elsewhere_is_not_run_again() {
     let runs = AtomicU32::new(0);
     let work = || async {
         runs.fetch_add(1, Ordering::SeqCst);
-        Ok(Some(0))
+        Ok(0)
     };
     // Another runner holds the task.
     let mut other = pool.begin().await.unwrap();

@@ -379,7 +379,7 @@ async fn an_endpoint_failing_past_the_limit_is_disabled_and_its_deliveries_can_b
     // A person fixes the receiver, enables the endpoint and redelivers: same webhook-id.
     fail.store(false, std::sync::atomic::Ordering::SeqCst);
     webhook::enable_endpoint(pool, ep.id).await.unwrap();
-    let job = redeliver(&mut pool.acquire().await.unwrap(), ep.id, ev.id).await.unwrap();
+    let job = redeliver(pool, ep.id, ev.id).await.unwrap();
     assert_ne!(job, d.job_id);
     wait_delivered(pool, 1).await;
     h.shutdown().await;
@@ -432,7 +432,7 @@ async fn bad_input_gets_typed_errors_and_writes_nothing() {
         Err(oncely::Error::NotFound { what: "webhook endpoint", id: 999 })
     ));
     assert!(matches!(
-        redeliver(&mut pool.acquire().await.unwrap(), webhook::EndpointId(1), outbox::EventId(1)).await,
+        redeliver(pool, webhook::EndpointId(1), outbox::EventId(1)).await,
         Err(oncely::Error::NotFound { .. })
     ));
     let n: i64 = sqlx::query_scalar("SELECT (SELECT count(*) FROM oncely.events) + (SELECT count(*) FROM oncely.webhook_endpoints)")

@@ -57,8 +57,7 @@ pub(crate) async fn deliveries(pool: &PgPool, endpoint: Option<i64>, undelivered
 }
 
 pub(crate) async fn redeliver(pool: &PgPool, endpoint: i64, event: i64) -> Result<(), Fail> {
-    let mut conn = pool.acquire().await?;
-    let job = webhook::redeliver(&mut conn, EndpointId(endpoint), EventId(event)).await?;
+    let job = webhook::redeliver(pool, EndpointId(endpoint), EventId(event)).await?;
     println!("event {event} to endpoint {endpoint}: delivery job {job} queued (same webhook-id)");
     Ok(())
 }
@@ -70,8 +69,7 @@ pub(crate) async fn enable(pool: &PgPool, endpoint: i64) -> Result<(), Fail> {
 }
 
 pub(crate) async fn disable(pool: &PgPool, endpoint: i64, reason: &str) -> Result<(), Fail> {
-    let mut conn = pool.acquire().await?;
-    if webhook::disable_endpoint(&mut conn, EndpointId(endpoint), reason).await? {
+    if webhook::disable_endpoint(pool, EndpointId(endpoint), reason).await? {
         println!("endpoint {endpoint} disabled");
     } else {
         println!("endpoint {endpoint} was already disabled");

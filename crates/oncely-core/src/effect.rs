@@ -385,7 +385,7 @@ impl Effect<'_> {
 }
 
 fn idempotency_effect<'a>(pool: &'a PgPool, key: &'a str, ttl: Duration) -> Effect<'a> {
-    idempotent(pool, key).ttl(ttl).to_effect()
+    idempotent(pool, key).ttl(ttl).into_effect()
 }
 
 /// Defaults to 24 hours: how long an [`idempotent`] call's record lasts unless told otherwise.
@@ -468,7 +468,7 @@ impl Idempotent<'_> {
         Fut: Future<Output = Result<T, E>>,
         E: Into<BoxError>,
     {
-        let effect = self.to_effect();
+        let effect = self.into_effect();
         // `f` is handed no key, so no callee window applies: a call that left no result runs again.
         effect.run(OnUnknown::RetrySameKeyWithin(Duration::MAX), |_| f()).await
     }
@@ -480,13 +480,13 @@ impl Idempotent<'_> {
         F: for<'c> FnOnce(&'c mut sqlx::PgConnection) -> BoxFuture<'c, Result<T, E>>,
         E: Into<BoxError>,
     {
-        let effect = self.to_effect();
+        let effect = self.into_effect();
         effect.transactional(f).await
     }
 }
 
 impl<'a> Idempotent<'a> {
-    fn to_effect(&self) -> Effect<'a> {
+    fn into_effect(self) -> Effect<'a> {
         Effect {
             pool: self.pool,
             label: self.key,
@@ -496,7 +496,7 @@ impl<'a> Idempotent<'a> {
             lease: self.lease,
             ttl: self.ttl,
             hook: None,
-            fingerprint: self.fingerprint.clone(),
+            fingerprint: self.fingerprint,
             wait: self.wait,
         }
     }

@@ -145,7 +145,7 @@ pub async fn prune_runs<'e>(executor: impl PgExecutor<'e>, task: &str, older_tha
 /// Run `task` if it is due (its last recorded run started `interval` ago or more), holding a
 /// per-task lock meanwhile so that two runners (a new maintenance leader while the old one is
 /// still at it, several replicas cleaning up) never run it at once. `work` returns how many rows it
-/// deleted, to be recorded as the run, or `None` when it records the run itself. Returns how long
+/// deleted, recorded as the run. Returns how long
 /// until the task is due again (also when it did not run: not due, or running elsewhere).
 ///
 /// The lock is a transaction-level advisory lock on a connection of its own: it is released when
@@ -159,17 +159,19 @@ pub async fn run_if_due<F, Fut>(
 ) -> Result<Duration>
 where
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<u64>>>,
+    Fut: std::future::Future<Output = Result<u64>>,
 {
     let wait = due_in(pool, task, interval).await?;
     if !wait.is_zero() {
         return Ok(wait);
     }
     let mut lock = crate::txn::begin(pool).await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended('oncely.maintenance/' || $1, 0))")
-        .bind(task)
-        .fetch_one(&mut *lock)
-        .await?;
+    // now(): the lock transaction's start, which is when this run starts.
+    let (locked, started): (bool, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT pg_try_advisory_xact_lock(hashtextextended('oncely.maintenance/' || $1, 0)), now()")
+            .bind(task)
+            .fetch_one(&mut *lock)
+            .await?;
     if !locked {
         // Running elsewhere right now: look again in a while.
         return Ok(interval.min(Duration::from_secs(60)));
@@ -179,10 +181,8 @@ where
     if !wait.is_zero() {
         return Ok(wait);
     }
-    let started: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
-    if let Some(deleted) = work().await? {
-        record_run(pool, task, worker_id, started, deleted).await?;
-    }
+    let deleted = work().await?;
+    record_run(pool, task, worker_id, started, deleted).await?;
     lock.rollback().await?;
     Ok(interval)
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor, Row};
+use sqlx::{PgExecutor, PgPool, Row};
 
 use crate::error::{Error, Result};
 use crate::job::{JobId, JobState};
@@ -268,8 +268,8 @@ pub async fn rotate_secret<'e>(
 /// event (`{endpoint_id, url, reason}`) in the same transaction. Returns false (and publishes
 /// nothing) when it was already disabled. Pending deliveries to it fail into the dead letter when
 /// next attempted.
-pub async fn disable_endpoint(conn: &mut PgConnection, id: EndpointId, reason: &str) -> Result<bool> {
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+pub async fn disable_endpoint(pool: &PgPool, id: EndpointId, reason: &str) -> Result<bool> {
+    let mut tx = crate::txn::begin(pool).await?;
     let url: Option<String> = sqlx::query_scalar(
         "UPDATE oncely.webhook_endpoints SET enabled = false, disabled_reason = $2, disabled_at = now(), updated_at = now() \
          WHERE id = $1 AND enabled RETURNING url",
@@ -406,8 +406,8 @@ pub async fn list_deliveries<'e>(executor: impl PgExecutor<'e>, filter: &Deliver
 /// Deliver an event to an endpoint again, by hand: a dead (or finished, or pruned) delivery gets a
 /// new job with the same `webhook-id`, so a receiver that deduplicates still applies it once.
 /// A delivery whose job is still live is left alone and that job is returned.
-pub async fn redeliver(conn: &mut PgConnection, endpoint: EndpointId, event: EventId) -> Result<JobId> {
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+pub async fn redeliver(pool: &PgPool, endpoint: EndpointId, event: EventId) -> Result<JobId> {
+    let mut tx = crate::txn::begin(pool).await?;
     let row = sqlx::query(
         "SELECT d.job_id, j.state, j.queue, j.max_attempts FROM oncely.webhook_deliveries d \
          LEFT JOIN oncely.jobs j ON j.id = d.job_id WHERE d.endpoint_id = $1 AND d.event_id = $2 FOR UPDATE OF d",

@@ -77,7 +77,15 @@ impl IdempotencyLayer {
     }
 
     /// Use `config`.
-    pub fn with_config(mut self, config: IdempotencyConfig) -> Self {
+    pub fn with_config(mut self, mut config: IdempotencyConfig) -> Self {
+        // Each key header name once, even if listed twice (else every request would carry "two" keys).
+        let mut names = Vec::with_capacity(config.key_headers.len());
+        for name in config.key_headers.drain(..) {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        config.key_headers = names;
         self.config = Arc::new(config);
         self
     }
@@ -190,14 +198,7 @@ where
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let parsed = {
-            // Each configured name once, even if listed twice.
-            let mut names: Vec<&http::HeaderName> = Vec::with_capacity(cfg.key_headers.len());
-            for name in &cfg.key_headers {
-                if !names.contains(&name) {
-                    names.push(name);
-                }
-            }
-            let mut values = names.into_iter().flat_map(|name| req.headers().get_all(name).iter());
+            let mut values = cfg.key_headers.iter().flat_map(|name| req.headers().get_all(name).iter());
             match (values.next(), values.next()) {
                 (None, _) => None,
                 (Some(_), Some(_)) => Some(Err(KeyError::Repeated)),

@@ -135,7 +135,7 @@ impl PgStore {
                 let cleanup = || async {
                     let n = ledger::delete_all_expired(&pool, CLEANUP_BATCH).await?;
                     tracing::info!(deleted = n, "deleted expired idempotency keys");
-                    Ok(Some(n))
+                    Ok(n)
                 };
                 let task = oncely_core::maintenance::LEDGER_CLEANUP_TASK;
                 let wait = match oncely_core::maintenance::run_if_due(&pool, task, interval, Some("oncely-http"), cleanup).await {

@@ -203,10 +203,7 @@ pub async fn run_until_idle(pool: &PgPool, builder: oncely_worker::WorkerBuilder
     let handle = builder.build().expect("oncely-testkit: the worker configuration is valid").start();
     let start = Instant::now();
     loop {
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE state IN ('available', 'running')")
-            .fetch_one(pool)
-            .await
-            .expect("oncely-testkit: count pending jobs");
+        let pending = count_pending(pool).await.expect("oncely-testkit: count pending jobs");
         if pending == 0 {
             break;
         }
@@ -223,6 +220,11 @@ pub async fn run_until_idle(pool: &PgPool, builder: oncely_worker::WorkerBuilder
         dead: count(oncely_core::JobState::Dead).await,
         cancelled: count(oncely_core::JobState::Cancelled).await,
     }
+}
+
+/// Count jobs not finished yet: available (due now or later) or running, on all queues.
+pub async fn count_pending(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE state IN ('available', 'running')").fetch_one(pool).await
 }
 
 /// Count jobs in `state` (all queues).

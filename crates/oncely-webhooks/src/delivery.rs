@@ -268,7 +268,7 @@ impl<T: Transport> WebhookDelivery<T> {
         match result {
             Ok(WebhookResponse { status, .. }) if (200..300).contains(&status) => Ok(()),
             Ok(WebhookResponse { status: 410, .. }) => {
-                disable(pool, endpoint.id, "the endpoint answered 410 Gone".to_owned()).await?;
+                webhook::disable_endpoint(pool, endpoint.id, "the endpoint answered 410 Gone").await?;
                 Err(Outcome::fail("410 Gone: endpoint disabled"))
             }
             Err(e) if e.is_permanent() => Err(Outcome::fail(e)),
@@ -276,7 +276,7 @@ impl<T: Transport> WebhookDelivery<T> {
                 let error = record.error.unwrap_or_default();
                 if recorded.failing_for >= self.config.disable_after {
                     let reason = format!("failing for {}s without a success", recorded.failing_for.as_secs());
-                    disable(pool, endpoint.id, reason.clone()).await?;
+                    webhook::disable_endpoint(pool, endpoint.id, &reason).await?;
                     return Err(Outcome::fail(format!("{error}; endpoint disabled: {reason}")));
                 }
                 let delay = match &other {
@@ -289,20 +289,6 @@ impl<T: Transport> WebhookDelivery<T> {
                 Err(Outcome::retry_after(error, delay))
             }
         }
-    }
-}
-
-/// Disable an endpoint in a task of its own: its transaction must not be cut off half-begun if
-/// this attempt is (a job timeout), which would hand a pooled connection on inside a transaction.
-async fn disable(pool: &sqlx::PgPool, endpoint: EndpointId, reason: String) -> Result<(), Outcome> {
-    let pool = pool.clone();
-    let task = tokio::spawn(async move {
-        let mut conn = pool.acquire().await?;
-        webhook::disable_endpoint(&mut conn, endpoint, &reason).await
-    });
-    match task.await {
-        Ok(result) => result.map(|_| ()).map_err(Outcome::retry),
-        Err(e) => Err(Outcome::retry(format!("disabling endpoint {endpoint} did not finish: {e}"))),
     }
 }
 

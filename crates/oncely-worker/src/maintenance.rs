@@ -67,7 +67,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             next_cleanup = periodic(&shared, LEDGER_CLEANUP_TASK, cfg.ledger_cleanup_interval, || async {
                 let n = oncely_core::ledger::delete_all_expired(&shared.pool, LEDGER_BATCH).await?;
                 tracing::info!(deleted = n, "deleted expired ledger records");
-                Ok(Some(n))
+                Ok(n)
             })
             .await;
         }
@@ -84,7 +84,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 async fn periodic<F, Fut>(shared: &Shared, task: &str, interval: std::time::Duration, work: F) -> tokio::time::Instant
 where
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = oncely_core::Result<Option<u64>>>,
+    Fut: std::future::Future<Output = oncely_core::Result<u64>>,
 {
     let now = tokio::time::Instant::now();
     match run_if_due(&shared.pool, task, interval, Some(shared.config.worker_id.as_str()), work).await {
@@ -114,7 +114,7 @@ async fn rescue(shared: &Shared) -> oncely_core::Result<()> {
 }
 
 /// Prune finished jobs, events and inbox records past their retention; returns how many rows.
-async fn prune(shared: &Shared) -> oncely_core::Result<Option<u64>> {
+async fn prune(shared: &Shared) -> oncely_core::Result<u64> {
     let cfg = &shared.config;
     let pool = &shared.pool;
     let jobs = in_batches("finished jobs", || prune_finished(pool, cfg.retention, cfg.dead_retention, PRUNE_BATCH)).await?;
@@ -122,7 +122,7 @@ async fn prune(shared: &Shared) -> oncely_core::Result<Option<u64>> {
     let inbox = in_batches("inbox records", || oncely_core::inbox::prune_inbox(pool, cfg.inbox_retention, PRUNE_BATCH)).await?;
     // This task records a run every minute or so: keep a week of those.
     in_batches("prune run records", || prune_runs(pool, PRUNE_TASK, PRUNE_RUNS_KEPT, PRUNE_BATCH)).await?;
-    Ok(Some(jobs + events + inbox))
+    Ok(jobs + events + inbox)
 }
 
 /// Run a batch delete until it deletes less than a full batch; returns how many in all.
