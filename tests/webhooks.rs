@@ -488,8 +488,8 @@ async fn a_delivery_worker_killed_mid_request_delivers_again_with_the_same_id_an
     assert_eq!(hits.len(), 2, "{hits:?}");
     assert!(hits.iter().all(|h| h.id == ev.message_id), "the same webhook-id on both attempts");
     assert_eq!(rx.effects(), vec![("a".to_owned(), ev.message_id.clone())], "the receiver applied it once");
-    let job = outbox::delivery_job(pool, webhook::EndpointId(1), ev.id).await.unwrap().unwrap();
-    let job = oncely::get_job(pool, job).await.unwrap();
+    let delivery = &list_deliveries(pool, &DeliveryFilter { event: Some(ev.id), ..Default::default() }).await.unwrap()[0];
+    let job = oncely::get_job(pool, delivery.job_id).await.unwrap();
     assert_eq!((job.state, job.attempt), (JobState::Completed, 2));
     assert_eq!(job.errors[0].kind, oncely::core::ErrorKind::LeaseExpired);
 }

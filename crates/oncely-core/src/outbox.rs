@@ -20,7 +20,6 @@ use sqlx::{PgExecutor, Row};
 use tracing::instrument;
 
 use crate::error::{Error, Result};
-use crate::job::JobId;
 
 /// The job kind of webhook deliveries (one job per endpoint and event).
 pub const DELIVERY_KIND: &str = "oncely.webhook_delivery";
@@ -176,7 +175,7 @@ WITH input AS (
     -- '*' receives every topic except the operational ones under 'oncely.', which can name other
     -- endpoints (and so other tenants): those go only to endpoints that subscribe to them by name.
     JOIN oncely.webhook_endpoints p
-      ON p.enabled AND p.topics && ARRAY[n.topic::text, CASE WHEN starts_with(n.topic, 'oncely.') THEN NULL ELSE '*' END]
+      ON p.enabled AND p.topics && ARRAY[n.topic::text, CASE WHEN starts_with(n.topic, $7) THEN NULL ELSE '*' END]
 ), jobs AS (
     INSERT INTO oncely.jobs (kind, queue, args, max_attempts)
     SELECT $6, queue, jsonb_build_object('event_id', event_id, 'endpoint_id', endpoint_id), max_attempts
@@ -253,6 +252,7 @@ pub async fn publish_many<'e>(executor: impl PgExecutor<'e>, events: &[Event]) -
         .bind(&queues)
         .bind(&max_attempts)
         .bind(DELIVERY_KIND)
+        .bind(OPERATIONAL_TOPIC_PREFIX)
         .fetch_all(executor)
         .await?;
     if rows.len() != events.len() {
@@ -301,19 +301,6 @@ pub async fn get_event<'e>(executor: impl PgExecutor<'e>, id: EventId) -> Result
         ordering_key: row.try_get("ordering_key")?,
         created_at: row.try_get("created_at")?,
     })
-}
-
-/// The id of the job that delivers `event` to `endpoint`, if the delivery exists.
-pub async fn delivery_job<'e>(
-    executor: impl PgExecutor<'e>,
-    endpoint: crate::webhook::EndpointId,
-    event: EventId,
-) -> Result<Option<JobId>> {
-    Ok(sqlx::query_scalar("SELECT job_id FROM oncely.webhook_deliveries WHERE endpoint_id = $1 AND event_id = $2")
-        .bind(endpoint)
-        .bind(event)
-        .fetch_optional(executor)
-        .await?)
 }
 
 /// Delete up to `limit` events published longer ago than `older_than` that nothing needs any more:

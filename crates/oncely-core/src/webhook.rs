@@ -553,7 +553,6 @@ WITH d AS (
     UPDATE oncely.webhook_endpoints
     SET failing_since = CASE WHEN $5 THEN NULL ELSE now() END
     WHERE id = $1 AND (failing_since IS NULL) <> $5
-    RETURNING id
 ), p AS (
     -- The snapshot before `flip`: NULL when this failure starts the run.
     SELECT CASE WHEN $5 THEN 0 ELSE coalesce(extract(epoch FROM now() - failing_since), 0) END::float8 AS failing_for
@@ -566,7 +565,8 @@ WITH d AS (
         ORDER BY n.event_id LIMIT 1)
     RETURNING pg_notify('oncely_jobs', queue)
 )
-SELECT d.attempts, p.failing_for, (SELECT count(*) FROM wake) AS woken, (SELECT count(*) FROM flip) AS flipped FROM d, p
+-- `wake` is read so that its RETURNING (the NOTIFY) is evaluated for every woken row.
+SELECT d.attempts, p.failing_for, (SELECT count(*) FROM wake) AS woken FROM d, p
 "#,
     )
     .bind(endpoint)

@@ -255,18 +255,21 @@ impl<T: Transport> WebhookDelivery<T> {
         };
         let result = self.transport.send(request).await;
         let record = match &result {
-            Ok(r) => AttemptRecord {
-                status: Some(i32::from(r.status)),
-                delivered: (200..300).contains(&r.status),
-                error: (!(200..300).contains(&r.status)).then(|| format!("HTTP {}: {}", r.status, r.body_excerpt)),
-            },
+            Ok(r) => {
+                let delivered = (200..300).contains(&r.status);
+                AttemptRecord {
+                    status: Some(i32::from(r.status)),
+                    delivered,
+                    error: (!delivered).then(|| format!("HTTP {}: {}", r.status, r.body_excerpt)),
+                }
+            }
             Err(e) => AttemptRecord { status: None, delivered: false, error: Some(e.to_string()) },
         };
         let recorded = webhook::record_delivery_attempt(pool, endpoint.id, args.event_id, &record).await?;
         tracing::debug!(status = ?record.status, attempts = recorded.attempts, "webhook attempt");
 
         match result {
-            Ok(WebhookResponse { status, .. }) if (200..300).contains(&status) => Ok(()),
+            Ok(_) if record.delivered => Ok(()),
             Ok(WebhookResponse { status: 410, .. }) => {
                 webhook::disable_endpoint(pool, endpoint.id, "the endpoint answered 410 Gone").await?;
                 Err(Outcome::fail("410 Gone: endpoint disabled"))

@@ -264,7 +264,8 @@ impl Transport for HttpTransport {
             let body = Limited::new(resp.into_body(), MAX_RESPONSE_BODY).collect().await.map(|b| b.to_bytes());
             let excerpt = match &body {
                 Ok(b) => String::from_utf8_lossy(&b[..b.len().min(RESPONSE_EXCERPT)]).into_owned(),
-                Err(_) => String::new(),
+                // Over MAX_RESPONSE_BODY, or cut off: say so rather than record an empty body.
+                Err(e) => format!("(body not read: {e})"),
             };
             Ok(WebhookResponse { status, retry_after, body_excerpt: excerpt })
         };
