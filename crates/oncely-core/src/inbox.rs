@@ -183,11 +183,8 @@ pub async fn prune_inbox<'e>(executor: impl sqlx::PgExecutor<'e>, older_than: st
 }
 
 fn validate(source: &str, event_id: &str, job: &NewJob) -> Result<()> {
-    for (what, v) in [("source", source), ("event id", event_id)] {
-        if v.is_empty() || v.len() > MAX_INBOX_ID_LEN {
-            return Err(Error::InvalidInput(format!("inbox {what} must be 1..={MAX_INBOX_ID_LEN} bytes, got {}", v.len())));
-        }
-    }
+    crate::job::check_len("inbox source", source, MAX_INBOX_ID_LEN)?;
+    crate::job::check_len("inbox event id", event_id, MAX_INBOX_ID_LEN)?;
     if job.unique_key.is_some() {
         return Err(Error::InvalidInput("an inbox job takes no unique key: the inbox already deduplicates".into()));
     }

@@ -230,25 +230,30 @@ impl NewJob {
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
-        if self.kind.is_empty() || self.kind.len() > 255 {
-            return Err(Error::InvalidInput(format!("job kind must be 1..=255 bytes, got {}", self.kind.len())));
-        }
-        if self.queue.is_empty() || self.queue.len() > 128 {
-            return Err(Error::InvalidInput(format!("queue name must be 1..=128 bytes, got {}", self.queue.len())));
-        }
-        if self.max_attempts < 1 {
-            return Err(Error::InvalidInput(format!("max_attempts must be at least 1, got {}", self.max_attempts)));
-        }
+        check_len("job kind", &self.kind, 255)?;
+        check_delivery(&self.queue, self.max_attempts)?;
         if let Some(key) = &self.unique_key {
-            if key.is_empty() || key.len() > MAX_UNIQUE_KEY_LEN {
-                return Err(Error::InvalidInput(format!(
-                    "unique key must be 1..={MAX_UNIQUE_KEY_LEN} bytes, got {}",
-                    key.len()
-                )));
-            }
+            check_len("unique key", key, MAX_UNIQUE_KEY_LEN)?;
         }
         Ok(())
     }
+}
+
+/// Refuse `value` unless it is 1 to `max` bytes long (the schema's domains say the same).
+pub(crate) fn check_len(what: &str, value: &str, max: usize) -> Result<()> {
+    if value.is_empty() || value.len() > max {
+        return Err(Error::InvalidInput(format!("{what} must be 1..={max} bytes, got {}", value.len())));
+    }
+    Ok(())
+}
+
+/// Refuse a queue name or an attempt limit the jobs table would not take.
+pub(crate) fn check_delivery(queue: &str, max_attempts: i32) -> Result<()> {
+    check_len("queue name", queue, 128)?;
+    if max_attempts < 1 {
+        return Err(Error::InvalidInput(format!("max_attempts must be at least 1, got {max_attempts}")));
+    }
+    Ok(())
 }
 
 /// A job as stored.

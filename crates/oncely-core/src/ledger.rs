@@ -62,13 +62,8 @@ impl LedgerKey {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.namespace.is_empty() || self.namespace.len() > 255 {
-            return Err(Error::InvalidInput(format!("ledger namespace must be 1..=255 bytes, got {}", self.namespace.len())));
-        }
-        if self.key.is_empty() || self.key.len() > 1024 {
-            return Err(Error::InvalidInput(format!("ledger key must be 1..=1024 bytes, got {}", self.key.len())));
-        }
-        Ok(())
+        crate::job::check_len("ledger namespace", &self.namespace, 255)?;
+        crate::job::check_len("ledger key", &self.key, 1024)
     }
 }
 

@@ -108,17 +108,9 @@ impl Event {
     fn validate(&self) -> Result<()> {
         validate_topic(&self.topic)?;
         if let Some(key) = &self.ordering_key {
-            if key.is_empty() || key.len() > MAX_TOPIC_LEN {
-                return Err(Error::InvalidInput(format!("ordering key must be 1..={MAX_TOPIC_LEN} bytes, got {}", key.len())));
-            }
+            crate::job::check_len("ordering key", key, MAX_TOPIC_LEN)?;
         }
-        if self.queue.is_empty() || self.queue.len() > 128 {
-            return Err(Error::InvalidInput(format!("queue name must be 1..=128 bytes, got {}", self.queue.len())));
-        }
-        if self.max_attempts < 1 {
-            return Err(Error::InvalidInput(format!("max_attempts must be at least 1, got {}", self.max_attempts)));
-        }
-        Ok(())
+        crate::job::check_delivery(&self.queue, self.max_attempts)
     }
 }
 
