@@ -278,21 +278,32 @@ pub struct StoredEvent {
     pub created_at: DateTime<Utc>,
 }
 
+/// An event's columns in `SELECT` lists of queries that join other tables (`e` is the events
+/// table); [`event_from_row`] reads them.
+pub(crate) const EVENT_COLUMNS: &str =
+    "e.id AS event_id, e.uid AS event_uid, e.topic AS event_topic, e.payload AS event_payload, \
+     e.ordering_key AS event_ordering_key, e.created_at AS event_created_at";
+
+/// Read an event selected with [`EVENT_COLUMNS`].
+pub(crate) fn event_from_row(row: &sqlx::postgres::PgRow) -> Result<StoredEvent> {
+    Ok(StoredEvent {
+        id: EventId(row.try_get("event_id")?),
+        message_id: message_id(row.try_get("event_uid")?),
+        topic: row.try_get("event_topic")?,
+        payload: row.try_get("event_payload")?,
+        ordering_key: row.try_get("event_ordering_key")?,
+        created_at: row.try_get("event_created_at")?,
+    })
+}
+
 /// Fetch one event.
 pub async fn get_event<'e>(executor: impl PgExecutor<'e>, id: EventId) -> Result<StoredEvent> {
-    let row = sqlx::query("SELECT id, uid, topic, payload, ordering_key, created_at FROM oncely.events WHERE id = $1")
+    let row = sqlx::query(&format!("SELECT {EVENT_COLUMNS} FROM oncely.events e WHERE e.id = $1"))
         .bind(id)
         .fetch_optional(executor)
         .await?
         .ok_or(Error::NotFound { what: "event", id: id.0 })?;
-    Ok(StoredEvent {
-        id,
-        message_id: message_id(row.try_get("uid")?),
-        topic: row.try_get("topic")?,
-        payload: row.try_get("payload")?,
-        ordering_key: row.try_get("ordering_key")?,
-        created_at: row.try_get("created_at")?,
-    })
+    event_from_row(&row)
 }
 
 /// Delete up to `limit` events published longer ago than `older_than` that nothing needs any more:

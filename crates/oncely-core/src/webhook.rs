@@ -457,10 +457,11 @@ pub struct DeliveryTarget {
 pub async fn load_delivery<'e>(executor: impl PgExecutor<'e>, endpoint: EndpointId, event: EventId) -> Result<DeliveryTarget> {
     let sql = format!(
         "SELECT {ENDPOINT_COLUMNS}, d.job_id, d.ordering_key AS delivery_ordering_key, d.attempts, d.delivered_at, \
-                e.uid, e.topic, e.payload, e.ordering_key AS event_ordering_key, e.created_at AS event_created_at \
+                {} \
          FROM oncely.webhook_deliveries d \
          JOIN oncely.webhook_endpoints p ON p.id = d.endpoint_id JOIN oncely.events e ON e.id = d.event_id \
-         WHERE d.endpoint_id = $1 AND d.event_id = $2"
+         WHERE d.endpoint_id = $1 AND d.event_id = $2",
+        outbox::EVENT_COLUMNS
     );
     let row = sqlx::query(&sql)
         .bind(endpoint)
@@ -470,14 +471,7 @@ pub async fn load_delivery<'e>(executor: impl PgExecutor<'e>, endpoint: Endpoint
         .ok_or(Error::NotFound { what: "webhook delivery of event", id: event.0 })?;
     Ok(DeliveryTarget {
         endpoint: endpoint_from_row(&row)?,
-        event: outbox::StoredEvent {
-            id: event,
-            message_id: message_id(row.try_get("uid")?),
-            topic: row.try_get("topic")?,
-            payload: row.try_get("payload")?,
-            ordering_key: row.try_get("event_ordering_key")?,
-            created_at: row.try_get("event_created_at")?,
-        },
+        event: outbox::event_from_row(&row)?,
         job_id: JobId(row.try_get("job_id")?),
         ordering_key: row.try_get("delivery_ordering_key")?,
         attempts: row.try_get("attempts")?,
