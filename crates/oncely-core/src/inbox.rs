@@ -47,7 +47,8 @@ impl Accepted {
 /// Record and enqueue in one statement. The job id is drawn first so the inbox row can name it; on
 /// a duplicate that id is simply unused. `ON CONFLICT DO NOTHING` waits for a concurrent insert of
 /// the same key to commit or roll back, so exactly one of many concurrent calls inserts.
-const INBOX_ACCEPT: &str = r#"
+const INBOX_ACCEPT: &str = concat!(
+    r#"
 WITH jid AS (
     SELECT nextval(pg_get_serial_sequence('oncely.jobs', 'id')) AS id
 ), accepted AS (
@@ -59,10 +60,13 @@ WITH jid AS (
     INSERT INTO oncely.jobs (id, kind, queue, args, priority, run_at, max_attempts)
     SELECT accepted.job_id, $4, $5, $6, $7, coalesce($8, now() + make_interval(secs => coalesce($9, 0))), $10
     FROM accepted
-    RETURNING id, CASE WHEN run_at <= now() THEN pg_notify('oncely_jobs', queue) END IS NULL AS notified
+    "#,
+    job_insert_returning!("false"),
+    r#"
 )
 SELECT id FROM job
-"#;
+"#
+);
 
 /// Accept an inbound event once: record `(source, event_id)` with its payload and enqueue `job` to
 /// process it, or — when that pair was accepted before — do nothing and return the earlier job.

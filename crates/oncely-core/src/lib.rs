@@ -15,6 +15,9 @@
 //! [`webhook`] endpoints as delivery jobs; the [`inbox`] accepts an inbound event once per
 //! `(source, event id)` together with the job that processes it.
 
+// First: its SQL macros are used by the modules below.
+#[macro_use]
+mod queries;
 mod effect;
 pub mod error;
 pub mod inbox;
@@ -24,7 +27,6 @@ pub mod ledger;
 pub mod maintenance;
 mod migrate;
 pub mod outbox;
-mod queries;
 pub mod queue;
 pub mod retry;
 pub mod step;
@@ -36,6 +38,7 @@ pub use effect::{
     IDEMPOTENCY_NAMESPACE,
 };
 pub use error::{Error, Result};
+pub use queries::JOBS_CHANNEL;
 pub use job::{AttemptError, ErrorKind, Job, JobArgs, JobId, JobState, NewJob};
 pub use lease::Claim;
 pub use migrate::{migrate, MIGRATOR};

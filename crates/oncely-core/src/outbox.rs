@@ -143,7 +143,8 @@ pub fn message_id(uid: uuid::Uuid) -> String {
 
 /// Insert a batch of events, one delivery job and one delivery row per (event, subscribed
 /// endpoint), in one statement. Returns one row per event, in input order.
-const EVENT_PUBLISH_MANY: &str = r#"
+const EVENT_PUBLISH_MANY: &str = concat!(
+    r#"
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[], $5::int[])
         WITH ORDINALITY AS t(topic, payload, ordering_key, queue, max_attempts, ord)
@@ -173,7 +174,9 @@ WITH input AS (
     SELECT $6, queue, jsonb_build_object('event_id', event_id, 'endpoint_id', endpoint_id), max_attempts
     FROM targets
     RETURNING id, (args->>'event_id')::bigint AS event_id, (args->>'endpoint_id')::bigint AS endpoint_id,
-              pg_notify('oncely_jobs', queue) IS NULL AS notified
+              pg_notify("#,
+    jobs_channel!(),
+    r#", queue) IS NULL AS notified
 ), deliveries AS (
     INSERT INTO oncely.webhook_deliveries (endpoint_id, event_id, ordering_key, job_id)
     SELECT t.endpoint_id, t.event_id, CASE WHEN t.ordered THEN t.ordering_key END, jobs.id
@@ -185,7 +188,8 @@ WITH input AS (
 SELECT n.id, n.uid, coalesce(c.n, 0) AS deliveries
 FROM numbered n LEFT JOIN counts c ON c.event_id = n.id
 ORDER BY n.ord
-"#;
+"#
+);
 
 /// Publish an event: inside the caller's transaction, so that it exists (and is delivered) if and
 /// only if that transaction commits. One statement.

@@ -6,6 +6,16 @@
 pub(crate) const JOB_COLUMNS: &str = "id, kind, queue, args, priority, state, attempt, max_attempts, \
     snoozes, run_at, created_at, attempted_at, finished_at, lease_expires_at, worker_id, unique_key, errors";
 
+/// The channel every statement that makes work available notifies, with the queue name as payload.
+pub const JOBS_CHANNEL: &str = "oncely_jobs";
+
+/// [`JOBS_CHANNEL`] as an SQL literal, for statements built with `concat!`.
+macro_rules! jobs_channel {
+    () => {
+        "'oncely_jobs'"
+    };
+}
+
 /// The RETURNING list of every insert: `id`, `existing`, and a NOTIFY on the job's queue when it
 /// is new and due now (PostgreSQL folds identical notifications of one transaction into one).
 macro_rules! job_insert_returning {
@@ -13,7 +23,7 @@ macro_rules! job_insert_returning {
         concat!(
             "RETURNING id, ", $existing, " AS existing, ",
             "CASE WHEN run_at <= now() AND NOT ", $existing,
-            " THEN pg_notify('oncely_jobs', queue) END IS NULL AS notified"
+            " THEN pg_notify(", jobs_channel!(), ", queue) END IS NULL AS notified"
         )
     };
 }
@@ -202,7 +212,7 @@ WHERE id IN (
 
 /// Wake workers listening on the queues in `$1`.
 pub(crate) const QUEUE_NOTIFY_MANY: &str =
-    "SELECT pg_notify('oncely_jobs', q) FROM (SELECT DISTINCT unnest($1::text[]) AS q) AS queues";
+    concat!("SELECT pg_notify(", jobs_channel!(), ", q) FROM (SELECT DISTINCT unnest($1::text[]) AS q) AS queues");
 
 /// Counts of jobs by queue and state.
 pub(crate) const JOB_COUNT_BY_QUEUE_AND_STATE: &str =
@@ -349,3 +359,11 @@ WHERE (namespace, key) IN (
 pub(crate) const MAINTENANCE_RUN_INSERT: &str = r#"
 INSERT INTO oncely.maintenance_runs (task, worker_id, started_at, deleted) VALUES ($1, $2, $3, $4)
 "#;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_sql_channel_literal_is_the_channel() {
+        assert_eq!(jobs_channel!(), format!("'{}'", super::JOBS_CHANNEL));
+    }
+}

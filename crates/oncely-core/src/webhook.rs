@@ -533,7 +533,7 @@ pub async fn record_delivery_attempt<'e>(
     event: EventId,
     attempt: &AttemptRecord,
 ) -> Result<AttemptRecorded> {
-    let row = sqlx::query(
+    let row = sqlx::query(concat!(
         r#"
 WITH d AS (
     UPDATE oncely.webhook_deliveries
@@ -557,12 +557,14 @@ WITH d AS (
         SELECT n.job_id FROM oncely.webhook_deliveries n, d
         WHERE n.endpoint_id = $1 AND n.ordering_key = d.ordering_key AND n.event_id > $2 AND n.delivered_at IS NULL
         ORDER BY n.event_id LIMIT 1)
-    RETURNING pg_notify('oncely_jobs', queue)
+    RETURNING pg_notify("#,
+        jobs_channel!(),
+        r#", queue)
 )
 -- `wake` is read so that its RETURNING (the NOTIFY) is evaluated for every woken row.
 SELECT d.attempts, p.failing_for, (SELECT count(*) FROM wake) AS woken FROM d, p
-"#,
-    )
+"#
+    ))
     .bind(endpoint)
     .bind(event)
     .bind(attempt.status)

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::worker::Shared;
 
 /// The channel the enqueue statements notify, with the queue name as payload.
-pub const CHANNEL: &str = "oncely_jobs";
+pub const CHANNEL: &str = oncely_core::JOBS_CHANNEL;
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 pub(crate) async fn run(shared: Arc<Shared>, wakers: HashMap<String, Arc<Notify>>, stop: CancellationToken) {
