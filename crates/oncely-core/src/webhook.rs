@@ -417,8 +417,8 @@ pub async fn redeliver(pool: &PgPool, endpoint: EndpointId, event: EventId) -> R
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(Error::NotFound { what: "webhook delivery of event", id: event.0 })?;
-    let state: Option<String> = row.try_get("state")?;
-    if matches!(state.as_deref(), Some("available" | "running")) {
+    let state = row.try_get::<Option<String>, _>("state")?.as_deref().map(str::parse::<JobState>).transpose()?;
+    if state.is_some_and(|s| !s.is_finished()) {
         return Ok(JobId(row.try_get("job_id")?));
     }
     let queue: String = row.try_get::<Option<String>, _>("queue")?.unwrap_or_else(|| outbox::DEFAULT_DELIVERY_QUEUE.into());
