@@ -174,7 +174,10 @@ async fn main() {
     }
     drop(warm);
     let worker = Worker::builder(worker_pool.clone())
-        .register(WebhookDelivery::with_transport(DeliveryConfig::default(), HttpTransport::new().allow_private_networks()))
+        .register(WebhookDelivery::with_transport(
+            DeliveryConfig::default(),
+            HttpTransport::new().allow_private_networks(),
+        ))
         .queue(DEFAULT_DELIVERY_QUEUE, CONCURRENCY)
         .configure(|c| c.fetch_batch = FETCH_BATCH)
         .build()

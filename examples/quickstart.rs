@@ -65,9 +65,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     handle.shutdown().await;
 
-    println!("user {user_id}: job {} enqueued twice, stored once (second enqueue existing={})", first.id, second.existing);
-    println!("job {}: state {}, attempts {}, errors {:?}", job.id, job.state, job.attempt,
-        job.errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>());
+    println!(
+        "user {user_id}: job {} enqueued twice, stored once (second enqueue existing={})",
+        first.id, second.existing
+    );
+    println!(
+        "job {}: state {}, attempts {}, errors {:?}",
+        job.id,
+        job.state,
+        job.attempt,
+        job.errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>()
+    );
     if job.state != JobState::Completed || job.attempt != 2 {
         return Err(format!("expected completed after 2 attempts, got {} after {}", job.state, job.attempt).into());
     }

@@ -206,9 +206,8 @@ async fn run(args: &Args, pool: &sqlx::PgPool) -> BoxResult<bool> {
         let mut tx = pool.begin().await?;
         let mut batch = Vec::new();
         for &seq in chunk {
-            let order: i64 = sqlx::query_scalar("INSERT INTO orders DEFAULT VALUES RETURNING id")
-                .fetch_one(&mut *tx)
-                .await?;
+            let order: i64 =
+                sqlx::query_scalar("INSERT INTO orders DEFAULT VALUES RETURNING id").fetch_one(&mut *tx).await?;
             let topic = if seq % 2 == 0 { "order.created" } else { "order.paid" };
             let key = (seq % 3 != 0).then(|| format!("customer:{}", seq % 4));
             let payload = serde_json::json!({ "order_id": order, "seq": seq, "key": key });

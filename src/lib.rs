@@ -10,11 +10,11 @@
 pub use oncely_core as core;
 pub use oncely_worker as worker;
 
-pub use oncely_core::{
-    cancel_job, enqueue, enqueue_many, get_job, list_jobs, migrate, retry_job, Enqueued, Error, Job, JobArgs,
-    JobFilter, JobId, JobState, NewJob, Result, StepError, with_idempotency, with_idempotency_tx,
-};
 pub use oncely_core::step::OnUnknown;
+pub use oncely_core::{
+    cancel_job, enqueue, enqueue_many, get_job, list_jobs, migrate, retry_job, with_idempotency, with_idempotency_tx,
+    Enqueued, Error, Job, JobArgs, JobFilter, JobId, JobState, NewJob, Result, StepError,
+};
 pub use oncely_worker::{handler_fn, Handler, HandlerResult, JobContext, Outcome, Worker, WorkerConfig, WorkerHandle};
 
 /// The README's code blocks, compiled as doctests so the quick start stays true.

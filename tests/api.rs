@@ -37,7 +37,8 @@ async fn post(addr: &str, path: &str, headers: &[(&str, &str)], body: &str) -> R
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
     let mut lines = head.lines();
     let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect();
+    let headers =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect();
     Resp { status, headers, body: body.to_owned() }
 }
 
@@ -56,7 +57,10 @@ async fn a_double_submitted_checkout_creates_one_subscription_and_one_provider_c
     let db = TestDb::new().await;
     let (addr, provider) = serve(&db).await;
     let h = [("authorization", "Bearer user-7"), ("idempotency-key", "checkout-click-1")];
-    let (a, b) = tokio::join!(post(&addr, "/checkout", &h, r#"{"price":"pro"}"#), post(&addr, "/checkout", &h, r#"{"price":"pro"}"#));
+    let (a, b) = tokio::join!(
+        post(&addr, "/checkout", &h, r#"{"price":"pro"}"#),
+        post(&addr, "/checkout", &h, r#"{"price":"pro"}"#)
+    );
     assert_eq!((a.status, b.status), (201, 201));
     assert_eq!(a.body, b.body, "both clicks get the same session");
     assert_eq!(provider.calls.load(Ordering::SeqCst), 1, "one provider call");
@@ -65,7 +69,13 @@ async fn a_double_submitted_checkout_creates_one_subscription_and_one_provider_c
     assert!([a.header("idempotency-replayed"), b.header("idempotency-replayed")].contains(&Some("true")));
 
     // Another user with the same key is a different checkout.
-    let other = post(&addr, "/checkout", &[("authorization", "Bearer user-8"), ("idempotency-key", "checkout-click-1")], r#"{"price":"pro"}"#).await;
+    let other = post(
+        &addr,
+        "/checkout",
+        &[("authorization", "Bearer user-8"), ("idempotency-key", "checkout-click-1")],
+        r#"{"price":"pro"}"#,
+    )
+    .await;
     assert_eq!(other.status, 201);
     assert_ne!(other.body, a.body);
     // No key: refused on this route.
@@ -101,7 +111,8 @@ async fn billing_endpoints_count_once_and_refuse_a_reused_key_with_409() {
     // Seed 003's "settle twice", with eight different keys at once (a client that lost track of
     // its key): the new usage is billed once, the old usage not again.
     post(&addr, "/api/v1/usage", &key("u-2"), r#"{"units":4}"#).await;
-    let keys: Vec<_> = (0..8).map(|i| [("x-api-key", "ak_live_1".to_string()), ("idempotency-key", format!("s-many-{i}"))]).collect();
+    let keys: Vec<_> =
+        (0..8).map(|i| [("x-api-key", "ak_live_1".to_string()), ("idempotency-key", format!("s-many-{i}"))]).collect();
     let settles = futures::future::join_all(keys.iter().map(|k| {
         let headers = [(k[0].0, k[0].1.as_str()), (k[1].0, k[1].1.as_str())];
         let addr = addr.clone();
@@ -109,7 +120,8 @@ async fn billing_endpoints_count_once_and_refuse_a_reused_key_with_409() {
     }))
     .await;
     assert!(settles.iter().all(|r| r.status == 200), "{:?}", settles.iter().map(|r| r.status).collect::<Vec<_>>());
-    let amounts: Vec<i64> = sqlx::query_scalar("SELECT amount FROM settlements ORDER BY amount").fetch_all(db.pool()).await.unwrap();
+    let amounts: Vec<i64> =
+        sqlx::query_scalar("SELECT amount FROM settlements ORDER BY amount").fetch_all(db.pool()).await.unwrap();
     assert_eq!(amounts, vec![0, 0, 0, 0, 0, 0, 0, 4, 8], "the new 4 units billed by one settle, the old 8 not again");
     // The tables hold a digest of the caller, never the API key.
     let leaked: i64 = sqlx::query_scalar(
@@ -129,7 +141,10 @@ async fn one_user_gets_one_subscription_whatever_the_checkout_keys() {
     let (addr, provider) = serve(&db).await;
     let tab = |k: &'static str| [("authorization", "Bearer user-9"), ("idempotency-key", k)];
     let (t1, t2) = (tab("tab-1"), tab("tab-2"));
-    let (a, b) = tokio::join!(post(&addr, "/checkout", &t1, r#"{"price":"pro"}"#), post(&addr, "/checkout", &t2, r#"{"price":"pro"}"#));
+    let (a, b) = tokio::join!(
+        post(&addr, "/checkout", &t1, r#"{"price":"pro"}"#),
+        post(&addr, "/checkout", &t2, r#"{"price":"pro"}"#)
+    );
     let mut statuses = [a.status, b.status];
     statuses.sort();
     assert_eq!(statuses, [201, 409], "{} / {}", a.body, b.body);
@@ -163,7 +178,11 @@ async fn a_checkout_retried_after_a_crash_adds_no_second_subscription() {
     let retry = post(&addr, "/checkout", &h, r#"{"price":"pro"}"#).await;
     assert_eq!(retry.status, 201);
     assert_eq!(retry.header("idempotency-replayed"), None, "the handler ran again");
-    assert_eq!(provider.calls.load(Ordering::SeqCst), 1, "it found the subscription its checkout made: no second provider call");
+    assert_eq!(
+        provider.calls.load(Ordering::SeqCst),
+        1,
+        "it found the subscription its checkout made: no second provider call"
+    );
     assert_eq!(retry.body, first.body, "and returned the same session");
     let subs: i64 = sqlx::query_scalar("SELECT count(*) FROM subscriptions").fetch_one(db.pool()).await.unwrap();
     assert_eq!(subs, 1, "one subscription per provider session");
@@ -184,14 +203,26 @@ async fn control_plane_endpoints_generate_a_key_when_none_is_sent() {
     let created = post(&addr, "/projects", &[("x-api-key", "ops")], r#"{"project_id":"p1","name":"One"}"#).await;
     assert_eq!(created.status, 201);
     let key = created.header("idempotency-key").unwrap().to_owned();
-    let again = post(&addr, "/projects", &[("x-api-key", "ops"), ("idempotency-key", &key)], r#"{"project_id":"p1","name":"One"}"#).await;
-    assert_eq!((again.status, again.body.as_str()), (201, created.body.as_str()), "a retry with the returned key replays");
+    let again = post(
+        &addr,
+        "/projects",
+        &[("x-api-key", "ops"), ("idempotency-key", &key)],
+        r#"{"project_id":"p1","name":"One"}"#,
+    )
+    .await;
+    assert_eq!(
+        (again.status, again.body.as_str()),
+        (201, created.body.as_str()),
+        "a retry with the returned key replays"
+    );
     assert_eq!(again.header("location"), Some("/projects/p1"));
     assert_eq!(again.header("idempotency-replayed"), Some("true"));
 
     let body = r#"{"request_id":"req-1"}"#;
-    let k1 = post(&addr, "/projects/p1/keys", &[("x-api-key", "ops"), ("idempotency-key", "create_key:req-1")], body).await;
-    let k2 = post(&addr, "/projects/p1/keys", &[("x-api-key", "ops"), ("idempotency-key", "create_key:req-1")], body).await;
+    let k1 =
+        post(&addr, "/projects/p1/keys", &[("x-api-key", "ops"), ("idempotency-key", "create_key:req-1")], body).await;
+    let k2 =
+        post(&addr, "/projects/p1/keys", &[("x-api-key", "ops"), ("idempotency-key", "create_key:req-1")], body).await;
     assert_eq!(k1.status, 201);
     assert_eq!(k1.body, k2.body, "a retried create returns the same key");
     assert_eq!(scalar(&db, "SELECT count(*) FROM api_keys").await, 1);
@@ -203,7 +234,10 @@ async fn provisioning_a_project_twice_with_different_or_no_keys_creates_one_proj
     let (addr, _) = serve(&db).await;
     let body = r#"{"project_id":"p1","name":"One"}"#;
     // A double-click that sends no header: two generated keys, so the layer cannot tell.
-    let (a, b) = tokio::join!(post(&addr, "/projects", &[("x-api-key", "ops")], body), post(&addr, "/projects", &[("x-api-key", "ops")], body));
+    let (a, b) = tokio::join!(
+        post(&addr, "/projects", &[("x-api-key", "ops")], body),
+        post(&addr, "/projects", &[("x-api-key", "ops")], body)
+    );
     assert_eq!((a.status, b.status), (201, 201), "{} / {}", a.body, b.body);
     assert_ne!(a.header("idempotency-key"), b.header("idempotency-key"));
     assert_eq!(a.body, b.body, "the same response");
@@ -216,7 +250,11 @@ async fn provisioning_a_project_twice_with_different_or_no_keys_creates_one_proj
     assert_eq!((c.status, c.body.as_str(), d.status, d.body.as_str()), (201, a.body.as_str(), 201, a.body.as_str()));
     assert_eq!((c.header("location"), d.header("location")), (Some("/projects/p1"), Some("/projects/p1")));
     assert_eq!(scalar(&db, "SELECT count(*) FROM projects").await, 1, "one project");
-    assert_eq!(scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE namespace = 'idempotency' AND key = 'provision:p1'").await, 1);
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE namespace = 'idempotency' AND key = 'provision:p1'")
+            .await,
+        1
+    );
 
     // Not the same request: another caller, or another name for the id. Nothing is replayed to it.
     let other = post(&addr, "/projects", &[("x-api-key", "someone-else")], body).await;
@@ -227,14 +265,22 @@ async fn provisioning_a_project_twice_with_different_or_no_keys_creates_one_proj
     sqlx::query("INSERT INTO projects (id, name) VALUES ('p0', 'Zero')").execute(db.pool()).await.unwrap();
     let old = post(&addr, "/projects", &[("x-api-key", "ops")], r#"{"project_id":"p0","name":"Zero"}"#).await;
     assert_eq!(old.status, 409);
-    assert_eq!(scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE namespace = 'idempotency' AND key = 'provision:p0'").await, 0, "refusals are not recorded");
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE namespace = 'idempotency' AND key = 'provision:p0'")
+            .await,
+        0,
+        "refusals are not recorded"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn creating_a_key_twice_with_one_request_id_creates_one_key() {
     let db = TestDb::new().await;
     let (addr, _) = serve(&db).await;
-    assert_eq!(post(&addr, "/projects", &[("x-api-key", "ops")], r#"{"project_id":"p1","name":"One"}"#).await.status, 201);
+    assert_eq!(
+        post(&addr, "/projects", &[("x-api-key", "ops")], r#"{"project_id":"p1","name":"One"}"#).await.status,
+        201
+    );
     let body = r#"{"request_id":"req-42"}"#;
     // Five concurrent retries, each with its own header key or none.
     let headers: [&[(&str, &str)]; 5] = [
@@ -268,16 +314,25 @@ async fn creating_a_key_twice_with_one_request_id_creates_one_key() {
     let missing = post(&addr, "/projects/nope/keys", &[("x-api-key", "ops")], r#"{"request_id":"req-44"}"#).await;
     assert_eq!((missing.status, json(&missing)["code"].as_str()), (404, Some("no_such_project")));
     assert_eq!(scalar(&db, "SELECT count(*) FROM api_keys").await, 2);
-    assert_eq!(scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE namespace = 'idempotency' AND key = 'create_key:req-44'").await, 0);
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE namespace = 'idempotency' AND key = 'create_key:req-44'")
+            .await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn creating_a_key_without_a_request_id_is_a_400() {
     let db = TestDb::new().await;
     let (addr, _) = serve(&db).await;
-    assert_eq!(post(&addr, "/projects", &[("x-api-key", "ops")], r#"{"project_id":"p1","name":"One"}"#).await.status, 201);
+    assert_eq!(
+        post(&addr, "/projects", &[("x-api-key", "ops")], r#"{"project_id":"p1","name":"One"}"#).await.status,
+        201
+    );
     let long = format!(r#"{{"request_id":"{}"}}"#, "r".repeat(256));
-    for (i, body) in ["", "{}", r#"{"request_id":""}"#, r#"{"request_id":null}"#, "not json", &long].into_iter().enumerate() {
+    for (i, body) in
+        ["", "{}", r#"{"request_id":""}"#, r#"{"request_id":null}"#, "not json", &long].into_iter().enumerate()
+    {
         let header_key = format!("create-{i}");
         let r = post(&addr, "/projects/p1/keys", &[("x-api-key", "ops"), ("idempotency-key", &header_key)], body).await;
         assert_eq!(r.status, 400, "body {body:?}: {}", r.body);
@@ -295,8 +350,14 @@ async fn creating_a_key_without_a_request_id_is_a_400() {
 async fn revoking_a_key_twice_returns_the_same_response_and_one_timestamp() {
     let db = TestDb::new().await;
     let (addr, _) = serve(&db).await;
-    assert_eq!(post(&addr, "/projects", &[("x-api-key", "ops")], r#"{"project_id":"p1","name":"One"}"#).await.status, 201);
-    let key = json(&post(&addr, "/projects/p1/keys", &[("x-api-key", "ops")], r#"{"request_id":"req-1"}"#).await)["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        post(&addr, "/projects", &[("x-api-key", "ops")], r#"{"project_id":"p1","name":"One"}"#).await.status,
+        201
+    );
+    let key = json(&post(&addr, "/projects/p1/keys", &[("x-api-key", "ops")], r#"{"request_id":"req-1"}"#).await)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let path = format!("/keys/{key}/revoke");
 
     let first = post(&addr, &path, &[("x-api-key", "ops")], "").await;
@@ -306,7 +367,11 @@ async fn revoking_a_key_twice_returns_the_same_response_and_one_timestamp() {
     assert_eq!((first.header("idempotency-replayed"), second.header("idempotency-replayed")), (None, Some("true")));
     let body = json(&first);
     assert_eq!((body["id"].as_str(), body["revoked"].as_bool()), (Some(key.as_str()), Some(true)));
-    let stored: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT revoked_at FROM api_keys WHERE id = $1").bind(&key).fetch_one(db.pool()).await.unwrap();
+    let stored: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT revoked_at FROM api_keys WHERE id = $1")
+        .bind(&key)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
     let answered: chrono::DateTime<chrono::Utc> = body["revoked_at"].as_str().unwrap().parse().unwrap();
     assert_eq!(answered, stored, "one revocation timestamp");
 
@@ -320,10 +385,19 @@ async fn revoking_a_key_twice_returns_the_same_response_and_one_timestamp() {
     let third = post(&addr, &path, &[("x-api-key", "ops")], "").await;
     assert_eq!((third.status, third.body.as_str()), (200, first.body.as_str()));
     assert_eq!(third.header("idempotency-replayed"), None, "it ran again, and changed nothing");
-    let stored_again: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT revoked_at FROM api_keys WHERE id = $1").bind(&key).fetch_one(db.pool()).await.unwrap();
+    let stored_again: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT revoked_at FROM api_keys WHERE id = $1")
+            .bind(&key)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
     assert_eq!(stored_again, stored);
 
     let unknown = post(&addr, "/keys/key_nope/revoke", &[("x-api-key", "ops")], "").await;
     assert_eq!((unknown.status, json(&unknown)["code"].as_str()), (404, Some("no_such_key")));
-    assert_eq!(scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE namespace = 'idempotency' AND key = 'revoke:key_nope'").await, 0);
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE namespace = 'idempotency' AND key = 'revoke:key_nope'")
+            .await,
+        0
+    );
 }

@@ -96,7 +96,9 @@ async fn a_transactional_effect_dropped_while_beginning_leaves_no_open_transacti
         let key = format!("cancel:{i}");
         let call = oncely::core::with_idempotency_tx(&pool, &key, Duration::from_secs(60), |tx| {
             let key = key.clone();
-            Box::pin(async move { sqlx::query("INSERT INTO effects VALUES ($1)").bind(key).execute(&mut *tx).await.map(|_| ()) })
+            Box::pin(async move {
+                sqlx::query("INSERT INTO effects VALUES ($1)").bind(key).execute(&mut *tx).await.map(|_| ())
+            })
         });
         assert!(tokio::time::timeout(CALLER_TIME, call).await.is_err(), "the call was cut off");
         if next_borrower_is_in_a_transaction(&pool).await {
@@ -134,17 +136,24 @@ async fn an_http_request_dropped_while_its_transaction_begins_leaves_no_open_tra
         .route(
             "/usage",
             post(|tx: RequestTx| async move {
-                sqlx::query("UPDATE usage SET tokens = tokens + 1 WHERE user_id = 1").execute(&mut *tx.conn().await).await.unwrap();
+                sqlx::query("UPDATE usage SET tokens = tokens + 1 WHERE user_id = 1")
+                    .execute(&mut *tx.conn().await)
+                    .await
+                    .unwrap();
                 http::StatusCode::CREATED
             }),
         )
         .layer(IdempotencyLayer::transactional(pool.clone()));
-    let req = |key: String| http::Request::post("/usage").header("idempotency-key", key).body(Body::from("{}")).unwrap();
+    let req =
+        |key: String| http::Request::post("/usage").header("idempotency-key", key).body(Body::from("{}")).unwrap();
 
     delay.store(ANSWER_DELAY.as_millis() as u64, Ordering::SeqCst);
     let mut poisoned = Vec::new();
     for i in 0..5 {
-        assert!(tokio::time::timeout(CALLER_TIME, app.clone().oneshot(req(format!("k{i}")))).await.is_err(), "the request was cut off");
+        assert!(
+            tokio::time::timeout(CALLER_TIME, app.clone().oneshot(req(format!("k{i}")))).await.is_err(),
+            "the request was cut off"
+        );
         if next_borrower_is_in_a_transaction(&pool).await {
             poisoned.push(i);
         }
@@ -154,6 +163,7 @@ async fn an_http_request_dropped_while_its_transaction_begins_leaves_no_open_tra
     delay.store(0, Ordering::SeqCst);
     let resp = app.clone().oneshot(req("last".into())).await.unwrap();
     assert_eq!(resp.status(), http::StatusCode::CREATED);
-    let tokens: i64 = sqlx::query_scalar("SELECT tokens FROM usage WHERE user_id = 1").fetch_one(db.pool()).await.unwrap();
+    let tokens: i64 =
+        sqlx::query_scalar("SELECT tokens FROM usage WHERE user_id = 1").fetch_one(db.pool()).await.unwrap();
     assert_eq!(tokens, 1, "only the last request ran");
 }

@@ -50,7 +50,8 @@ impl Provider {
         let head = String::from_utf8_lossy(&buf).to_string();
         let mut lines = head.lines();
         let mut first = lines.next().unwrap_or_default().split(' ');
-        let (method, path) = (first.next().unwrap_or_default().to_string(), first.next().unwrap_or_default().to_string());
+        let (method, path) =
+            (first.next().unwrap_or_default().to_string(), first.next().unwrap_or_default().to_string());
         let key = lines
             .filter_map(|l| l.split_once(':'))
             .find(|(k, _)| k.eq_ignore_ascii_case("idempotency-key"))
@@ -152,7 +153,11 @@ fn charge_handler() -> impl oncely::Handler<Charge> {
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(body)
             })
             .await?;
-        sqlx::query("INSERT INTO orders_charged VALUES ($1, $2)").bind(c.order).bind(charge).execute(ctx.pool()).await?;
+        sqlx::query("INSERT INTO orders_charged VALUES ($1, $2)")
+            .bind(c.order)
+            .bind(charge)
+            .execute(ctx.pool())
+            .await?;
         Ok(())
     })
 }
@@ -167,8 +172,10 @@ async fn tables(pool: &sqlx::PgPool) {
 async fn external_child_worker() {
     let Ok(url) = std::env::var("ONCELY_EXTERNAL_CHILD_URL") else { return };
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    run_child_worker(oncely::Worker::builder(pool).register(charge_handler()).queue("default", 1).lease(Duration::from_secs(1)))
-        .await;
+    run_child_worker(
+        oncely::Worker::builder(pool).register(charge_handler()).queue("default", 1).lease(Duration::from_secs(1)),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -178,9 +185,18 @@ async fn a_process_killed_between_call_and_record_calls_again_with_the_same_key(
     let pool = db.pool();
     tables(pool).await;
     let (provider, addr) = Provider::start().await;
-    let id = enqueue(pool, NewJob::new(&Charge { order: 1, policy: "retry".into(), provider: addr, crash_before_call: false }).unwrap()).await.unwrap().id;
+    let id = enqueue(
+        pool,
+        NewJob::new(&Charge { order: 1, policy: "retry".into(), provider: addr, crash_before_call: false }).unwrap(),
+    )
+    .await
+    .unwrap()
+    .id;
 
-    let mut child = spawn_child("external_child_worker", &[("ONCELY_EXTERNAL_CHILD_URL", db.url()), ("ONCELY_EXTERNAL_CHILD", "1")]);
+    let mut child = spawn_child(
+        "external_child_worker",
+        &[("ONCELY_EXTERNAL_CHILD_URL", db.url()), ("ONCELY_EXTERNAL_CHILD", "1")],
+    );
     eventually(Duration::from_secs(30), "the child to make the call", || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM called").fetch_one(pool).await.unwrap();
         (n > 0).then_some(())
@@ -188,7 +204,10 @@ async fn a_process_killed_between_call_and_record_calls_again_with_the_same_key(
     .await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
-    let ledger_state: String = sqlx::query_scalar("SELECT state FROM oncely.ledger WHERE key = 'charge:order:1'").fetch_one(pool).await.unwrap();
+    let ledger_state: String = sqlx::query_scalar("SELECT state FROM oncely.ledger WHERE key = 'charge:order:1'")
+        .fetch_one(pool)
+        .await
+        .unwrap();
     assert_eq!(ledger_state, "in_progress", "the intent was recorded before the call, the result never");
 
     let h = builder(db.new_pool(5).await).register(charge_handler()).queue("default", 1).build().unwrap().start();
@@ -211,10 +230,19 @@ async fn crash_after_call_then_run(policy: &str) -> (TestDb, Provider, oncely::J
     let db = TestDb::new().await;
     tables(db.pool()).await;
     let (provider, addr) = Provider::start().await;
-    let id = enqueue(db.pool(), NewJob::new(&Charge { order: 2, policy: policy.into(), provider: addr, crash_before_call: false }).unwrap()).await.unwrap().id;
+    let id = enqueue(
+        db.pool(),
+        NewJob::new(&Charge { order: 2, policy: policy.into(), provider: addr, crash_before_call: false }).unwrap(),
+    )
+    .await
+    .unwrap()
+    .id;
     let crashed = Arc::new(AtomicBool::new(false));
     let hook: oncely::core::step::BoundaryHook = Arc::new(move |b| {
-        if b.step == "charge" && b.point == oncely::core::step::BoundaryPoint::BeforeRecord && !crashed.swap(true, Ordering::SeqCst) {
+        if b.step == "charge"
+            && b.point == oncely::core::step::BoundaryPoint::BeforeRecord
+            && !crashed.swap(true, Ordering::SeqCst)
+        {
             std::panic::panic_any(InjectedCrash(b.clone()));
         }
     });
@@ -240,7 +268,8 @@ async fn reconcile_asks_the_provider_and_records_what_it_says_without_calling_ag
     assert_eq!(job.errors[0].kind, oncely::core::ErrorKind::LeaseExpired, "the first attempt died mid-step");
     assert_eq!(provider.posts().len(), 1, "no second charge request");
     assert_eq!(provider.gets(), 1, "one reconciliation");
-    let charged: Vec<(i64, String)> = sqlx::query_as("SELECT * FROM orders_charged").fetch_all(db.pool()).await.unwrap();
+    let charged: Vec<(i64, String)> =
+        sqlx::query_as("SELECT * FROM orders_charged").fetch_all(db.pool()).await.unwrap();
     assert_eq!(charged, vec![(2, "ch_1".to_string())]);
 }
 
@@ -294,7 +323,8 @@ async fn claim_step(pool: &sqlx::PgPool, key: &str, lease: Duration) -> oncely::
 
 /// Run the charge worker (no crash) until no job is left to run.
 async fn drain(db: &TestDb) {
-    let worker = builder(db.new_pool(5).await).register(charge_handler()).queue("default", 1).lease(Duration::from_millis(500));
+    let worker =
+        builder(db.new_pool(5).await).register(charge_handler()).queue("default", 1).lease(Duration::from_millis(500));
     oncely_testkit::run_until_idle(db.pool(), worker, Duration::from_secs(30)).await;
 }
 
@@ -328,7 +358,9 @@ async fn a_parked_step_is_settled_by_a_person_and_the_retried_job_uses_what_they
     assert_eq!(provider.posts().len(), 1);
 
     // Bad resolutions are refused with the reason: no such record, or one a live claim holds.
-    let err = ledger::resolve(pool, &LedgerKey::new("step", "charge:order:999"), &Resolution::DidNotTakeEffect).await.unwrap_err();
+    let err = ledger::resolve(pool, &LedgerKey::new("step", "charge:order:999"), &Resolution::DidNotTakeEffect)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("no such record"), "{err}");
     let running = claim_step(pool, "charge:order:1000", Duration::from_secs(300)).await;
     for resolution in [Resolution::DidNotTakeEffect, Resolution::TookEffect(serde_json::json!("x"))] {
@@ -337,7 +369,10 @@ async fn a_parked_step_is_settled_by_a_person_and_the_retried_job_uses_what_they
     }
 
     // The person asks the provider under the key the step used, and records what it says.
-    let (status, charge) = http(job.args["provider"].as_str().unwrap(), "GET", &format!("/charges/{}", record.idempotency_key()), "").await.unwrap();
+    let (status, charge) =
+        http(job.args["provider"].as_str().unwrap(), "GET", &format!("/charges/{}", record.idempotency_key()), "")
+            .await
+            .unwrap();
     assert_eq!((status, charge.as_str()), (200, "ch_1"));
     ledger::resolve(pool, &record, &Resolution::TookEffect(serde_json::json!(charge))).await.unwrap();
     let again = ledger::resolve(pool, &record, &Resolution::DidNotTakeEffect).await.unwrap_err();
@@ -363,7 +398,13 @@ async fn a_parked_step_settled_as_not_done_calls_on_retry() {
     let (provider, addr) = Provider::start().await;
     // A claim whose holder died before its request left: in progress, lease over, no output.
     let record = orphan_claim(pool, "charge:order:4").await;
-    let id = enqueue(pool, NewJob::new(&Charge { order: 4, policy: "park".into(), provider: addr, crash_before_call: false }).unwrap()).await.unwrap().id;
+    let id = enqueue(
+        pool,
+        NewJob::new(&Charge { order: 4, policy: "park".into(), provider: addr, crash_before_call: false }).unwrap(),
+    )
+    .await
+    .unwrap()
+    .id;
     drain(&db).await;
     let job = get_job(pool, id).await.unwrap();
     assert_eq!(job.state, JobState::Dead, "parked: {:?}", job.errors);
@@ -400,14 +441,15 @@ async fn retrying_with_the_same_key_stops_where_the_callee_forgets_keys() {
     }
     drain(&db).await;
 
-    let states: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT (args->>'order')::bigint, state::text FROM oncely.jobs ORDER BY 1",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap();
+    let states: Vec<(i64, String)> =
+        sqlx::query_as("SELECT (args->>'order')::bigint, state::text FROM oncely.jobs ORDER BY 1")
+            .fetch_all(pool)
+            .await
+            .unwrap();
     assert_eq!(states, vec![(5, "dead".to_string()), (6, "completed".to_string())]);
-    let dead = oncely::list_jobs(pool, &oncely::JobFilter { state: Some(JobState::Dead), ..Default::default() }).await.unwrap();
+    let dead = oncely::list_jobs(pool, &oncely::JobFilter { state: Some(JobState::Dead), ..Default::default() })
+        .await
+        .unwrap();
     let message = &dead[0].errors.last().unwrap().message;
     assert!(message.contains("parked") && message.contains("charge:order:5"), "{message}");
     assert_eq!(

@@ -15,8 +15,10 @@ use oncely_testkit::CrashHarness;
 use serde::{Deserialize, Serialize};
 
 async fn pipeline_effects(pool: sqlx::PgPool) -> serde_json::Value {
-    let usage: Vec<(i64, String, i64)> = sqlx::query_as("SELECT user_id, period, tokens FROM usage ORDER BY user_id").fetch_all(&pool).await.unwrap();
-    let reports: Vec<(i64, String, Option<i64>)> = sqlx::query_as("SELECT id, status, tokens FROM reports ORDER BY id").fetch_all(&pool).await.unwrap();
+    let usage: Vec<(i64, String, i64)> =
+        sqlx::query_as("SELECT user_id, period, tokens FROM usage ORDER BY user_id").fetch_all(&pool).await.unwrap();
+    let reports: Vec<(i64, String, Option<i64>)> =
+        sqlx::query_as("SELECT id, status, tokens FROM reports ORDER BY id").fetch_all(&pool).await.unwrap();
     serde_json::json!({ "usage": usage, "reports": reports })
 }
 
@@ -30,7 +32,9 @@ async fn a_crash_at_any_step_boundary_of_the_pipeline_leaves_the_same_effects() 
             // One report, and a duplicate job for it.
             pipeline::seed(&pool, 1, 1, 1).await.unwrap();
         })
-        .register(|w| w.register(pipeline::handler(pipeline::Failures::default(), Arc::new(pipeline::Calls::default()))))
+        .register(|w| {
+            w.register(pipeline::handler(pipeline::Failures::default(), Arc::new(pipeline::Calls::default())))
+        })
         .effects(pipeline_effects)
         .run()
         .await;

@@ -193,7 +193,10 @@ async fn an_expired_key_runs_again() {
 
     // The memory store with a short TTL.
     let counter = Counter::default();
-    let app = self::app(with(IdempotencyLayer::new(MemoryStore::default()), |c| c.ttl = Duration::from_millis(100)), counter.clone());
+    let app = self::app(
+        with(IdempotencyLayer::new(MemoryStore::default()), |c| c.ttl = Duration::from_millis(100)),
+        counter.clone(),
+    );
     send(&app, req(Some("k"), "a")).await;
     eventually(Duration::from_secs(5), "the memory entry to expire", || async {
         send(&app, req(Some("k"), "a")).await;
@@ -282,15 +285,21 @@ async fn concurrent_identical_requests_run_the_handler_once() {
             assert_eq!(created + busy.len(), n, "{name} x{n}");
             assert!(busy.iter().all(|g| g.headers.contains_key("retry-after")));
             assert!(!busy.is_empty(), "{name} x{n}: some duplicates arrived while the first ran");
-            let ran = got.iter().filter(|g| g.status == StatusCode::CREATED && !g.headers.contains_key("idempotency-replayed"));
+            let ran = got
+                .iter()
+                .filter(|g| g.status == StatusCode::CREATED && !g.headers.contains_key("idempotency-replayed"));
             assert_eq!(ran.count(), 1, "{name} x{n}: the other 201s are replays");
 
             // Wait mode: every response is the same.
             let counter = Counter::default();
-            let app = self::app(with(layer, |c| c.in_flight = InFlight::Wait(Duration::from_secs(20))), counter.clone());
+            let app =
+                self::app(with(layer, |c| c.in_flight = InFlight::Wait(Duration::from_secs(20))), counter.clone());
             let got = concurrent(&app, n, "wait-mode").await;
             assert_eq!(counter.0.load(Ordering::SeqCst), 1, "{name} x{n} wait: handler ran once");
-            assert!(got.iter().all(|g| g.status == StatusCode::CREATED && g.body == got[0].body), "{name} x{n} wait: identical");
+            assert!(
+                got.iter().all(|g| g.status == StatusCode::CREATED && g.body == got[0].body),
+                "{name} x{n} wait: identical"
+            );
         }
     }
 }
@@ -301,7 +310,11 @@ async fn two_tenants_with_the_same_key_are_independent() {
         let counter = Counter::default();
         let app = app(layer, counter.clone());
         let as_tenant = |t: &str, body: &str| {
-            Request::post("/things").header("x-api-key", t).header("idempotency-key", "shared").body(Body::from(body.to_owned())).unwrap()
+            Request::post("/things")
+                .header("x-api-key", t)
+                .header("idempotency-key", "shared")
+                .body(Body::from(body.to_owned()))
+                .unwrap()
         };
         let a = send(&app, as_tenant("tenant-a", "from a")).await;
         let b = send(&app, as_tenant("tenant-b", "from b")).await;
@@ -317,14 +330,14 @@ async fn two_tenants_with_the_same_key_are_independent() {
 async fn responses_from_outer_layers_are_never_stored() {
     let db = TestDb::new().await;
     let counter = Counter::default();
-    let app = app(IdempotencyLayer::new(PgStore::new(db.pool().clone())), counter.clone()).layer(axum::middleware::from_fn(
-        |r: Request<Body>, next: axum::middleware::Next| async move {
+    let app = app(IdempotencyLayer::new(PgStore::new(db.pool().clone())), counter.clone()).layer(
+        axum::middleware::from_fn(|r: Request<Body>, next: axum::middleware::Next| async move {
             if r.headers().get("authorization").is_none() {
                 return StatusCode::UNAUTHORIZED.into_response_();
             }
             next.run(r).await
-        },
-    ));
+        }),
+    );
     let unauth = send(&app, req(Some("k"), "a")).await;
     assert_eq!(unauth.status, StatusCode::UNAUTHORIZED);
     let mut authed = req(Some("k"), "a");
@@ -340,12 +353,22 @@ async fn responses_from_outer_layers_are_never_stored() {
 async fn a_handlers_own_401_403_and_429_are_not_stored() {
     for status in [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN, StatusCode::TOO_MANY_REQUESTS] {
         for (name, layer, _db) in stores().await {
-            let (app, calls) = counting("/things", layer, move |n| async move { if n == 0 { status } else { StatusCode::CREATED } });
+            let (app, calls) = counting("/things", layer, move |n| async move {
+                if n == 0 {
+                    status
+                } else {
+                    StatusCode::CREATED
+                }
+            });
             assert_eq!(send(&app, req(Some("k"), "a")).await.status, status, "{name}");
             let retry = send(&app, req(Some("k"), "a")).await;
             assert_eq!(retry.status, StatusCode::CREATED, "{name} {status}: the retry ran the handler");
             let third = send(&app, req(Some("k"), "a")).await;
-            assert_eq!((third.status, third.headers.contains_key("idempotency-replayed")), (StatusCode::CREATED, true), "{name}");
+            assert_eq!(
+                (third.status, third.headers.contains_key("idempotency-replayed")),
+                (StatusCode::CREATED, true),
+                "{name}"
+            );
             assert_eq!(calls.load(Ordering::SeqCst), 2, "{name} {status}");
         }
     }
@@ -360,11 +383,20 @@ async fn the_key_can_arrive_under_a_configured_older_header_name() {
         let plain = app(layer.clone(), counter.clone());
         let layer_copy = layer.clone();
         let aliased = app(
-            with(layer, |c| c.key_headers = vec![http::HeaderName::from_static("idempotency-key"), http::HeaderName::from_static("x-idempotency-key")]),
+            with(layer, |c| {
+                c.key_headers = vec![
+                    http::HeaderName::from_static("idempotency-key"),
+                    http::HeaderName::from_static("x-idempotency-key"),
+                ]
+            }),
             counter.clone(),
         );
         let old_name = |key: &str| {
-            Request::post("/things").header("x-api-key", "tenant-a").header("x-idempotency-key", key).body(Body::from("a")).unwrap()
+            Request::post("/things")
+                .header("x-api-key", "tenant-a")
+                .header("x-idempotency-key", key)
+                .body(Body::from("a"))
+                .unwrap()
         };
         // Not configured: the old name is no key at all, so each request runs.
         send(&plain, old_name("legacy-0")).await;
@@ -375,11 +407,18 @@ async fn the_key_can_arrive_under_a_configured_older_header_name() {
         let again = send(&aliased, old_name("legacy-1")).await;
         let new_name = send(&aliased, req(Some("legacy-1"), "a")).await;
         assert_eq!(counter.0.load(Ordering::SeqCst), 3, "{name}: one more run");
-        assert_eq!((first.body.clone(), first.body.clone()), (again.body, new_name.body), "{name}: both names replay it");
+        assert_eq!(
+            (first.body.clone(), first.body.clone()),
+            (again.body, new_name.body),
+            "{name}: both names replay it"
+        );
         let mut both = old_name("legacy-2");
         both.headers_mut().insert("idempotency-key", http::HeaderValue::from_static("legacy-2"));
         // A name listed twice is still one header.
-        let twice = app(with(layer_copy.clone(), |c| c.key_headers = vec![http::HeaderName::from_static("idempotency-key"); 2]), counter.clone());
+        let twice = app(
+            with(layer_copy.clone(), |c| c.key_headers = vec![http::HeaderName::from_static("idempotency-key"); 2]),
+            counter.clone(),
+        );
         assert_eq!(send(&twice, req(Some("legacy-3"), "a")).await.status, StatusCode::CREATED, "{name}");
         let refused = send(&aliased, both).await;
         assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{name}");
@@ -422,7 +461,11 @@ async fn crash_between_effect_and_store(transactional: bool) -> i64 {
             }
         })
     }));
-    let layer = if transactional { IdempotencyLayer::transactional(pool.clone()) } else { IdempotencyLayer::new(PgStore::new(pool.clone())) };
+    let layer = if transactional {
+        IdempotencyLayer::transactional(pool.clone())
+    } else {
+        IdempotencyLayer::new(PgStore::new(pool.clone()))
+    };
     let p = pool.clone();
     let app = Router::new()
         .route(
@@ -476,7 +519,10 @@ async fn a_request_whose_process_died_mid_handler_holds_its_key_only_until_the_l
                 }
             }),
         )
-        .layer(IdempotencyLayer::new(PgStore::new(db.pool().clone())).with_config(IdempotencyConfig { lease, ..Default::default() }));
+        .layer(
+            IdempotencyLayer::new(PgStore::new(db.pool().clone()))
+                .with_config(IdempotencyConfig { lease, ..Default::default() }),
+        );
     let r = || Request::post("/provision").header("idempotency-key", "provision:p1").body(Body::empty()).unwrap();
     let app2 = app.clone();
     let first = tokio::spawn(async move { send(&app2, r()).await });
@@ -501,7 +547,12 @@ async fn a_request_whose_process_died_mid_handler_holds_its_key_only_until_the_l
 
 /// A request to `path` with `method`, key `k`, no caller identity header.
 fn anonymous(method: http::Method, path: &str, key: &str, body: &str) -> Request<Body> {
-    Request::builder().method(method).uri(path).header("idempotency-key", key).body(Body::from(body.to_owned())).unwrap()
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("idempotency-key", key)
+        .body(Body::from(body.to_owned()))
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -547,7 +598,10 @@ async fn other_methods_pass_through_and_a_key_reused_on_another_route_or_method_
     let mut other_route = anonymous(http::Method::POST, "/other", "k1", "same");
     other_route.headers_mut().insert("x-api-key", http::HeaderValue::from_static("tenant-a"));
     let g = send(&router, other_route).await;
-    assert_eq!((g.status, problem_type(&g).ends_with("idempotency-key-reused")), (StatusCode::UNPROCESSABLE_ENTITY, true));
+    assert_eq!(
+        (g.status, problem_type(&g).ends_with("idempotency-key-reused")),
+        (StatusCode::UNPROCESSABLE_ENTITY, true)
+    );
     let mut other_method = anonymous(http::Method::PATCH, "/things", "k1", "same");
     other_method.headers_mut().insert("x-api-key", http::HeaderValue::from_static("tenant-a"));
     assert_eq!(send(&router, other_method).await.status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -558,7 +612,10 @@ async fn other_methods_pass_through_and_a_key_reused_on_another_route_or_method_
     let mut other_query = anonymous(http::Method::POST, "/things?units=50", "k2", "same");
     other_query.headers_mut().insert("x-api-key", http::HeaderValue::from_static("tenant-a"));
     let g = send(&router, other_query).await;
-    assert_eq!((g.status, problem_type(&g).ends_with("idempotency-key-reused")), (StatusCode::UNPROCESSABLE_ENTITY, true));
+    assert_eq!(
+        (g.status, problem_type(&g).ends_with("idempotency-key-reused")),
+        (StatusCode::UNPROCESSABLE_ENTITY, true)
+    );
     let mut same_query = anonymous(http::Method::POST, "/things?units=5", "k2", "same");
     same_query.headers_mut().insert("x-api-key", http::HeaderValue::from_static("tenant-a"));
     let g = send(&router, same_query).await;
@@ -612,16 +669,21 @@ async fn expired_http_keys_are_cleaned_up_live_ones_kept_and_each_run_audited() 
     assert_eq!(send(&expired, req(Some("old"), "a")).await.status, StatusCode::CREATED);
     assert_eq!(send(&live, req(Some("new"), "a")).await.status, StatusCode::CREATED);
     let keys = || async {
-        sqlx::query_scalar::<_, String>("SELECT key FROM oncely.ledger WHERE namespace = 'http' ORDER BY key").fetch_all(pool).await.unwrap()
+        sqlx::query_scalar::<_, String>("SELECT key FROM oncely.ledger WHERE namespace = 'http' ORDER BY key")
+            .fetch_all(pool)
+            .await
+            .unwrap()
     };
     assert_eq!(keys().await.len(), 2);
 
     let cleanup = store.spawn_cleanup(Duration::from_millis(50));
     let deleted: i64 = eventually(Duration::from_secs(10), "an audited cleanup run", || async {
-        sqlx::query_scalar("SELECT deleted FROM oncely.maintenance_runs WHERE task = 'ledger_cleanup' ORDER BY id LIMIT 1")
-            .fetch_optional(pool)
-            .await
-            .unwrap()
+        sqlx::query_scalar(
+            "SELECT deleted FROM oncely.maintenance_runs WHERE task = 'ledger_cleanup' ORDER BY id LIMIT 1",
+        )
+        .fetch_optional(pool)
+        .await
+        .unwrap()
     })
     .await;
     cleanup.abort();
@@ -648,7 +710,10 @@ async fn a_handler_running_longer_than_the_lease_keeps_its_key_and_runs_once() {
             async move { send(&app, req(Some("slow"), "a")).await }
         });
         let r = runs.clone();
-        eventually(Duration::from_secs(5), "the first request's handler to start", || async { (r.load(Ordering::SeqCst) == 1).then_some(()) }).await;
+        eventually(Duration::from_secs(5), "the first request's handler to start", || async {
+            (r.load(Ordering::SeqCst) == 1).then_some(())
+        })
+        .await;
         let mut late_duplicates = 0;
         while !first.is_finished() {
             let dup = send(&app, req(Some("slow"), "a")).await;

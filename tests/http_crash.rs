@@ -41,11 +41,7 @@ fn authorization_scope() -> String {
 
 /// The child's handler: record that it started, then hang until the process is killed.
 async fn hang(State(pool): State<PgPool>) -> StatusCode {
-    sqlx::query("INSERT INTO started (pid) VALUES ($1)")
-        .bind(std::process::id() as i32)
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query("INSERT INTO started (pid) VALUES ($1)").bind(std::process::id() as i32).execute(&pool).await.unwrap();
     std::future::pending::<StatusCode>().await
 }
 
@@ -176,7 +172,11 @@ async fn a_request_in_progress_when_its_process_is_killed_runs_again_after_the_l
     init_tracing();
     let db = TestDb::new().await;
     let pool = db.pool();
-    for ddl in ["CREATE TABLE started (pid int)", "CREATE TABLE child_port (port int)", "CREATE TABLE orders (id bigserial, body text)"] {
+    for ddl in [
+        "CREATE TABLE started (pid int)",
+        "CREATE TABLE child_port (port int)",
+        "CREATE TABLE orders (id bigserial, body text)",
+    ] {
         sqlx::query(ddl).execute(pool).await.unwrap();
     }
 
@@ -196,11 +196,12 @@ async fn a_request_in_progress_when_its_process_is_killed_runs_again_after_the_l
     assert_eq!(pid as u32, child.id().unwrap());
     // The layer claimed the key before the handler ran: the only record in the `http` namespace.
     // (How the layer spells scope and key into the ledger key is its business: read it back.)
-    let mut records: Vec<LedgerRecord> =
-        sqlx::query_as("SELECT key, state, attempt, owner, fingerprint, lease_expires_at FROM oncely.ledger WHERE namespace = 'http'")
-            .fetch_all(pool)
-            .await
-            .unwrap();
+    let mut records: Vec<LedgerRecord> = sqlx::query_as(
+        "SELECT key, state, attempt, owner, fingerprint, lease_expires_at FROM oncely.ledger WHERE namespace = 'http'",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
     assert_eq!(records.len(), 1, "{records:?}");
     let LedgerRecord { key, state, attempt, owner, fingerprint: fp, lease_expires_at } = records.remove(0);
     assert!(key.contains(&authorization_scope()) && key.ends_with(KEY), "{key}");
@@ -212,25 +213,39 @@ async fn a_request_in_progress_when_its_process_is_killed_runs_again_after_the_l
     let status = child.wait().await.unwrap();
     assert!(!status.success(), "{status:?}");
     let killed_at = Instant::now();
-    let answer = tokio::time::timeout(Duration::from_secs(10), client).await.expect("the client's connection ends").unwrap();
+    let answer =
+        tokio::time::timeout(Duration::from_secs(10), client).await.expect("the client's connection ends").unwrap();
     assert!(answer.is_empty(), "the client got an answer: {:?}", String::from_utf8_lossy(&answer));
 
     // The dead process's claim still holds the key.
     let (state_after, owner_after): (String, String) =
-        sqlx::query_as("SELECT state, owner FROM oncely.ledger WHERE namespace = 'http' AND key = $1").bind(&key).fetch_one(pool).await.unwrap();
+        sqlx::query_as("SELECT state, owner FROM oncely.ledger WHERE namespace = 'http' AND key = $1")
+            .bind(&key)
+            .fetch_one(pool)
+            .await
+            .unwrap();
     assert_eq!((state_after.as_str(), owner_after.as_str()), ("in_progress", owner.as_str()));
 
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let app = Router::new()
-        .route(PATH, post(create_order))
-        .layer(layer(pool.clone()))
-        .with_state(Parent { pool: pool.clone(), ledger_key: key.clone(), seen: seen.clone() });
+    let app = Router::new().route(PATH, post(create_order)).layer(layer(pool.clone())).with_state(Parent {
+        pool: pool.clone(),
+        ledger_key: key.clone(),
+        seen: seen.clone(),
+    });
     let app = &app;
 
     // Right after the kill: busy, until the dead claim's lease ends.
-    let lease_left: f64 = sqlx::query_scalar("SELECT extract(epoch FROM $1 - now())::float8").bind(lease_expires_at).fetch_one(pool).await.unwrap();
+    let lease_left: f64 = sqlx::query_scalar("SELECT extract(epoch FROM $1 - now())::float8")
+        .bind(lease_expires_at)
+        .fetch_one(pool)
+        .await
+        .unwrap();
     let first = send(app).await;
-    assert_eq!(first.status, StatusCode::CONFLICT, "right after the kill ({lease_left:.3} s of lease left before the request)");
+    assert_eq!(
+        first.status,
+        StatusCode::CONFLICT,
+        "right after the kill ({lease_left:.3} s of lease left before the request)"
+    );
     assert_busy(&first);
 
     let busy = std::cell::Cell::new(1);
@@ -251,18 +266,30 @@ async fn a_request_in_progress_when_its_process_is_killed_runs_again_after_the_l
 
     // Not before the lease allowed: the database's clock is past the dead claim's lease, and the
     // retry's claim itself was made no earlier than that.
-    let after_lease: bool = sqlx::query_scalar("SELECT now() >= $1").bind(lease_expires_at).fetch_one(pool).await.unwrap();
+    let after_lease: bool =
+        sqlx::query_scalar("SELECT now() >= $1").bind(lease_expires_at).fetch_one(pool).await.unwrap();
     assert!(after_lease);
     let runs = seen.lock().unwrap().clone();
     assert_eq!(runs.len(), 1, "{runs:?}");
     let run = &runs[0];
     assert_eq!(run.attempt, 2, "the retry took the key over: {run:?}");
     assert_eq!(run.previous_owner.as_deref(), Some(owner.as_str()), "taken over from the dead process's claim");
-    assert!(run.claimed_at >= lease_expires_at, "claimed at {} before the dead claim's lease ended at {lease_expires_at}", run.claimed_at);
+    assert!(
+        run.claimed_at >= lease_expires_at,
+        "claimed at {} before the dead claim's lease ended at {lease_expires_at}",
+        run.claimed_at
+    );
     let (state, attempt): (String, i32) =
-        sqlx::query_as("SELECT state, attempt FROM oncely.ledger WHERE namespace = 'http' AND key = $1").bind(&key).fetch_one(pool).await.unwrap();
+        sqlx::query_as("SELECT state, attempt FROM oncely.ledger WHERE namespace = 'http' AND key = $1")
+            .bind(&key)
+            .fetch_one(pool)
+            .await
+            .unwrap();
     assert_eq!((state.as_str(), attempt), ("completed", 2));
-    let http_records: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.ledger WHERE namespace = 'http'").fetch_one(pool).await.unwrap();
+    let http_records: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.ledger WHERE namespace = 'http'")
+        .fetch_one(pool)
+        .await
+        .unwrap();
     assert_eq!(http_records, 1);
 
     // A further retry replays the stored response; the handler does not run again.

@@ -39,7 +39,10 @@ async fn twenty_concurrent_deliveries_of_one_event_are_accepted_once_with_one_jo
     let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.jobs").fetch_one(db.pool()).await.unwrap();
     assert_eq!(jobs, 1);
     let (payload, job_id): (serde_json::Value, i64) =
-        sqlx::query_as("SELECT payload, job_id FROM oncely.inbox WHERE source = 'stripe'").fetch_one(db.pool()).await.unwrap();
+        sqlx::query_as("SELECT payload, job_id FROM oncely.inbox WHERE source = 'stripe'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
     assert_eq!((payload, job_id), (body, new[0].job().0));
 
     // The job runs once; a later resend is still a duplicate and enqueues nothing.
@@ -57,9 +60,15 @@ async fn twenty_concurrent_deliveries_of_one_event_are_accepted_once_with_one_jo
         .unwrap()
         .start();
     wait_all_finished(db.pool(), Duration::from_secs(20)).await;
-    let again = accept(db.pool(), "stripe", "evt_1NG8Du2eZvKYlo2CUI79vXWy", &serde_json::json!({}), NewJob::new(&HandleStripeEvent { id: "x".into() }).unwrap())
-        .await
-        .unwrap();
+    let again = accept(
+        db.pool(),
+        "stripe",
+        "evt_1NG8Du2eZvKYlo2CUI79vXWy",
+        &serde_json::json!({}),
+        NewJob::new(&HandleStripeEvent { id: "x".into() }).unwrap(),
+    )
+    .await
+    .unwrap();
     assert_eq!(again, Accepted::Duplicate { job: new[0].job() });
     wait_all_finished(db.pool(), Duration::from_secs(5)).await;
     h.shutdown().await;
@@ -91,7 +100,10 @@ async fn acceptance_rolls_back_with_the_callers_transaction_and_sources_are_sepa
     assert!(accept(pool, "github", "e1", &serde_json::json!({}), job()).await.unwrap().is_new(), "another source");
 
     for (source, id) in [("", "e2"), ("stripe", "")] {
-        assert!(matches!(accept(pool, source, id, &serde_json::json!({}), job()).await, Err(oncely::Error::InvalidInput(_))));
+        assert!(matches!(
+            accept(pool, source, id, &serde_json::json!({}), job()).await,
+            Err(oncely::Error::InvalidInput(_))
+        ));
     }
     assert!(matches!(
         accept(pool, "stripe", "e3", &serde_json::json!({}), job().unique_key("k")).await,

@@ -67,7 +67,10 @@ async fn the_pipeline_counts_usage_exactly_once_through_repeated_sigkills() {
             }
             continue;
         }
-        eventually(Duration::from_secs(120), "every job to finish", || async { (unfinished(pool).await == 0).then_some(()) }).await;
+        eventually(Duration::from_secs(120), "every job to finish", || async {
+            (unfinished(pool).await == 0).then_some(())
+        })
+        .await;
         child.start_kill().unwrap();
         child.wait().await.unwrap();
         break;
@@ -96,5 +99,8 @@ async fn ready(pool: &sqlx::PgPool) -> i64 {
 }
 
 async fn unfinished(pool: &sqlx::PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE state IN ('available', 'running')").fetch_one(pool).await.unwrap()
+    sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE state IN ('available', 'running')")
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }

@@ -221,9 +221,14 @@ async fn claims_follow_priority_then_run_at_and_skip_future_jobs() {
 async fn a_large_batch_goes_through_copy_in_order_with_awkward_arguments_intact() {
     let db = TestDb::new().await;
     let pool = db.pool();
-    let awkward = serde_json::json!({"text": "tab\there\nnew line\\back\\slash \"quoted\" caf\u{e9} \u{1F600}", "n": null});
+    let awkward =
+        serde_json::json!({"text": "tab\there\nnew line\\back\\slash \"quoted\" caf\u{e9} \u{1F600}", "n": null});
     let jobs: Vec<NewJob> = (0..5_000)
-        .map(|n| NewJob::from_json("copy_me", serde_json::json!({"n": n, "awkward": awkward})).queue(if n % 2 == 0 { "even" } else { "odd" }).priority((n % 3) as i16))
+        .map(|n| {
+            NewJob::from_json("copy_me", serde_json::json!({"n": n, "awkward": awkward}))
+                .queue(if n % 2 == 0 { "even" } else { "odd" })
+                .priority((n % 3) as i16)
+        })
         .collect();
     let mut tx = pool.begin().await.unwrap();
     let out = enqueue_many(&mut *tx, &jobs).await.unwrap();

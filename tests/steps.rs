@@ -51,7 +51,10 @@ fn report_handler(model_calls: Arc<AtomicU32>) -> impl oncely::Handler<Report> {
                 .key(format!("usage:report:{}", r.report_id))
                 .transactional(|tx| {
                     Box::pin(async move {
-                        sqlx::query("UPDATE usage SET tokens = tokens + $1 WHERE user_id = 1").bind(tokens).execute(&mut *tx).await?;
+                        sqlx::query("UPDATE usage SET tokens = tokens + $1 WHERE user_id = 1")
+                            .bind(tokens)
+                            .execute(&mut *tx)
+                            .await?;
                         Ok::<_, sqlx::Error>(tokens)
                     })
                 })
@@ -72,7 +75,12 @@ async fn a_job_failing_after_its_increment_retries_and_counts_usage_once() {
     usage_table(db.pool()).await;
     let id = enqueue(db.pool(), NewJob::new(&Report { report_id: 7, fail_until: 5 }).unwrap()).await.unwrap().id;
     let calls = Arc::new(AtomicU32::new(0));
-    let h = builder(db.new_pool(5).await).register(report_handler(calls.clone())).queue("default", 2).build().unwrap().start();
+    let h = builder(db.new_pool(5).await)
+        .register(report_handler(calls.clone()))
+        .queue("default", 2)
+        .build()
+        .unwrap()
+        .start();
     wait_all_finished(db.pool(), Duration::from_secs(30)).await;
     h.shutdown().await;
 
@@ -94,12 +102,18 @@ async fn two_jobs_for_the_same_report_increment_once_and_see_the_same_output() {
     ];
     let ids = enqueue_many(db.pool(), &jobs).await.unwrap();
     let calls = Arc::new(AtomicU32::new(0));
-    let h = builder(db.new_pool(5).await).register(report_handler(calls.clone())).queue("default", 2).build().unwrap().start();
+    let h = builder(db.new_pool(5).await)
+        .register(report_handler(calls.clone()))
+        .queue("default", 2)
+        .build()
+        .unwrap()
+        .start();
     wait_all_finished(db.pool(), Duration::from_secs(30)).await;
     h.shutdown().await;
 
     assert_eq!(usage(db.pool()).await, 1009, "one increment for one report");
-    let seen: Vec<(i64, i64)> = sqlx::query_as("SELECT job_id, output FROM seen ORDER BY job_id").fetch_all(db.pool()).await.unwrap();
+    let seen: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT job_id, output FROM seen ORDER BY job_id").fetch_all(db.pool()).await.unwrap();
     assert_eq!(seen, vec![(ids[0].id.0, 1009), (ids[1].id.0, 1009)]);
     for e in ids {
         assert_eq!(get_job(db.pool(), e.id).await.unwrap().state, JobState::Completed);
@@ -124,9 +138,11 @@ async fn one_step_key_claimed_from_ten_connections_makes_one_effect_and_ten_iden
                     .key("usage:report:42")
                     .transactional(|tx| {
                         Box::pin(async move {
-                            let total: i64 = sqlx::query_scalar("UPDATE usage SET tokens = tokens + 500 WHERE user_id = 1 RETURNING tokens")
-                                .fetch_one(&mut *tx)
-                                .await?;
+                            let total: i64 = sqlx::query_scalar(
+                                "UPDATE usage SET tokens = tokens + 500 WHERE user_id = 1 RETURNING tokens",
+                            )
+                            .fetch_one(&mut *tx)
+                            .await?;
                             // Hold the transaction open a moment so the others pile up on the key.
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             Ok::<_, sqlx::Error>(format!("counted:{total}:by:{}", 100 + i))
@@ -199,7 +215,8 @@ async fn concurrent_duplicates_that_wait_all_get_the_first_calls_result() {
             })
         })
         .collect();
-    let results: Vec<String> = futures::future::join_all(tasks).await.into_iter().map(|r| r.unwrap().unwrap()).collect();
+    let results: Vec<String> =
+        futures::future::join_all(tasks).await.into_iter().map(|r| r.unwrap().unwrap()).collect();
     assert_eq!(runs.load(Ordering::SeqCst), 1, "one call ran");
     assert!(results.iter().all(|r| r == &results[0]), "every caller got the first call's result: {results:?}");
 }
@@ -210,9 +227,17 @@ async fn concurrent_duplicates_that_wait_all_get_the_first_calls_result() {
 async fn with_idempotency_runs_again_after_a_crashed_call_however_old() {
     let db = TestDb::new().await;
     let pool = db.pool();
-    claim_record(pool, oncely::core::IDEMPOTENCY_NAMESPACE, "export:7", Duration::ZERO, Some(Duration::from_secs(7 * 24 * 3600))).await;
+    claim_record(
+        pool,
+        oncely::core::IDEMPOTENCY_NAMESPACE,
+        "export:7",
+        Duration::ZERO,
+        Some(Duration::from_secs(7 * 24 * 3600)),
+    )
+    .await;
     sqlx::query("UPDATE oncely.ledger SET created_at = now() - interval '25 hours'").execute(pool).await.unwrap();
-    let out = with_idempotency(pool, "export:7", Duration::from_secs(3600), || async { Ok::<_, std::io::Error>(7) }).await;
+    let out =
+        with_idempotency(pool, "export:7", Duration::from_secs(3600), || async { Ok::<_, std::io::Error>(7) }).await;
     assert_eq!(out.unwrap(), 7);
 }
 
@@ -224,21 +249,29 @@ async fn idempotent_checks_fingerprints_and_can_keep_a_record_forever() {
     let pool = db.pool();
     let call = |fp: &'static str, out: &'static str| {
         // `Duration::MAX`: wait as long as it takes (nothing else holds the key here).
-        oncely::core::idempotent(pool, "settle:req-1").fingerprint(fp).keep_forever().wait(Duration::MAX).run(move || async move {
-            Ok::<_, std::io::Error>(out.to_string())
-        })
+        oncely::core::idempotent(pool, "settle:req-1")
+            .fingerprint(fp)
+            .keep_forever()
+            .wait(Duration::MAX)
+            .run(move || async move { Ok::<_, std::io::Error>(out.to_string()) })
     };
     assert_eq!(call("units=5", "first").await.unwrap(), "first");
     assert_eq!(call("units=5", "second").await.unwrap(), "first", "same call: replayed");
-    assert!(matches!(call("units=50", "third").await, Err(StepError::Mismatch { .. })), "same key, other call: refused");
+    assert!(
+        matches!(call("units=50", "third").await, Err(StepError::Mismatch { .. })),
+        "same key, other call: refused"
+    );
     let expires: Option<chrono::DateTime<chrono::Utc>> =
-        sqlx::query_scalar("SELECT expires_at FROM oncely.ledger WHERE key = 'settle:req-1'").fetch_one(pool).await.unwrap();
+        sqlx::query_scalar("SELECT expires_at FROM oncely.ledger WHERE key = 'settle:req-1'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
     assert_eq!(expires, None, "kept forever");
     // The same in a transaction, with the default TTL of a day.
     let tx_call = |fp: &'static str| {
-        oncely::core::idempotent(pool, "settle:req-2").fingerprint(fp).run_tx(|tx| {
-            Box::pin(async move { sqlx::query_scalar::<_, i32>("SELECT 7").fetch_one(&mut *tx).await })
-        })
+        oncely::core::idempotent(pool, "settle:req-2")
+            .fingerprint(fp)
+            .run_tx(|tx| Box::pin(async move { sqlx::query_scalar::<_, i32>("SELECT 7").fetch_one(&mut *tx).await }))
     };
     assert_eq!(tx_call("a").await.unwrap(), 7);
     assert!(matches!(tx_call("b").await, Err(StepError::Mismatch { .. })));
@@ -256,10 +289,12 @@ async fn with_idempotency_runs_first_replays_second_and_runs_again_after_expiry(
     let db = TestDb::new().await;
     let pool = db.pool();
     let runs = AtomicU32::new(0);
-    let call = || with_idempotency(pool, "provision:project-1", Duration::from_secs(3600), || async {
-        let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
-        Ok::<_, std::io::Error>(format!("project-1 v{n}"))
-    });
+    let call = || {
+        with_idempotency(pool, "provision:project-1", Duration::from_secs(3600), || async {
+            let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok::<_, std::io::Error>(format!("project-1 v{n}"))
+        })
+    };
     assert_eq!(call().await.unwrap(), "project-1 v1");
     assert_eq!(call().await.unwrap(), "project-1 v1", "replayed, not run");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
@@ -275,9 +310,11 @@ async fn with_idempotency_runs_first_replays_second_and_runs_again_after_expiry(
     })
     .await;
     assert!(matches!(failed, Err(StepError::Failed { .. })));
-    let ok = with_idempotency(pool, "create_key:req-9", Duration::from_secs(300), || async { Ok::<_, std::io::Error>("key_1".to_string()) })
-        .await
-        .unwrap();
+    let ok = with_idempotency(pool, "create_key:req-9", Duration::from_secs(300), || async {
+        Ok::<_, std::io::Error>("key_1".to_string())
+    })
+    .await
+    .unwrap();
     assert_eq!(ok, "key_1");
 }
 
@@ -289,9 +326,10 @@ async fn with_idempotency_tx_commits_effect_and_record_together() {
     let add = |fail: bool| {
         with_idempotency_tx(pool, "settle:invoice-3", Duration::from_secs(3600), move |tx| {
             Box::pin(async move {
-                let t: i64 = sqlx::query_scalar("UPDATE usage SET tokens = tokens + 10 WHERE user_id = 1 RETURNING tokens")
-                    .fetch_one(&mut *tx)
-                    .await?;
+                let t: i64 =
+                    sqlx::query_scalar("UPDATE usage SET tokens = tokens + 10 WHERE user_id = 1 RETURNING tokens")
+                        .fetch_one(&mut *tx)
+                        .await?;
                 if fail {
                     return Err(sqlx::Error::Protocol("failed after the write".into()));
                 }
@@ -320,16 +358,22 @@ async fn ledger_claims_take_over_expired_leases_and_fence_the_old_holder() {
         now: None,
         read_first: false,
     };
-    let Claimed::Run { attempt: a1, took_over_from: None, .. } = ledger::claim(&mut conn, &key, &opts("a", Some("fp"))).await.unwrap() else {
+    let Claimed::Run { attempt: a1, took_over_from: None, .. } =
+        ledger::claim(&mut conn, &key, &opts("a", Some("fp"))).await.unwrap()
+    else {
         panic!("first claim runs")
     };
-    assert!(matches!(ledger::claim(&mut conn, &key, &opts("b", Some("fp"))).await.unwrap(), Claimed::Busy { retry_after } if retry_after > Duration::from_secs(25)));
+    assert!(
+        matches!(ledger::claim(&mut conn, &key, &opts("b", Some("fp"))).await.unwrap(), Claimed::Busy { retry_after } if retry_after > Duration::from_secs(25))
+    );
     assert_eq!(ledger::claim(&mut conn, &key, &opts("b", Some("other"))).await.unwrap(), Claimed::Mismatch);
 
     // A's lease runs out (injected clock: 31 s later); B takes over; A's late write is refused.
     let later = opts("b", Some("fp"));
     let later = ClaimOptions { now: Some(chrono::Utc::now() + chrono::Duration::seconds(31)), ..later };
-    let Claimed::Run { attempt: a2, took_over_from, intent_age } = ledger::claim(&mut conn, &key, &later).await.unwrap() else {
+    let Claimed::Run { attempt: a2, took_over_from, intent_age } =
+        ledger::claim(&mut conn, &key, &later).await.unwrap()
+    else {
         panic!("takeover")
     };
     assert_eq!((a2, took_over_from.as_deref()), (a1 + 1, Some("a")));
@@ -337,7 +381,10 @@ async fn ledger_claims_take_over_expired_leases_and_fence_the_old_holder() {
     let late = ledger::complete(&mut *conn, &key, a1, &serde_json::json!("from a"), None).await;
     assert!(matches!(late, Err(oncely::Error::LedgerClaimLost { .. })));
     ledger::complete(&mut *conn, &key, a2, &serde_json::json!("from b"), None).await.unwrap();
-    assert_eq!(ledger::claim(&mut conn, &key, &opts("c", Some("fp"))).await.unwrap(), Claimed::Completed(serde_json::json!("from b")));
+    assert_eq!(
+        ledger::claim(&mut conn, &key, &opts("c", Some("fp"))).await.unwrap(),
+        Claimed::Completed(serde_json::json!("from b"))
+    );
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -349,8 +396,10 @@ impl JobArgs for Looper {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_step_name_used_twice_fails_the_job_and_explicit_keys_make_loops_work() {
     let db = TestDb::new().await;
-    let bad = enqueue(db.pool(), NewJob::from_json(Looper::KIND, serde_json::json!(null)).queue("bad")).await.unwrap().id;
-    let good = enqueue(db.pool(), NewJob::from_json(Looper::KIND, serde_json::json!(null)).queue("good")).await.unwrap().id;
+    let bad =
+        enqueue(db.pool(), NewJob::from_json(Looper::KIND, serde_json::json!(null)).queue("bad")).await.unwrap().id;
+    let good =
+        enqueue(db.pool(), NewJob::from_json(Looper::KIND, serde_json::json!(null)).queue("good")).await.unwrap().id;
     let h = builder(db.new_pool(5).await)
         .register(handler_fn(|ctx, _: Looper| async move {
             let explicit = ctx.queue() == "good";
@@ -392,7 +441,8 @@ async fn ledger_cleanup_deletes_expired_records_keeps_live_ones_and_audits_the_r
     assert_eq!(removed, 20, "deleted in batches of 7 until none were left");
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.ledger").fetch_one(pool).await.unwrap();
     assert_eq!(left, 5);
-    let audit: Vec<(String, i64)> = sqlx::query_as("SELECT task, deleted FROM oncely.maintenance_runs").fetch_all(pool).await.unwrap();
+    let audit: Vec<(String, i64)> =
+        sqlx::query_as("SELECT task, deleted FROM oncely.maintenance_runs").fetch_all(pool).await.unwrap();
     assert_eq!(audit, vec![("ledger_cleanup".to_string(), 20)]);
 }
 
@@ -401,10 +451,15 @@ async fn the_maintenance_leader_deletes_expired_keys_and_audits_each_run() {
     let db = TestDb::new().await;
     let pool = db.pool();
     for i in 0..3 {
-        with_idempotency(pool, &format!("old{i}"), Duration::from_secs(3600), || async { Ok::<_, std::io::Error>(i) }).await.unwrap();
+        with_idempotency(pool, &format!("old{i}"), Duration::from_secs(3600), || async { Ok::<_, std::io::Error>(i) })
+            .await
+            .unwrap();
     }
     with_idempotency(pool, "live", Duration::from_secs(3600), || async { Ok::<_, std::io::Error>(9) }).await.unwrap();
-    sqlx::query("UPDATE oncely.ledger SET expires_at = now() - interval '1 second' WHERE key LIKE 'old%'").execute(pool).await.unwrap();
+    sqlx::query("UPDATE oncely.ledger SET expires_at = now() - interval '1 second' WHERE key LIKE 'old%'")
+        .execute(pool)
+        .await
+        .unwrap();
     let h = builder(db.new_pool(5).await)
         .register(handler_fn(|_ctx, _: Looper| async move { Ok(()) }))
         .queue("default", 1)
@@ -434,7 +489,9 @@ async fn cleanup_is_scheduled_from_the_last_audited_run_not_from_process_start()
     let db = TestDb::new().await;
     let pool = db.pool();
     for i in 0..3 {
-        with_idempotency(pool, &format!("old{i}"), Duration::from_secs(3600), || async { Ok::<_, std::io::Error>(i) }).await.unwrap();
+        with_idempotency(pool, &format!("old{i}"), Duration::from_secs(3600), || async { Ok::<_, std::io::Error>(i) })
+            .await
+            .unwrap();
     }
     sqlx::query("UPDATE oncely.ledger SET expires_at = now() - interval '1 second'").execute(pool).await.unwrap();
     sqlx::query(
@@ -460,10 +517,12 @@ async fn cleanup_is_scheduled_from_the_last_audited_run_not_from_process_start()
     };
     let first = worker("first");
     let deleted: i64 = eventually(Duration::from_secs(10), "a cleanup run by the new worker", || async {
-        sqlx::query_scalar("SELECT deleted FROM oncely.maintenance_runs WHERE task = 'ledger_cleanup' AND worker_id = 'first'")
-            .fetch_optional(pool)
-            .await
-            .unwrap()
+        sqlx::query_scalar(
+            "SELECT deleted FROM oncely.maintenance_runs WHERE task = 'ledger_cleanup' AND worker_id = 'first'",
+        )
+        .fetch_optional(pool)
+        .await
+        .unwrap()
     })
     .await;
     assert_eq!(deleted, 3);
@@ -473,16 +532,21 @@ async fn cleanup_is_scheduled_from_the_last_audited_run_not_from_process_start()
     // Wait for the second worker to lead maintenance (it records prune runs), then check that it
     // did not clean up again.
     eventually(Duration::from_secs(10), "the second worker's maintenance runs", || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.maintenance_runs WHERE task = 'prune' AND worker_id = 'second'")
-            .fetch_one(pool)
-            .await
-            .unwrap();
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM oncely.maintenance_runs WHERE task = 'prune' AND worker_id = 'second'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
         (n >= 2).then_some(())
     })
     .await;
     second.shutdown().await;
     let cleanups: Vec<String> =
-        sqlx::query_scalar("SELECT worker_id FROM oncely.maintenance_runs WHERE task = 'ledger_cleanup' ORDER BY id").fetch_all(pool).await.unwrap();
+        sqlx::query_scalar("SELECT worker_id FROM oncely.maintenance_runs WHERE task = 'ledger_cleanup' ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
     assert_eq!(cleanups, vec!["gone".to_string(), "first".to_string()]);
 }
 
@@ -509,10 +573,12 @@ async fn a_maintenance_task_running_elsewhere_is_not_run_again() {
     assert_eq!(runs.load(Ordering::SeqCst), 0, "not run while held elsewhere");
     assert!(wait > Duration::ZERO && wait <= Duration::from_secs(60), "{wait:?}");
     // The other runner records its run and lets go: now it is not due for an hour.
-    sqlx::query("INSERT INTO oncely.maintenance_runs (task, worker_id, started_at) VALUES ('ledger_cleanup', 'other', now())")
-        .execute(&mut *other)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO oncely.maintenance_runs (task, worker_id, started_at) VALUES ('ledger_cleanup', 'other', now())",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
     other.commit().await.unwrap();
     let wait = run_if_due(pool, "ledger_cleanup", Duration::from_secs(3600), Some("me"), work).await.unwrap();
     assert_eq!(runs.load(Ordering::SeqCst), 0, "just run elsewhere");
@@ -520,7 +586,10 @@ async fn a_maintenance_task_running_elsewhere_is_not_run_again() {
     // With a short interval it is due, runs once and is recorded.
     let wait = run_if_due(pool, "ledger_cleanup", Duration::ZERO, Some("me"), work).await.unwrap();
     assert_eq!((runs.load(Ordering::SeqCst), wait), (1, Duration::ZERO));
-    let mine: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.maintenance_runs WHERE worker_id = 'me'").fetch_one(pool).await.unwrap();
+    let mine: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.maintenance_runs WHERE worker_id = 'me'")
+        .fetch_one(pool)
+        .await
+        .unwrap();
     assert_eq!(mine, 1);
 }
 
@@ -571,6 +640,7 @@ async fn a_step_running_longer_than_its_lease_is_not_taken_over_by_a_duplicate()
     let outputs: Vec<i64> = sqlx::query_scalar("SELECT n FROM outputs").fetch_all(db.pool()).await.unwrap();
     assert_eq!(outputs.len(), 2);
     assert_eq!(outputs[0], outputs[1], "both jobs got the one call's output");
-    let snoozed: i64 = sqlx::query_scalar("SELECT max(snoozes)::bigint FROM oncely.jobs").fetch_one(db.pool()).await.unwrap();
+    let snoozed: i64 =
+        sqlx::query_scalar("SELECT max(snoozes)::bigint FROM oncely.jobs").fetch_one(db.pool()).await.unwrap();
     assert!(snoozed >= 1, "the duplicate waited while the call ran");
 }

@@ -69,12 +69,7 @@ fn local_delivery(config: DeliveryConfig) -> WebhookDelivery {
 }
 
 fn delivery_worker(pool: PgPool, config: DeliveryConfig) -> oncely::WorkerHandle {
-    builder(pool)
-        .register(local_delivery(config))
-        .queue(DEFAULT_DELIVERY_QUEUE, 16)
-        .build()
-        .unwrap()
-        .start()
+    builder(pool).register(local_delivery(config)).queue(DEFAULT_DELIVERY_QUEUE, 16).build().unwrap().start()
 }
 
 async fn wait_delivered(pool: &PgPool, n: usize) {
@@ -96,11 +91,13 @@ async fn an_event_exists_if_and_only_if_its_transaction_commits() {
     create_endpoint(pool, &NewEndpoint::new(rx.url("other"), ["invoice.paid"])).await.unwrap();
 
     let mut tx = pool.begin().await.unwrap();
-    let rolled_back = publish(&mut *tx, &Event::new("order.created", &serde_json::json!({"n": 1})).unwrap()).await.unwrap();
+    let rolled_back =
+        publish(&mut *tx, &Event::new("order.created", &serde_json::json!({"n": 1})).unwrap()).await.unwrap();
     assert_eq!(rolled_back.deliveries, 1);
     tx.rollback().await.unwrap();
     let mut tx = pool.begin().await.unwrap();
-    let committed = publish(&mut *tx, &Event::new("order.created", &serde_json::json!({"n": 2})).unwrap()).await.unwrap();
+    let committed =
+        publish(&mut *tx, &Event::new("order.created", &serde_json::json!({"n": 2})).unwrap()).await.unwrap();
     tx.commit().await.unwrap();
 
     let h = delivery_worker(db.new_pool(4).await, fast_delivery());
@@ -178,7 +175,8 @@ async fn with_a_receiver_failing_at_random_every_event_arrives_signed_with_a_sta
     assert!(retried > 0);
 
     // The record matches what the receiver saw.
-    let deliveries = list_deliveries(pool, &DeliveryFilter { limit: Some(10_000), ..Default::default() }).await.unwrap();
+    let deliveries =
+        list_deliveries(pool, &DeliveryFilter { limit: Some(10_000), ..Default::default() }).await.unwrap();
     for d in &deliveries {
         let endpoint = if d.endpoint_id == a.id { "a" } else { "b" };
         assert_eq!(d.attempts as usize, per_delivery[&(endpoint.to_owned(), d.message_id.clone())].len());
@@ -325,7 +323,8 @@ async fn ordered_delivery_keeps_order_per_key_under_failures() {
     init_tracing();
     let db = TestDb::new().await;
     let pool = db.pool();
-    let rx = Receiver::start(|_| if rand::rng().random_bool(0.35) { Reply::Status(500) } else { Reply::Status(200) }).await;
+    let rx =
+        Receiver::start(|_| if rand::rng().random_bool(0.35) { Reply::Status(500) } else { Reply::Status(200) }).await;
     create_endpoint(pool, &NewEndpoint::new(rx.url("ordered"), ["*"]).ordered(true)).await.unwrap();
     let mut expected: HashMap<&str, Vec<String>> = HashMap::new();
     for i in 0..40 {
@@ -353,7 +352,11 @@ async fn an_endpoint_failing_past_the_limit_is_disabled_and_its_deliveries_can_b
     let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let f = fail.clone();
     let rx = Receiver::start(move |_| {
-        if f.load(std::sync::atomic::Ordering::SeqCst) { Reply::Status(500) } else { Reply::Status(200) }
+        if f.load(std::sync::atomic::Ordering::SeqCst) {
+            Reply::Status(500)
+        } else {
+            Reply::Status(200)
+        }
     })
     .await;
     let ep = create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
@@ -426,7 +429,10 @@ async fn bad_input_gets_typed_errors_and_writes_nothing() {
     for bad in [NewEndpoint::new("ftp://x/y", ["t"]), NewEndpoint::new("http://x/", Vec::<String>::new())] {
         assert!(matches!(create_endpoint(pool, &bad).await, Err(oncely::Error::InvalidInput(_))));
     }
-    assert!(matches!(publish(pool, &Event::from_json("", serde_json::json!(1))).await, Err(oncely::Error::InvalidInput(_))));
+    assert!(matches!(
+        publish(pool, &Event::from_json("", serde_json::json!(1))).await,
+        Err(oncely::Error::InvalidInput(_))
+    ));
     assert!(matches!(
         get_endpoint(pool, webhook::EndpointId(999)).await,
         Err(oncely::Error::NotFound { what: "webhook endpoint", id: 999 })
@@ -435,10 +441,12 @@ async fn bad_input_gets_typed_errors_and_writes_nothing() {
         redeliver(pool, webhook::EndpointId(1), outbox::EventId(1)).await,
         Err(oncely::Error::NotFound { .. })
     ));
-    let n: i64 = sqlx::query_scalar("SELECT (SELECT count(*) FROM oncely.events) + (SELECT count(*) FROM oncely.webhook_endpoints)")
-        .fetch_one(pool)
-        .await
-        .unwrap();
+    let n: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM oncely.events) + (SELECT count(*) FROM oncely.webhook_endpoints)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
     assert_eq!(n, 0);
 }
 
@@ -464,7 +472,8 @@ async fn a_delivery_worker_killed_mid_request_delivers_again_with_the_same_id_an
     // learns the answer.
     let rx = Receiver::start(|hit| if hit.nth == 1 { Reply::Hang } else { Reply::Status(200) }).await;
     create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
-    let ev = publish(pool, &Event::new("payment.succeeded", &serde_json::json!({"amount": 100})).unwrap()).await.unwrap();
+    let ev =
+        publish(pool, &Event::new("payment.succeeded", &serde_json::json!({"amount": 100})).unwrap()).await.unwrap();
 
     let mut child = spawn_child("child_delivery_worker", &[("ONCELY_CHILD_DATABASE_URL", db.url())]);
     eventually(Duration::from_secs(30), "the child's request to arrive", || async {
@@ -488,7 +497,8 @@ async fn a_delivery_worker_killed_mid_request_delivers_again_with_the_same_id_an
     assert_eq!(hits.len(), 2, "{hits:?}");
     assert!(hits.iter().all(|h| h.id == ev.message_id), "the same webhook-id on both attempts");
     assert_eq!(rx.effects(), vec![("a".to_owned(), ev.message_id.clone())], "the receiver applied it once");
-    let delivery = &list_deliveries(pool, &DeliveryFilter { event: Some(ev.id), ..Default::default() }).await.unwrap()[0];
+    let delivery =
+        &list_deliveries(pool, &DeliveryFilter { event: Some(ev.id), ..Default::default() }).await.unwrap()[0];
     let job = oncely::get_job(pool, delivery.job_id).await.unwrap();
     assert_eq!((job.state, job.attempt), (JobState::Completed, 2));
     assert_eq!(job.errors[0].kind, oncely::core::ErrorKind::LeaseExpired);
@@ -509,11 +519,23 @@ async fn maintenance_prunes_old_events_nothing_needs_and_old_inbox_records() {
         sqlx::query(sql).bind(id).execute(pool).await.unwrap();
     };
     exec("UPDATE oncely.webhook_deliveries SET delivered_at = now() WHERE event_id = $1", delivered).await;
-    exec("DELETE FROM oncely.jobs WHERE id = (SELECT job_id FROM oncely.webhook_deliveries WHERE event_id = $1)", delivered).await;
+    exec(
+        "DELETE FROM oncely.jobs WHERE id = (SELECT job_id FROM oncely.webhook_deliveries WHERE event_id = $1)",
+        delivered,
+    )
+    .await;
     exec("UPDATE oncely.jobs SET state = 'dead', finished_at = now() WHERE id = (SELECT job_id FROM oncely.webhook_deliveries WHERE event_id = $1)", dead).await;
-    exec("DELETE FROM oncely.jobs WHERE id = (SELECT job_id FROM oncely.webhook_deliveries WHERE event_id = $1)", job_pruned).await;
+    exec(
+        "DELETE FROM oncely.jobs WHERE id = (SELECT job_id FROM oncely.webhook_deliveries WHERE event_id = $1)",
+        job_pruned,
+    )
+    .await;
     exec("UPDATE oncely.jobs SET state = 'cancelled', finished_at = now() WHERE id = (SELECT job_id FROM oncely.webhook_deliveries WHERE event_id = $1)", recent).await;
-    sqlx::query("UPDATE oncely.events SET created_at = now() - interval '2 hours' WHERE id <> $1").bind(recent).execute(pool).await.unwrap();
+    sqlx::query("UPDATE oncely.events SET created_at = now() - interval '2 hours' WHERE id <> $1")
+        .bind(recent)
+        .execute(pool)
+        .await
+        .unwrap();
     for (id, age) in [("old", "2 hours"), ("new", "1 minute")] {
         let job = oncely::NewJob::from_json("noop", serde_json::json!({}));
         oncely::core::inbox::accept(pool, "stripe", id, &serde_json::json!({}), job).await.unwrap();
@@ -536,7 +558,8 @@ async fn maintenance_prunes_old_events_nothing_needs_and_old_inbox_records() {
         .unwrap()
         .start();
     let left: Vec<i64> = eventually(Duration::from_secs(20), "old events and inbox records pruned", || async {
-        let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM oncely.events ORDER BY id").fetch_all(pool).await.ok()?;
+        let left: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM oncely.events ORDER BY id").fetch_all(pool).await.ok()?;
         let inbox: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.inbox").fetch_one(pool).await.ok()?;
         (left.len() <= 2 && inbox <= 1).then_some(left)
     })
@@ -545,7 +568,8 @@ async fn maintenance_prunes_old_events_nothing_needs_and_old_inbox_records() {
     assert_eq!(left, vec![dead.0, recent.0], "a dead delivery keeps its event redeliverable; recent events stay");
     let inbox: Vec<String> = sqlx::query_scalar("SELECT event_id FROM oncely.inbox").fetch_all(pool).await.unwrap();
     assert_eq!(inbox, vec!["new".to_owned()]);
-    let deliveries: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.webhook_deliveries").fetch_one(pool).await.unwrap();
+    let deliveries: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM oncely.webhook_deliveries").fetch_one(pool).await.unwrap();
     assert_eq!(deliveries, 2, "delivery rows go with their events");
 }
 
@@ -615,7 +639,9 @@ async fn an_attempt_past_the_request_timeout_is_retried_with_the_same_id() {
     let db = TestDb::new().await;
     let pool = db.pool();
     // The first request is answered only after the sender gave up on it.
-    let rx = Receiver::start(|hit| if hit.nth == 1 { Reply::SlowOk(Duration::from_secs(2)) } else { Reply::Status(200) }).await;
+    let rx =
+        Receiver::start(|hit| if hit.nth == 1 { Reply::SlowOk(Duration::from_secs(2)) } else { Reply::Status(200) })
+            .await;
     create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
     let ev = publish(pool, &Event::new("t", &1).unwrap()).await.unwrap();
     let config = DeliveryConfig { request_timeout: Duration::from_millis(300), ..fast_delivery() };
@@ -639,10 +665,12 @@ async fn events_waiting_behind_a_slow_retry_sleep_until_it_instead_of_polling() 
     init_tracing();
     let db = TestDb::new().await;
     let pool = db.pool();
-    let rx = Receiver::start(|hit| if hit.nth == 1 && hit.body.windows(5).any(|w| w == b"\"head") {
-        Reply::StatusRetryAfter(503, "3".into())
-    } else {
-        Reply::Status(200)
+    let rx = Receiver::start(|hit| {
+        if hit.nth == 1 && hit.body.windows(5).any(|w| w == b"\"head") {
+            Reply::StatusRetryAfter(503, "3".into())
+        } else {
+            Reply::Status(200)
+        }
     })
     .await;
     create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"]).ordered(true)).await.unwrap();
@@ -710,8 +738,12 @@ async fn publish_many_stores_a_batch_in_input_order_and_fans_each_event_out() {
     // The ordered endpoint got each customer's paid invoices in input order.
     let paid: Vec<String> = rx.effects().into_iter().filter(|(e, _)| e == "paid").map(|(_, id)| id).collect();
     for customer in 0..7 {
-        let want: Vec<&String> =
-            published.iter().enumerate().filter(|(i, _)| i % 3 == 0 && i % 7 == customer).map(|(_, p)| &p.message_id).collect();
+        let want: Vec<&String> = published
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 3 == 0 && i % 7 == customer)
+            .map(|(_, p)| &p.message_id)
+            .collect();
         let got: Vec<&String> = paid.iter().filter(|id| want.contains(id)).collect();
         assert_eq!(got, want, "customer {customer}");
     }

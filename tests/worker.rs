@@ -172,7 +172,11 @@ async fn snooze_cancel_timeout_and_panic_each_end_as_documented() {
     h.shutdown().await;
 
     let j = get_job(pool, snooze).await.unwrap();
-    assert_eq!((j.state, j.attempt, j.snoozes, j.max_attempts), (JobState::Completed, 2, 1, 2), "a snooze is not an attempt");
+    assert_eq!(
+        (j.state, j.attempt, j.snoozes, j.max_attempts),
+        (JobState::Completed, 2, 1, 2),
+        "a snooze is not an attempt"
+    );
     assert!(j.errors.is_empty());
 
     let j = get_job(pool, cancel).await.unwrap();
@@ -198,12 +202,14 @@ async fn unknown_kinds_and_bad_args_fail_clearly_while_other_jobs_run() {
         .await
         .unwrap()
         .id;
-    let bad_args = enqueue(pool, NewJob::from_json(Noop::KIND, serde_json::json!({"n": "not a number"}))).await.unwrap().id;
+    let bad_args =
+        enqueue(pool, NewJob::from_json(Noop::KIND, serde_json::json!({"n": "not a number"}))).await.unwrap().id;
     let good: Vec<_> = (0..20).map(|n| NewJob::new(&Noop { n }).unwrap()).collect();
     enqueue_many(pool, &good).await.unwrap();
 
     let seen: Seen = Default::default();
-    let h = builder(db.new_pool(5).await).register(seen_handler(seen.clone())).queue("default", 4).build().unwrap().start();
+    let h =
+        builder(db.new_pool(5).await).register(seen_handler(seen.clone())).queue("default", 4).build().unwrap().start();
     wait_all_finished(pool, Duration::from_secs(20)).await;
     h.shutdown().await;
 
@@ -232,9 +238,8 @@ async fn graceful_shutdown_finishes_or_releases_everything_and_loses_nothing() {
     let db = TestDb::new().await;
     let pool = db.pool();
     // Short jobs, and a few that outlive the grace period.
-    let jobs: Vec<_> = (0..40u64)
-        .map(|n| NewJob::new(&Sleepy { n, ms: if n % 10 == 0 { 60_000 } else { 20 } }).unwrap())
-        .collect();
+    let jobs: Vec<_> =
+        (0..40u64).map(|n| NewJob::new(&Sleepy { n, ms: if n % 10 == 0 { 60_000 } else { 20 } }).unwrap()).collect();
     enqueue_many(pool, &jobs).await.unwrap();
 
     let started = Arc::new(AtomicU32::new(0));
@@ -394,7 +399,10 @@ async fn polling_finds_jobs_whose_notify_never_arrived() {
         .unwrap()
         .start();
     // Insert with plain SQL, as another program might: no NOTIFY is ever sent for this job.
-    sqlx::query("INSERT INTO oncely.jobs (kind, args) VALUES ('ping', '{\"sent\": 7}')").execute(db.pool()).await.unwrap();
+    sqlx::query("INSERT INTO oncely.jobs (kind, args) VALUES ('ping', '{\"sent\": 7}')")
+        .execute(db.pool())
+        .await
+        .unwrap();
     let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("polling picks the job up");
     assert_eq!(got, Some(7));
     h.shutdown().await;
@@ -424,7 +432,12 @@ async fn heartbeats_keep_a_long_job_from_being_rescued() {
     wait_all_finished(pool, Duration::from_secs(20)).await;
     h.shutdown().await;
     let j = get_job(pool, id).await.unwrap();
-    assert_eq!((j.state, j.attempt), (JobState::Completed, 1), "ran 4 leases long without being rescued: {:?}", j.errors);
+    assert_eq!(
+        (j.state, j.attempt),
+        (JobState::Completed, 1),
+        "ran 4 leases long without being rescued: {:?}",
+        j.errors
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
@@ -439,7 +452,8 @@ async fn the_builder_refuses_bad_configurations() {
         .queue("default", 1)
         .build();
     assert!(matches!(twice, Err(oncely::worker::Error::Config(m)) if m.contains("noop")));
-    let zero = oncely::Worker::builder(db.pool().clone()).register(seen_handler(Default::default())).queue("q", 0).build();
+    let zero =
+        oncely::Worker::builder(db.pool().clone()).register(seen_handler(Default::default())).queue("q", 0).build();
     assert!(matches!(zero, Err(oncely::worker::Error::Config(m)) if m.contains("concurrency 0")));
 }
 

@@ -48,7 +48,9 @@ use futures::future::BoxFuture;
 use oncely::core::ledger::LedgerKey;
 use oncely::core::step::BoxError;
 use oncely::StepError;
-use oncely_http::{IdempotencyConfig, IdempotencyLayer, InFlight, MissingKey, PgStore, RequestTx, IDEMPOTENCY_REPLAYED};
+use oncely_http::{
+    IdempotencyConfig, IdempotencyLayer, InFlight, MissingKey, PgStore, RequestTx, IDEMPOTENCY_REPLAYED,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -65,9 +67,11 @@ impl PaymentProvider {
     pub async fn create_checkout_session(&self, idempotency_key: &str, user: &str, price: &str) -> String {
         self.calls.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(30)).await; // the network
-        // Session ids are unique across processes, as a real provider's are.
+                                                             // Session ids are unique across processes, as a real provider's are.
         let mut sessions = self.sessions.lock().unwrap();
-        let session = sessions.entry(idempotency_key.to_owned()).or_insert_with(|| format!("cs_{}", uuid::Uuid::new_v4().simple()));
+        let session = sessions
+            .entry(idempotency_key.to_owned())
+            .or_insert_with(|| format!("cs_{}", uuid::Uuid::new_v4().simple()));
         tracing::debug!(user, price, session = %session, "provider: checkout session");
         session.clone()
     }
@@ -123,7 +127,12 @@ struct Usage {
     units: i64,
 }
 
-async fn record_usage(tx: Option<RequestTx>, State(s): State<AppState>, headers: HeaderMap, Json(u): Json<Usage>) -> Response {
+async fn record_usage(
+    tx: Option<RequestTx>,
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Json(u): Json<Usage>,
+) -> Response {
     if u.units <= 0 {
         return (StatusCode::BAD_REQUEST, Json(json!({"error": "units must be positive"}))).into_response();
     }
@@ -144,11 +153,17 @@ struct Bulk {
     items: Vec<Usage>,
 }
 
-async fn record_usage_bulk(tx: Option<RequestTx>, State(s): State<AppState>, headers: HeaderMap, Json(b): Json<Bulk>) -> Response {
+async fn record_usage_bulk(
+    tx: Option<RequestTx>,
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Json(b): Json<Bulk>,
+) -> Response {
     let who = caller(&headers);
     let units: Vec<i64> = b.items.iter().map(|u| u.units).collect();
     if units.is_empty() || units.iter().any(|&u| u <= 0) {
-        return (StatusCode::BAD_REQUEST, Json(json!({"error": "items must be non-empty with positive units"}))).into_response();
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": "items must be non-empty with positive units"})))
+            .into_response();
     }
     let sql = "INSERT INTO api_usage (caller, units) SELECT $1, u FROM unnest($2::bigint[]) AS u";
     let done = match &tx {
@@ -156,7 +171,10 @@ async fn record_usage_bulk(tx: Option<RequestTx>, State(s): State<AppState>, hea
         None => sqlx::query(sql).bind(&who).bind(&units).execute(&s.pool).await,
     };
     match done {
-        Ok(r) => (StatusCode::CREATED, Json(json!({"recorded": r.rows_affected(), "units": units.iter().sum::<i64>()}))).into_response(),
+        Ok(r) => {
+            (StatusCode::CREATED, Json(json!({"recorded": r.rows_affected(), "units": units.iter().sum::<i64>()})))
+                .into_response()
+        }
         Err(e) => internal(e),
     }
 }
@@ -293,9 +311,17 @@ struct Project {
 }
 
 /// `POST /projects {"project_id", "name"}`: one project per `provision:{project_id}`.
-async fn provision_project(State(s): State<AppState>, parts: Parts, body: Result<Json<NewProject>, JsonRejection>) -> Response {
+async fn provision_project(
+    State(s): State<AppState>,
+    parts: Parts,
+    body: Result<Json<NewProject>, JsonRejection>,
+) -> Response {
     let Ok(Json(p)) = body else {
-        return error(StatusCode::BAD_REQUEST, "invalid_body", "the body must be JSON {\"project_id\": \"...\", \"name\": \"...\"}");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "the body must be JSON {\"project_id\": \"...\", \"name\": \"...\"}",
+        );
     };
     if p.project_id.is_empty() || p.project_id.len() > 255 {
         return error(StatusCode::BAD_REQUEST, "invalid_project_id", "project_id must be 1 to 255 bytes");
@@ -347,7 +373,12 @@ struct ApiKey {
 }
 
 /// `POST /projects/{id}/keys {"request_id"}`: one key per `create_key:{request_id}`.
-async fn create_key(State(s): State<AppState>, Path(project): Path<String>, parts: Parts, body: Result<Json<NewKey>, JsonRejection>) -> Response {
+async fn create_key(
+    State(s): State<AppState>,
+    Path(project): Path<String>,
+    parts: Parts,
+    body: Result<Json<NewKey>, JsonRejection>,
+) -> Response {
     let request_id = match body {
         Ok(Json(NewKey { request_id: Some(id) })) if !id.is_empty() && id.len() <= 255 => id,
         _ => {
@@ -360,22 +391,38 @@ async fn create_key(State(s): State<AppState>, Path(project): Path<String>, part
     };
     let scope = scope(&parts);
     let key = format!("create_key:{request_id}");
-    let record = Recorded { scope: scope.clone(), body: ApiKey { id: format!("key_{}", uuid::Uuid::new_v4().simple()), project_id: project.clone() } };
+    let record = Recorded {
+        scope: scope.clone(),
+        body: ApiKey { id: format!("key_{}", uuid::Uuid::new_v4().simple()), project_id: project.clone() },
+    };
     let out = once(&s.pool, &key, CREATE_KEY_TTL, move |tx| {
         Box::pin(async move {
-            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM projects WHERE id = $1)").bind(&record.body.project_id).fetch_one(&mut *tx).await?;
+            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM projects WHERE id = $1)")
+                .bind(&record.body.project_id)
+                .fetch_one(&mut *tx)
+                .await?;
             if !exists {
                 return Err(refuse(StatusCode::NOT_FOUND, "no_such_project", "no such project"));
             }
-            sqlx::query("INSERT INTO api_keys (id, project_id) VALUES ($1, $2)").bind(&record.body.id).bind(&record.body.project_id).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO api_keys (id, project_id) VALUES ($1, $2)")
+                .bind(&record.body.id)
+                .bind(&record.body.project_id)
+                .execute(&mut *tx)
+                .await?;
             Ok(record)
         })
     })
     .await;
     match out {
-        Ok((rec, ran)) if rec.scope == scope && rec.body.project_id == project => answer(StatusCode::CREATED, ran, rec.body),
+        Ok((rec, ran)) if rec.scope == scope && rec.body.project_id == project => {
+            answer(StatusCode::CREATED, ran, rec.body)
+        }
         // Never hand a key to another caller, or to a request for another project.
-        Ok(_) => error(StatusCode::CONFLICT, "request_id_conflict", "this request_id was already used for a different request"),
+        Ok(_) => error(
+            StatusCode::CONFLICT,
+            "request_id_conflict",
+            "this request_id was already used for a different request",
+        ),
         Err(resp) => resp,
     }
 }
@@ -394,10 +441,12 @@ async fn revoke_key(State(s): State<AppState>, Path(key_id): Path<String>) -> Re
         Box::pin(async move {
             // `coalesce` keeps the first revocation's time: a repeat that runs (after the record
             // expired) answers the same body.
-            let at: Option<DateTime<Utc>> = sqlx::query_scalar("UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 RETURNING revoked_at")
-                .bind(&key_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let at: Option<DateTime<Utc>> = sqlx::query_scalar(
+                "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 RETURNING revoked_at",
+            )
+            .bind(&key_id)
+            .fetch_optional(&mut *tx)
+            .await?;
             match at {
                 Some(revoked_at) => Ok(Revocation { id: key_id, revoked: true, revoked_at }),
                 None => Err(refuse(StatusCode::NOT_FOUND, "no_such_key", "no such key")),
@@ -438,11 +487,22 @@ async fn create_checkout_session(State(s): State<AppState>, headers: HeaderMap, 
 /// index backs it up. A retry of the checkout that made the subscription (same provider key)
 /// gets that subscription's session again, without calling the provider. `Err(session)`: the user
 /// already has a subscription, made by another checkout.
-async fn checkout(s: &AppState, user: &str, provider_key: &str, price: &str) -> Result<Result<String, String>, sqlx::Error> {
+async fn checkout(
+    s: &AppState,
+    user: &str,
+    provider_key: &str,
+    price: &str,
+) -> Result<Result<String, String>, sqlx::Error> {
     let mut tx = oncely::core::txn::begin(&s.pool).await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('checkout/' || $1, 0))").bind(user).execute(&mut *tx).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('checkout/' || $1, 0))")
+        .bind(user)
+        .execute(&mut *tx)
+        .await?;
     let existing: Option<(String, Option<String>)> =
-        sqlx::query_as("SELECT session_id, checkout_key FROM subscriptions WHERE user_id = $1").bind(user).fetch_optional(&mut *tx).await?;
+        sqlx::query_as("SELECT session_id, checkout_key FROM subscriptions WHERE user_id = $1")
+            .bind(user)
+            .fetch_optional(&mut *tx)
+            .await?;
     if let Some((session, made_by)) = existing {
         return Ok(if made_by.as_deref() == Some(provider_key) { Ok(session) } else { Err(session) });
     }
@@ -468,8 +528,11 @@ pub fn router(state: AppState) -> Router {
         ..IdempotencyConfig::default()
     });
     let control = |ttl: Duration| {
-        IdempotencyLayer::new(PgStore::new(pool.clone()))
-            .with_config(IdempotencyConfig { missing_key: MissingKey::Generate, ttl, ..IdempotencyConfig::default() })
+        IdempotencyLayer::new(PgStore::new(pool.clone())).with_config(IdempotencyConfig {
+            missing_key: MissingKey::Generate,
+            ttl,
+            ..IdempotencyConfig::default()
+        })
     };
     let checkout = IdempotencyLayer::new(PgStore::new(pool.clone())).with_config(IdempotencyConfig {
         missing_key: MissingKey::Require,

@@ -49,7 +49,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     tokio::spawn(async move { axum::serve(listener, router).await });
     let key = format!("demo-{}", std::process::id());
-    let (a, b) = tokio::join!(post(&addr, "/checkout", &key, r#"{"price":"pro"}"#), post(&addr, "/checkout", &key, r#"{"price":"pro"}"#));
+    let (a, b) = tokio::join!(
+        post(&addr, "/checkout", &key, r#"{"price":"pro"}"#),
+        post(&addr, "/checkout", &key, r#"{"price":"pro"}"#)
+    );
     println!("double-click 1: {}", a?);
     println!("double-click 2: {}", b?);
     println!("same key, other body: {}", post(&addr, "/checkout", &key, r#"{"price":"team"}"#).await?);
@@ -58,7 +61,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let subs: i64 = sqlx::query_scalar("SELECT count(*) FROM subscriptions WHERE session_id IN (SELECT session_id FROM subscriptions ORDER BY id DESC LIMIT 1)")
         .fetch_one(&pool)
         .await?;
-    println!("subscriptions for that session: {subs}; payment provider calls: {}", provider.calls.load(Ordering::SeqCst));
+    println!(
+        "subscriptions for that session: {subs}; payment provider calls: {}",
+        provider.calls.load(Ordering::SeqCst)
+    );
 
     // Control plane: the business keys dedupe whatever Idempotency-Key header comes (or none).
     let run = uuid::Uuid::new_v4().simple().to_string();
@@ -76,10 +82,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let revoke_path = format!("/keys/{key_id}/revoke");
     println!("revoke:                  {}", post(&addr, &revoke_path, "", "").await?);
     println!("revoke again:            {}", post(&addr, &revoke_path, "", "").await?);
-    let (projects, keys): (i64, i64) = sqlx::query_as("SELECT (SELECT count(*) FROM projects WHERE id = $1), (SELECT count(*) FROM api_keys WHERE project_id = $1)")
-        .bind(&project)
-        .fetch_one(&pool)
-        .await?;
+    let (projects, keys): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM projects WHERE id = $1), (SELECT count(*) FROM api_keys WHERE project_id = $1)",
+    )
+    .bind(&project)
+    .fetch_one(&pool)
+    .await?;
     println!("projects {project}: {projects}; keys: {keys}");
     Ok(())
 }

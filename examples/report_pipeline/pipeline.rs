@@ -53,12 +53,14 @@ pub async fn seed(pool: &PgPool, n: i64, users: i64, duplicate_every: i64) -> on
     let mut tx = pool.begin().await?;
     let ids: Vec<i64> = (1..=n).collect();
     let owners: Vec<i64> = ids.iter().map(|id| id % users).collect();
-    sqlx::query("INSERT INTO reports (id, user_id, period) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[])")
-        .bind(&ids)
-        .bind(&owners)
-        .bind(vec![PERIOD; ids.len()])
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO reports (id, user_id, period) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[])",
+    )
+    .bind(&ids)
+    .bind(&owners)
+    .bind(vec![PERIOD; ids.len()])
+    .execute(&mut *tx)
+    .await?;
     let mut jobs = Vec::new();
     for &report_id in &ids {
         jobs.push(NewJob::new(&GenerateReport { report_id })?.queue("reports").max_attempts(100));
@@ -137,7 +139,10 @@ pub fn handler(failures: Failures, calls: Arc<Calls>) -> impl Handler<GenerateRe
                 .await?;
             maybe_crash(&failures, "after count_usage");
             if failures.fail_after_increment && ctx.attempt() == 1 {
-                return Err(Outcome::retry_after("injected failure after the usage increment", Duration::from_millis(50)));
+                return Err(Outcome::retry_after(
+                    "injected failure after the usage increment",
+                    Duration::from_millis(50),
+                ));
             }
 
             // 3. Mark ready.
@@ -173,10 +178,13 @@ pub struct Summary {
 
 pub async fn summary(pool: &PgPool) -> sqlx::Result<Summary> {
     let (reports, ready): (i64, i64) =
-        sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE status = 'ready') FROM reports").fetch_one(pool).await?;
+        sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE status = 'ready') FROM reports")
+            .fetch_one(pool)
+            .await?;
     let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM reports").fetch_all(pool).await?;
     let expected_tokens = ids.iter().map(|&id| tokens_for(id)).sum();
-    let counted_tokens: i64 = sqlx::query_scalar("SELECT coalesce(sum(tokens), 0)::bigint FROM usage").fetch_one(pool).await?;
+    let counted_tokens: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(tokens), 0)::bigint FROM usage").fetch_one(pool).await?;
     let users_off: i64 = sqlx::query_scalar(
         "WITH expected AS (
              SELECT user_id, sum(100 + (id * 7919) % 900)::bigint AS tokens FROM reports GROUP BY user_id)
@@ -198,7 +206,10 @@ pub async fn summary(pool: &PgPool) -> sqlx::Result<Summary> {
 
 impl Summary {
     pub fn is_exact(&self) -> bool {
-        self.ready == self.reports && self.expected_tokens == self.counted_tokens && self.users_off == 0 && self.reports_uncounted == 0
+        self.ready == self.reports
+            && self.expected_tokens == self.counted_tokens
+            && self.users_off == 0
+            && self.reports_uncounted == 0
     }
 }
 

@@ -47,7 +47,9 @@ pub async fn count(pool: &PgPool, state: JobState) -> i64 {
 
 /// Wait until every job is in one of the finished states.
 pub async fn wait_all_finished(pool: &PgPool, deadline: Duration) {
-    eventually(deadline, "all jobs finished", || async { (oncely_testkit::count_pending(pool).await.ok()? == 0).then_some(()) })
+    eventually(deadline, "all jobs finished", || async {
+        (oncely_testkit::count_pending(pool).await.ok()? == 0).then_some(())
+    })
     .await
 }
 
@@ -76,10 +78,24 @@ pub mod receiver;
 
 /// A ledger record claimed by someone else for `lease` (zero: a holder that died), with no output
 /// yet: what a crash between intent and record leaves behind.
-pub async fn claim_record(pool: &PgPool, namespace: &str, key: &str, lease: Duration, ttl: Option<Duration>) -> oncely::core::ledger::LedgerKey {
+pub async fn claim_record(
+    pool: &PgPool,
+    namespace: &str,
+    key: &str,
+    lease: Duration,
+    ttl: Option<Duration>,
+) -> oncely::core::ledger::LedgerKey {
     use oncely::core::ledger::{self, LedgerKey};
     let record = LedgerKey::new(namespace, key);
-    let opts = ledger::ClaimOptions { owner: "job:0:1", fingerprint: None, lease, ttl, supersedes: None, now: None, read_first: false };
+    let opts = ledger::ClaimOptions {
+        owner: "job:0:1",
+        fingerprint: None,
+        lease,
+        ttl,
+        supersedes: None,
+        now: None,
+        read_first: false,
+    };
     ledger::claim(&mut pool.acquire().await.unwrap(), &record, &opts).await.unwrap();
     record
 }

@@ -125,7 +125,9 @@ async fn handle(State(r): State<Receiver>, Path(endpoint): Path<String>, headers
             }
             (s, StatusCode::from_u16(s).unwrap().into_response())
         }
-        Reply::StatusRetryAfter(s, ra) => (s, (StatusCode::from_u16(s).unwrap(), [("retry-after", ra)]).into_response()),
+        Reply::StatusRetryAfter(s, ra) => {
+            (s, (StatusCode::from_u16(s).unwrap(), [("retry-after", ra)]).into_response())
+        }
         Reply::Hang => {
             apply(&r);
             {

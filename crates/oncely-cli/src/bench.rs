@@ -149,7 +149,8 @@ fn ms(d: Duration) -> f64 {
 pub(crate) async fn run(server_url: &str, args: BenchArgs) -> Result<(), Fail> {
     if args.jobs < 4 || args.concurrency == 0 || args.baseline_connections == 0 || args.worker_connections < 4 {
         return Err(Fail(
-            "bench needs --jobs >= 4, --concurrency >= 1, --baseline-connections >= 1, --worker-connections >= 4".into(),
+            "bench needs --jobs >= 4, --concurrency >= 1, --baseline-connections >= 1, --worker-connections >= 4"
+                .into(),
         ));
     }
     if args.fetch_batch == Some(0) {
@@ -209,7 +210,11 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
     // 1. and 2. Raw single-row INSERT commits.
     let (rows, elapsed) = insert_baseline(db, 1, a.baseline_time).await?;
     let base_one = rows as f64 / elapsed.as_secs_f64();
-    println!("[1/7] baseline, 1 connection: {rows} INSERT commits in {:.2} s = {}/s", elapsed.as_secs_f64(), thousands(base_one));
+    println!(
+        "[1/7] baseline, 1 connection: {rows} INSERT commits in {:.2} s = {}/s",
+        elapsed.as_secs_f64(),
+        thousands(base_one)
+    );
     let (rows, elapsed) = insert_baseline(db, a.baseline_connections, a.baseline_time).await?;
     let base_many = rows as f64 / elapsed.as_secs_f64();
     println!(
@@ -294,7 +299,8 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
     );
 
     // 4. Batched enqueue of the jobs the worker drains.
-    let jobs: Vec<NewJob> = (0..n).map(|_| NewJob::new(&BenchNoop {}).map(|j| j.queue(QUEUE))).collect::<Result<_, _>>()?;
+    let jobs: Vec<NewJob> =
+        (0..n).map(|_| NewJob::new(&BenchNoop {}).map(|j| j.queue(QUEUE))).collect::<Result<_, _>>()?;
     let t = Instant::now();
     for chunk in jobs.chunks(ENQUEUE_BATCH) {
         oncely_core::enqueue_many(&mut conn, chunk).await?;
@@ -332,7 +338,11 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
             ctx.step("effect")
                 .transactional(|tx| {
                     Box::pin(async move {
-                        sqlx::query("INSERT INTO bench_effects VALUES ($1)").bind(id).execute(&mut *tx).await.map(|_| ())
+                        sqlx::query("INSERT INTO bench_effects VALUES ($1)")
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await
+                            .map(|_| ())
                     })
                 })
                 .await?;
@@ -394,7 +404,9 @@ async fn after_drain(
     .fetch_one(&mut *conn)
     .await?;
     if completed != n as i64 || total != n as i64 {
-        return Err(Fail(format!("after the drain {completed} of {total} jobs on queue {QUEUE} are completed; expected {n} of {n}")));
+        return Err(Fail(format!(
+            "after the drain {completed} of {total} jobs on queue {QUEUE} are completed; expected {n} of {n}"
+        )));
     }
     let processing = n as f64 / elapsed.as_secs_f64();
     println!(
@@ -417,7 +429,9 @@ async fn after_drain(
 /// transactional step each (its effect: one INSERT).
 async fn step_costs(conn: &mut PgConnection, handle: &WorkerHandle, m: usize) -> Result<(f64, f64), Fail> {
     let mut rates = Vec::new();
-    for (what, job) in [("memoized step", NewJob::new(&BenchPlainStep {})?), ("transactional step", NewJob::new(&BenchTxStep {})?)] {
+    for (what, job) in
+        [("memoized step", NewJob::new(&BenchPlainStep {})?), ("transactional step", NewJob::new(&BenchTxStep {})?)]
+    {
         let jobs = vec![job.queue(QUEUE); m];
         let before = WorkerStats::get(&handle.stats().completed);
         let t = Instant::now();
@@ -455,7 +469,10 @@ async fn insert_baseline(db: &PgConnectOptions, connections: usize, time: Durati
             let payload = serde_json::json!({});
             let mut rows = 0u64;
             while Instant::now() < deadline {
-                sqlx::query("INSERT INTO bench_baseline (payload) VALUES ($1)").bind(&payload).execute(&mut conn).await?;
+                sqlx::query("INSERT INTO bench_baseline (payload) VALUES ($1)")
+                    .bind(&payload)
+                    .execute(&mut conn)
+                    .await?;
                 rows += 1;
             }
             Ok::<_, sqlx::Error>((rows, conn))
@@ -550,7 +567,11 @@ fn print_summary(a: &BenchArgs, r: &Report) {
         r.raw_jobs / r.base_one_paired,
         r.one_by_one / r.raw_jobs
     );
-    line(format!("enqueue batched:        {:>9} jobs/s", thousands(r.batched)), "target >= 100,000 jobs/s", r.batched >= 100_000.0);
+    line(
+        format!("enqueue batched:        {:>9} jobs/s", thousands(r.batched)),
+        "target >= 100,000 jobs/s",
+        r.batched >= 100_000.0,
+    );
     line(
         format!("processing:             {:>9} jobs/s ({proc_ratio:.2}x {k}-conn baseline)", thousands(r.processing)),
         "target >= 1.50x",

@@ -5,7 +5,8 @@ use std::time::Duration;
 /// Parse `<number><unit>` with unit `ms`, `s`, `m`, `h` or `d`.
 pub(crate) fn parse(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("`{s}` has no unit (use ms, s, m, h or d)"))?;
+    let split =
+        s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("`{s}` has no unit (use ms, s, m, h or d)"))?;
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("`{s}` does not start with a whole number"))?;
     let secs = match unit {

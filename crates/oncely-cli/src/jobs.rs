@@ -59,7 +59,10 @@ pub(crate) async fn list(pool: &PgPool, filter: &JobFilter) -> Result<(), Fail> 
             ]
         })
         .collect();
-    print!("{}", table::render(&["id", "kind", "queue", "state", "attempt", "run_at (UTC)", "last error"], &rows, &[0, 4]));
+    print!(
+        "{}",
+        table::render(&["id", "kind", "queue", "state", "attempt", "run_at (UTC)", "last error"], &rows, &[0, 4])
+    );
     println!("({} jobs)", jobs.len());
     Ok(())
 }

@@ -41,9 +41,15 @@ pub(crate) async fn show(pool: &PgPool, key: &LedgerKey) -> Result<(), Fail> {
     println!("expires_at:       {}", expires.map(|t| t.to_string()).unwrap_or_else(|| "never (kept forever)".into()));
     if state == "in_progress" && previous.is_some() {
         println!();
-        println!("An earlier claimant ({}) left no result: the outcome of its call is unknown.", previous.unwrap_or_default());
+        println!(
+            "An earlier claimant ({}) left no result: the outcome of its call is unknown.",
+            previous.unwrap_or_default()
+        );
         println!("Check with the external system (it saw idempotency key {}), then", key.idempotency_key());
-        println!("  oncely ledger resolve {} '{}' --took-effect '<output as JSON>'   or   --did-not-take-effect", key.namespace, key.key);
+        println!(
+            "  oncely ledger resolve {} '{}' --took-effect '<output as JSON>'   or   --did-not-take-effect",
+            key.namespace, key.key
+        );
         println!("and retry the job (oncely jobs retry <id>).");
     }
     Ok(())
@@ -52,13 +58,16 @@ pub(crate) async fn show(pool: &PgPool, key: &LedgerKey) -> Result<(), Fail> {
 pub(crate) async fn resolve(pool: &PgPool, key: &LedgerKey, took_effect: Option<String>) -> Result<(), Fail> {
     let resolution = match took_effect {
         Some(json) => Resolution::TookEffect(
-            serde_json::from_str(&json).map_err(|e| Fail(format!("--took-effect needs the step's output as JSON: {e}")))?,
+            serde_json::from_str(&json)
+                .map_err(|e| Fail(format!("--took-effect needs the step's output as JSON: {e}")))?,
         ),
         None => Resolution::DidNotTakeEffect,
     };
     ledger::resolve(pool, key, &resolution).await?;
     match resolution {
-        Resolution::TookEffect(_) => println!("ledger record {key} completed: the next attempt returns this output without calling again"),
+        Resolution::TookEffect(_) => {
+            println!("ledger record {key} completed: the next attempt returns this output without calling again")
+        }
         Resolution::DidNotTakeEffect => println!("ledger record {key} cleared: the next attempt runs the effect"),
     }
     Ok(())

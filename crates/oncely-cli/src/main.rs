@@ -15,7 +15,11 @@ use clap::{Parser, Subcommand};
 use oncely_core::{JobFilter, JobState};
 
 #[derive(Parser, Debug)]
-#[command(name = "oncely", version, about = "Durable jobs on PostgreSQL: migrate, inspect and manage jobs and webhooks, benchmark")]
+#[command(
+    name = "oncely",
+    version,
+    about = "Durable jobs on PostgreSQL: migrate, inspect and manage jobs and webhooks, benchmark"
+)]
 struct Cli {
     /// PostgreSQL URL, e.g. postgres://user@host:5432/db. Required; may follow the subcommand.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
@@ -110,7 +114,12 @@ enum LedgerCmd {
         /// The key within the namespace.
         key: String,
         /// The effect happened: record this JSON as the step's output.
-        #[arg(long, value_name = "JSON", conflicts_with = "did_not_take_effect", required_unless_present = "did_not_take_effect")]
+        #[arg(
+            long,
+            value_name = "JSON",
+            conflicts_with = "did_not_take_effect",
+            required_unless_present = "did_not_take_effect"
+        )]
         took_effect: Option<String>,
         /// The effect did not happen: forget the record, so the next attempt runs it.
         #[arg(long)]
@@ -238,8 +247,7 @@ fn one_line(msg: &str) -> String {
 
 async fn connect(url: &str) -> Result<sqlx::PgPool, Fail> {
     use sqlx::{ConnectOptions, Connection};
-    let options: sqlx::postgres::PgConnectOptions =
-        url.parse().map_err(|e| Fail(format!("bad database URL: {e}")))?;
+    let options: sqlx::postgres::PgConnectOptions = url.parse().map_err(|e| Fail(format!("bad database URL: {e}")))?;
     let options = options.disable_statement_logging();
     // One direct attempt first: a pool would only report "timed out" where this names the cause.
     let probe = tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect_with(&options))

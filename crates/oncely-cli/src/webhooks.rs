@@ -18,7 +18,11 @@ pub(crate) async fn endpoints(pool: &PgPool) -> Result<(), Fail> {
         .await?
         .into_iter()
         .map(|e| {
-            let state = if e.enabled { "enabled".to_owned() } else { format!("disabled: {}", e.disabled_reason.unwrap_or_default()) };
+            let state = if e.enabled {
+                "enabled".to_owned()
+            } else {
+                format!("disabled: {}", e.disabled_reason.unwrap_or_default())
+            };
             vec![
                 e.id.to_string(),
                 e.url,
@@ -33,7 +37,12 @@ pub(crate) async fn endpoints(pool: &PgPool) -> Result<(), Fail> {
     Ok(())
 }
 
-pub(crate) async fn deliveries(pool: &PgPool, endpoint: Option<i64>, undelivered: bool, limit: i64) -> Result<(), Fail> {
+pub(crate) async fn deliveries(
+    pool: &PgPool,
+    endpoint: Option<i64>,
+    undelivered: bool,
+    limit: i64,
+) -> Result<(), Fail> {
     let filter = DeliveryFilter { endpoint: endpoint.map(EndpointId), event: None, undelivered, limit: Some(limit) };
     let rows: Vec<Vec<String>> = webhook::list_deliveries(pool, &filter)
         .await?

@@ -134,12 +134,19 @@ async fn manages_webhook_endpoints_and_redelivers_a_dead_delivery() {
     assert_eq!(r.code, Some(1));
     assert!(r.err.contains("http:// or https://"), "{}", r.err);
 
-    let ev = oncely_core::outbox::publish(pool, &oncely_core::outbox::Event::from_json("invoice.paid", serde_json::json!({})))
-        .await
-        .unwrap();
+    let ev = oncely_core::outbox::publish(
+        pool,
+        &oncely_core::outbox::Event::from_json("invoice.paid", serde_json::json!({})),
+    )
+    .await
+    .unwrap();
     let job: i64 = sqlx::query_scalar("SELECT job_id FROM oncely.webhook_deliveries").fetch_one(pool).await.unwrap();
     // The delivery ran out of attempts.
-    sqlx::query("UPDATE oncely.jobs SET state = 'dead', finished_at = now() WHERE id = $1").bind(job).execute(pool).await.unwrap();
+    sqlx::query("UPDATE oncely.jobs SET state = 'dead', finished_at = now() WHERE id = $1")
+        .bind(job)
+        .execute(pool)
+        .await
+        .unwrap();
 
     let r = oncely(url, &["webhooks", "deliveries", "--undelivered"]);
     assert!(r.ok, "{}", r.err);
@@ -148,7 +155,8 @@ async fn manages_webhook_endpoints_and_redelivers_a_dead_delivery() {
 
     let r = oncely(url, &["webhooks", "redeliver", "1", &ev.id.to_string()]);
     assert!(r.ok, "{}", r.err);
-    let new_job: i64 = sqlx::query_scalar("SELECT job_id FROM oncely.webhook_deliveries").fetch_one(pool).await.unwrap();
+    let new_job: i64 =
+        sqlx::query_scalar("SELECT job_id FROM oncely.webhook_deliveries").fetch_one(pool).await.unwrap();
     assert_ne!(new_job, job);
     assert_eq!(state_in_sql(pool, new_job).await, "available");
     assert!(r.out.contains(&format!("job {new_job}")), "{}", r.out);
@@ -193,7 +201,9 @@ async fn bench_runs_every_phase_and_drops_its_scratch_database() {
     assert!(r.out.contains("[3/7] enqueue one by one: 100 jobs"), "{}", r.out);
     assert!(r.out.contains("a plain INSERT into oncely.jobs ="), "{}", r.out);
     assert!(r.out.contains("(checked in SQL: 400 completed)"), "{}", r.out);
-    for figure in ["enqueue one-by-one:", "where it goes:", "enqueue batched:", "processing:", "enqueue->start latency:"] {
+    for figure in
+        ["enqueue one-by-one:", "where it goes:", "enqueue batched:", "processing:", "enqueue->start latency:"]
+    {
         assert!(r.out.lines().any(|l| l.trim_start().starts_with(figure)), "no {figure:?} in the summary:\n{}", r.out);
     }
     let scratch = r
@@ -236,7 +246,8 @@ async fn ledger_show_and_resolve_settle_a_record_whose_outcome_is_unknown() {
 
     // Neither or both settlements is a usage error; bad JSON is refused before touching anything.
     assert_eq!(oncely(url, &["ledger", "resolve", "step", "charge:order:7"]).code, Some(2));
-    let both = oncely(url, &["ledger", "resolve", "step", "charge:order:7", "--took-effect", "1", "--did-not-take-effect"]);
+    let both =
+        oncely(url, &["ledger", "resolve", "step", "charge:order:7", "--took-effect", "1", "--did-not-take-effect"]);
     assert_eq!(both.code, Some(2), "{}", both.err);
     let bad = oncely(url, &["ledger", "resolve", "step", "charge:order:7", "--took-effect", "ch_1"]);
     assert_eq!(bad.code, Some(1));
@@ -247,11 +258,12 @@ async fn ledger_show_and_resolve_settle_a_record_whose_outcome_is_unknown() {
 
     let r = oncely(url, &["ledger", "resolve", "step", "charge:order:7", "--took-effect", r#""ch_1""#]);
     assert!(r.ok, "{}", r.err);
-    let (state, output): (String, serde_json::Value) =
-        sqlx::query_as("SELECT state::text, output FROM oncely.ledger WHERE namespace = 'step' AND key = 'charge:order:7'")
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
+    let (state, output): (String, serde_json::Value) = sqlx::query_as(
+        "SELECT state::text, output FROM oncely.ledger WHERE namespace = 'step' AND key = 'charge:order:7'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
     assert_eq!((state.as_str(), output), ("completed", serde_json::json!("ch_1")));
     let again = oncely(url, &["ledger", "resolve", "step", "charge:order:7", "--did-not-take-effect"]);
     assert_eq!(again.code, Some(1));

@@ -285,19 +285,23 @@ impl Effect<'_> {
                     return Err(self.park(attempt, idempotency_key).await);
                 }
                 // Asking the other system can take a while: keep the claim meanwhile.
-                OnUnknown::Reconcile(reconcile) => match self.heartbeat(attempt, reconcile(idempotency_key.clone())).await {
-                    Ok(Some(v)) => {
-                        tracing::info!(step = self.label, %previous, "reconciled: the earlier call took effect");
-                        return self.record(attempt, v).await;
+                OnUnknown::Reconcile(reconcile) => {
+                    match self.heartbeat(attempt, reconcile(idempotency_key.clone())).await {
+                        Ok(Some(v)) => {
+                            tracing::info!(step = self.label, %previous, "reconciled: the earlier call took effect");
+                            return self.record(attempt, v).await;
+                        }
+                        Ok(None) => {
+                            tracing::info!(step = self.label, %previous, "reconciled: the earlier call did not take effect");
+                            // Call only while the claim is still ours: if it lapsed during the
+                            // reconciliation, someone else may be calling (or a person settled it).
+                            ledger::extend(self.pool, &self.key, attempt, self.lease)
+                                .await
+                                .map_err(|e| self.ledger_err(e))?;
+                        }
+                        Err(source) => return Err(StepError::Failed { step: self.label.to_owned(), source }),
                     }
-                    Ok(None) => {
-                        tracing::info!(step = self.label, %previous, "reconciled: the earlier call did not take effect");
-                        // Call only while the claim is still ours: if it lapsed during the
-                        // reconciliation, someone else may be calling (or a person settled it).
-                        ledger::extend(self.pool, &self.key, attempt, self.lease).await.map_err(|e| self.ledger_err(e))?;
-                    }
-                    Err(source) => return Err(StepError::Failed { step: self.label.to_owned(), source }),
-                },
+                }
             }
         }
         match self.heartbeat(attempt, f(idempotency_key)).await {
@@ -408,7 +412,14 @@ pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 /// # Ok(()) }
 /// ```
 pub fn idempotent<'a>(pool: &'a PgPool, key: &'a str) -> Idempotent<'a> {
-    Idempotent { pool, key, ttl: Some(DEFAULT_IDEMPOTENCY_TTL), fingerprint: None, wait: Duration::ZERO, lease: DEFAULT_IDEMPOTENCY_LEASE }
+    Idempotent {
+        pool,
+        key,
+        ttl: Some(DEFAULT_IDEMPOTENCY_TTL),
+        fingerprint: None,
+        wait: Duration::ZERO,
+        lease: DEFAULT_IDEMPOTENCY_LEASE,
+    }
 }
 
 /// Options of a once-per-key call; see [`idempotent`].

@@ -96,7 +96,13 @@ SELECT id FROM job
 /// # Ok(()) }
 /// ```
 #[instrument(skip(conn, payload, job), fields(job.kind = %job.kind), err)]
-pub async fn accept<'a, A>(conn: A, source: &str, event_id: &str, payload: &serde_json::Value, job: NewJob) -> Result<Accepted>
+pub async fn accept<'a, A>(
+    conn: A,
+    source: &str,
+    event_id: &str,
+    payload: &serde_json::Value,
+    job: NewJob,
+) -> Result<Accepted>
 where
     A: Acquire<'a, Database = Postgres>,
 {
@@ -149,7 +155,11 @@ pub struct InboxEntry {
 
 /// Whether `(source, event_id)` was accepted, and how its processing stands; `None` when it was
 /// never accepted (or its record was pruned).
-pub async fn status<'e>(executor: impl sqlx::PgExecutor<'e>, source: &str, event_id: &str) -> Result<Option<InboxEntry>> {
+pub async fn status<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    source: &str,
+    event_id: &str,
+) -> Result<Option<InboxEntry>> {
     let row = sqlx::query(
         "SELECT i.job_id, i.received_at, j.state::text AS state FROM oncely.inbox i \
          LEFT JOIN oncely.jobs j ON j.id = i.job_id WHERE i.source = $1 AND i.event_id = $2",
@@ -174,7 +184,11 @@ pub async fn status<'e>(executor: impl sqlx::PgExecutor<'e>, source: &str, event
 /// Delete up to `limit` inbox records received longer ago than `older_than`. A sender that resends
 /// an event after its record is gone has it accepted again, so keep records longer than any sender
 /// retries (Stripe: 3 days). Returns how many were deleted.
-pub async fn prune_inbox<'e>(executor: impl sqlx::PgExecutor<'e>, older_than: std::time::Duration, limit: i64) -> Result<u64> {
+pub async fn prune_inbox<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    older_than: std::time::Duration,
+    limit: i64,
+) -> Result<u64> {
     let res = sqlx::query(
         "DELETE FROM oncely.inbox WHERE (source, event_id) IN ( \
              SELECT source, event_id FROM oncely.inbox WHERE received_at < now() - make_interval(secs => $1) LIMIT $2)",

@@ -74,10 +74,11 @@ impl fmt::Display for JobState {
 impl std::str::FromStr for JobState {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        JobState::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| Error::InvalidInput(format!("unknown job state `{s}` (expected one of available, running, completed, dead, cancelled)")))
+        JobState::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "unknown job state `{s}` (expected one of available, running, completed, dead, cancelled)"
+            ))
+        })
     }
 }
 
@@ -166,8 +167,8 @@ pub struct NewJob {
 impl NewJob {
     /// A job of kind `A::KIND` with `args` serialized to JSON, on the default queue.
     pub fn new<A: JobArgs>(args: &A) -> Result<Self> {
-        let args = serde_json::to_value(args)
-            .map_err(|source| Error::InvalidArgs { kind: A::KIND.to_owned(), source })?;
+        let args =
+            serde_json::to_value(args).map_err(|source| Error::InvalidArgs { kind: A::KIND.to_owned(), source })?;
         Ok(Self::from_json(A::KIND, args))
     }
 

@@ -126,7 +126,14 @@ pub async fn claim(conn: &mut sqlx::PgConnection, key: &LedgerKey, opts: &ClaimO
     key.validate()?;
     // Fast path: a completed record answers without a write.
     let existing = match opts.read_first {
-        true => sqlx::query(queries::LEDGER_GET).bind(&key.namespace).bind(&key.key).bind(opts.now).fetch_optional(&mut *conn).await?,
+        true => {
+            sqlx::query(queries::LEDGER_GET)
+                .bind(&key.namespace)
+                .bind(&key.key)
+                .bind(opts.now)
+                .fetch_optional(&mut *conn)
+                .await?
+        }
         false => None,
     };
     if let Some(row) = existing {
@@ -170,7 +177,9 @@ pub async fn claim(conn: &mut sqlx::PgConnection, key: &LedgerKey, opts: &ClaimO
             return Ok(Claimed::Mismatch);
         }
         return Ok(match row.try_get::<String, _>("state")?.as_str() {
-            "completed" => Claimed::Completed(row.try_get::<Option<serde_json::Value>, _>("output")?.unwrap_or_default()),
+            "completed" => {
+                Claimed::Completed(row.try_get::<Option<serde_json::Value>, _>("output")?.unwrap_or_default())
+            }
             _ => Claimed::Busy { retry_after: Duration::from_secs_f64(row.try_get::<f64, _>("lease_left")?) },
         });
     }
@@ -233,12 +242,7 @@ pub async fn park<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt: i
 /// Forget claim `attempt` when the effect did not happen (it failed cleanly), so the next claimant
 /// runs it from scratch. A claim already taken over is left alone.
 pub async fn release<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt: i32) -> Result<()> {
-    sqlx::query(queries::LEDGER_RELEASE)
-        .bind(&key.namespace)
-        .bind(&key.key)
-        .bind(attempt)
-        .execute(executor)
-        .await?;
+    sqlx::query(queries::LEDGER_RELEASE).bind(&key.namespace).bind(&key.key).bind(attempt).execute(executor).await?;
     Ok(())
 }
 
@@ -278,7 +282,9 @@ pub async fn resolve<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, resolut
     let reason = match (state.as_deref(), live) {
         (None, _) => "no such record (it never existed, or expired and was cleaned up)".to_owned(),
         (Some("completed"), _) => "already completed: its effect is recorded as done".to_owned(),
-        (_, Some(true)) => "a live claim holds it: the effect may be running right now; try again after its lease".to_owned(),
+        (_, Some(true)) => {
+            "a live claim holds it: the effect may be running right now; try again after its lease".to_owned()
+        }
         (Some(other), _) => format!("in state {other}"),
     };
     Err(Error::LedgerNotResolvable { key: key.to_string(), reason })

@@ -34,12 +34,14 @@ pub mod txn;
 pub mod webhook;
 
 pub use effect::{
-    idempotent, with_idempotency, with_idempotency_tx, Idempotent, StepError, DEFAULT_IDEMPOTENCY_LEASE, DEFAULT_IDEMPOTENCY_TTL,
-    IDEMPOTENCY_NAMESPACE,
+    idempotent, with_idempotency, with_idempotency_tx, Idempotent, StepError, DEFAULT_IDEMPOTENCY_LEASE,
+    DEFAULT_IDEMPOTENCY_TTL, IDEMPOTENCY_NAMESPACE,
 };
 pub use error::{Error, Result};
-pub use queries::JOBS_CHANNEL;
 pub use job::{AttemptError, ErrorKind, Job, JobArgs, JobId, JobState, NewJob};
 pub use lease::Claim;
 pub use migrate::{migrate, MIGRATOR};
-pub use queue::{cancel_job, count_jobs, enqueue, enqueue_many, get_job, list_jobs, retry_job, Enqueued, JobFilter, QueueCount};
+pub use queries::JOBS_CHANNEL;
+pub use queue::{
+    cancel_job, count_jobs, enqueue, enqueue_many, get_job, list_jobs, retry_job, Enqueued, JobFilter, QueueCount,
+};

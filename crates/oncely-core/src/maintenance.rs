@@ -64,13 +64,14 @@ pub async fn prune_finished<'e>(
 
 /// Try to take, or keep, the leadership `name` for `leader_id` during `ttl`. Returns true while
 /// held. Leadership passes to another candidate only after the holder stops renewing it.
-pub async fn elect_leader<'e>(executor: impl PgExecutor<'e>, name: &str, leader_id: &str, ttl: Duration) -> Result<bool> {
-    let row = sqlx::query(queries::LEADER_ELECT)
-        .bind(name)
-        .bind(leader_id)
-        .bind(secs(ttl))
-        .fetch_optional(executor)
-        .await?;
+pub async fn elect_leader<'e>(
+    executor: impl PgExecutor<'e>,
+    name: &str,
+    leader_id: &str,
+    ttl: Duration,
+) -> Result<bool> {
+    let row =
+        sqlx::query(queries::LEADER_ELECT).bind(name).bind(leader_id).bind(secs(ttl)).fetch_optional(executor).await?;
     Ok(row.is_some())
 }
 
@@ -129,7 +130,12 @@ pub async fn record_run<'e>(
 
 /// Delete up to `limit` recorded runs of `task` that started more than `older_than` ago; returns
 /// how many. (The worker keeps a week of its per-minute prune runs; cleanup audits stay.)
-pub async fn prune_runs<'e>(executor: impl PgExecutor<'e>, task: &str, older_than: Duration, limit: i64) -> Result<u64> {
+pub async fn prune_runs<'e>(
+    executor: impl PgExecutor<'e>,
+    task: &str,
+    older_than: Duration,
+    limit: i64,
+) -> Result<u64> {
     let res = sqlx::query(
         "DELETE FROM oncely.maintenance_runs WHERE id IN (SELECT id FROM oncely.maintenance_runs \
          WHERE task = $1 AND started_at < now() - make_interval(secs => $2) LIMIT $3)",

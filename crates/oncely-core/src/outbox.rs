@@ -37,7 +37,9 @@ pub const ENDPOINT_DISABLED_TOPIC: &str = "oncely.endpoint.disabled";
 pub const MAX_TOPIC_LEN: usize = 255;
 
 /// An event's id (the `oncely.events.id` column).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize, sqlx::Type)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize, sqlx::Type,
+)]
 #[sqlx(transparent)]
 #[serde(transparent)]
 pub struct EventId(pub i64);
@@ -314,7 +316,11 @@ pub async fn get_event<'e>(executor: impl PgExecutor<'e>, id: EventId) -> Result
 /// every delivery of theirs was delivered, or its job is gone (dead jobs are kept for their own
 /// retention, so a dead delivery stays redeliverable until then). Their delivery rows go with them.
 /// Returns how many were deleted.
-pub async fn prune_events<'e>(executor: impl PgExecutor<'e>, older_than: std::time::Duration, limit: i64) -> Result<u64> {
+pub async fn prune_events<'e>(
+    executor: impl PgExecutor<'e>,
+    older_than: std::time::Duration,
+    limit: i64,
+) -> Result<u64> {
     let res = sqlx::query(
         "DELETE FROM oncely.events WHERE id IN ( \
              SELECT e.id FROM oncely.events e \

@@ -21,9 +21,14 @@ macro_rules! jobs_channel {
 macro_rules! job_insert_returning {
     ($existing:literal) => {
         concat!(
-            "RETURNING id, ", $existing, " AS existing, ",
-            "CASE WHEN run_at <= now() AND NOT ", $existing,
-            " THEN pg_notify(", jobs_channel!(), ", queue) END IS NULL AS notified"
+            "RETURNING id, ",
+            $existing,
+            " AS existing, ",
+            "CASE WHEN run_at <= now() AND NOT ",
+            $existing,
+            " THEN pg_notify(",
+            jobs_channel!(),
+            ", queue) END IS NULL AS notified"
         )
     };
 }
@@ -250,9 +255,17 @@ pub(crate) const LEDGER_CLAIM: &str = concat!(
 INSERT INTO oncely.ledger AS l
     (namespace, key, fingerprint, state, attempt, owner, lease_expires_at, expires_at, created_at, updated_at)
 VALUES ($1, $2, $3, 'in_progress', 1, $4,
-        "#, ledger_now!(), r#" + make_interval(secs => $5),
-        CASE WHEN $6::float8 IS NULL THEN NULL ELSE "#, ledger_now!(), r#" + make_interval(secs => $6) END,
-        "#, ledger_now!(), ", ", ledger_now!(), r#")
+        "#,
+    ledger_now!(),
+    r#" + make_interval(secs => $5),
+        CASE WHEN $6::float8 IS NULL THEN NULL ELSE "#,
+    ledger_now!(),
+    r#" + make_interval(secs => $6) END,
+        "#,
+    ledger_now!(),
+    ", ",
+    ledger_now!(),
+    r#")
 ON CONFLICT (namespace, key) DO UPDATE
 SET fingerprint = EXCLUDED.fingerprint,
     state = 'in_progress',
@@ -261,16 +274,26 @@ SET fingerprint = EXCLUDED.fingerprint,
     lease_expires_at = EXCLUDED.lease_expires_at,
     expires_at = EXCLUDED.expires_at,
     output = NULL,
-    previous_owner = CASE WHEN l.expires_at <= "#, ledger_now!(), r#" THEN NULL ELSE l.owner END,
-    created_at = CASE WHEN l.expires_at <= "#, ledger_now!(), r#" THEN EXCLUDED.created_at ELSE l.created_at END,
+    previous_owner = CASE WHEN l.expires_at <= "#,
+    ledger_now!(),
+    r#" THEN NULL ELSE l.owner END,
+    created_at = CASE WHEN l.expires_at <= "#,
+    ledger_now!(),
+    r#" THEN EXCLUDED.created_at ELSE l.created_at END,
     updated_at = EXCLUDED.updated_at
-WHERE l.expires_at <= "#, ledger_now!(), r#"
+WHERE l.expires_at <= "#,
+    ledger_now!(),
+    r#"
    OR (l.state = 'in_progress'
        AND l.fingerprint IS NOT DISTINCT FROM EXCLUDED.fingerprint
-       AND (l.lease_expires_at <= "#, ledger_now!(), r#"
+       AND (l.lease_expires_at <= "#,
+    ledger_now!(),
+    r#"
             OR ($7::text IS NOT NULL AND starts_with(l.owner, $7) AND l.owner <> EXCLUDED.owner)))
 RETURNING attempt, previous_owner,
-          greatest(extract(epoch FROM "#, ledger_now!(), r#" - created_at), 0)::float8 AS intent_age
+          greatest(extract(epoch FROM "#,
+    ledger_now!(),
+    r#" - created_at), 0)::float8 AS intent_age
 "#
 );
 

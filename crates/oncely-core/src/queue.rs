@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{Acquire, PgExecutor, Postgres, Row};
 use futures::future::BoxFuture;
+use sqlx::{Acquire, PgExecutor, Postgres, Row};
 use tracing::{instrument, Instrument};
 
 use crate::error::{Error, Result};
@@ -120,10 +120,12 @@ fn copy_field(out: &mut String, v: &str) {
 }
 
 async fn enqueue_copy(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
-    let ids: Vec<i64> = sqlx::query_scalar(queries::JOB_RESERVE_IDS).bind(jobs.len() as i64).fetch_all(&mut *conn).await?;
+    let ids: Vec<i64> =
+        sqlx::query_scalar(queries::JOB_RESERVE_IDS).bind(jobs.len() as i64).fetch_all(&mut *conn).await?;
     let mut buf = String::with_capacity(jobs.len() * 64);
     for (id, job) in ids.iter().zip(jobs) {
-        let args = serde_json::to_string(&job.args).map_err(|source| Error::InvalidArgs { kind: job.kind.clone(), source })?;
+        let args =
+            serde_json::to_string(&job.args).map_err(|source| Error::InvalidArgs { kind: job.kind.clone(), source })?;
         buf.push_str(&id.to_string());
         for field in [job.kind.as_str(), job.queue.as_str(), args.as_str()] {
             buf.push('\t');
@@ -276,7 +278,12 @@ pub async fn cancel_job(conn: &mut sqlx::PgConnection, id: JobId) -> Result<()> 
         return Ok(());
     }
     let job = get_job(&mut *conn, id).await?;
-    Err(Error::InvalidState { job_id: id, state: job.state.to_string(), action: "cancel", expected: "available or running" })
+    Err(Error::InvalidState {
+        job_id: id,
+        state: job.state.to_string(),
+        action: "cancel",
+        expected: "available or running",
+    })
 }
 
 /// Put a dead (or cancelled) job back in its queue, with its error history kept and one more
@@ -291,11 +298,16 @@ pub async fn retry_job(conn: &mut sqlx::PgConnection, id: JobId) -> Result<()> {
         }
         Ok(None) => {
             let job = get_job(&mut *conn, id).await?;
-            Err(Error::InvalidState { job_id: id, state: job.state.to_string(), action: "retry", expected: "dead or cancelled" })
+            Err(Error::InvalidState {
+                job_id: id,
+                state: job.state.to_string(),
+                action: "retry",
+                expected: "dead or cancelled",
+            })
         }
-        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => Err(Error::InvalidInput(format!(
-            "job {id} cannot be retried: another live job holds its unique key"
-        ))),
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => {
+            Err(Error::InvalidInput(format!("job {id} cannot be retried: another live job holds its unique key")))
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -48,10 +48,11 @@ use futures::future::BoxFuture;
 use serde::{de::DeserializeOwned, Serialize};
 use sqlx::PgPool;
 
-pub use crate::effect::{
-    Boundary, BoundaryHook, BoundaryPoint, BoxError, InjectedCrash, OnUnknown, Reconciler, StepError, DEFAULT_CALLEE_KEY_WINDOW,
-};
 use crate::effect::Effect;
+pub use crate::effect::{
+    Boundary, BoundaryHook, BoundaryPoint, BoxError, InjectedCrash, OnUnknown, Reconciler, StepError,
+    DEFAULT_CALLEE_KEY_WINDOW,
+};
 use crate::job::JobId;
 use crate::ledger::LedgerKey;
 
@@ -152,7 +153,8 @@ impl<'a> Step<'a> {
 
     fn effect(self) -> Result<(Effect<'a>, String), StepError> {
         let key = self.ledger_key();
-        let fresh = self.scope.used.lock().expect("step-key lock poisoned by a panic while held").insert(key.key.clone());
+        let fresh =
+            self.scope.used.lock().expect("step-key lock poisoned by a panic while held").insert(key.key.clone());
         if !fresh {
             return Err(StepError::DuplicateKey(key.key));
         }

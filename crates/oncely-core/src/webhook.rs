@@ -27,7 +27,9 @@ pub const MAX_SECRET_BYTES: usize = 64;
 pub const DEFAULT_ROTATION_OVERLAP: Duration = Duration::from_secs(24 * 3600);
 
 /// An endpoint's id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize, sqlx::Type)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize, sqlx::Type,
+)]
 #[sqlx(transparent)]
 #[serde(transparent)]
 pub struct EndpointId(pub i64);
@@ -124,7 +126,12 @@ pub struct NewEndpoint {
 impl NewEndpoint {
     /// An endpoint for `url` receiving `topics`, with a new secret, unordered.
     pub fn new<T: Into<String>>(url: impl Into<String>, topics: impl IntoIterator<Item = T>) -> Self {
-        NewEndpoint { url: url.into(), topics: topics.into_iter().map(Into::into).collect(), secret: None, ordered: false }
+        NewEndpoint {
+            url: url.into(),
+            topics: topics.into_iter().map(Into::into).collect(),
+            secret: None,
+            ordered: false,
+        }
     }
 
     /// Use this secret.
@@ -260,7 +267,8 @@ pub async fn rotate_secret<'e>(
          previous_secret_expires_at = now() + make_interval(secs => $3), updated_at = now() \
          WHERE id = $1 RETURNING {ENDPOINT_COLUMNS}"
     );
-    let row = sqlx::query(&sql).bind(id).bind(new.as_str()).bind(overlap.as_secs_f64()).fetch_optional(executor).await?;
+    let row =
+        sqlx::query(&sql).bind(id).bind(new.as_str()).bind(overlap.as_secs_f64()).fetch_optional(executor).await?;
     endpoint_from_row(&row.ok_or(Error::NotFound { what: "webhook endpoint", id: id.0 })?)
 }
 
@@ -421,7 +429,8 @@ pub async fn redeliver(pool: &PgPool, endpoint: EndpointId, event: EventId) -> R
     if state.is_some_and(|s| !s.is_finished()) {
         return Ok(JobId(row.try_get("job_id")?));
     }
-    let queue: String = row.try_get::<Option<String>, _>("queue")?.unwrap_or_else(|| outbox::DEFAULT_DELIVERY_QUEUE.into());
+    let queue: String =
+        row.try_get::<Option<String>, _>("queue")?.unwrap_or_else(|| outbox::DEFAULT_DELIVERY_QUEUE.into());
     let max_attempts: i32 = row.try_get::<Option<i32>, _>("max_attempts")?.unwrap_or(outbox::DEFAULT_DELIVERY_ATTEMPTS);
     let args = serde_json::json!({ "event_id": event, "endpoint_id": endpoint });
     let job = crate::job::NewJob::from_json(outbox::DELIVERY_KIND, args).queue(queue).max_attempts(max_attempts);
@@ -454,7 +463,11 @@ pub struct DeliveryTarget {
 }
 
 /// Load what an attempt to deliver `event` to `endpoint` needs.
-pub async fn load_delivery<'e>(executor: impl PgExecutor<'e>, endpoint: EndpointId, event: EventId) -> Result<DeliveryTarget> {
+pub async fn load_delivery<'e>(
+    executor: impl PgExecutor<'e>,
+    endpoint: EndpointId,
+    event: EventId,
+) -> Result<DeliveryTarget> {
     let sql = format!(
         "SELECT {ENDPOINT_COLUMNS}, d.job_id, d.ordering_key AS delivery_ordering_key, d.attempts, d.delivered_at, \
                 {} \

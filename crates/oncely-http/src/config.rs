@@ -152,7 +152,9 @@ pub fn default_scope(parts: &http::request::Parts) -> String {
         return format!("ip:{ip}");
     }
     #[cfg(feature = "axum")]
-    if let Some(axum::extract::ConnectInfo(addr)) = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>() {
+    if let Some(axum::extract::ConnectInfo(addr)) =
+        parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+    {
         return format!("ip:{}", addr.ip());
     }
     "anonymous".into()

@@ -98,7 +98,9 @@ mod tests {
         assert_eq!(parse_key(b""), Err(KeyError::Empty));
         assert_eq!(parse_key(br#""""#), Err(KeyError::Empty));
         assert_eq!(parse_key("k".repeat(256).as_bytes()), Err(KeyError::TooLong));
-        for bad in [&b"a b"[..], b"\"unterminated", b"\"x\"y", b"caf\xc3\xa9", b"tab\there", b"\"bad \\escape\"", b"a\"b"] {
+        for bad in
+            [&b"a b"[..], b"\"unterminated", b"\"x\"y", b"caf\xc3\xa9", b"tab\there", b"\"bad \\escape\"", b"a\"b"]
+        {
             assert_eq!(parse_key(bad), Err(KeyError::Malformed), "{:?}", String::from_utf8_lossy(bad));
         }
     }

@@ -22,7 +22,9 @@ pub mod store;
 mod tx;
 
 pub use config::{ClientAddr, IdempotencyConfig, InFlight, MissingKey};
-pub use service::{fingerprint, Idempotency, IdempotencyLayer, InnerBody, ResponseBody, IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED};
+pub use service::{
+    fingerprint, Idempotency, IdempotencyLayer, InnerBody, ResponseBody, IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED,
+};
 pub use store::{IdempotencyStore, MemoryStore, PgStore, StoreClaim, StoreError, StoredResponse};
 #[cfg(feature = "axum")]
 pub use tx::MissingRequestTx;

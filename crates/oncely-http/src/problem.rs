@@ -61,13 +61,25 @@ impl Problem {
 
     /// The response: `status`, a problem document with `detail` and `request_id`, and a
     /// machine-readable `code` for clients that switch on it (e.g. `idempotency_conflict`).
-    pub(crate) fn response(self, status: StatusCode, detail: &str, request_id: &str, code: Option<&str>) -> Response<Full<Bytes>> {
+    pub(crate) fn response(
+        self,
+        status: StatusCode,
+        detail: &str,
+        request_id: &str,
+        code: Option<&str>,
+    ) -> Response<Full<Bytes>> {
         let (parts, body) = self.parts(status, detail, request_id, code);
         Response::from_parts(parts, Full::new(body))
     }
 
     /// [`response`](Self::response) as a head and a body.
-    pub(crate) fn parts(self, status: StatusCode, detail: &str, request_id: &str, code: Option<&str>) -> (http::response::Parts, Bytes) {
+    pub(crate) fn parts(
+        self,
+        status: StatusCode,
+        detail: &str,
+        request_id: &str,
+        code: Option<&str>,
+    ) -> (http::response::Parts, Bytes) {
         let mut doc = serde_json::json!({
             "type": self.type_uri(),
             "title": self.title(),

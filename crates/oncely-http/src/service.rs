@@ -128,7 +128,8 @@ where
         // Take the service that was driven to readiness; leave a clone in its place.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let run = Run { inner, mode: self.mode.clone(), config: self.config.clone(), _bodies: std::marker::PhantomData };
+        let run =
+            Run { inner, mode: self.mode.clone(), config: self.config.clone(), _bodies: std::marker::PhantomData };
         Box::pin(run.handle(req))
     }
 }
@@ -140,7 +141,13 @@ struct Run<S, B, ResBody> {
     _bodies: std::marker::PhantomData<fn() -> (B, ResBody)>,
 }
 
-fn problem<B>(p: Problem, status: StatusCode, detail: &str, request_id: &str, code: Option<&str>) -> Response<ResponseBody<B>> {
+fn problem<B>(
+    p: Problem,
+    status: StatusCode,
+    detail: &str,
+    request_id: &str,
+    code: Option<&str>,
+) -> Response<ResponseBody<B>> {
     p.response(status, detail, request_id, code).map(Either::Right)
 }
 
@@ -281,14 +288,22 @@ where
     fn unavailable(&self, e: &dyn std::fmt::Display, request_id: &str) -> Response<ResponseBody<ResBody>> {
         tracing::error!(error = %e, %request_id, "idempotency store unavailable; refusing the request");
         let detail = "the request was not processed; retry with the same Idempotency-Key";
-        retry_after(problem(Problem::StoreUnavailable, StatusCode::SERVICE_UNAVAILABLE, detail, request_id, None), Duration::from_secs(1))
+        retry_after(
+            problem(Problem::StoreUnavailable, StatusCode::SERVICE_UNAVAILABLE, detail, request_id, None),
+            Duration::from_secs(1),
+        )
     }
 
     /// Run the handler (a panic becomes a 500), call the `before_store` hook, and buffer the
     /// response. Returns the response head, its body, and whether the handler failed.
-    async fn run_buffered(&mut self, req: Request<InnerBody<B>>, request_id: &str) -> Result<(http::response::Parts, Bytes, bool), S::Error> {
+    async fn run_buffered(
+        &mut self,
+        req: Request<InnerBody<B>>,
+        request_id: &str,
+    ) -> Result<(http::response::Parts, Bytes, bool), S::Error> {
         let failure = |detail: &str| {
-            let (parts, body) = Problem::HandlerPanicked.parts(StatusCode::INTERNAL_SERVER_ERROR, detail, request_id, None);
+            let (parts, body) =
+                Problem::HandlerPanicked.parts(StatusCode::INTERNAL_SERVER_ERROR, detail, request_id, None);
             (parts, body, true)
         };
         let out = match AssertUnwindSafe(self.inner.call(req)).catch_unwind().await {
@@ -326,7 +341,13 @@ where
             .config
             .stored_headers
             .iter()
-            .flat_map(|name| parts.headers.get_all(name).iter().filter_map(move |v| Some((name.as_str().to_owned(), v.to_str().ok()?.to_owned()))))
+            .flat_map(|name| {
+                parts
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .filter_map(move |v| Some((name.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            })
             .collect();
         StoredResponse { status: parts.status.as_u16(), headers, body: body.to_vec() }
     }

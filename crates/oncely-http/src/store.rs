@@ -74,9 +74,23 @@ impl From<oncely_core::Error> for StoreError {
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync + 'static {
     /// Claim `key` in `scope` for a request with `fingerprint`: run it, replay, busy or mismatch.
-    async fn claim(&self, scope: &str, key: &str, fingerprint: &str, lease: Duration, ttl: Duration) -> Result<StoreClaim, StoreError>;
+    async fn claim(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &str,
+        lease: Duration,
+        ttl: Duration,
+    ) -> Result<StoreClaim, StoreError>;
     /// Store the response of claim `token`, kept for `ttl`.
-    async fn complete(&self, scope: &str, key: &str, token: i32, response: &StoredResponse, ttl: Duration) -> Result<(), StoreError>;
+    async fn complete(
+        &self,
+        scope: &str,
+        key: &str,
+        token: i32,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
     /// Forget claim `token` so the next request with the key runs.
     async fn release(&self, scope: &str, key: &str, token: i32) -> Result<(), StoreError>;
     /// Extend claim `token`'s lease to `lease` from now while its request still runs. The layer
@@ -138,13 +152,16 @@ impl PgStore {
                     Ok(n)
                 };
                 let task = oncely_core::maintenance::LEDGER_CLEANUP_TASK;
-                let wait = match oncely_core::maintenance::run_if_due(&pool, task, interval, Some("oncely-http"), cleanup).await {
-                    Ok(wait) => wait,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "idempotency key cleanup failed; next try in one interval");
-                        interval
-                    }
-                };
+                let wait =
+                    match oncely_core::maintenance::run_if_due(&pool, task, interval, Some("oncely-http"), cleanup)
+                        .await
+                    {
+                        Ok(wait) => wait,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "idempotency key cleanup failed; next try in one interval");
+                            interval
+                        }
+                    };
                 // Never a busy loop, even with a zero interval.
                 tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
             }
@@ -161,19 +178,48 @@ pub(crate) fn decode(c: Claimed) -> Result<StoreClaim, StoreError> {
     })
 }
 
-pub(crate) fn claim_options<'a>(owner: &'a str, fingerprint: &'a str, lease: Duration, ttl: Duration) -> ClaimOptions<'a> {
-    ClaimOptions { owner, fingerprint: Some(fingerprint), lease, ttl: Some(ttl), supersedes: None, now: None, read_first: true }
+pub(crate) fn claim_options<'a>(
+    owner: &'a str,
+    fingerprint: &'a str,
+    lease: Duration,
+    ttl: Duration,
+) -> ClaimOptions<'a> {
+    ClaimOptions {
+        owner,
+        fingerprint: Some(fingerprint),
+        lease,
+        ttl: Some(ttl),
+        supersedes: None,
+        now: None,
+        read_first: true,
+    }
 }
 
 #[async_trait]
 impl IdempotencyStore for PgStore {
-    async fn claim(&self, scope: &str, key: &str, fingerprint: &str, lease: Duration, ttl: Duration) -> Result<StoreClaim, StoreError> {
+    async fn claim(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &str,
+        lease: Duration,
+        ttl: Duration,
+    ) -> Result<StoreClaim, StoreError> {
         let mut conn = self.pool.acquire().await.map_err(|e| StoreError(e.to_string()))?;
         let owner = format!("http:{}", uuid::Uuid::new_v4());
-        decode(ledger::claim(&mut conn, &ledger_key(scope, key), &claim_options(&owner, fingerprint, lease, ttl)).await?)
+        decode(
+            ledger::claim(&mut conn, &ledger_key(scope, key), &claim_options(&owner, fingerprint, lease, ttl)).await?,
+        )
     }
 
-    async fn complete(&self, scope: &str, key: &str, token: i32, response: &StoredResponse, ttl: Duration) -> Result<(), StoreError> {
+    async fn complete(
+        &self,
+        scope: &str,
+        key: &str,
+        token: i32,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
         let json = serde_json::to_value(response).map_err(|e| StoreError(e.to_string()))?;
         Ok(ledger::complete(&self.pool, &ledger_key(scope, key), token, &json, Some(ttl)).await?)
     }
@@ -273,7 +319,14 @@ impl Entries {
 
 #[async_trait]
 impl IdempotencyStore for MemoryStore {
-    async fn claim(&self, scope: &str, key: &str, fingerprint: &str, lease: Duration, ttl: Duration) -> Result<StoreClaim, StoreError> {
+    async fn claim(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &str,
+        lease: Duration,
+        ttl: Duration,
+    ) -> Result<StoreClaim, StoreError> {
         let now = Instant::now();
         let mut guard = self.entries.lock().expect("memory store lock poisoned");
         let entries = &mut *guard;
@@ -301,12 +354,26 @@ impl IdempotencyStore for MemoryStore {
         entries.order.push_back((seq, id.clone()));
         entries.map.insert(
             id,
-            Entry { fingerprint: fingerprint.to_owned(), token: 1, seq, expires: now + ttl, response: None, lease_until: now + lease },
+            Entry {
+                fingerprint: fingerprint.to_owned(),
+                token: 1,
+                seq,
+                expires: now + ttl,
+                response: None,
+                lease_until: now + lease,
+            },
         );
         Ok(StoreClaim::Run { token: 1 })
     }
 
-    async fn complete(&self, scope: &str, key: &str, token: i32, response: &StoredResponse, ttl: Duration) -> Result<(), StoreError> {
+    async fn complete(
+        &self,
+        scope: &str,
+        key: &str,
+        token: i32,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
         let mut entries = self.entries.lock().expect("memory store lock poisoned");
         match entries.map.get_mut(&(scope.to_owned(), key.to_owned())) {
             Some(e) if e.token == token && e.response.is_none() => {
@@ -358,18 +425,28 @@ mod tests {
         let store = MemoryStore::with_capacity(2);
         let (lease, ttl) = (Duration::from_secs(60), Duration::from_secs(60));
         for k in ["a", "b", "c"] {
-            let StoreClaim::Run { token } = store.claim("s", k, "fp", lease, ttl).await.unwrap() else { panic!("new key runs") };
+            let StoreClaim::Run { token } = store.claim("s", k, "fp", lease, ttl).await.unwrap() else {
+                panic!("new key runs")
+            };
             store.complete("s", k, token, &resp(k), ttl).await.unwrap();
         }
         assert_eq!(store.len(), 2);
-        assert!(matches!(store.claim("s", "a", "fp", lease, ttl).await.unwrap(), StoreClaim::Run { .. }), "the oldest was evicted");
+        assert!(
+            matches!(store.claim("s", "a", "fp", lease, ttl).await.unwrap(), StoreClaim::Run { .. }),
+            "the oldest was evicted"
+        );
         assert_eq!(store.claim("s", "c", "fp", lease, ttl).await.unwrap(), StoreClaim::Replay(resp("c")));
         assert_eq!(store.claim("s", "c", "other", lease, ttl).await.unwrap(), StoreClaim::Mismatch);
 
         let short = MemoryStore::default();
-        let StoreClaim::Run { token } = short.claim("s", "k", "fp", lease, Duration::ZERO).await.unwrap() else { panic!() };
+        let StoreClaim::Run { token } = short.claim("s", "k", "fp", lease, Duration::ZERO).await.unwrap() else {
+            panic!()
+        };
         short.complete("s", "k", token, &resp("k"), Duration::ZERO).await.unwrap();
-        assert!(matches!(short.claim("s", "k", "fp", lease, ttl).await.unwrap(), StoreClaim::Run { .. }), "expired: runs again");
+        assert!(
+            matches!(short.claim("s", "k", "fp", lease, ttl).await.unwrap(), StoreClaim::Run { .. }),
+            "expired: runs again"
+        );
     }
 
     #[tokio::test]
@@ -398,10 +475,18 @@ mod tests {
     async fn memory_store_is_busy_within_the_lease_and_fences_the_old_claim_after_it() {
         let store = MemoryStore::default();
         let ttl = Duration::from_secs(60);
-        let StoreClaim::Run { token: t1 } = store.claim("s", "k", "fp", Duration::ZERO, ttl).await.unwrap() else { panic!() };
-        let StoreClaim::Run { token: t2 } = store.claim("s", "k", "fp", Duration::from_secs(60), ttl).await.unwrap() else { panic!("lease over: taken over") };
+        let StoreClaim::Run { token: t1 } = store.claim("s", "k", "fp", Duration::ZERO, ttl).await.unwrap() else {
+            panic!()
+        };
+        let StoreClaim::Run { token: t2 } = store.claim("s", "k", "fp", Duration::from_secs(60), ttl).await.unwrap()
+        else {
+            panic!("lease over: taken over")
+        };
         assert!(t2 > t1);
-        assert!(matches!(store.claim("s", "k", "fp", Duration::from_secs(60), ttl).await.unwrap(), StoreClaim::Busy { .. }));
+        assert!(matches!(
+            store.claim("s", "k", "fp", Duration::from_secs(60), ttl).await.unwrap(),
+            StoreClaim::Busy { .. }
+        ));
         assert!(store.complete("s", "k", t1, &resp("late"), ttl).await.is_err(), "the old claim is fenced out");
         store.complete("s", "k", t2, &resp("ok"), ttl).await.unwrap();
     }

@@ -46,21 +46,34 @@ impl TxMode {
         let mut tx = oncely_core::txn::begin(&self.pool).await.map_err(db)?;
         let owner = format!("http-tx:{}", uuid::Uuid::new_v4());
         let wait = format!("{}ms", lock_wait.as_millis().max(1));
-        let previous: String = sqlx::query_scalar("SELECT current_setting('lock_timeout') FROM set_config('lock_timeout', $1, true)")
-            .bind(&wait)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db)?;
-        let claimed = match ledger::claim(&mut tx, &ledger_key(scope, key), &claim_options(&owner, fingerprint, lease, ttl)).await {
+        let previous: String =
+            sqlx::query_scalar("SELECT current_setting('lock_timeout') FROM set_config('lock_timeout', $1, true)")
+                .bind(&wait)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+        let claimed = match ledger::claim(
+            &mut tx,
+            &ledger_key(scope, key),
+            &claim_options(&owner, fingerprint, lease, ttl),
+        )
+        .await
+        {
             Ok(c) => decode(c)?,
-            Err(oncely_core::Error::Database(sqlx::Error::Database(e))) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+            Err(oncely_core::Error::Database(sqlx::Error::Database(e)))
+                if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) =>
+            {
                 // The first request still holds the key in its open transaction.
                 return Ok((tx, StoreClaim::Busy { retry_after: BUSY_RETRY_AFTER }));
             }
             Err(e) => return Err(e.into()),
         };
         // The handler's own statements run under the session's lock timeout again.
-        sqlx::query("SELECT set_config('lock_timeout', $1, true)").bind(&previous).execute(&mut *tx).await.map_err(db)?;
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .bind(&previous)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         Ok((tx, claimed))
     }
 

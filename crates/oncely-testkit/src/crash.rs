@@ -193,10 +193,11 @@ impl CrashHarness {
             });
         let handle = (self.register)(builder).build().expect("crash harness: the worker must build").start();
         eventually(self.deadline, "the crash harness's jobs to finish", || async {
-            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE state IN ('available', 'running')")
-                .fetch_one(db.pool())
-                .await
-                .ok()?;
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE state IN ('available', 'running')")
+                    .fetch_one(db.pool())
+                    .await
+                    .ok()?;
             (left == 0).then_some(())
         })
         .await;

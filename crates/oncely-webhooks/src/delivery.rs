@@ -212,7 +212,9 @@ impl<T: Transport> WebhookDelivery<T> {
     async fn deliver(&self, ctx: JobContext, args: DeliverWebhook) -> HandlerResult {
         let pool = ctx.pool();
         let target = match webhook::load_delivery(pool, args.endpoint_id, args.event_id).await {
-            Err(oncely_core::Error::NotFound { .. }) => return Err(Outcome::fail("the delivery, its event or its endpoint no longer exists")),
+            Err(oncely_core::Error::NotFound { .. }) => {
+                return Err(Outcome::fail("the delivery, its event or its endpoint no longer exists"))
+            }
             other => other?,
         };
         if target.job_id != ctx.id() {

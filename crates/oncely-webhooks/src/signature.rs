@@ -150,9 +150,8 @@ pub fn verify_headers(
     body: &[u8],
     tolerance: Duration,
 ) -> Result<Verified, VerifyError> {
-    let get = |name: &'static str| {
-        headers.get(name).and_then(|v| v.to_str().ok()).ok_or(VerifyError::MissingHeader(name))
-    };
+    let get =
+        |name: &'static str| headers.get(name).and_then(|v| v.to_str().ok()).ok_or(VerifyError::MissingHeader(name));
     verify(secret, get(HEADER_ID)?, get(HEADER_TIMESTAMP)?, get(HEADER_SIGNATURE)?, body, tolerance)
 }
 
@@ -180,9 +179,18 @@ mod tests {
             verify_at(&secret, "msg_1", "1700000000", &sig, b"body", t + 299, tol),
             Ok(Verified { message_id: "msg_1".into(), timestamp: t })
         );
-        assert_eq!(verify_at(&secret, "msg_2", "1700000000", &sig, b"body", t, tol), Err(VerifyError::NoMatchingSignature));
-        assert_eq!(verify_at(&secret, "msg_1", "1700000001", &sig, b"body", t, tol), Err(VerifyError::NoMatchingSignature));
-        assert_eq!(verify_at(&other, "msg_1", "1700000000", &sig, b"body", t, tol), Err(VerifyError::NoMatchingSignature));
+        assert_eq!(
+            verify_at(&secret, "msg_2", "1700000000", &sig, b"body", t, tol),
+            Err(VerifyError::NoMatchingSignature)
+        );
+        assert_eq!(
+            verify_at(&secret, "msg_1", "1700000001", &sig, b"body", t, tol),
+            Err(VerifyError::NoMatchingSignature)
+        );
+        assert_eq!(
+            verify_at(&other, "msg_1", "1700000000", &sig, b"body", t, tol),
+            Err(VerifyError::NoMatchingSignature)
+        );
         assert_eq!(
             verify_at(&secret, "msg_1", "1700000000", &sig, b"body", t + 301, tol),
             Err(VerifyError::TimestampOutOfTolerance(301))

@@ -129,9 +129,7 @@ impl HttpTransport {
         let mut connector = HttpConnector::new_with_resolver(PublicOnly { inner: GaiResolver::new(), allow_private });
         connector.set_connect_timeout(Some(Duration::from_secs(10)));
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector);
         HttpTransport { client, allow_private }
     }
 }

@@ -21,7 +21,11 @@ use crate::worker::{RunningJob, Shared, WorkerStats};
 /// What the attempt came to, before it is written.
 enum Finish {
     Complete,
-    Failed { kind: ErrorKind, message: String, retry_in: Option<Duration> },
+    Failed {
+        kind: ErrorKind,
+        message: String,
+        retry_in: Option<Duration>,
+    },
     Snooze(Duration),
     Cancel(String),
     Release,
@@ -121,9 +125,11 @@ async fn attempt(shared: &Arc<Shared>, job: &Job, cancel: CancellationToken) -> 
             Finish::Failed { kind: ErrorKind::InvalidArgs, message, retry_in: None }
         }
         Ok(Ok(Err(CallError::Outcome(outcome)))) => match outcome {
-            Outcome::Retry { error, after } => {
-                Finish::Failed { kind: ErrorKind::Error, message: error, retry_in: Some(after.unwrap_or_else(|| backoff(shared, job))) }
-            }
+            Outcome::Retry { error, after } => Finish::Failed {
+                kind: ErrorKind::Error,
+                message: error,
+                retry_in: Some(after.unwrap_or_else(|| backoff(shared, job))),
+            },
             Outcome::Fail(message) => Finish::Failed { kind: ErrorKind::Error, message, retry_in: None },
             Outcome::Snooze(d) => Finish::Snooze(d),
             Outcome::Cancel(reason) => Finish::Cancel(reason),
@@ -148,9 +154,11 @@ async fn record(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) {
             }
             Finish::Snooze(d) => oncely_core::lease::snooze_job(pool, claim, *d).await.map(|_| None),
             Finish::Cancel(reason) => oncely_core::lease::cancel_running_job(pool, claim, reason).await.map(|_| None),
-            Finish::Release => oncely_core::lease::release_job(pool, claim, "worker shut down before the attempt finished")
-                .await
-                .map(|_| None),
+            Finish::Release => {
+                oncely_core::lease::release_job(pool, claim, "worker shut down before the attempt finished")
+                    .await
+                    .map(|_| None)
+            }
             Finish::Complete | Finish::Crash => unreachable!("completions go to the completer; crashes write nothing"),
         }
     };

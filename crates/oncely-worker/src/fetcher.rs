@@ -15,7 +15,13 @@ use crate::worker::{Shared, WorkerStats};
 /// How long to back off after a failed claim (the database is away).
 const CLAIM_ERROR_BACKOFF: Duration = Duration::from_millis(500);
 
-pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notify>, stop: CancellationToken, jobs: TaskTracker) {
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    queue: QueueConfig,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+    jobs: TaskTracker,
+) {
     let slots = Arc::new(Semaphore::new(queue.concurrency));
     let batch = shared.config.fetch_batch.min(queue.concurrency);
     let mut busy = false;

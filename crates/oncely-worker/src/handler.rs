@@ -267,8 +267,9 @@ impl<A: JobArgs, H: Handler<A>> ErasedHandler for Typed<A, H> {
     fn call(&self, ctx: JobContext, args: serde_json::Value) -> BoxFuture<'static, Result<(), CallError>> {
         let handler = self.handler.clone();
         Box::pin(async move {
-            let args: A = serde_json::from_value(args)
-                .map_err(|e| CallError::InvalidArgs(format!("arguments do not deserialize into kind `{}`: {e}", A::KIND)))?;
+            let args: A = serde_json::from_value(args).map_err(|e| {
+                CallError::InvalidArgs(format!("arguments do not deserialize into kind `{}`: {e}", A::KIND))
+            })?;
             handler.handle(ctx, args).await.map_err(CallError::Outcome)
         })
     }

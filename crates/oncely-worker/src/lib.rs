@@ -15,8 +15,8 @@
 //! refused ([`oncely_core::Error::LeaseLost`]). Handlers must therefore be safe to repeat — which is
 //! what steps and the effect ledger are for.
 
-pub mod config;
 mod completer;
+pub mod config;
 pub mod error;
 mod executor;
 mod fetcher;

@@ -7,7 +7,8 @@
 use std::sync::Arc;
 
 use oncely_core::maintenance::{
-    elect_leader, prune_finished, prune_runs, rescue_expired, resign_leader, run_if_due, LEDGER_CLEANUP_TASK, PRUNE_TASK,
+    elect_leader, prune_finished, prune_runs, rescue_expired, resign_leader, run_if_due, LEDGER_CLEANUP_TASK,
+    PRUNE_TASK,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -117,9 +118,12 @@ async fn rescue(shared: &Shared) -> oncely_core::Result<()> {
 async fn prune(shared: &Shared) -> oncely_core::Result<u64> {
     let cfg = &shared.config;
     let pool = &shared.pool;
-    let jobs = in_batches("finished jobs", || prune_finished(pool, cfg.retention, cfg.dead_retention, PRUNE_BATCH)).await?;
-    let events = in_batches("events", || oncely_core::outbox::prune_events(pool, cfg.event_retention, PRUNE_BATCH)).await?;
-    let inbox = in_batches("inbox records", || oncely_core::inbox::prune_inbox(pool, cfg.inbox_retention, PRUNE_BATCH)).await?;
+    let jobs =
+        in_batches("finished jobs", || prune_finished(pool, cfg.retention, cfg.dead_retention, PRUNE_BATCH)).await?;
+    let events =
+        in_batches("events", || oncely_core::outbox::prune_events(pool, cfg.event_retention, PRUNE_BATCH)).await?;
+    let inbox =
+        in_batches("inbox records", || oncely_core::inbox::prune_inbox(pool, cfg.inbox_retention, PRUNE_BATCH)).await?;
     // This task records a run every minute or so: keep a week of those.
     in_batches("prune run records", || prune_runs(pool, PRUNE_TASK, PRUNE_RUNS_KEPT, PRUNE_BATCH)).await?;
     Ok(jobs + events + inbox)
