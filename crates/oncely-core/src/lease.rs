@@ -3,7 +3,7 @@
 //! A claim sets the job `running`, increments `attempt` and gives it a lease. Every later write
 //! names the claim — `id`, `attempt`, `state = 'running'` — so a worker whose lease was lost (its
 //! job rescued and claimed again, or cancelled) can change nothing: it gets
-//! [`Error::LeaseLost`](crate::Error::LeaseLost) instead of a silent success.
+//! [`Error::LeaseLost`] instead of a silent success.
 
 use std::collections::HashSet;
 use std::time::Duration;
