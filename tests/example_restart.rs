@@ -106,12 +106,12 @@ async fn example_restart_child() {
 }
 
 /// Workers blocked on the lock this test holds on `usage`.
-async fn waiting_on_lock(conn: &mut PgConnection) -> i64 {
+async fn waiting_on_lock(probe: &PgPool) -> i64 {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity
          WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
     )
-    .fetch_one(conn)
+    .fetch_one(probe)
     .await
     .unwrap()
 }
@@ -124,13 +124,12 @@ async fn block_usage_until_workers_wait(url: &str) -> PgConnection {
     })
     .await;
     sqlx::raw_sql("BEGIN; LOCK TABLE usage IN EXCLUSIVE MODE").execute(&mut conn).await.unwrap();
-    let mut probe = PgConnection::connect(url).await.unwrap();
-    eventually(Duration::from_secs(60), "workers waiting on the usage lock", || {
-        let probe = &mut probe;
-        async move { (waiting_on_lock(probe).await > 0).then_some(()) }
+    let probe = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(url).await.unwrap();
+    eventually(Duration::from_secs(60), "workers waiting on the usage lock", || async {
+        (waiting_on_lock(&probe).await > 0).then_some(())
     })
     .await;
-    probe.close().await.unwrap();
+    probe.close().await;
     conn
 }
 
