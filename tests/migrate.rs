@@ -175,16 +175,17 @@ async fn concurrent_migrators_on_separate_connections_apply_each_migration_once(
         let mut tasks = Vec::new();
         for _ in 0..4 {
             let pool = db.new_pool(1).await;
-            tasks.push(tokio::spawn(async move {
+            // Polled together on this task, each on its own connection: they meet in the database.
+            tasks.push(async move {
                 let report = oncely::migrate_report(&pool).await;
                 pool.close().await;
                 report
-            }));
+            });
         }
         let mut applied = Vec::new();
         let mut moved = Vec::new();
-        for t in tasks {
-            let report = t.await.unwrap().expect("every concurrent migrate call succeeds");
+        for report in futures::future::join_all(tasks).await {
+            let report = report.expect("every concurrent migrate call succeeds");
             applied.extend(report.applied);
             moved.extend(report.moved);
         }

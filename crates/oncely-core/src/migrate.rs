@@ -11,7 +11,7 @@
 //! on the first call: the rows that are oncely's own (same version *and* checksum) move to
 //! `oncely._migrations`; the application's rows stay where they are.
 
-use sqlx::{Acquire, PgConnection};
+use sqlx::{Acquire, Executor, PgConnection};
 
 /// The migrations in the repository's `migrations/` folder, embedded at compile time.
 ///
@@ -126,8 +126,10 @@ pub async fn migrate_conn(conn: &mut PgConnection) -> crate::Result<MigrateRepor
     // Create the history table, adopt an older oncely's rows, and check what is recorded.
     let mut tx = conn.begin().await?;
     lock(&mut tx).await?;
-    sqlx::query(
-        "CREATE SCHEMA IF NOT EXISTS oncely;
+    // Two statements: sent as a simple query (a &str with no parameters), not prepared.
+    (&mut *tx)
+        .execute(
+            "CREATE SCHEMA IF NOT EXISTS oncely;
          CREATE TABLE IF NOT EXISTS oncely._migrations (
              version        bigint      PRIMARY KEY,
              description    text        NOT NULL,
@@ -135,9 +137,8 @@ pub async fn migrate_conn(conn: &mut PgConnection) -> crate::Result<MigrateRepor
              installed_on   timestamptz NOT NULL DEFAULT now(),
              execution_time bigint      NOT NULL DEFAULT -1
          );",
-    )
-    .execute(&mut *tx)
-    .await?;
+        )
+        .await?;
     report.moved = adopt_legacy_rows(&mut tx, &migrations).await?;
     let recorded: Vec<(i64, Vec<u8>)> =
         sqlx::query_as("SELECT version, checksum FROM oncely._migrations ORDER BY version").fetch_all(&mut *tx).await?;
@@ -167,7 +168,8 @@ pub async fn migrate_conn(conn: &mut PgConnection) -> crate::Result<MigrateRepor
             None => {}
         }
         let started = std::time::Instant::now();
-        sqlx::raw_sql(&m.sql).execute(&mut *tx).await.map_err(|source| MigrationError::Apply {
+        // A migration is many statements: a simple query, as sqlx's own runner sends it.
+        (&mut *tx).execute(&*m.sql).await.map_err(|source| MigrationError::Apply {
             version: m.version,
             description: m.description.to_string(),
             source,
