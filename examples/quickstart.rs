@@ -22,7 +22,7 @@ impl JobArgs for SendWelcomeEmail {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).init();
-    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| oncely_testkit::DEFAULT_DATABASE_URL.into());
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| oncely::testkit::DEFAULT_DATABASE_URL.into());
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&url).await?;
     oncely::migrate(&pool).await?;
     sqlx::query("CREATE TABLE IF NOT EXISTS quickstart_users (id bigserial PRIMARY KEY, email text NOT NULL)")

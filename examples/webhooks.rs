@@ -30,9 +30,9 @@ use oncely::core::outbox::{publish, Event, Published, DEFAULT_DELIVERY_QUEUE};
 use oncely::core::webhook::{
     create_endpoint, list_deliveries, Delivery, DeliveryFilter, DeliveryState, NewEndpoint, WebhookSecret,
 };
+use oncely::webhooks::signature::{verify_headers, DEFAULT_TOLERANCE};
+use oncely::webhooks::{DeliveryConfig, HttpTransport, RetrySchedule, WebhookDelivery};
 use oncely::Worker;
-use oncely_webhooks::signature::{verify_headers, DEFAULT_TOLERANCE};
-use oncely_webhooks::{DeliveryConfig, HttpTransport, RetrySchedule, WebhookDelivery};
 use sqlx::Connection;
 
 #[derive(Parser, Debug)]
@@ -126,7 +126,7 @@ async fn main() -> ExitCode {
         eprintln!("webhooks: need --endpoints >= 1 and --failure-rate in [0, 1)");
         return ExitCode::from(2);
     }
-    let server = oncely_testkit::server_url();
+    let server = oncely::testkit::server_url();
     let name = format!("oncely_webhooks_example_{}", std::process::id());
     let result = async {
         let mut admin = sqlx::PgConnection::connect(&server).await?;
@@ -134,7 +134,7 @@ async fn main() -> ExitCode {
         sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut admin).await?;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(16)
-            .connect(&oncely_testkit::url_with_database(&server, &name))
+            .connect(&oncely::testkit::url_with_database(&server, &name))
             .await?;
         let result = run(&args, &pool).await;
         pool.close().await;

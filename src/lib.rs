@@ -1,20 +1,43 @@
 //! oncely: durable jobs and events on PostgreSQL with exactly-once effects.
 //!
-//! This facade re-exports the parts most services need:
-//! - [`oncely_core`] (as [`core`]): the schema, the queue, fenced state writes — usable alone by
-//!   services that only enqueue;
-//! - [`oncely_worker`] (as [`worker`]): the runtime that runs handlers.
+//! One dependency line gives the whole product under `oncely::`:
+//!
+//! ```toml
+//! oncely = { version = "0.1", features = ["http", "webhooks"] }
+//! ```
+//!
+//! - always: the queue ([`enqueue`], [`Worker`], ...), steps ([`step`], [`JobContext::step`]),
+//!   [`idempotent`] and [`with_idempotency`] outside jobs, the [`outbox`], the [`inbox`], webhook
+//!   endpoints ([`webhook`]), the [`migrate`] runner, and the two crates whole as [`core`]
+//!   (`oncely-core`: the schema, the queue, fenced state writes — it knows nothing of the runtime)
+//!   and [`worker`] (`oncely-worker`: the runtime that runs handlers);
+//! - feature `http`: the `Idempotency-Key` tower layer, as `oncely::http` (`oncely-http`); feature
+//!   `axum` adds its axum extractors;
+//! - feature `webhooks`: webhook delivery and receiver-side signature checks, as `oncely::webhooks`
+//!   (`oncely-webhooks`);
+//! - feature `testkit`: a database per test, `eventually`, the crash harness, as `oncely::testkit`
+//!   (`oncely-testkit`), for `[dev-dependencies]`;
+//! - feature `signal`: the worker's signal handling (Tokio's `signal` feature), for binaries.
 //!
 //! See the repository README for what "exactly once" does and does not mean here.
 
 pub use oncely_core as core;
 pub use oncely_worker as worker;
 
-pub use oncely_core::step::OnUnknown;
+#[cfg(feature = "http")]
+pub use oncely_http as http;
+#[cfg(feature = "testkit")]
+pub use oncely_testkit as testkit;
+#[cfg(feature = "webhooks")]
+pub use oncely_webhooks as webhooks;
+
+pub use oncely_core::step::{self, OnUnknown};
 pub use oncely_core::{
-    cancel_job, enqueue, enqueue_many, get_job, list_jobs, migrate, retry_job, with_idempotency, with_idempotency_tx,
-    Enqueued, Error, Job, JobArgs, JobFilter, JobId, JobState, NewJob, Result, StepError,
+    cancel_job, enqueue, enqueue_many, get_job, idempotent, list_jobs, migrate, migrate_report, retry_job,
+    with_idempotency, with_idempotency_tx, Enqueued, Error, Idempotent, Job, JobArgs, JobFilter, JobId, JobState,
+    MigrateReport, NewJob, Result, StepError,
 };
+pub use oncely_core::{inbox, ledger, outbox, webhook};
 pub use oncely_worker::{handler_fn, Handler, HandlerResult, JobContext, Outcome, Worker, WorkerConfig, WorkerHandle};
 
 /// The README's code blocks, compiled as doctests so the quick start stays true.

@@ -47,10 +47,10 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use oncely::core::ledger::LedgerKey;
 use oncely::core::step::BoxError;
-use oncely::StepError;
-use oncely_http::{
+use oncely::http::{
     IdempotencyConfig, IdempotencyLayer, InFlight, MissingKey, PgStore, RequestTx, IDEMPOTENCY_REPLAYED,
 };
+use oncely::StepError;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -254,7 +254,7 @@ struct Recorded<T> {
 /// The caller scope, derived as the layer derives it (a hash of `x-api-key`, else of
 /// `authorization`, else `anonymous`): records never hold the credential itself.
 fn scope(parts: &Parts) -> String {
-    oncely_http::config::default_scope(parts)
+    oncely::http::config::default_scope(parts)
 }
 
 /// Run `effect` once per business `key` for `ttl`, in one transaction with its ledger record

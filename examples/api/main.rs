@@ -35,7 +35,7 @@ async fn post(addr: &str, path: &str, key: &str, body: &str) -> std::io::Result<
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).init();
     let demo = std::env::args().any(|a| a == "--demo");
-    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| oncely_testkit::DEFAULT_DATABASE_URL.into());
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| oncely::testkit::DEFAULT_DATABASE_URL.into());
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(16).connect(&url).await?;
     app::setup(&pool).await?;
     let provider = Arc::new(app::PaymentProvider::default());

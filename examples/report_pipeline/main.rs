@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use oncely::Worker;
 use sqlx::Connection;
 
 #[derive(Parser, Debug, Clone)]
@@ -64,15 +63,15 @@ async fn main() -> ExitCode {
     }
 }
 
-type BoxResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+type BoxResult<T> = Result<T, pipeline::BoxError>;
 
 async fn parent(args: &Args) -> BoxResult<bool> {
-    let server = oncely_testkit::server_url();
+    let server = oncely::testkit::server_url();
     let name = format!("oncely_report_pipeline_{}", std::process::id());
     let mut admin = sqlx::PgConnection::connect(&server).await?;
     sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin).await?;
     sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut admin).await?;
-    let url = oncely_testkit::url_with_database(&server, &name);
+    let url = oncely::testkit::url_with_database(&server, &name);
     let pool = sqlx::PgPool::connect(&url).await?;
     pipeline::setup(&pool).await?;
     pipeline::seed(&pool, args.reports, args.users, args.duplicate_every).await?;
@@ -97,10 +96,10 @@ async fn parent(args: &Args) -> BoxResult<bool> {
     }
 
     let summary = pipeline::summary(&pool).await?;
-    let (attempts, retried): (i64, i64) = sqlx::query_as(
-        "SELECT coalesce(sum(attempt), 0)::bigint, count(*) FILTER (WHERE attempt > 1) FROM oncely.jobs",
-    )
-    .fetch_one(&pool)
+    let (attempts, retried): (i64, i64) = pipeline::retrying("count attempts", || {
+        sqlx::query_as("SELECT coalesce(sum(attempt), 0)::bigint, count(*) FILTER (WHERE attempt > 1) FROM oncely.jobs")
+            .fetch_one(&pool)
+    })
     .await?;
     println!("worker crashes:   {crashes}");
     println!("job attempts:     {attempts} ({retried} jobs ran more than once)");
@@ -115,32 +114,19 @@ async fn parent(args: &Args) -> BoxResult<bool> {
 }
 
 async fn child(args: &Args, url: &str) -> BoxResult<bool> {
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(12).connect(url).await?;
-    let calls = Arc::new(pipeline::Calls::default());
+    // Lazy: a child started while the server restarts waits for it instead of exiting.
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(12).connect_lazy(url)?;
     let failures = pipeline::Failures {
         fail_after_increment: args.fail_after_increment,
         crash_probability: args.crash_probability,
     };
-    let handle = Worker::builder(pool.clone())
-        .register(pipeline::handler(failures, calls.clone()))
-        .queue("reports", 8)
-        .lease(Duration::from_secs(2))
-        .configure(|c| {
-            c.maintenance_interval = Duration::from_millis(200);
-            c.poll_interval = Duration::from_millis(200);
-            c.retry.base = Duration::from_millis(50);
-        })
-        .build()?
-        .start();
-    loop {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE state IN ('available', 'running')")
-            .fetch_one(&pool)
-            .await?;
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    handle.shutdown().await;
+    pipeline::work_until_done(&pool, failures, Arc::new(pipeline::Calls::default()), |c| {
+        c.lease = Duration::from_secs(2);
+        c.maintenance_interval = Duration::from_millis(200);
+        c.poll_interval = Duration::from_millis(200);
+        c.retry.base = Duration::from_millis(50);
+    })
+    .await?;
+    pool.close().await;
     Ok(true)
 }

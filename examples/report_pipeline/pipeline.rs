@@ -9,9 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use oncely::{enqueue_many, handler_fn, Handler, JobArgs, NewJob, Outcome};
+use backon::{ExponentialBuilder, Retryable};
+use oncely::{enqueue_many, handler_fn, Handler, JobArgs, NewJob, Outcome, Worker, WorkerConfig};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub const PERIOD: &str = "2026-11";
 
@@ -163,6 +166,74 @@ pub fn handler(failures: Failures, calls: Arc<Calls>) -> impl Handler<GenerateRe
     })
 }
 
+/// How long this process's own queries ride out a database that is away (a restart, a failover,
+/// terminated connections): retried with backoff up to about a minute, like the library's worker.
+fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .with_total_delay(Some(Duration::from_secs(60)))
+        .with_max_times(usize::MAX)
+        .with_jitter()
+}
+
+/// Run `query` again while it fails for a reason that passes (the server restarting, a connection
+/// terminated); other errors return at once.
+pub async fn retrying<T, F, Fut>(what: &str, query: F) -> sqlx::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = sqlx::Result<T>>,
+{
+    query
+        .retry(backoff())
+        .when(|e: &sqlx::Error| transient(e))
+        .notify(|e, after| tracing::warn!(what, error = %e, ?after, "database unavailable; retrying"))
+        .await
+}
+
+/// The errors of a database that is away rather than of a wrong query.
+fn transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+/// Jobs not finished yet (available or running).
+pub async fn unfinished(pool: &PgPool) -> sqlx::Result<i64> {
+    retrying("count unfinished jobs", || {
+        sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE state IN ('available', 'running')").fetch_one(pool)
+    })
+    .await
+}
+
+/// A worker process's life: run the pipeline's handler on the `reports` queue until no job is left
+/// to run, then shut the worker down — also when waiting fails, so in-flight jobs are released
+/// rather than left to their leases. Rides out a database restart like the worker does.
+pub async fn work_until_done(
+    pool: &PgPool,
+    failures: Failures,
+    calls: Arc<Calls>,
+    configure: impl FnOnce(&mut WorkerConfig),
+) -> Result<(), BoxError> {
+    let handle = Worker::builder(pool.clone())
+        .register(handler(failures, calls))
+        .queue("reports", 8)
+        .configure(configure)
+        .build()?
+        .start();
+    let waited = async {
+        while unfinished(pool).await? > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok::<_, sqlx::Error>(())
+    }
+    .await;
+    handle.shutdown().await;
+    Ok(waited?)
+}
+
 /// What a person checks after a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
@@ -176,7 +247,12 @@ pub struct Summary {
     pub reports_uncounted: i64,
 }
 
+/// The [`Summary`], retried while the database is away.
 pub async fn summary(pool: &PgPool) -> sqlx::Result<Summary> {
+    retrying("summary", || summary_once(pool)).await
+}
+
+async fn summary_once(pool: &PgPool) -> sqlx::Result<Summary> {
     let (reports, ready): (i64, i64) =
         sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE status = 'ready') FROM reports")
             .fetch_one(pool)

@@ -15,30 +15,22 @@ fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or_default()
 }
 
-async fn applied_versions(pool: &PgPool) -> BTreeSet<i64> {
-    // The table does not exist before the first migration.
-    sqlx::query_scalar::<_, i64>("SELECT version FROM _sqlx_migrations WHERE success")
-        .fetch_all(pool)
-        .await
-        .map(|v| v.into_iter().collect())
-        .unwrap_or_default()
-}
-
 pub(crate) async fn migrate(pool: &PgPool) -> Result<(), Fail> {
-    let before = applied_versions(pool).await;
-    oncely_core::migrate(pool).await?;
-    let after = applied_versions(pool).await;
-    let mut new = 0;
-    for m in oncely_core::MIGRATOR.iter() {
-        if after.contains(&m.version) && !before.contains(&m.version) {
-            println!("applied {} {}", m.version, m.description);
-            new += 1;
-        }
+    let report = oncely_core::migrate_report(pool).await?;
+    if !report.moved.is_empty() {
+        println!(
+            "moved the history of {} migrations from _sqlx_migrations to {}",
+            report.moved.len(),
+            oncely_core::MIGRATIONS_TABLE
+        );
     }
-    if new == 0 {
-        println!("schema up to date: 0 new migrations, {} applied in all", after.len());
+    for m in oncely_core::MIGRATOR.iter().filter(|m| report.applied.contains(&m.version)) {
+        println!("applied {} {}", m.version, m.description);
+    }
+    if report.applied.is_empty() {
+        println!("schema up to date: 0 new migrations, {} applied in all", report.recorded);
     } else {
-        println!("{new} new migrations applied, {} in all", after.len());
+        println!("{} new migrations applied, {} in all", report.applied.len(), report.recorded);
     }
     Ok(())
 }

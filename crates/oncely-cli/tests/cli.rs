@@ -271,3 +271,29 @@ async fn ledger_show_and_resolve_settle_a_record_whose_outcome_is_unknown() {
     let r = oncely(url, &["ledger", "show", "step", "charge:order:7"]);
     assert!(r.out.contains("completed") && r.out.contains(r#""ch_1""#) && r.out.contains("never"), "{}", r.out);
 }
+
+/// `oncely migrate` on a database whose application applied its own sqlx migration first: oncely's
+/// history goes to `oncely._migrations`, and the application's migrator keeps working.
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_leaves_the_applications_sqlx_history_alone() {
+    let db = oncely_testkit::TestDb::new().await;
+    let url = db.url();
+    sqlx::raw_sql("DROP SCHEMA oncely CASCADE").execute(db.pool()).await.unwrap();
+    let dir = std::env::temp_dir().join(format!("oncely-cli-app-migrations-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("20250101000000_users.sql"), "CREATE TABLE app_users (id bigint PRIMARY KEY);").unwrap();
+    let app = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+    app.run(db.pool()).await.unwrap();
+
+    let r = oncely(url, &["migrate"]);
+    assert!(r.ok, "{}", r.err);
+    let all = oncely_core::MIGRATOR.iter().count();
+    assert!(r.out.contains(&format!("{all} new migrations applied, {all} in all")), "{}", r.out);
+    app.run(db.pool()).await.expect("the application's migrator still works");
+    let r = oncely(url, &["migrate"]);
+    assert!(r.ok && r.out.contains("0 new migrations"), "{}{}", r.out, r.err);
+    let app_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM public._sqlx_migrations").fetch_one(db.pool()).await.unwrap();
+    assert_eq!(app_rows, 1, "only the application's row");
+    let _ = std::fs::remove_dir_all(&dir);
+}

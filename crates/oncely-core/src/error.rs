@@ -10,9 +10,9 @@ pub enum Error {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 
-    /// Applying the embedded migrations failed.
-    #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Applying the embedded migrations failed or was refused (see [`MigrationError`](crate::MigrationError)).
+    #[error(transparent)]
+    Migration(#[from] crate::MigrationError),
 
     /// Job arguments could not be serialized or deserialized.
     #[error("invalid job arguments for kind `{kind}`: {source}")]

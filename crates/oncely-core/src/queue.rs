@@ -67,14 +67,17 @@ pub(crate) fn bind_job_columns<'q>(
         .bind(job.max_attempts)
 }
 
-/// Batches of at least this many jobs, without unique keys or delays, are written with COPY.
+/// Batches of at least this many jobs, none with a unique key, a `run_at` or a delay, are written
+/// with COPY (see [`enqueue_many`]).
 pub const COPY_THRESHOLD: usize = 256;
 
 /// Enqueue many jobs, in input order, from a pool, a connection or the caller's transaction.
 ///
-/// Large batches of jobs that are due now and have no unique key are written with `COPY` (ids are
-/// reserved from the sequence first): three round trips, the fastest way in. Other batches are one
-/// `INSERT ... SELECT FROM unnest(...)` statement. Jobs that share a unique key within `jobs` are
+/// A batch of at least [`COPY_THRESHOLD`] jobs in which *every* job is due now (no `run_at`, no
+/// delay) and has no unique key is written with `COPY` (ids are reserved from the sequence first):
+/// three round trips, the fastest way in. Jobs with unique keys never take that path — one such job
+/// sends its whole batch to the other — because `COPY` cannot skip a duplicate key. Every other
+/// batch is one `INSERT ... SELECT FROM unnest(...)` statement. Jobs that share a unique key within `jobs` are
 /// inserted once; the later ones report the first's id with `existing: true`, as a later call would.
 ///
 /// Outside a transaction, a COPY batch commits as a whole; pass a transaction to make it commit or

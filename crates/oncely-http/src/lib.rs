@@ -1,6 +1,8 @@
 //! oncely-http: `Idempotency-Key` middleware for tower and axum, on oncely's effect ledger.
 //!
-//! It depends on `oncely-core` (the ledger) and tower only; the worker runtime is not involved.
+//! It depends on `oncely-core` (the ledger, over sqlx and Tokio), the `http` and `http-body` types
+//! and tower's `Layer` and `Service` traits (not tower itself); axum only with the `axum` feature.
+//! The worker runtime is not involved.
 //!
 //! A request with a key runs once per (caller scope, key); repeats get the stored status, safe
 //! headers and body, byte for byte, with `Idempotency-Replayed: true`. A key reused with a
