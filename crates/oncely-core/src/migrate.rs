@@ -11,7 +11,8 @@
 //! on the first call: the rows that are oncely's own (same version *and* checksum) move to
 //! `oncely._migrations`; the application's rows stay where they are.
 
-use sqlx::{Acquire, Executor, PgConnection};
+use futures::future::BoxFuture;
+use sqlx::{Acquire, PgConnection, Row};
 
 /// The migrations in the repository's `migrations/` folder, embedded at compile time.
 ///
@@ -113,22 +114,63 @@ pub async fn migrate(pool: &sqlx::PgPool) -> crate::Result<()> {
 #[tracing::instrument(skip_all, err)]
 pub async fn migrate_report(pool: &sqlx::PgPool) -> crate::Result<MigrateReport> {
     let mut conn = pool.acquire().await?;
-    migrate_conn(&mut conn).await
+    migrate_conn(&mut *conn).await
 }
 
 /// [`migrate_report`] on one connection (it must not be inside a transaction).
 pub async fn migrate_conn(conn: &mut PgConnection) -> crate::Result<MigrateReport> {
-    let mut report = MigrateReport::default();
-    let mut migrations: Vec<&sqlx::migrate::Migration> =
+    let mut migrations: Vec<&'static sqlx::migrate::Migration> =
         MIGRATOR.iter().filter(|m| m.migration_type.is_up_migration()).collect();
     migrations.sort_by_key(|m| m.version);
 
-    // Create the history table, adopt an older oncely's rows, and check what is recorded.
-    let mut tx = conn.begin().await?;
-    lock(&mut tx).await?;
-    // Two statements: sent as a simple query (a &str with no parameters), not prepared.
-    (&mut *tx)
-        .execute(
+    let mut report = MigrateReport { moved: prepare(conn, &migrations).await?, ..MigrateReport::default() };
+    if !report.moved.is_empty() {
+        tracing::info!(moved = ?report.moved, "moved oncely's migration history from _sqlx_migrations to oncely._migrations");
+    }
+    for m in migrations {
+        if apply(conn, m).await? {
+            tracing::info!(version = m.version, description = %m.description, "applied oncely migration");
+            report.applied.push(m.version);
+        }
+    }
+    report.recorded = recorded(conn).await?;
+    Ok(report)
+}
+
+fn recorded_versions(conn: &mut PgConnection) -> BoxFuture<'_, sqlx::Result<Vec<(i64, Vec<u8>)>>> {
+    Box::pin(sqlx::query_as("SELECT version, checksum FROM oncely._migrations ORDER BY version").fetch_all(conn))
+}
+
+/// Run `sql` (several statements) as one simple query, unprepared, as sqlx's own runner does.
+fn simple_query<'c>(conn: &'c mut PgConnection, sql: &'c str) -> BoxFuture<'c, sqlx::Result<()>> {
+    // `Executor::execute` returns a boxed `Send` future; `RawSql::execute` is an `async fn` whose
+    // future the compiler cannot prove `Send`.
+    Box::pin(async move { sqlx::Executor::execute(conn, sqlx::raw_sql(sql)).await.map(drop) })
+}
+
+fn recorded(conn: &mut PgConnection) -> BoxFuture<'_, crate::Result<usize>> {
+    Box::pin(async move {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely._migrations").fetch_one(&mut *conn).await?;
+        Ok(n.try_into().unwrap_or(usize::MAX))
+    })
+}
+
+// The steps of `migrate_conn` are boxed `Send` futures of their own: written inline, the compiler
+// cannot prove the whole future `Send` (sqlx's `Executor` is implemented per lifetime, and the
+// proof needs it for every lifetime), and a service could not `tokio::spawn` its migration.
+
+/// Create the history table, adopt an older oncely's rows, and check what is recorded. Returns the
+/// versions moved.
+fn prepare<'a>(
+    conn: &'a mut PgConnection,
+    migrations: &'a [&'static sqlx::migrate::Migration],
+) -> BoxFuture<'a, crate::Result<Vec<i64>>> {
+    Box::pin(async move {
+        let mut tx = conn.begin().await?;
+        lock(&mut tx).await?;
+        // Two statements: sent as a simple query, not prepared.
+        simple_query(
+            &mut tx,
             "CREATE SCHEMA IF NOT EXISTS oncely;
          CREATE TABLE IF NOT EXISTS oncely._migrations (
              version        bigint      PRIMARY KEY,
@@ -139,22 +181,23 @@ pub async fn migrate_conn(conn: &mut PgConnection) -> crate::Result<MigrateRepor
          );",
         )
         .await?;
-    report.moved = adopt_legacy_rows(&mut tx, &migrations).await?;
-    let recorded: Vec<(i64, Vec<u8>)> =
-        sqlx::query_as("SELECT version, checksum FROM oncely._migrations ORDER BY version").fetch_all(&mut *tx).await?;
-    for (version, checksum) in &recorded {
-        match migrations.iter().find(|m| m.version == *version) {
-            None => return Err(MigrationError::UnknownVersion { version: *version }.into()),
-            Some(m) if *m.checksum != checksum[..] => return Err(mismatch(m).into()),
-            Some(_) => {}
+        let moved = adopt_legacy_rows(&mut tx, migrations).await?;
+        let recorded = recorded_versions(&mut tx).await?;
+        for (version, checksum) in &recorded {
+            match migrations.iter().find(|m| m.version == *version) {
+                None => return Err(MigrationError::UnknownVersion { version: *version }.into()),
+                Some(m) if *m.checksum != checksum[..] => return Err(mismatch(m).into()),
+                Some(_) => {}
+            }
         }
-    }
-    tx.commit().await?;
-    if !report.moved.is_empty() {
-        tracing::info!(moved = ?report.moved, "moved oncely's migration history from _sqlx_migrations to oncely._migrations");
-    }
+        tx.commit().await?;
+        Ok(moved)
+    })
+}
 
-    for m in migrations {
+/// Apply `m` in a transaction of its own unless it is recorded already. Returns whether it ran.
+fn apply<'a>(conn: &'a mut PgConnection, m: &'static sqlx::migrate::Migration) -> BoxFuture<'a, crate::Result<bool>> {
+    Box::pin(async move {
         let mut tx = conn.begin().await?;
         lock(&mut tx).await?;
         // Read again under the lock: another process may have applied it since.
@@ -163,13 +206,13 @@ pub async fn migrate_conn(conn: &mut PgConnection) -> crate::Result<MigrateRepor
             .fetch_optional(&mut *tx)
             .await?;
         match done {
-            Some(checksum) if *m.checksum == checksum[..] => continue,
+            Some(checksum) if *m.checksum == checksum[..] => return Ok(false),
             Some(_) => return Err(mismatch(m).into()),
             None => {}
         }
         let started = std::time::Instant::now();
         // A migration is many statements: a simple query, as sqlx's own runner sends it.
-        (&mut *tx).execute(&*m.sql).await.map_err(|source| MigrationError::Apply {
+        simple_query(&mut tx, &m.sql).await.map_err(|source| MigrationError::Apply {
             version: m.version,
             description: m.description.to_string(),
             source,
@@ -184,21 +227,15 @@ pub async fn migrate_conn(conn: &mut PgConnection) -> crate::Result<MigrateRepor
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        tracing::info!(version = m.version, description = %m.description, "applied oncely migration");
-        report.applied.push(m.version);
-    }
-    report.recorded = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM oncely._migrations")
-        .fetch_one(&mut *conn)
-        .await?
-        .try_into()
-        .unwrap_or(usize::MAX);
-    Ok(report)
+        Ok(true)
+    })
 }
 
 /// Serializes oncely's migrators (not the application's: sqlx's lock has another key) until the
 /// transaction ends.
-async fn lock(tx: &mut PgConnection) -> sqlx::Result<()> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('oncely.migrate', 0))").execute(tx).await.map(drop)
+fn lock(tx: &mut PgConnection) -> BoxFuture<'_, sqlx::Result<()>> {
+    let lock = sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('oncely.migrate', 0))");
+    Box::pin(async move { sqlx::Executor::execute(tx, lock).await.map(drop) })
 }
 
 fn mismatch(m: &sqlx::migrate::Migration) -> MigrationError {
@@ -208,29 +245,46 @@ fn mismatch(m: &sqlx::migrate::Migration) -> MigrationError {
 /// Move the rows an older oncely wrote to `_sqlx_migrations` (the one the search path finds, where
 /// sqlx wrote them) into `oncely._migrations`: only rows whose version and checksum are both one
 /// of oncely's migrations, so the application's rows stay. Returns the moved versions.
-async fn adopt_legacy_rows(tx: &mut PgConnection, migrations: &[&sqlx::migrate::Migration]) -> sqlx::Result<Vec<i64>> {
-    let exists: bool =
-        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL").fetch_one(&mut *tx).await?;
-    if !exists {
-        return Ok(Vec::new());
-    }
+fn adopt_legacy_rows<'a>(
+    tx: &'a mut PgConnection,
+    migrations: &[&sqlx::migrate::Migration],
+) -> BoxFuture<'a, sqlx::Result<Vec<i64>>> {
     let versions: Vec<i64> = migrations.iter().map(|m| m.version).collect();
     let checksums: Vec<Vec<u8>> = migrations.iter().map(|m| m.checksum.to_vec()).collect();
-    // The application's migrator may be running at the same moment (under its own lock): the row
-    // locks of the DELETE make this all or nothing per row.
-    sqlx::query_scalar(
-        "WITH moved AS (
-             DELETE FROM _sqlx_migrations s
-             USING unnest($1::bigint[], $2::bytea[]) AS o(version, checksum)
-             WHERE s.version = o.version AND s.checksum = o.checksum AND s.success
-             RETURNING s.version, s.description, s.checksum, s.installed_on, s.execution_time)
-         INSERT INTO oncely._migrations (version, description, checksum, installed_on, execution_time)
-         SELECT version, description, checksum, installed_on, execution_time FROM moved
-         ON CONFLICT (version) DO NOTHING
-         RETURNING version",
-    )
-    .bind(&versions)
-    .bind(&checksums)
-    .fetch_all(&mut *tx)
-    .await
+    Box::pin(async move {
+        let exists = sqlx::query("SELECT to_regclass('_sqlx_migrations') IS NOT NULL");
+        if !sqlx::Executor::fetch_one(&mut *tx, exists).await?.try_get::<bool, _>(0)? {
+            return Ok(Vec::new());
+        }
+        // The application's migrator may be running at the same moment (under its own lock): the
+        // row locks of the DELETE make this all or nothing per row.
+        let moved = sqlx::query(
+            "WITH moved AS (
+                 DELETE FROM _sqlx_migrations s
+                 USING unnest($1::bigint[], $2::bytea[]) AS o(version, checksum)
+                 WHERE s.version = o.version AND s.checksum = o.checksum AND s.success
+                 RETURNING s.version, s.description, s.checksum, s.installed_on, s.execution_time)
+             INSERT INTO oncely._migrations (version, description, checksum, installed_on, execution_time)
+             SELECT version, description, checksum, installed_on, execution_time FROM moved
+             ON CONFLICT (version) DO NOTHING
+             RETURNING version",
+        )
+        .bind(versions)
+        .bind(checksums);
+        sqlx::Executor::fetch_all(&mut *tx, moved).await?.iter().map(|row| row.try_get(0)).collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    /// A service runs `migrate` in a spawned task (a readiness check, a start-up job): its future
+    /// must be `Send`. This fails to compile otherwise.
+    #[allow(dead_code)]
+    fn migrate_futures_are_send(pool: sqlx::PgPool, mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>) {
+        fn send<T: Send>(_: T) {}
+        let other = pool.clone();
+        send(async move { super::migrate(&pool).await });
+        send(async move { super::migrate_report(&other).await });
+        send(async move { super::migrate_conn(&mut conn).await });
+    }
 }
