@@ -15,7 +15,9 @@ pub use oncely_core::{
     cancel_job, enqueue, enqueue_many, get_job, list_jobs, migrate, retry_job, with_idempotency, with_idempotency_tx,
     Enqueued, Error, Job, JobArgs, JobFilter, JobId, JobState, NewJob, Result, StepError,
 };
-pub use oncely_worker::{handler_fn, Handler, HandlerResult, JobContext, Outcome, Worker, WorkerConfig, WorkerHandle};
+pub use oncely_worker::{
+    handler_fn, Handler, HandlerResult, JobContext, Outcome, ResultExt, Worker, WorkerConfig, WorkerHandle,
+};
 
 /// The README's code blocks, compiled as doctests so the quick start stays true.
 #[doc = include_str!("../README.md")]
