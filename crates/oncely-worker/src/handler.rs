@@ -329,7 +329,7 @@ pub trait Handler<A: JobArgs>: Send + Sync + 'static {
     async fn handle(&self, ctx: JobContext, args: A) -> HandlerResult;
 
     /// This kind's per-attempt timeout; `None` uses the one the arguments declare
-    /// ([`InsertOpts::timeout`]), else the worker's `job_timeout`.
+    /// (`InsertOpts::timeout`), else the worker's `job_timeout`.
     fn timeout(&self) -> Option<Duration> {
         None
     }
