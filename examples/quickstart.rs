@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use oncely::core::InsertOpts;
 use oncely::{enqueue, get_job, handler_fn, JobArgs, JobState, NewJob, Outcome, Worker};
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +18,10 @@ struct SendWelcomeEmail {
 
 impl JobArgs for SendWelcomeEmail {
     const KIND: &'static str = "send_welcome_email";
+    // Declared once for the kind, not at every enqueue site.
+    fn insert_opts() -> InsertOpts {
+        InsertOpts::new().queue("quickstart").max_attempts(5)
+    }
 }
 
 #[tokio::main]
@@ -35,7 +40,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bind("ada@example.com")
         .fetch_one(&mut *tx)
         .await?;
-    let job = NewJob::new(&SendWelcomeEmail { user_id })?.queue("quickstart").unique_key(format!("welcome:{user_id}"));
+    let job = NewJob::new(&SendWelcomeEmail { user_id })?.unique_key(format!("welcome:{user_id}"));
     let first = enqueue(&mut *tx, job.clone()).await?;
     // A double-click enqueues again: the unique key returns the same job.
     let second = enqueue(&mut *tx, job).await?;
@@ -54,6 +59,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .queue("quickstart", 4)
         .build()?;
     let handle = worker.start();
+    // SIGTERM or Ctrl-C: stop claiming, let in-flight jobs finish (30 s by default), release the rest.
+    let on_signal = handle.clone();
+    tokio::spawn(async move { on_signal.shutdown_on_signal().await });
 
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let job = loop {

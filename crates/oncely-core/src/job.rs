@@ -100,6 +100,9 @@ pub enum ErrorKind {
     InvalidArgs,
     /// The worker shut down before the handler finished and released the job.
     Shutdown,
+    /// The attempt was cut short by a lost database connection (not by the job): it was given
+    /// back and does not count against the attempt limit.
+    Interrupted,
 }
 
 /// One failed attempt, kept in the job's error history.
@@ -133,6 +136,83 @@ pub struct AttemptError {
 pub trait JobArgs: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The job kind: the name handlers are registered under. Keep it stable across deploys.
     const KIND: &'static str;
+
+    /// This kind's defaults, declared once instead of at every enqueue site: its queue, attempt
+    /// limit and priority (used by [`NewJob::new`], where a call site may still override them),
+    /// and its handler's per-attempt timeout (used by the worker). Defaults to none of them:
+    /// [`DEFAULT_QUEUE`], [`DEFAULT_MAX_ATTEMPTS`], priority 0 and the worker's `job_timeout`.
+    ///
+    /// ```
+    /// use oncely_core::{InsertOpts, JobArgs, NewJob};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Serialize, Deserialize)]
+    /// struct GenerateReport { report_id: i64 }
+    ///
+    /// impl JobArgs for GenerateReport {
+    ///     const KIND: &'static str = "generate_report";
+    ///     fn insert_opts() -> InsertOpts {
+    ///         InsertOpts::new().queue("reports").max_attempts(5).timeout(Duration::from_secs(120))
+    ///     }
+    /// }
+    ///
+    /// let job = NewJob::new(&GenerateReport { report_id: 7 })?;
+    /// assert_eq!(job.queue_name(), "reports");
+    /// let urgent = NewJob::new(&GenerateReport { report_id: 8 })?.queue("urgent");
+    /// assert_eq!(urgent.queue_name(), "urgent");
+    /// # Ok::<(), oncely_core::Error>(())
+    /// ```
+    fn insert_opts() -> InsertOpts {
+        InsertOpts::new()
+    }
+}
+
+/// A job kind's defaults, returned by [`JobArgs::insert_opts`]. Every field left unset falls back
+/// to the general default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InsertOpts {
+    /// The queue jobs of this kind go to. Unset: [`DEFAULT_QUEUE`]. A worker that registers the
+    /// kind must serve this queue (its `build` refuses otherwise).
+    pub queue: Option<String>,
+    /// Attempts before the dead letter. Unset: [`DEFAULT_MAX_ATTEMPTS`].
+    pub max_attempts: Option<i32>,
+    /// Priority within the queue (higher first). Unset: 0.
+    pub priority: Option<i16>,
+    /// The handler's time limit for one attempt of this kind: past it the attempt is aborted and
+    /// counts as failed. It is not a deadline for the job as a whole. Unset: the handler's own
+    /// `Handler::timeout`, else the worker's `job_timeout`. It must be shorter than the worker's
+    /// lease (the worker's `build` refuses otherwise), so that a worker cut off from the database
+    /// stops the attempt before the job can be rescued and run elsewhere.
+    pub timeout: Option<Duration>,
+}
+
+impl InsertOpts {
+    /// No defaults declared.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// See [`InsertOpts::queue`](#structfield.queue).
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+    /// See [`InsertOpts::max_attempts`](#structfield.max_attempts).
+    pub fn max_attempts(mut self, max_attempts: i32) -> Self {
+        self.max_attempts = Some(max_attempts);
+        self
+    }
+    /// See [`InsertOpts::priority`](#structfield.priority).
+    pub fn priority(mut self, priority: i16) -> Self {
+        self.priority = Some(priority);
+        self
+    }
+    /// See [`InsertOpts::timeout`](#structfield.timeout).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
 }
 
 /// A job to enqueue: built from typed args, then adjusted with the builder methods.
@@ -165,11 +245,23 @@ pub struct NewJob {
 }
 
 impl NewJob {
-    /// A job of kind `A::KIND` with `args` serialized to JSON, on the default queue.
+    /// A job of kind `A::KIND` with `args` serialized to JSON, with the kind's defaults from
+    /// [`JobArgs::insert_opts`] (queue, attempt limit, priority); the builder methods override them.
     pub fn new<A: JobArgs>(args: &A) -> Result<Self> {
         let args =
             serde_json::to_value(args).map_err(|source| Error::InvalidArgs { kind: A::KIND.to_owned(), source })?;
-        Ok(Self::from_json(A::KIND, args))
+        let opts = A::insert_opts();
+        let mut job = Self::from_json(A::KIND, args);
+        if let Some(queue) = opts.queue {
+            job.queue = queue;
+        }
+        if let Some(max_attempts) = opts.max_attempts {
+            job.max_attempts = max_attempts;
+        }
+        if let Some(priority) = opts.priority {
+            job.priority = priority;
+        }
+        Ok(job)
     }
 
     /// A job from a kind name and raw JSON arguments (for tools and other languages).
@@ -228,6 +320,21 @@ impl NewJob {
     /// The job kind.
     pub fn kind(&self) -> &str {
         &self.kind
+    }
+
+    /// The queue the job goes to.
+    pub fn queue_name(&self) -> &str {
+        &self.queue
+    }
+
+    /// The attempt limit.
+    pub fn max_attempts_limit(&self) -> i32 {
+        self.max_attempts
+    }
+
+    /// The priority.
+    pub fn priority_value(&self) -> i16 {
+        self.priority
     }
 
     pub(crate) fn validate(&self) -> Result<()> {

@@ -137,6 +137,13 @@ pub async fn release_job<'e>(executor: impl PgExecutor<'e>, claim: Claim, why: &
     set_available(executor, claim, Duration::ZERO, Some((ErrorKind::Shutdown, why))).await
 }
 
+/// Give a claim back after its attempt was cut short by a lost database connection: available
+/// again after `delay`, the claim does not count as an attempt, and an `interrupted` note goes to
+/// its error history.
+pub async fn interrupt_job<'e>(executor: impl PgExecutor<'e>, claim: Claim, delay: Duration, why: &str) -> Result<()> {
+    set_available(executor, claim, delay, Some((ErrorKind::Interrupted, why))).await
+}
+
 async fn set_available<'e>(
     executor: impl PgExecutor<'e>,
     claim: Claim,
@@ -180,5 +187,6 @@ fn error_kind_str(kind: ErrorKind) -> &'static str {
         ErrorKind::UnknownKind => "unknown_kind",
         ErrorKind::InvalidArgs => "invalid_args",
         ErrorKind::Shutdown => "shutdown",
+        ErrorKind::Interrupted => "interrupted",
     }
 }

@@ -38,7 +38,7 @@ pub use effect::{
     DEFAULT_IDEMPOTENCY_TTL, IDEMPOTENCY_NAMESPACE,
 };
 pub use error::{Error, Result};
-pub use job::{AttemptError, ErrorKind, Job, JobArgs, JobId, JobState, NewJob};
+pub use job::{AttemptError, ErrorKind, InsertOpts, Job, JobArgs, JobId, JobState, NewJob};
 pub use lease::Claim;
 pub use migrate::{migrate, migrate_conn, migrate_report, MigrateReport, MigrationError, MIGRATIONS_TABLE, MIGRATOR};
 pub use queries::JOBS_CHANNEL;

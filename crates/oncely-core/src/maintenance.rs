@@ -26,6 +26,12 @@ pub struct Rescued {
 ///
 /// This is what turns a crashed worker into a retry. It can also re-run a job whose worker was only
 /// cut off from the database for longer than the lease; that worker's later writes are fenced out.
+///
+/// A rescue does not count as an attempt when the job's previous recorded end was not also a lease
+/// expiry: a lone expiry is most often the database or the network going away, or a deploy killing
+/// the worker, not the job's fault, and counting it would let one long outage push a queue of
+/// healthy jobs toward the dead letter. A second expiry in a row counts, so a job that kills its
+/// worker every time still reaches the dead letter, one attempt later than its limit says.
 pub async fn rescue_expired(conn: &mut sqlx::PgConnection, limit: i64) -> Result<Rescued> {
     let rows = sqlx::query(queries::JOB_RESCUE_EXPIRED).bind(limit).fetch_all(&mut *conn).await?;
     let mut out = Rescued::default();

@@ -181,23 +181,28 @@ RETURNING queue
 "#;
 
 /// Rescue up to `$1` running jobs whose lease expired: available again now, or dead when out of
-/// attempts.
+/// attempts. A lone expiry is given back (not counted, like a snooze: `snoozes` and `max_attempts`
+/// go up by one); one that follows another expiry (the history's last entry) counts.
 pub(crate) const JOB_RESCUE_EXPIRED: &str = r#"
 WITH expired AS (
-    SELECT id FROM oncely.jobs
+    SELECT id, coalesce(errors -> -1 ->> 'kind' = 'lease_expired', false) AS again
+    FROM oncely.jobs
     WHERE state = 'running' AND lease_expires_at < now()
     ORDER BY lease_expires_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 )
 UPDATE oncely.jobs AS j
-SET state = CASE WHEN j.attempt < j.max_attempts THEN 'available' ELSE 'dead' END,
+SET state = CASE WHEN NOT expired.again OR j.attempt < j.max_attempts THEN 'available' ELSE 'dead' END,
     run_at = now(),
-    finished_at = CASE WHEN j.attempt < j.max_attempts THEN NULL ELSE now() END,
+    finished_at = CASE WHEN NOT expired.again OR j.attempt < j.max_attempts THEN NULL ELSE now() END,
+    snoozes = j.snoozes + CASE WHEN expired.again THEN 0 ELSE 1 END,
+    max_attempts = j.max_attempts + CASE WHEN expired.again THEN 0 ELSE 1 END,
     lease_expires_at = NULL,
     errors = j.errors || jsonb_build_array(jsonb_build_object(
         'attempt', j.attempt, 'at', now(), 'kind', 'lease_expired',
-        'message', 'lease expired while running on worker ' || coalesce(j.worker_id, '?')))
+        'message', 'lease expired while running on worker ' || coalesce(j.worker_id, '?')
+                   || CASE WHEN expired.again THEN '' ELSE ' (first expiry in a row: not counted)' END))
 FROM expired
 WHERE j.id = expired.id
 RETURNING j.id, j.state, j.queue

@@ -27,6 +27,8 @@ enum Finish {
         retry_in: Option<Duration>,
     },
     Snooze(Duration),
+    /// Cut short by a lost database connection: given back after the delay, not counted.
+    Interrupted(String, Duration),
     Cancel(String),
     Release,
     /// A crash injected at a step boundary: write nothing, stop heartbeating, let the lease expire.
@@ -133,6 +135,7 @@ async fn attempt(shared: &Arc<Shared>, job: &Job, cancel: CancellationToken) -> 
             Outcome::Fail(message) => Finish::Failed { kind: ErrorKind::Error, message, retry_in: None },
             Outcome::Snooze(d) => Finish::Snooze(d),
             Outcome::Cancel(reason) => Finish::Cancel(reason),
+            Outcome::Interrupted(error) => Finish::Interrupted(error, backoff(shared, job)),
         },
     }
 }
@@ -153,6 +156,9 @@ async fn record(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) {
                 oncely_core::lease::fail_job(pool, claim, *kind, message, *retry_in).await.map(Some)
             }
             Finish::Snooze(d) => oncely_core::lease::snooze_job(pool, claim, *d).await.map(|_| None),
+            Finish::Interrupted(message, d) => {
+                oncely_core::lease::interrupt_job(pool, claim, *d, message).await.map(|_| None)
+            }
             Finish::Cancel(reason) => oncely_core::lease::cancel_running_job(pool, claim, reason).await.map(|_| None),
             Finish::Release => {
                 oncely_core::lease::release_job(pool, claim, "worker shut down before the attempt finished")
@@ -176,6 +182,11 @@ async fn record(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) {
             WorkerStats::add(&stats.snoozed, 1);
             shared.wake_after(&job.queue, *d);
             tracing::debug!(delay = ?d, "job snoozed");
+        }
+        (Ok(_), Finish::Interrupted(message, d)) => {
+            WorkerStats::add(&stats.snoozed, 1);
+            shared.wake_after(&job.queue, *d);
+            tracing::warn!(error = %message, delay = ?d, "attempt cut short by a lost database connection; not counted");
         }
         (Ok(_), Finish::Cancel(reason)) => {
             WorkerStats::add(&stats.cancelled, 1);

@@ -1,5 +1,6 @@
 //! Handlers: what runs a job of a kind, what it may answer, and what it is told.
 
+use std::error::Error as StdError;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -7,12 +8,28 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use oncely_core::step::{Step, StepScope};
-use oncely_core::{Claim, JobArgs, JobId, StepError};
+use oncely_core::step::{BoxError, Step, StepScope};
+use oncely_core::{Claim, InsertOpts, JobArgs, JobId, StepError};
 use tokio_util::sync::CancellationToken;
 
-/// How a handler ends an attempt other than by success. `?` on any standard error gives
-/// [`Outcome::Retry`].
+/// How a handler ends an attempt other than by success.
+///
+/// `?` turns any error into an `Outcome`: a standard error, oncely's own [`BoxError`], an
+/// `anyhow::Error`, a `String`. The error's whole source chain (and anyhow's context chain) is
+/// read, so oncely's own errors keep their meaning however deeply the handler wrapped them:
+///
+/// - a [`StepError::Busy`] (a step held by another job) snoozes until that job's claim ends;
+/// - a [`StepError::OutcomeUnknown`] (parked for a person), [`StepError::DuplicateKey`] or
+///   [`StepError::Mismatch`] fails the job: retrying cannot help;
+/// - a lost database connection (`sqlx` I/O, pool timeout or closed, protocol error, a server
+///   shutting down) is [`Outcome::Interrupted`]: the job runs again and the attempt does not count;
+/// - anything else is [`Outcome::Retry`] with the backoff delay, and its message is the chain's.
+///
+/// To say it explicitly instead, use [`ResultExt`]: `.retryable()?`, `.fatal()?`, `.snooze(d)?`.
+///
+/// With anyhow, enable this crate's `anyhow` feature: then an oncely error returned straight
+/// through `anyhow::Error` (without context) is still recognised. Without it `?` on anyhow still
+/// compiles and contexts are still read, but an unwrapped anyhow error is a plain retry.
 ///
 /// # Example
 ///
@@ -29,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 ///     }
 /// }
 /// # assert!(decide(200).is_ok());
+/// assert_eq!(decide(404).unwrap_err().to_string(), "fail: the resource is gone; retrying will not help");
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -47,6 +65,10 @@ pub enum Outcome {
     Snooze(Duration),
     /// Stop for good: the job is cancelled.
     Cancel(String),
+    /// The attempt was cut short by a lost database connection, not by the job: run again after
+    /// the backoff delay; the attempt does not count, and the error goes to the job's history as
+    /// `interrupted`. `?` gives it for connection-level database errors.
+    Interrupted(String),
 }
 
 impl Outcome {
@@ -70,21 +92,132 @@ impl Outcome {
     pub fn cancel(reason: impl fmt::Display) -> Self {
         Outcome::Cancel(reason.to_string())
     }
+
+    /// Classify an error by its source chain, outermost first (see the type's docs).
+    fn classify<'a>(chain: impl Iterator<Item = &'a (dyn StdError + 'static)>, message: String) -> Self {
+        for e in chain {
+            if let Some(step) = e.downcast_ref::<StepError>() {
+                match step {
+                    StepError::OutcomeUnknown { .. } | StepError::DuplicateKey(_) | StepError::Mismatch { .. } => {
+                        return Outcome::Fail(message)
+                    }
+                    StepError::Busy { retry_after, .. } => return Outcome::Snooze((*retry_after).max(MIN_BUSY_SNOOZE)),
+                    _ => {}
+                }
+            }
+            if is_connection_error(e) {
+                return Outcome::Interrupted(message);
+            }
+        }
+        Outcome::Retry { error: message, after: None }
+    }
 }
 
-/// Any error is a failed attempt to retry, except a [`StepError`] that says otherwise: a step
-/// parked for a person fails the job; a step busy in another job snoozes until its lease ends.
-impl<E: std::error::Error + Send + Sync + 'static> From<E> for Outcome {
-    fn from(e: E) -> Self {
-        match (&e as &dyn std::any::Any).downcast_ref::<StepError>() {
-            Some(StepError::OutcomeUnknown { .. } | StepError::DuplicateKey(_) | StepError::Mismatch { .. }) => {
-                Outcome::fail(e)
-            }
-            Some(StepError::Busy { retry_after, .. }) => {
-                Outcome::snooze((*retry_after).max(Duration::from_millis(100)))
-            }
-            _ => Outcome::retry(e),
+/// The shortest snooze for a step busy in another job.
+const MIN_BUSY_SNOOZE: Duration = Duration::from_millis(100);
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Retry { error, after: None } => write!(f, "retry: {error}"),
+            Outcome::Retry { error, after: Some(d) } => write!(f, "retry after {d:?}: {error}"),
+            Outcome::Fail(error) => write!(f, "fail: {error}"),
+            Outcome::Snooze(d) => write!(f, "snooze for {d:?}"),
+            Outcome::Cancel(reason) => write!(f, "cancel: {reason}"),
+            Outcome::Interrupted(error) => write!(f, "interrupted (not counted): {error}"),
         }
+    }
+}
+
+/// True for an error that says the database connection was lost or could not be had, rather than
+/// that the statement was wrong: the same statement may succeed once the database is back.
+fn is_connection_error(e: &(dyn StdError + 'static)) -> bool {
+    let Some(e) = e.downcast_ref::<sqlx::Error>() else { return false };
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        // Class 08 (connection exception); 57P01..57P03: the server is shutting down or starting.
+        sqlx::Error::Database(db) => {
+            db.code().is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03"))
+        }
+        _ => false,
+    }
+}
+
+/// The error's message followed by each source's that it does not already include.
+fn chain_message<'a>(mut chain: impl Iterator<Item = &'a (dyn StdError + 'static)>) -> String {
+    let mut message = chain.next().map(|e| e.to_string()).unwrap_or_default();
+    for e in chain {
+        let part = e.to_string();
+        if !message.contains(&part) {
+            message.push_str(": ");
+            message.push_str(&part);
+        }
+    }
+    message
+}
+
+/// Any error, boxed or not, anyhow's included: classified by its source chain (see [`Outcome`]).
+impl<E> From<E> for Outcome
+where
+    E: Into<BoxError> + 'static,
+{
+    fn from(e: E) -> Self {
+        #[cfg(feature = "anyhow")]
+        if let Some(e) = (&e as &dyn std::any::Any).downcast_ref::<anyhow::Error>() {
+            return Outcome::classify(e.chain(), format!("{e:#}"));
+        }
+        let boxed: BoxError = e.into();
+        let top: &(dyn StdError + 'static) = &*boxed;
+        let chain = || std::iter::successors(Some(top), source_of);
+        Outcome::classify(chain(), chain_message(chain()))
+    }
+}
+
+/// The next error of a source chain.
+fn source_of<'a>(e: &&'a (dyn StdError + 'static)) -> Option<&'a (dyn StdError + 'static)> {
+    (*e).source()
+}
+
+/// Say what an error means for the job, explicitly, instead of letting `?` classify it.
+///
+/// ```
+/// use oncely_worker::{HandlerResult, ResultExt};
+/// use std::time::Duration;
+///
+/// fn parse(input: &str) -> HandlerResult {
+///     let n: u32 = input.parse().fatal()?; // bad input: retrying will not help
+///     let _ = std::fs::read_to_string(format!("/tmp/{n}")).snooze(Duration::from_secs(5))?;
+///     Ok(())
+/// }
+/// assert_eq!(parse("x").unwrap_err().to_string(), "fail: invalid digit found in string");
+/// ```
+pub trait ResultExt<T> {
+    /// On error, [`Outcome::Retry`] with the backoff delay: the attempt counts.
+    fn retryable(self) -> Result<T, Outcome>;
+    /// On error, [`Outcome::Fail`]: the job goes to the dead letter now.
+    fn fatal(self) -> Result<T, Outcome>;
+    /// On error, [`Outcome::Snooze`]: run again after `delay`; the attempt does not count.
+    fn snooze(self, delay: Duration) -> Result<T, Outcome>;
+}
+
+/// The message is the error's alternate form (`{:#}`), which for anyhow includes its contexts.
+impl<T, E: fmt::Display> ResultExt<T> for Result<T, E> {
+    fn retryable(self) -> Result<T, Outcome> {
+        self.map_err(|e| Outcome::retry(format_args!("{e:#}")))
+    }
+    fn fatal(self) -> Result<T, Outcome> {
+        self.map_err(|e| Outcome::fail(format_args!("{e:#}")))
+    }
+    fn snooze(self, delay: Duration) -> Result<T, Outcome> {
+        if let Err(e) = &self {
+            tracing::debug!(error = %format_args!("{e:#}"), ?delay, "snoozing on error");
+        }
+        self.map_err(|_| Outcome::snooze(delay))
     }
 }
 
@@ -195,7 +328,8 @@ pub trait Handler<A: JobArgs>: Send + Sync + 'static {
     /// Run one attempt.
     async fn handle(&self, ctx: JobContext, args: A) -> HandlerResult;
 
-    /// This kind's per-attempt timeout; `None` uses the worker's default.
+    /// This kind's per-attempt timeout; `None` uses the one the arguments declare
+    /// (`InsertOpts::timeout`), else the worker's `job_timeout`.
     fn timeout(&self) -> Option<Duration> {
         None
     }
@@ -249,7 +383,10 @@ pub(crate) enum CallError {
 /// A handler with its argument type erased, for the registry.
 pub(crate) trait ErasedHandler: Send + Sync + 'static {
     fn call(&self, ctx: JobContext, args: serde_json::Value) -> BoxFuture<'static, Result<(), CallError>>;
+    /// The kind's per-attempt timeout: the handler's, else the one its arguments declare.
     fn timeout(&self) -> Option<Duration>;
+    /// The kind's declared defaults.
+    fn insert_opts(&self) -> InsertOpts;
 }
 
 pub(crate) struct Typed<A, H> {
@@ -275,6 +412,10 @@ impl<A: JobArgs, H: Handler<A>> ErasedHandler for Typed<A, H> {
     }
 
     fn timeout(&self) -> Option<Duration> {
-        self.handler.timeout()
+        self.handler.timeout().or(A::insert_opts().timeout)
+    }
+
+    fn insert_opts(&self) -> InsertOpts {
+        A::insert_opts()
     }
 }

@@ -28,5 +28,5 @@ mod worker;
 
 pub use config::{QueueConfig, WorkerConfig};
 pub use error::{Error, Result};
-pub use handler::{handler_fn, FnHandler, Handler, HandlerResult, JobContext, Outcome};
+pub use handler::{handler_fn, FnHandler, Handler, HandlerResult, JobContext, Outcome, ResultExt};
 pub use worker::{Worker, WorkerBuilder, WorkerHandle, WorkerStats};

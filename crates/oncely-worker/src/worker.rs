@@ -50,6 +50,8 @@ pub struct WorkerBuilder {
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
     duplicate_kinds: Vec<String>,
     step_hook: Option<BoundaryHook>,
+    /// The id set with [`worker_id`](Self::worker_id), kept across [`config`](Self::config).
+    worker_id: Option<String>,
 }
 
 impl WorkerBuilder {
@@ -73,20 +75,24 @@ impl WorkerBuilder {
         self
     }
 
-    /// See [`WorkerConfig::worker_id`].
+    /// See [`WorkerConfig::worker_id`]. It wins over the id of a [`config`](Self::config) given
+    /// before or after.
     pub fn worker_id(mut self, id: impl Into<String>) -> Self {
-        self.config.worker_id = id.into();
+        let id = id.into();
+        self.config.worker_id = id.clone();
+        self.worker_id = Some(id);
         self
     }
 
-    /// Replace the whole configuration except queues and worker id already set on this builder.
+    /// Replace the whole configuration except the queues and the worker id already set on this
+    /// builder (queues are added to the config's; an id set with [`worker_id`](Self::worker_id) is
+    /// kept).
     pub fn config(mut self, config: WorkerConfig) -> Self {
         let queues = std::mem::take(&mut self.config.queues);
-        let worker_id = std::mem::take(&mut self.config.worker_id);
         self.config = config;
         self.config.queues.extend(queues);
-        if self.config.worker_id.is_empty() {
-            self.config.worker_id = worker_id;
+        if let Some(id) = &self.worker_id {
+            self.config.worker_id = id.clone();
         }
         self
     }
@@ -106,6 +112,13 @@ impl WorkerBuilder {
     }
 
     /// Check the configuration and build the worker.
+    ///
+    /// Besides the settings, it refuses a registered kind whose arguments declare
+    /// ([`JobArgs::insert_opts`]) a queue this worker does not serve, or a timeout that is not
+    /// shorter than the lease. A handler's own [`Handler::timeout`] at or past the lease is only
+    /// warned about: while the worker holds the database its heartbeats keep the lease, but a
+    /// worker cut off for longer than the lease may still be running the attempt when the job is
+    /// rescued and run elsewhere.
     pub fn build(self) -> Result<Worker> {
         if let Some(kind) = self.duplicate_kinds.first() {
             return Err(Error::Config(format!("two handlers registered for job kind `{kind}`")));
@@ -114,6 +127,35 @@ impl WorkerBuilder {
             return Err(Error::Config("no handler registered".into()));
         }
         self.config.validate().map_err(Error::Config)?;
+        let mut kinds: Vec<_> = self.handlers.iter().collect();
+        kinds.sort_by(|a, b| a.0.cmp(b.0));
+        for (kind, handler) in kinds {
+            let opts = handler.insert_opts();
+            if let Some(queue) = &opts.queue {
+                if !self.config.queues.iter().any(|q| &q.name == queue) {
+                    return Err(Error::Config(format!(
+                        "job kind `{kind}` goes to queue `{queue}` (its JobArgs::insert_opts), which this worker does not \
+                         serve: add .queue(\"{queue}\", concurrency), or register the kind on a worker that serves it"
+                    )));
+                }
+            }
+            if let Some(timeout) = opts.timeout {
+                if timeout >= self.config.lease {
+                    return Err(Error::Config(format!(
+                        "job kind `{kind}` declares a timeout of {timeout:?} (its JobArgs::insert_opts), not shorter \
+                         than the lease ({:?}): lengthen the lease or shorten the timeout",
+                        self.config.lease
+                    )));
+                }
+            }
+            if let Some(timeout) = handler.timeout().filter(|t| *t >= self.config.lease) {
+                tracing::warn!(
+                    job.kind = %kind, ?timeout, lease = ?self.config.lease,
+                    "the handler's timeout is not shorter than the lease: a worker cut off from the database may \
+                     still run an attempt after its job was rescued"
+                );
+            }
+        }
         Ok(Worker { pool: self.pool, config: self.config, handlers: self.handlers, step_hook: self.step_hook })
     }
 }
@@ -218,6 +260,7 @@ impl Worker {
             handlers: HashMap::new(),
             duplicate_kinds: Vec::new(),
             step_hook: None,
+            worker_id: None,
         }
     }
 
@@ -316,11 +359,30 @@ impl WorkerHandle {
         self.shutdown_within(timeout).await
     }
 
+    /// Wait for SIGTERM or SIGINT (Ctrl-C; only Ctrl-C on platforms without Unix signals), then
+    /// [`shutdown`](Self::shutdown). Needs this crate's `signal` feature.
+    ///
+    /// ```no_run
+    /// # async fn example(worker: oncely_worker::Worker) {
+    /// let handle = worker.start();
+    /// handle.shutdown_on_signal().await; // returns once the worker has stopped
+    /// # }
+    /// ```
+    #[cfg(feature = "signal")]
+    pub async fn shutdown_on_signal(&self) {
+        wait_for_signal().await;
+        tracing::info!(worker.id = %self.worker_id, "stop signal received");
+        self.shutdown().await
+    }
+
     /// Stop claiming; let in-flight jobs finish for up to `grace`; then abort the rest and release
     /// their jobs to the queue (not counted as attempts); record every completion; give up the
-    /// maintenance leadership. Idempotent: later calls return at once.
+    /// maintenance leadership. Idempotent: a call made while another is in progress returns when
+    /// that one has finished; later calls return at once.
     pub async fn shutdown_within(&self, grace: Duration) {
-        let Some(r) = self.inner.lock().await.take() else { return };
+        // Held to the end, so that a concurrent call waits for this one to finish.
+        let mut running = self.inner.lock().await;
+        let Some(r) = running.take() else { return };
         tracing::info!(worker.id = %self.worker_id, ?grace, "worker shutting down");
         r.stop.cancel();
         for f in r.fetchers {
@@ -343,4 +405,20 @@ impl WorkerHandle {
         r.completer.abort();
         tracing::info!(worker.id = %self.worker_id, "worker stopped");
     }
+}
+
+#[cfg(all(feature = "signal", unix))]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler can be installed in a Tokio runtime");
+    let mut int = signal(SignalKind::interrupt()).expect("a SIGINT handler can be installed in a Tokio runtime");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+#[cfg(all(feature = "signal", not(unix)))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
 }

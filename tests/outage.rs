@@ -1,0 +1,149 @@
+//! A database outage must not burn attempts: the worker reaches PostgreSQL through a local TCP
+//! proxy that is cut for 20 seconds (every connection dropped, new ones refused) while handlers are
+//! using the database, then restored.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use oncely::{enqueue_many, handler_fn, JobState, NewJob};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::ConnectOptions;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// A TCP proxy to PostgreSQL that can be cut (all connections dropped, new ones closed at once)
+/// and restored.
+struct Proxy {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    /// Cancelled on a cut: every forwarding task drops its two sockets.
+    generation: Arc<Mutex<CancellationToken>>,
+    stop: CancellationToken,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(Mutex::new(CancellationToken::new()));
+        let stop = CancellationToken::new();
+        let (c, g, s) = (cut.clone(), generation.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = s.cancelled() => return,
+                };
+                if c.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let token = g.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+                    let mut client = client;
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, cut, generation, stop }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        let mut g = self.generation.lock().unwrap();
+        g.cancel();
+        *g = CancellationToken::new();
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.generation.lock().unwrap().cancel();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_twenty_second_outage_burns_no_attempt_and_dead_letters_nothing() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    sqlx::query("CREATE TABLE outage_done (n bigint PRIMARY KEY)").execute(pool).await.unwrap();
+    const JOBS: u64 = 40;
+    let jobs: Vec<_> = (0..JOBS).map(|n| NewJob::new(&Noop { n }).unwrap().max_attempts(3)).collect();
+    enqueue_many(pool, &jobs).await.unwrap();
+
+    // The worker's pool goes through the proxy; the test's own pool does not.
+    let direct = PgConnectOptions::from_str(db.url()).unwrap();
+    let upstream: SocketAddr = tokio::net::lookup_host((direct.get_host(), direct.get_port()))
+        .await
+        .unwrap()
+        .next()
+        .expect("the database host resolves");
+    let proxy = Proxy::start(upstream).await;
+    let opts = direct.host(&proxy.addr.ip().to_string()).port(proxy.addr.port()).disable_statement_logging();
+    let worker_pool = PgPoolOptions::new()
+        .max_connections(6)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_with(opts)
+        .await
+        .unwrap();
+
+    // Handlers use the database before and after a pause, so some are mid-query at the cut.
+    let handler = handler_fn(|ctx, args: Noop| async move {
+        sqlx::query("SELECT pg_sleep(0.3)").execute(ctx.pool()).await?;
+        sqlx::query("INSERT INTO outage_done (n) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(args.n as i64)
+            .execute(ctx.pool())
+            .await?;
+        Ok(())
+    });
+    let h = builder(worker_pool).register(handler).queue("default", 4).build().unwrap().start();
+
+    eventually(Duration::from_secs(30), "a few jobs done and others running", || async {
+        let done = count(pool, JobState::Completed).await;
+        let running = count(pool, JobState::Running).await;
+        (done >= 4 && running > 0).then_some(())
+    })
+    .await;
+    proxy.cut();
+    // The outage itself is a timed cut.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    proxy.restore();
+
+    wait_all_finished(pool, Duration::from_secs(120)).await;
+    h.shutdown().await;
+
+    assert_eq!(count(pool, JobState::Dead).await, 0, "{:?}", state_counts(pool).await);
+    assert_eq!(count(pool, JobState::Completed).await, JOBS as i64);
+    let done: i64 = sqlx::query_scalar("SELECT count(*) FROM outage_done").fetch_one(pool).await.unwrap();
+    assert_eq!(done, JOBS as i64);
+    // Attempts that counted: claims less the ones given back (snoozes, interruptions, lone
+    // rescues). The outage counted none of them.
+    let rows: Vec<(i64, i32, i32, i32, serde_json::Value)> =
+        sqlx::query_as("SELECT id, attempt, snoozes, max_attempts, errors FROM oncely.jobs ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let interrupted = rows.iter().filter(|r| r.1 > 1).count();
+    assert!(interrupted > 0, "the outage cut some jobs short");
+    for (id, attempt, snoozes, max_attempts, errors) in &rows {
+        assert_eq!(attempt - snoozes, 1, "job {id}: the outage counted an attempt: {errors}");
+        assert_eq!(max_attempts - snoozes, 3, "job {id}");
+    }
+}
