@@ -9,8 +9,10 @@
 //! caller runs: it gets [`Claimed::Run`]; the others get the stored output
 //! ([`Claimed::Completed`]), [`Claimed::Busy`] while a live lease is held, or
 //! [`Claimed::Mismatch`] when the same key comes with a different fingerprint. A claim whose lease
-//! expired (its holder died) can be taken over; the old holder's later writes are fenced out by the
-//! attempt number.
+//! expired (its holder died) can be taken over, and a job step's claim is superseded at once by a
+//! *later* attempt of the same job ([`ClaimOptions::supersedes`]) — never by an earlier one, so a
+//! zombie attempt cannot take a key over from the attempt that replaced it. The old holder's later
+//! writes are fenced out by the claim's attempt number.
 //!
 //! Run inside a transaction together with the effect, the claim is invisible to others until the
 //! commit, and concurrent claimants wait on the row: effect and record commit together, or neither.
@@ -84,8 +86,12 @@ pub struct ClaimOptions<'a> {
     pub lease: Duration,
     /// How long the record lives (from the claim, and again from completion); `None`: forever.
     pub ttl: Option<Duration>,
-    /// An owner prefix whose in-progress claims this claim supersedes at once, lease or not
-    /// (`job:42:` — an earlier attempt of the same job is over by the time a new one runs).
+    /// An owner prefix followed by attempt numbers (`job:42:` for the attempts of job 42): this
+    /// claim's `owner` must then be the prefix followed by its own attempt (`job:42:3`), and it
+    /// supersedes at once, lease or not, an in-progress claim of an *earlier* attempt under the same
+    /// prefix (`job:42:2`) — that attempt is over by the time a later one runs. Never a claim of the
+    /// same or a later attempt: a zombie (an older attempt still running after its job lease was
+    /// lost) cannot take a key over from the attempt that replaced it. Attempts compare as numbers.
     pub supersedes: Option<&'a str>,
     /// The clock, for tests; `None` is the database clock.
     pub now: Option<DateTime<Utc>>,
@@ -124,6 +130,7 @@ pub enum Claimed {
 /// claim, the effect and [`complete`] atomic.
 pub async fn claim(conn: &mut sqlx::PgConnection, key: &LedgerKey, opts: &ClaimOptions<'_>) -> Result<Claimed> {
     key.validate()?;
+    let superseding_attempt = opts.supersedes.map(|prefix| owner_attempt(opts.owner, prefix)).transpose()?;
     // Fast path: a completed record answers without a write.
     let existing = match opts.read_first {
         true => {
@@ -155,6 +162,7 @@ pub async fn claim(conn: &mut sqlx::PgConnection, key: &LedgerKey, opts: &ClaimO
             .bind(opts.ttl.map(|d| d.as_secs_f64()))
             .bind(opts.supersedes)
             .bind(opts.now)
+            .bind(superseding_attempt)
             .fetch_optional(&mut *conn)
             .await?;
         if let Some(row) = row {
@@ -184,6 +192,20 @@ pub async fn claim(conn: &mut sqlx::PgConnection, key: &LedgerKey, opts: &ClaimO
         });
     }
     Err(Error::InvalidInput(format!("ledger key {key} kept vanishing while being claimed")))
+}
+
+/// The attempt number in `owner` after `prefix` (`job:42:3` after `job:42:` is 3), or a typed error
+/// when `owner` is not the prefix followed by a number.
+fn owner_attempt(owner: &str, prefix: &str) -> Result<i64> {
+    owner
+        .strip_prefix(prefix)
+        .filter(|n| (1..=18).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "ledger owner `{owner}` must be the supersede prefix `{prefix}` followed by an attempt number"
+            ))
+        })
 }
 
 /// Record the output of claim `attempt`; `ttl` restarts the record's expiry from now. Refused with

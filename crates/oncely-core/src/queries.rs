@@ -251,10 +251,12 @@ macro_rules! ledger_now {
 }
 
 /// Claim a ledger key (`$1` namespace, `$2` key, `$3` fingerprint, `$4` owner, `$5` lease secs,
-/// `$6` ttl secs or NULL, `$7` owner prefix that supersedes, `$8` now or NULL). Inserts a new
-/// in-progress record, or takes over one that expired, whose lease ran out, or whose owner starts
-/// with `$7` (an earlier attempt of the same job). Returns nothing when the key is held or
-/// completed: read it with [`LEDGER_GET`].
+/// `$6` ttl secs or NULL, `$7` owner prefix that supersedes, `$8` now or NULL, `$9` the claimant's
+/// attempt under `$7`). Inserts a new in-progress record, or takes over one that expired, whose
+/// lease ran out, or whose owner is `$7` followed by an attempt number *smaller* than `$9` (an
+/// earlier attempt of the same job; never a later one: a zombie attempt cannot take over from the
+/// attempt that replaced it). Returns nothing when the key is held or completed: read it with
+/// [`LEDGER_GET`].
 pub(crate) const LEDGER_CLAIM: &str = concat!(
     r#"
 INSERT INTO oncely.ledger AS l
@@ -294,7 +296,10 @@ WHERE l.expires_at <= "#,
        AND (l.lease_expires_at <= "#,
     ledger_now!(),
     r#"
-            OR ($7::text IS NOT NULL AND starts_with(l.owner, $7) AND l.owner <> EXCLUDED.owner)))
+            OR ($7::text IS NOT NULL AND starts_with(l.owner, $7)
+                AND CASE WHEN substr(l.owner, length($7) + 1) ~ '^[0-9]{1,18}$'
+                         THEN substr(l.owner, length($7) + 1)::bigint < $9::bigint
+                         ELSE false END)))
 RETURNING attempt, previous_owner,
           greatest(extract(epoch FROM "#,
     ledger_now!(),

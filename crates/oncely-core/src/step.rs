@@ -174,7 +174,10 @@ impl<'a> Step<'a> {
         Ok((effect, self.name))
     }
 
-    /// Memoize `f`'s result: on a retry the stored output is returned and `f` does not run.
+    /// Memoize `f`'s result: on a retry the stored output is returned and `f` does not run. When an
+    /// earlier attempt ran `f` and died before recording its output, `f` simply runs again,
+    /// however long ago that was: `f` is handed no idempotency key, so there is no callee that
+    /// could have forgotten one (that window is [`external`](Self::external)'s concern).
     pub async fn run<T, E, F, Fut>(self, f: F) -> Result<T, StepError>
     where
         T: Serialize + DeserializeOwned,
@@ -184,7 +187,7 @@ impl<'a> Step<'a> {
     {
         let (mut effect, name) = self.effect()?;
         effect.label = &name;
-        effect.run(OnUnknown::RetrySameKey, |_| f()).await
+        effect.run(OnUnknown::RetrySameKeyWithin(Duration::MAX), |_| f()).await
     }
 
     /// Run `f` in the transaction that records the step: the effect and the record commit

@@ -16,6 +16,11 @@ pub const DEFAULT_FETCH_BATCH: usize = 100;
 pub const DEFAULT_FETCH_COOLDOWN: Duration = Duration::from_millis(2);
 /// Defaults to 5 minutes: a handler attempt running longer is aborted and retried.
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(300);
+/// Defaults to 5 s: how long a handler whose lease was lost (its job rescued, cancelled by a
+/// person, or claimed by another worker) may go on running after it was told to stop
+/// ([`JobContext::cancelled`](crate::JobContext::cancelled)); then its future is dropped, so a
+/// zombie attempt cannot keep calling other systems.
+pub const DEFAULT_LEASE_LOST_GRACE: Duration = Duration::from_secs(5);
 /// Defaults to 30 s: at shutdown, how long in-flight jobs may run before they are released.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Defaults to 1 s: how often the elected maintenance leader renews its lease and rescues
@@ -67,6 +72,9 @@ pub struct WorkerConfig {
     pub job_timeout: Duration,
     /// Grace period for in-flight jobs at shutdown.
     pub shutdown_timeout: Duration,
+    /// How long a handler whose lease was lost may go on running once told to stop, before its
+    /// future is dropped. Defaults to [`DEFAULT_LEASE_LOST_GRACE`].
+    pub lease_lost_grace: Duration,
     /// Retry delays.
     pub retry: RetryPolicy,
     /// Run maintenance (rescue, pruning) when elected. Defaults to true.
@@ -98,6 +106,7 @@ impl Default for WorkerConfig {
             fetch_cooldown: DEFAULT_FETCH_COOLDOWN,
             job_timeout: DEFAULT_JOB_TIMEOUT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            lease_lost_grace: DEFAULT_LEASE_LOST_GRACE,
             retry: RetryPolicy::default(),
             maintenance: true,
             maintenance_interval: DEFAULT_MAINTENANCE_INTERVAL,

@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::completer::CompleterMsg;
 use crate::handler::{CallError, ContextInner, JobContext, Outcome};
-use crate::worker::{RunningJob, Shared, WorkerStats};
+use crate::worker::{AttemptFlags, RunningJob, Shared, WorkerStats};
 
 /// What the attempt came to, before it is written.
 enum Finish {
@@ -33,15 +33,24 @@ enum Finish {
     Release,
     /// A crash injected at a step boundary: write nothing, stop heartbeating, let the lease expire.
     Crash,
+    /// The lease was lost and the handler kept running past the grace period: it was dropped.
+    /// Nothing to write: the job is no longer this attempt's.
+    Abandoned,
+    /// The handler completed the job in its own transaction, which committed: nothing to write.
+    CompletedInTx,
+    /// Whether the handler's own completing transaction committed could not be read back: write
+    /// nothing; the lease expires and the job runs again unless it was completed.
+    Unsettled,
 }
 
 pub(crate) fn spawn(shared: &Arc<Shared>, tracker: &TaskTracker, job: Job, permit: OwnedSemaphorePermit) {
     let cancel = CancellationToken::new();
+    let flags = Arc::new(AttemptFlags::default());
     shared
         .running
         .lock()
         .expect("running-jobs lock poisoned by a panic while held")
-        .insert(job.id, RunningJob { attempt: job.attempt, cancel: cancel.clone() });
+        .insert(job.id, RunningJob { attempt: job.attempt, cancel: cancel.clone(), flags: flags.clone() });
     let span = tracing::info_span!(
         "job",
         job.id = %job.id,
@@ -49,14 +58,45 @@ pub(crate) fn spawn(shared: &Arc<Shared>, tracker: &TaskTracker, job: Job, permi
         queue = %job.queue,
         attempt = job.attempt,
     );
-    tracker.spawn(run(shared.clone(), job, cancel, permit).instrument(span));
+    tracker.spawn(run(shared.clone(), job, cancel, flags, permit).instrument(span));
 }
 
-async fn run(shared: Arc<Shared>, job: Job, cancel: CancellationToken, permit: OwnedSemaphorePermit) {
+async fn run(
+    shared: Arc<Shared>,
+    job: Job,
+    cancel: CancellationToken,
+    flags: Arc<AttemptFlags>,
+    permit: OwnedSemaphorePermit,
+) {
     let claim = Claim::from(&job);
-    let finish = attempt(&shared, &job, cancel).await;
+    let finish = attempt(&shared, &job, cancel, &flags).await;
+    // From here on the claim ends on purpose: the heartbeat must not take the write below, once
+    // committed, for a lost lease (it may still find the job in the running set).
+    AttemptFlags::set(&flags.finishing);
     // The slot is free as soon as the handler is done; the write below does not hold it.
     drop(permit);
+    let finish = match AttemptFlags::get(&flags.completed_in_tx) {
+        true => settle_completed_in_tx(&shared, &job, claim, finish).await,
+        false => finish,
+    };
+    match finish {
+        Finish::CompletedInTx => {
+            WorkerStats::add(&shared.stats.completed, 1);
+            tracing::debug!("job completed in the handler's transaction");
+            shared.forget([claim]);
+            return;
+        }
+        Finish::Abandoned => {
+            WorkerStats::add(&shared.stats.abandoned, 1);
+            shared.forget([claim]);
+            return;
+        }
+        Finish::Unsettled => {
+            shared.forget([claim]);
+            return;
+        }
+        _ => {}
+    }
     if let Finish::Complete = finish {
         tracing::debug!("job completed");
         if shared.completions.send(CompleterMsg::Complete(claim)).is_err() {
@@ -72,7 +112,7 @@ async fn run(shared: Arc<Shared>, job: Job, cancel: CancellationToken, permit: O
     shared.forget([claim]);
 }
 
-async fn attempt(shared: &Arc<Shared>, job: &Job, cancel: CancellationToken) -> Finish {
+async fn attempt(shared: &Arc<Shared>, job: &Job, cancel: CancellationToken, flags: &Arc<AttemptFlags>) -> Finish {
     let Some(handler) = shared.handlers.get(&job.kind) else {
         let message = format!(
             "no handler for job kind `{}` on worker {}; it will be retried (a worker that knows it may take it)",
@@ -92,14 +132,26 @@ async fn attempt(shared: &Arc<Shared>, job: &Job, cancel: CancellationToken) -> 
             pool: shared.pool.clone(),
             cancel: cancel.clone(),
             steps: StepScope::new(shared.pool.clone(), job.id, job.attempt).with_hook(shared.step_hook.clone()),
+            flags: flags.clone(),
         }),
     };
     let call = AssertUnwindSafe(handler.call(ctx, job.args.clone())).catch_unwind();
+    // Told to stop (the heartbeat found the lease lost), a handler gets the grace period to return;
+    // then its future is dropped, so a zombie attempt cannot go on calling other systems.
+    let grace = shared.config.lease_lost_grace;
+    let lost = async {
+        cancel.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
     let result = tokio::select! {
         r = tokio::time::timeout(timeout, call) => r,
         _ = shared.hard_stop.cancelled() => {
             cancel.cancel();
             return Finish::Release;
+        }
+        _ = lost => {
+            tracing::warn!(?grace, "the lease was lost and the handler did not stop within the grace period: dropping it");
+            return Finish::Abandoned;
         }
     };
     match result {
@@ -140,6 +192,44 @@ async fn attempt(shared: &Arc<Shared>, job: &Job, cancel: CancellationToken) -> 
     }
 }
 
+/// The handler completed its job in its own transaction ([`JobContext::complete_in`]): read back
+/// whether that transaction committed. Committed: the job is done whatever the handler returned,
+/// and nothing more is written. Rolled back (the job still runs under this claim): the effect did
+/// not happen, so a success is a failed attempt to retry. Anything else (the claim is gone) keeps
+/// `finish`, whose fenced write is then refused and reported.
+async fn settle_completed_in_tx(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) -> Finish {
+    if matches!(finish, Finish::Crash | Finish::Abandoned) {
+        return finish;
+    }
+    let read = (|| oncely_core::get_job(&shared.pool, claim.id)).retry(persist_backoff()).when(|e| e.is_transient());
+    let now = match read.await {
+        Ok(now) => now,
+        Err(e) => {
+            tracing::error!(error = %e, "could not read back whether the handler's completing transaction committed; writing nothing (the lease will expire)");
+            return Finish::Unsettled;
+        }
+    };
+    match (now.state, now.attempt == claim.attempt) {
+        (JobState::Completed, true) => {
+            if !matches!(finish, Finish::Complete) {
+                tracing::warn!(
+                    "the handler completed its job in its transaction, then returned an error; the completion stands"
+                );
+            }
+            Finish::CompletedInTx
+        }
+        (JobState::Running, true) => match finish {
+            Finish::Complete => {
+                let message = "the handler completed the job in a transaction that did not commit".to_owned();
+                tracing::warn!(%message, "retrying the attempt");
+                Finish::Failed { kind: ErrorKind::Error, message, retry_in: Some(backoff(shared, job)) }
+            }
+            other => other,
+        },
+        _ => finish,
+    }
+}
+
 /// The backoff delay after this attempt: snoozes and releases do not count.
 fn backoff(shared: &Shared, job: &Job) -> Duration {
     let counted = (job.attempt - job.snoozes).max(1) as u32;
@@ -165,7 +255,9 @@ async fn record(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) {
                     .await
                     .map(|_| None)
             }
-            Finish::Complete | Finish::Crash => unreachable!("completions go to the completer; crashes write nothing"),
+            Finish::Complete | Finish::Crash | Finish::Abandoned | Finish::CompletedInTx | Finish::Unsettled => {
+                unreachable!("completions go to the completer; crashes, abandoned and settled attempts write nothing")
+            }
         }
     };
     let result = write.retry(persist_backoff()).when(|e| e.is_transient()).await;
@@ -196,7 +288,7 @@ async fn record(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) {
             WorkerStats::add(&stats.released, 1);
             tracing::info!("job released at shutdown");
         }
-        (Ok(_), Finish::Complete | Finish::Crash) => {}
+        (Ok(_), Finish::Complete | Finish::Crash | Finish::Abandoned | Finish::CompletedInTx | Finish::Unsettled) => {}
         (Err(e @ oncely_core::Error::LeaseLost { .. }), _) => {
             WorkerStats::add(&stats.lease_lost, 1);
             tracing::warn!(error = %e, "outcome discarded");

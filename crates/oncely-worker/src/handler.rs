@@ -12,6 +12,8 @@ use oncely_core::step::{BoxError, Step, StepScope};
 use oncely_core::{Claim, InsertOpts, JobArgs, JobId, StepError};
 use tokio_util::sync::CancellationToken;
 
+use crate::worker::AttemptFlags;
+
 /// How a handler ends an attempt other than by success.
 ///
 /// `?` turns any error into an `Outcome`: a standard error, oncely's own [`BoxError`], an
@@ -240,6 +242,7 @@ pub(crate) struct ContextInner {
     pub(crate) pool: sqlx::PgPool,
     pub(crate) cancel: CancellationToken,
     pub(crate) steps: StepScope,
+    pub(crate) flags: Arc<AttemptFlags>,
 }
 
 impl JobContext {
@@ -272,9 +275,41 @@ impl JobContext {
     pub fn pool(&self) -> &sqlx::PgPool {
         &self.inner.pool
     }
+    /// Complete this job in `tx`, the handler's own transaction, so that the handler's effect and
+    /// the job's completion commit together or not at all (River's `JobCompleteTx`).
+    ///
+    /// The write is fenced like every other state write (job id, this attempt, `state =
+    /// 'running'`): when this attempt no longer holds the job it is refused with
+    /// [`Error::LeaseLost`](oncely_core::Error::LeaseLost) and nothing changes — roll the
+    /// transaction back. Once the transaction commits the job is completed: the worker does not
+    /// complete it again, and the heartbeat does not report it as a lost lease. If the transaction
+    /// rolls back instead, the job is still running under this attempt and the attempt counts as
+    /// failed (retried after the backoff), whatever the handler returns: its effect did not happen.
+    ///
+    /// Commit soon after, then return: until the transaction ends it holds the job's row lock, and
+    /// the job's lease is no longer extended.
+    ///
+    /// ```no_run
+    /// # async fn example(ctx: oncely_worker::JobContext) -> oncely_worker::HandlerResult {
+    /// let mut tx = oncely_core::txn::begin(ctx.pool()).await?;
+    /// sqlx::query("UPDATE usage SET tokens = tokens + 1200 WHERE user_id = 7").execute(&mut *tx).await?;
+    /// ctx.complete_in(&mut tx).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn complete_in(&self, tx: &mut sqlx::PgConnection) -> Result<(), oncely_core::Error> {
+        oncely_core::lease::complete_job(&mut *tx, self.claim()).await?;
+        // Before the commit: the heartbeat can only see the job completed once both are set.
+        AttemptFlags::set(&self.inner.flags.finishing);
+        AttemptFlags::set(&self.inner.flags.completed_in_tx);
+        Ok(())
+    }
+
     /// True once this worker no longer holds the job (lease lost, job cancelled by a person) or the
     /// worker is shutting down past its deadline. Long handlers should check it and stop: whatever
-    /// they write to the job afterwards is refused.
+    /// they write to the job afterwards is refused, and a handler still running
+    /// [`lease_lost_grace`](crate::WorkerConfig::lease_lost_grace) after its lease was lost is
+    /// dropped where it stands.
     pub fn is_cancelled(&self) -> bool {
         self.inner.cancel.is_cancelled()
     }

@@ -1,11 +1,16 @@
 //! The heartbeat: extends the leases of this worker's running jobs every third of the lease, and
-//! tells handlers whose claim no longer holds to stop.
+//! tells handlers whose claim no longer holds to stop (the executor drops those that do not stop
+//! within the grace period).
+//!
+//! A claim that ended on purpose is not a lost lease: a job whose outcome is being written (its
+//! handler returned; the write may commit between the heartbeat's read of the running set and the
+//! job's removal from it), or that its handler completed in its own transaction, is skipped.
 
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::worker::Shared;
+use crate::worker::{AttemptFlags, Shared, WorkerStats};
 
 pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(shared.config.heartbeat_interval());
@@ -26,10 +31,14 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                 }
                 let running = shared.running.lock().expect("running-jobs lock poisoned by a panic while held");
                 for c in &lost {
-                    if let Some(r) = running.get(&c.id).filter(|r| r.attempt == c.attempt) {
-                        tracing::warn!(job.id = %c.id, attempt = c.attempt, "lease lost (rescued or cancelled): telling the handler to stop");
-                        r.cancel.cancel();
+                    let Some(r) = running.get(&c.id).filter(|r| r.attempt == c.attempt) else { continue };
+                    if AttemptFlags::get(&r.flags.finishing) {
+                        // Completed (or failed, snoozed, ...) on purpose while this beat ran.
+                        continue;
                     }
+                    WorkerStats::add(&shared.stats.lost_while_running, 1);
+                    tracing::warn!(job.id = %c.id, attempt = c.attempt, grace = ?shared.config.lease_lost_grace, "lease lost (rescued or cancelled): telling the handler to stop");
+                    r.cancel.cancel();
                 }
             }
             Err(e) => tracing::warn!(error = %e, jobs = claims.len(), "heartbeat failed; will try again"),

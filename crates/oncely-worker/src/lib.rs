@@ -12,8 +12,11 @@
 //!
 //! What can go wrong, plainly: delivery is **at least once**. A worker that dies, or loses the
 //! database for longer than its lease, has its jobs run again elsewhere; its own later writes are
-//! refused ([`oncely_core::Error::LeaseLost`]). Handlers must therefore be safe to repeat — which is
-//! what steps and the effect ledger are for.
+//! refused ([`oncely_core::Error::LeaseLost`]). A handler whose lease is lost is told to stop
+//! ([`JobContext::cancelled`]) and dropped if it still runs after
+//! [`WorkerConfig::lease_lost_grace`]. Handlers must therefore be safe to repeat — which is what
+//! steps and the effect ledger are for, and [`JobContext::complete_in`], which completes the job in
+//! the handler's own transaction.
 
 mod completer;
 pub mod config;

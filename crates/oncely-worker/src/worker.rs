@@ -1,7 +1,7 @@
 //! The worker: a builder, the shared runtime state, and the handle that shuts it down.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -185,6 +185,15 @@ pub struct WorkerStats {
     pub released: AtomicU64,
     /// Writes refused because the lease was lost.
     pub lease_lost: AtomicU64,
+    /// Running jobs whose lease the heartbeat found lost (rescued, cancelled by a person, claimed
+    /// by another worker) while their handler ran: each handler was told to stop. A job whose
+    /// outcome is being written, or that its handler completed in its own transaction, is not
+    /// counted: its claim ended on purpose.
+    pub lost_while_running: AtomicU64,
+    /// Handlers dropped because they kept running for the grace period
+    /// ([`WorkerConfig::lease_lost_grace`](crate::WorkerConfig::lease_lost_grace)) after their lease
+    /// was lost.
+    pub abandoned: AtomicU64,
 }
 
 impl WorkerStats {
@@ -200,6 +209,30 @@ impl WorkerStats {
 pub(crate) struct RunningJob {
     pub(crate) attempt: i32,
     pub(crate) cancel: CancellationToken,
+    pub(crate) flags: Arc<AttemptFlags>,
+}
+
+/// How one attempt is ending, shared by its executor, its handler's context and the heartbeat.
+#[derive(Debug, Default)]
+pub(crate) struct AttemptFlags {
+    /// The attempt's outcome is being written (the handler returned), or the handler completed the
+    /// job in its own transaction: the heartbeat finding the claim no longer running is expected,
+    /// not a lost lease.
+    pub(crate) finishing: AtomicBool,
+    /// The handler completed the job in its own transaction
+    /// ([`JobContext::complete_in`](crate::JobContext::complete_in)); whether that transaction
+    /// committed is read back once the handler returns. The heartbeat no longer extends the lease:
+    /// the job's row is locked by that transaction until it ends.
+    pub(crate) completed_in_tx: AtomicBool,
+}
+
+impl AttemptFlags {
+    pub(crate) fn get(flag: &AtomicBool) -> bool {
+        flag.load(Ordering::SeqCst)
+    }
+    pub(crate) fn set(flag: &AtomicBool) {
+        flag.store(true, Ordering::SeqCst);
+    }
 }
 
 /// State shared by the worker's tasks.
@@ -236,7 +269,13 @@ impl Shared {
 
     pub(crate) fn running_claims(&self) -> Vec<Claim> {
         let running = self.running.lock().expect("running-jobs lock poisoned by a panic while held");
-        running.iter().map(|(id, r)| Claim { id: *id, attempt: r.attempt }).collect()
+        running
+            .iter()
+            // Neither a job its handler completed in its own transaction (the row is locked until
+            // that ends), nor one whose handler was already told its lease is lost.
+            .filter(|(_, r)| !AttemptFlags::get(&r.flags.completed_in_tx) && !r.cancel.is_cancelled())
+            .map(|(id, r)| Claim { id: *id, attempt: r.attempt })
+            .collect()
     }
 
     pub(crate) fn forget(&self, claims: impl IntoIterator<Item = Claim>) {
