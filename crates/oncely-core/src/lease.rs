@@ -102,6 +102,26 @@ pub async fn extend_leases<'e>(executor: impl PgExecutor<'e>, claims: &[Claim], 
     Ok(claims.iter().filter(|c| !held.contains(c)).copied().collect())
 }
 
+/// The most leases one heartbeat statement extends; see [`extend_leases_batched`].
+pub const MAX_LEASE_BATCH: usize = 1000;
+
+/// [`extend_leases`] in statements of at most [`MAX_LEASE_BATCH`] claims each, in ascending id
+/// order: a worker with many running jobs holds each statement's row locks briefly, and a slow
+/// moment does not make one statement ever larger. Each statement commits on its own; the first
+/// error stops the rest (the next heartbeat tries again).
+pub async fn extend_leases_batched<'e, E>(executor: E, claims: &[Claim], lease: Duration) -> Result<Vec<Claim>>
+where
+    E: PgExecutor<'e> + Copy,
+{
+    let mut claims = claims.to_vec();
+    claims.sort_unstable_by_key(|c| c.id.0);
+    let mut lost = Vec::new();
+    for chunk in claims.chunks(MAX_LEASE_BATCH) {
+        lost.extend(extend_leases(executor, chunk, lease).await?);
+    }
+    Ok(lost)
+}
+
 /// Record a failed attempt. With `retry_in: Some(d)` the job runs again after `d` (database clock)
 /// unless it is out of attempts; with `None` it goes to the dead letter now. Returns the new state
 /// ([`JobState::Available`] or [`JobState::Dead`]).

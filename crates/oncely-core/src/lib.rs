@@ -41,6 +41,8 @@ pub use error::{Error, Result};
 pub use job::{AttemptError, ErrorKind, Job, JobArgs, JobId, JobState, NewJob};
 pub use lease::Claim;
 pub use migrate::{migrate, MIGRATOR};
+#[doc(hidden)]
+pub use queries::HOT_STATEMENTS;
 pub use queries::JOBS_CHANNEL;
 pub use queue::{
     cancel_job, count_jobs, enqueue, enqueue_many, get_job, list_jobs, retry_job, Enqueued, JobFilter, QueueCount,
