@@ -343,12 +343,8 @@ async fn batches_over_the_same_jobs_in_opposite_orders_do_not_deadlock() {
     let mut holder = PgConnection::connect(db.url()).await.unwrap();
     let mut heartbeat = PgConnection::connect(db.url()).await.unwrap();
     let mut completer = PgConnection::connect(db.url()).await.unwrap();
-    let pid = |c: &mut PgConnection| {
-        let q = sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()");
-        async move { q.fetch_one(c).await.unwrap() }
-    };
-    let heartbeat_pid = pid(&mut heartbeat).await;
-    let completer_pid = pid(&mut completer).await;
+    let heartbeat_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut heartbeat).await.unwrap();
+    let completer_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut completer).await.unwrap();
     let waiting_on_a_lock = |backend: i32| {
         let pool = pool.clone();
         async move {
