@@ -49,7 +49,10 @@ pub async fn claim_jobs<'e>(
         .bind(worker_id)
         .fetch_all(executor)
         .await?;
-    rows_to_jobs(rows)
+    let mut jobs = rows_to_jobs(rows)?;
+    // The update returns rows in primary-key order; hand them out in claim order.
+    jobs.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.run_at.cmp(&b.run_at)).then(a.id.0.cmp(&b.id.0)));
+    Ok(jobs)
 }
 
 fn split(claims: &[Claim]) -> (Vec<i64>, Vec<i32>) {
