@@ -32,6 +32,8 @@ const JOB_SHAPED_TABLE: &str = "CREATE TABLE bench_job_row (
 const ENQUEUE_BATCH: usize = 10_000;
 /// The queue the worker serves.
 const QUEUE: &str = "bench";
+/// Worker slots of the `--analyze` drains: a small, the default and a large worker.
+const ANALYZE_CONCURRENCIES: [usize; 3] = [16, 100, 256];
 /// The queue of the one-by-one phase's jobs: not served, so the drain sees exactly `--jobs` jobs.
 const UNSERVED_QUEUE: &str = "bench_unserved";
 
@@ -62,6 +64,11 @@ pub(crate) struct BenchArgs {
     /// Keep the scratch database instead of dropping it.
     #[arg(long)]
     keep_db: bool,
+    /// Also drain N jobs at concurrency 16, 100 and 256, each twice in a fresh database: as
+    /// enqueued, and after `VACUUM ANALYZE` (the statistics of a full queue, with nothing running),
+    /// and report both.
+    #[arg(long)]
+    analyze: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -109,6 +116,17 @@ struct Report {
     max: Duration,
     plain_step: f64,
     tx_step: f64,
+    /// The `--analyze` drains.
+    drains: Vec<Drain>,
+}
+
+/// One `--analyze` drain: N jobs at `concurrency`, with or without `VACUUM ANALYZE` first.
+#[derive(Debug)]
+struct Drain {
+    concurrency: usize,
+    analyzed: bool,
+    /// Jobs per second.
+    rate: f64,
 }
 
 /// The `p`-th quantile (`0.0..=1.0`) of `sorted` by nearest rank: the smallest sample with at least
@@ -168,6 +186,19 @@ pub(crate) async fn run(server_url: &str, args: BenchArgs) -> Result<(), Fail> {
     let result = tokio::select! {
         r = phases(&db, &args) => r,
         _ = tokio::signal::ctrl_c() => Err(Fail("interrupted".into())),
+    };
+    let result = match result {
+        Ok(mut report) if args.analyze => {
+            let drains = tokio::select! {
+                r = drains(&server, &mut admin, &args) => r,
+                _ = tokio::signal::ctrl_c() => Err(Fail("interrupted".into())),
+            };
+            drains.map(|d| {
+                report.drains = d;
+                report
+            })
+        }
+        other => other,
     };
 
     if args.keep_db {
@@ -385,7 +416,89 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
         max,
         plain_step,
         tx_step,
+        drains: Vec::new(),
     })
+}
+
+/// The `--analyze` phase: for each of [`ANALYZE_CONCURRENCIES`], drain N jobs without and then with
+/// `VACUUM ANALYZE` after the enqueue, each in a fresh scratch database (so the first run has no
+/// statistics from an earlier one).
+async fn drains(server: &PgConnectOptions, admin: &mut PgConnection, a: &BenchArgs) -> Result<Vec<Drain>, Fail> {
+    let mut out = Vec::new();
+    for concurrency in ANALYZE_CONCURRENCIES {
+        for analyzed in [false, true] {
+            let name = format!("oncely_bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+            sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut *admin).await?;
+            let result = drain_once(&server.clone().database(&name), a, concurrency, analyzed).await;
+            if let Err(e) =
+                sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut *admin).await
+            {
+                eprintln!("oncely: could not drop the scratch database {name}: {e}");
+            }
+            let (rate, elapsed) = result?;
+            println!(
+                "[analyze] drain at concurrency {concurrency}, {}: {} jobs in {:.3} s = {} jobs/s",
+                if analyzed { "after VACUUM ANALYZE" } else { "as enqueued" },
+                a.jobs,
+                elapsed.as_secs_f64(),
+                thousands(rate)
+            );
+            out.push(Drain { concurrency, analyzed, rate });
+        }
+    }
+    Ok(out)
+}
+
+/// Migrate `db`, enqueue N jobs, `VACUUM ANALYZE` when `analyze`, and time one worker at
+/// `concurrency` draining them. Returns jobs per second and the drain's wall time.
+async fn drain_once(
+    db: &PgConnectOptions,
+    a: &BenchArgs,
+    concurrency: usize,
+    analyze: bool,
+) -> Result<(f64, Duration), Fail> {
+    let n = a.jobs;
+    let pool = PgPoolOptions::new()
+        .max_connections(a.worker_connections)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(db.clone())
+        .await?;
+    oncely_core::migrate(&pool).await?;
+    let jobs: Vec<NewJob> =
+        (0..n).map(|_| NewJob::new(&BenchNoop {}).map(|j| j.queue(QUEUE))).collect::<Result<_, _>>()?;
+    for chunk in jobs.chunks(ENQUEUE_BATCH) {
+        oncely_core::enqueue_many(&pool, chunk).await?;
+    }
+    drop(jobs);
+    if analyze {
+        sqlx::query("VACUUM ANALYZE oncely.jobs").execute(&pool).await?;
+    }
+    let mut warm = Vec::new();
+    for _ in 0..a.worker_connections {
+        warm.push(pool.acquire().await?);
+    }
+    drop(warm);
+    let worker = Worker::builder(pool.clone())
+        .register(handler_fn(|_ctx, _args: BenchNoop| async { Ok(()) }))
+        .queue(QUEUE, concurrency)
+        .configure(|c| c.fetch_batch = a.fetch_batch.unwrap_or(concurrency))
+        .build()?;
+    let t = Instant::now();
+    let handle = worker.start();
+    let drained = wait_completed(&handle, n as u64).await;
+    let elapsed = t.elapsed();
+    handle.shutdown_within(Duration::from_secs(5)).await;
+    drained?;
+    let completed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE queue = $1 AND state = 'completed'")
+            .bind(QUEUE)
+            .fetch_one(&pool)
+            .await?;
+    pool.close().await;
+    if completed != n as i64 {
+        return Err(Fail(format!("after the drain {completed} of {n} jobs are completed")));
+    }
+    Ok((n as f64 / elapsed.as_secs_f64(), elapsed))
 }
 
 /// Phase 5's check and figure, then phase 6.
@@ -592,6 +705,19 @@ fn print_summary(a: &BenchArgs, r: &Report) {
         thousands(r.tx_step),
         r.tx_step / r.processing
     );
+    for c in ANALYZE_CONCURRENCIES {
+        let rate = |analyzed| r.drains.iter().find(|d| d.concurrency == c && d.analyzed == analyzed).map(|d| d.rate);
+        if let (Some(plain), Some(analyzed)) = (rate(false), rate(true)) {
+            println!(
+                "drain at concurrency {c:>3}: as enqueued {:>9} jobs/s ({:.2}x {k}-conn); after VACUUM ANALYZE {:>9} jobs/s ({:.2}x {k}-conn, {:.2}x as enqueued)",
+                thousands(plain),
+                plain / r.base_many,
+                thousands(analyzed),
+                analyzed / r.base_many,
+                analyzed / plain
+            );
+        }
+    }
 }
 
 #[cfg(test)]

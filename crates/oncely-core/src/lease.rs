@@ -49,7 +49,10 @@ pub async fn claim_jobs<'e>(
         .bind(worker_id)
         .fetch_all(executor)
         .await?;
-    rows_to_jobs(rows)
+    let mut jobs = rows_to_jobs(rows)?;
+    // The update returns rows in primary-key order; hand them out in claim order.
+    jobs.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.run_at.cmp(&b.run_at)).then(a.id.0.cmp(&b.id.0)));
+    Ok(jobs)
 }
 
 fn split(claims: &[Claim]) -> (Vec<i64>, Vec<i32>) {
@@ -100,6 +103,26 @@ pub async fn extend_leases<'e>(executor: impl PgExecutor<'e>, claims: &[Claim], 
         .await?;
     let held = claims_of(rows)?;
     Ok(claims.iter().filter(|c| !held.contains(c)).copied().collect())
+}
+
+/// The most leases one heartbeat statement extends; see [`extend_leases_batched`].
+pub const MAX_LEASE_BATCH: usize = 1000;
+
+/// [`extend_leases`] in statements of at most [`MAX_LEASE_BATCH`] claims each, in ascending id
+/// order: a worker with many running jobs holds each statement's row locks briefly, and a slow
+/// moment does not make one statement ever larger. Each statement commits on its own; the first
+/// error stops the rest (the next heartbeat tries again).
+pub async fn extend_leases_batched<'e, E>(executor: E, claims: &[Claim], lease: Duration) -> Result<Vec<Claim>>
+where
+    E: PgExecutor<'e> + Copy,
+{
+    let mut claims = claims.to_vec();
+    claims.sort_unstable_by_key(|c| c.id.0);
+    let mut lost = Vec::new();
+    for chunk in claims.chunks(MAX_LEASE_BATCH) {
+        lost.extend(extend_leases(executor, chunk, lease).await?);
+    }
+    Ok(lost)
 }
 
 /// Record a failed attempt. With `retry_in: Some(d)` the job runs again after `d` (database clock)

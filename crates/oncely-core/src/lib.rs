@@ -41,6 +41,8 @@ pub use error::{Error, Result};
 pub use job::{AttemptError, ErrorKind, InsertOpts, Job, JobArgs, JobId, JobState, NewJob};
 pub use lease::Claim;
 pub use migrate::{migrate, migrate_conn, migrate_report, MigrateReport, MigrationError, MIGRATIONS_TABLE, MIGRATOR};
+#[doc(hidden)]
+pub use queries::HOT_STATEMENTS;
 pub use queries::JOBS_CHANNEL;
 pub use queue::{
     cancel_job, count_jobs, enqueue, enqueue_many, get_job, list_jobs, retry_job, Enqueued, JobFilter, QueueCount,

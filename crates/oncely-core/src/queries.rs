@@ -1,6 +1,30 @@
 //! Every SQL statement of the queue, in one place, named entity-first.
 //!
 //! Every statement that changes a running job is fenced by `id`, `attempt` and `state = 'running'`.
+//!
+//! # Plans that cannot flip
+//!
+//! The hot statements are written so that PostgreSQL has one sensible plan whatever its statistics
+//! say (fresh, analyzed while empty, analyzed while full, or a generic plan of a prepared
+//! statement). Two shapes do it:
+//!
+//! - **Lock by id, then check the fence on the locked row.** A `MATERIALIZED` CTE selects the rows
+//!   by primary key only (`WHERE id = $1`, or one lookup per claimed id) with `FOR UPDATE`, and the
+//!   fence (`attempt`, `state = 'running'`) is tested on what it returns: the newest version of a
+//!   row this statement now holds, so no one can change it before commit. A fence written on the
+//!   table itself (`... AND state = 'running'`) lets the planner scan the partial index
+//!   `jobs_lease_idx` instead of the primary key, and it does when the statistics say no job is
+//!   running (analyzed right after an enqueue): then every completion batch joined every running
+//!   job against every claim.
+//! - **Update by `id = ANY (ARRAY(SELECT id FROM the_cte))`**, an init plan evaluated once: the
+//!   update's scan is a primary-key lookup and there is no join for the planner to reorder.
+//!
+//! **Lock order.** The batched statements lock their rows in ascending `id` order (the claims are
+//! sorted before the lookups), so two batches over overlapping jobs — the heartbeat's and the
+//! completer's — queue behind each other instead of deadlocking. Claims and rescues use `SKIP
+//! LOCKED`, which never waits.
+//!
+//! `tests/plans.rs` checks the plans of these statements under several sets of statistics.
 
 /// Columns of a job row, in `SELECT` lists.
 pub(crate) const JOB_COLUMNS: &str = "id, kind, queue, args, priority, state, attempt, max_attempts, \
@@ -91,7 +115,7 @@ pub(crate) const JOB_COPY_IN: &str = "COPY oncely.jobs (id, kind, queue, args, p
 
 /// Claim up to `$2` available jobs of queue `$1` for worker `$4` with a lease of `$3` seconds.
 pub(crate) const JOB_CLAIM: &str = r#"
-WITH next AS (
+WITH next AS MATERIALIZED (
     SELECT id FROM oncely.jobs
     WHERE state = 'available' AND queue = $1 AND run_at <= now()
     ORDER BY priority DESC, run_at, id
@@ -101,8 +125,7 @@ WITH next AS (
 UPDATE oncely.jobs AS j
 SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
     lease_expires_at = now() + make_interval(secs => $3), worker_id = $4
-FROM next
-WHERE j.id = next.id
+WHERE j.id = ANY (ARRAY(SELECT id FROM next))
 RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_attempts, j.snoozes,
           j.run_at, j.created_at, j.attempted_at, j.finished_at, j.lease_expires_at, j.worker_id,
           j.unique_key, j.errors
@@ -110,25 +133,42 @@ RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_a
 
 /// Complete many claims at once; returns the ids whose claim still held.
 pub(crate) const JOB_SET_COMPLETED_IF_RUNNING_MANY: &str = r#"
-UPDATE oncely.jobs AS j
+WITH locked AS MATERIALIZED (
+    SELECT j.id, j.attempt, j.state, c.attempt AS claimed
+    FROM (SELECT id, attempt FROM unnest($1::bigint[], $2::int[]) AS u(id, attempt) ORDER BY id) AS c
+    CROSS JOIN LATERAL (SELECT id, attempt, state FROM oncely.jobs WHERE id = c.id FOR UPDATE) AS j
+), held AS (
+    SELECT id FROM locked WHERE attempt = claimed AND state = 'running'
+)
+UPDATE oncely.jobs
 SET state = 'completed', finished_at = now(), lease_expires_at = NULL
-FROM unnest($1::bigint[], $2::int[]) AS c(id, attempt)
-WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'running'
-RETURNING j.id, j.attempt
+WHERE id = ANY (ARRAY(SELECT id FROM held))
+RETURNING id, attempt
 "#;
 
-/// Extend the leases of many claims; returns the ids whose claim still held.
+/// Extend the leases of many claims by `$3` seconds; returns the ids whose claim still held.
 pub(crate) const JOB_EXTEND_LEASE_MANY: &str = r#"
-UPDATE oncely.jobs AS j
+WITH locked AS MATERIALIZED (
+    SELECT j.id, j.attempt, j.state, c.attempt AS claimed
+    FROM (SELECT id, attempt FROM unnest($1::bigint[], $2::int[]) AS u(id, attempt) ORDER BY id) AS c
+    CROSS JOIN LATERAL (SELECT id, attempt, state FROM oncely.jobs WHERE id = c.id FOR UPDATE) AS j
+), held AS (
+    SELECT id FROM locked WHERE attempt = claimed AND state = 'running'
+)
+UPDATE oncely.jobs
 SET lease_expires_at = now() + make_interval(secs => $3)
-FROM unnest($1::bigint[], $2::int[]) AS h(id, attempt)
-WHERE j.id = h.id AND j.attempt = h.attempt AND j.state = 'running'
-RETURNING j.id, j.attempt
+WHERE id = ANY (ARRAY(SELECT id FROM held))
+RETURNING id, attempt
 "#;
 
 /// Record a failed attempt: back to `available` after `$4` seconds when `$3` (retryable) and
 /// attempts remain, else `dead`. Returns the new state.
 pub(crate) const JOB_SET_FAILED_IF_RUNNING: &str = r#"
+WITH locked AS MATERIALIZED (
+    SELECT id, attempt, state FROM oncely.jobs WHERE id = $1 FOR UPDATE
+), held AS (
+    SELECT id FROM locked WHERE attempt = $2 AND state = 'running'
+)
 UPDATE oncely.jobs
 SET state = CASE WHEN $3 AND attempt < max_attempts THEN 'available' ELSE 'dead' END,
     run_at = CASE WHEN $3 AND attempt < max_attempts THEN now() + make_interval(secs => $4) ELSE run_at END,
@@ -136,30 +176,40 @@ SET state = CASE WHEN $3 AND attempt < max_attempts THEN 'available' ELSE 'dead'
     lease_expires_at = NULL,
     errors = errors || jsonb_build_array(jsonb_build_object(
         'attempt', attempt, 'at', now(), 'kind', $5::text, 'message', $6::text))
-WHERE id = $1 AND attempt = $2 AND state = 'running'
+WHERE id = (SELECT id FROM held)
 RETURNING state
 "#;
 
 /// Give a claim back without counting it as an attempt (snooze, or release at shutdown): available
 /// again after `$3` seconds; an optional note (`$4` kind, `$5` message) goes to the error history.
 pub(crate) const JOB_SET_AVAILABLE_IF_RUNNING: &str = r#"
+WITH locked AS MATERIALIZED (
+    SELECT id, attempt, state FROM oncely.jobs WHERE id = $1 FOR UPDATE
+), held AS (
+    SELECT id FROM locked WHERE attempt = $2 AND state = 'running'
+)
 UPDATE oncely.jobs
 SET state = 'available', run_at = now() + make_interval(secs => $3),
     snoozes = snoozes + 1, max_attempts = max_attempts + 1, lease_expires_at = NULL,
     errors = CASE WHEN $4::text IS NULL THEN errors
                   ELSE errors || jsonb_build_array(jsonb_build_object(
                       'attempt', attempt, 'at', now(), 'kind', $4::text, 'message', $5::text)) END
-WHERE id = $1 AND attempt = $2 AND state = 'running'
+WHERE id = (SELECT id FROM held)
 RETURNING id
 "#;
 
 /// The handler cancelled its own job.
 pub(crate) const JOB_SET_CANCELLED_IF_RUNNING: &str = r#"
+WITH locked AS MATERIALIZED (
+    SELECT id, attempt, state FROM oncely.jobs WHERE id = $1 FOR UPDATE
+), held AS (
+    SELECT id FROM locked WHERE attempt = $2 AND state = 'running'
+)
 UPDATE oncely.jobs
 SET state = 'cancelled', finished_at = now(), lease_expires_at = NULL,
     errors = errors || jsonb_build_array(jsonb_build_object(
         'attempt', attempt, 'at', now(), 'kind', 'error', 'message', 'cancelled by handler: ' || $3::text))
-WHERE id = $1 AND attempt = $2 AND state = 'running'
+WHERE id = (SELECT id FROM held)
 RETURNING id
 "#;
 
@@ -184,7 +234,7 @@ RETURNING queue
 /// attempts. A lone expiry is given back (not counted, like a snooze: `snoozes` and `max_attempts`
 /// go up by one); one that follows another expiry (the history's last entry) counts.
 pub(crate) const JOB_RESCUE_EXPIRED: &str = r#"
-WITH expired AS (
+WITH expired AS MATERIALIZED (
     SELECT id, coalesce(errors -> -1 ->> 'kind' = 'lease_expired', false) AS again
     FROM oncely.jobs
     WHERE state = 'running' AND lease_expires_at < now()
@@ -204,7 +254,8 @@ SET state = CASE WHEN NOT expired.again OR j.attempt < j.max_attempts THEN 'avai
         'message', 'lease expired while running on worker ' || coalesce(j.worker_id, '?')
                    || CASE WHEN expired.again THEN '' ELSE ' (first expiry in a row: not counted)' END))
 FROM expired
-WHERE j.id = expired.id
+-- The primary key drives the update whatever the statistics; the join only reads `again`.
+WHERE j.id = ANY (ARRAY(SELECT id FROM expired)) AND j.id = expired.id
 RETURNING j.id, j.state, j.queue
 "#;
 
@@ -392,6 +443,24 @@ WHERE (namespace, key) IN (
 pub(crate) const MAINTENANCE_RUN_INSERT: &str = r#"
 INSERT INTO oncely.maintenance_runs (task, worker_id, started_at, deleted) VALUES ($1, $2, $3, $4)
 "#;
+
+/// The hot statements by name, for the plan tests (`tests/plans.rs`), which `EXPLAIN` each under
+/// several sets of statistics and check that it uses the primary key or its intended index. Not a
+/// stable API.
+#[doc(hidden)]
+pub const HOT_STATEMENTS: &[(&str, &str)] = &[
+    ("JOB_CLAIM", JOB_CLAIM),
+    ("JOB_SET_COMPLETED_IF_RUNNING_MANY", JOB_SET_COMPLETED_IF_RUNNING_MANY),
+    ("JOB_EXTEND_LEASE_MANY", JOB_EXTEND_LEASE_MANY),
+    ("JOB_SET_FAILED_IF_RUNNING", JOB_SET_FAILED_IF_RUNNING),
+    ("JOB_SET_AVAILABLE_IF_RUNNING", JOB_SET_AVAILABLE_IF_RUNNING),
+    ("JOB_SET_CANCELLED_IF_RUNNING", JOB_SET_CANCELLED_IF_RUNNING),
+    ("JOB_RESCUE_EXPIRED", JOB_RESCUE_EXPIRED),
+    ("LEDGER_CLAIM", LEDGER_CLAIM),
+    ("LEDGER_GET", LEDGER_GET),
+    ("LEDGER_COMPLETE", LEDGER_COMPLETE),
+    ("DELIVERY_RECORD_ATTEMPT", crate::webhook::DELIVERY_RECORD_ATTEMPT),
+];
 
 #[cfg(test)]
 mod tests {

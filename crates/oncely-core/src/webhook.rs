@@ -537,17 +537,10 @@ pub struct AttemptRecorded {
     pub failing_for: Duration,
 }
 
-/// Record one attempt: the delivery's counters, and the endpoint's failure run (cleared by a
-/// success, started by the first failure). A success on an ordered endpoint also wakes the next
-/// waiting delivery of the same ordering key.
-pub async fn record_delivery_attempt<'e>(
-    executor: impl PgExecutor<'e>,
-    endpoint: EndpointId,
-    event: EventId,
-    attempt: &AttemptRecord,
-) -> Result<AttemptRecorded> {
-    let row = sqlx::query(concat!(
-        r#"
+/// The statement of [`record_delivery_attempt`]: `$1` endpoint, `$2` event, `$3` status, `$4` error,
+/// `$5` delivered.
+pub(crate) const DELIVERY_RECORD_ATTEMPT: &str = concat!(
+    r#"
 WITH d AS (
     UPDATE oncely.webhook_deliveries
     SET attempts = attempts + 1, last_status = $3, last_error = $4, last_attempt_at = now(),
@@ -571,21 +564,32 @@ WITH d AS (
         WHERE n.endpoint_id = $1 AND n.ordering_key = d.ordering_key AND n.event_id > $2 AND n.delivered_at IS NULL
         ORDER BY n.event_id LIMIT 1)
     RETURNING pg_notify("#,
-        jobs_channel!(),
-        r#", queue)
+    jobs_channel!(),
+    r#", queue)
 )
 -- `wake` is read so that its RETURNING (the NOTIFY) is evaluated for every woken row.
 SELECT d.attempts, p.failing_for, (SELECT count(*) FROM wake) AS woken FROM d, p
 "#
-    ))
-    .bind(endpoint)
-    .bind(event)
-    .bind(attempt.status)
-    .bind(&attempt.error)
-    .bind(attempt.delivered)
-    .fetch_optional(executor)
-    .await?
-    .ok_or(Error::NotFound { what: "webhook delivery of event", id: event.0 })?;
+);
+
+/// Record one attempt: the delivery's counters, and the endpoint's failure run (cleared by a
+/// success, started by the first failure). A success on an ordered endpoint also wakes the next
+/// waiting delivery of the same ordering key.
+pub async fn record_delivery_attempt<'e>(
+    executor: impl PgExecutor<'e>,
+    endpoint: EndpointId,
+    event: EventId,
+    attempt: &AttemptRecord,
+) -> Result<AttemptRecorded> {
+    let row = sqlx::query(DELIVERY_RECORD_ATTEMPT)
+        .bind(endpoint)
+        .bind(event)
+        .bind(attempt.status)
+        .bind(&attempt.error)
+        .bind(attempt.delivered)
+        .fetch_optional(executor)
+        .await?
+        .ok_or(Error::NotFound { what: "webhook delivery of event", id: event.0 })?;
     let failing_for: f64 = row.try_get("failing_for")?;
     Ok(AttemptRecorded {
         attempts: row.try_get("attempts")?,

@@ -9,8 +9,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::executor::persist_backoff;
 use crate::worker::{Shared, WorkerStats};
 
-/// The most completions written by one statement.
-const MAX_BATCH: usize = 2000;
+/// The most completions written by one statement. Completions that arrive while a batch is being
+/// written wait for the next one; a bounded batch keeps each statement (and the row locks it holds
+/// until commit) short, so a slow moment does not make the next batch larger and slower still.
+pub(crate) const MAX_COMPLETION_BATCH: usize = 1000;
 
 pub(crate) enum CompleterMsg {
     Complete(Claim),
@@ -19,11 +21,11 @@ pub(crate) enum CompleterMsg {
 }
 
 pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<CompleterMsg>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut batch = Vec::with_capacity(MAX_COMPLETION_BATCH);
     let mut flushes = Vec::new();
     while let Some(msg) = rx.recv().await {
         push(msg, &mut batch, &mut flushes);
-        while batch.len() < MAX_BATCH {
+        while batch.len() < MAX_COMPLETION_BATCH {
             match rx.try_recv() {
                 Ok(msg) => push(msg, &mut batch, &mut flushes),
                 Err(_) => break,

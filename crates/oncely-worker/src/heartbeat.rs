@@ -24,7 +24,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         if claims.is_empty() {
             continue;
         }
-        match oncely_core::lease::extend_leases(&shared.pool, &claims, shared.config.lease).await {
+        match oncely_core::lease::extend_leases_batched(&shared.pool, &claims, shared.config.lease).await {
             Ok(lost) => {
                 if lost.is_empty() {
                     continue;
