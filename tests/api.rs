@@ -529,8 +529,18 @@ async fn the_example_server_deletes_expired_keys_itself() {
             .then_some(())
     })
     .await;
-    assert_eq!(scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE namespace = 'http' AND key LIKE '%|new'").await, 1);
-    assert!(scalar(&db, "SELECT coalesce(sum(deleted), 0)::bigint FROM oncely.maintenance_runs WHERE task = 'ledger_cleanup'").await >= 1);
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE namespace = 'http' AND key LIKE '%|new'").await,
+        1
+    );
+    assert!(
+        scalar(
+            &db,
+            "SELECT coalesce(sum(deleted), 0)::bigint FROM oncely.maintenance_runs WHERE task = 'ledger_cleanup'"
+        )
+        .await
+            >= 1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

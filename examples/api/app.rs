@@ -1,5 +1,11 @@
 //! The example API: the seeds' endpoints behind the Idempotency-Key layer.
 //!
+//! Every request is authenticated first ([`authenticate`]: an API key from `x-api-key` or
+//! `Authorization: Bearer`, looked up by SHA-256 in `api_credentials`), and the idempotency layers
+//! scope keys by the caller's principal. A key reused with another request is
+//! `409 idempotency_conflict` on every route ([`KEY_REUSED`]). [`start`] runs the server as `main`
+//! does: the expired-key cleanup, and HTTP/1.1 with a header read timeout.
+//!
 //! - Billing (seed 003): `POST /api/v1/usage`, `POST /api/v1/usage/bulk`, `POST /api/v1/settle` —
 //!   transactional mode (the usage rows and the stored response commit together), a key reused
 //!   with another body is `409 idempotency_conflict`, 24 h TTL.
@@ -260,8 +266,8 @@ struct Recorded<T> {
     body: T,
 }
 
-/// The caller scope, derived as the layer derives it (a hash of `x-api-key`, else of
-/// `authorization`, else `anonymous`): records never hold the credential itself.
+/// The caller scope, derived as the layer derives it: a hash of the [`oncely_http::Principal`] that
+/// [`authenticate`] put in the extensions. Records never hold the credential itself.
 fn scope(parts: &Parts) -> String {
     oncely_http::config::default_scope(parts)
 }

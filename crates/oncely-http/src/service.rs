@@ -580,3 +580,27 @@ where
         Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_follows_observed_durations_within_one_second_and_the_cap() {
+        let e = Estimate::default();
+        let lease = Duration::from_secs(60);
+        assert_eq!(e.retry_after(lease), Duration::from_secs(1), "nothing observed yet");
+        e.observe(Duration::from_millis(50));
+        assert_eq!(e.retry_after(lease), Duration::from_secs(1), "a 50 ms request: 1 s, not the lease");
+        let slow = Estimate::default();
+        slow.observe(Duration::from_millis(2500));
+        assert_eq!(slow.retry_after(lease), Duration::from_millis(2500));
+        assert_eq!(slow.retry_after(Duration::from_secs(2)), Duration::from_secs(2), "never past the lease");
+        let stuck = Estimate::default();
+        stuck.observe(Duration::from_secs(600));
+        assert_eq!(stuck.retry_after(lease), MAX_RETRY_AFTER);
+        // An average: one slow request among quick ones moves it by an eighth.
+        e.observe(Duration::from_secs(8));
+        assert!(e.retry_after(lease) < Duration::from_secs(2));
+    }
+}
