@@ -826,10 +826,10 @@ async fn a_request_rejected_before_its_handler_ran_is_not_stored_and_its_correct
         assert_eq!((again.body, again.headers.contains_key("idempotency-replayed")), (fixed.body, true), "{name}");
 
         // Unparsable JSON (400) and JSON of the wrong shape (422): the same.
-        for (bad, status) in
-            [("{units", StatusCode::BAD_REQUEST), (r#"{"units":"x"}"#, StatusCode::UNPROCESSABLE_ENTITY)]
+        for (k, bad, status) in
+            [("b1", "{units", StatusCode::BAD_REQUEST), ("b2", r#"{"units":"x"}"#, StatusCode::UNPROCESSABLE_ENTITY)]
         {
-            let key = [("x-api-key", "tenant-a"), ("content-type", "application/json"), ("idempotency-key", bad)];
+            let key = [("x-api-key", "tenant-a"), ("content-type", "application/json"), ("idempotency-key", k)];
             let refused = post_http(&addr, "/orders", &key, bad).await;
             assert_eq!(refused.status, status, "{name}: {bad}");
             // The fixed body is another request: the same key with it runs, it is not a reuse.
