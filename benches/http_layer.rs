@@ -30,7 +30,7 @@ fn router(layer: Option<IdempotencyLayer>, pool: Option<sqlx::PgPool>) -> Router
                 let sql = "INSERT INTO things (body) VALUES ($1)";
                 match (tx, pool) {
                     (Some(tx), _) => {
-                        sqlx::query(sql).bind(&body).execute(&mut *tx.conn().await).await.unwrap();
+                        sqlx::query(sql).bind(&body).execute(&mut *tx.conn().await.unwrap()).await.unwrap();
                     }
                     (None, Some(pool)) => {
                         sqlx::query(sql).bind(&body).execute(&pool).await.unwrap();

@@ -7,6 +7,7 @@ mod app;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,14 +43,36 @@ async fn post(addr: &str, path: &str, headers: &[(&str, &str)], body: &str) -> R
     Resp { status, headers, body: body.to_owned() }
 }
 
-async fn serve(db: &TestDb) -> (String, Arc<app::PaymentProvider>) {
+/// The API keys the tests use, and whom each one names.
+const CALLERS: [(&str, &str); 6] = [
+    ("user-7", "user-7"),
+    ("user-8", "user-8"),
+    ("user-9", "user-9"),
+    ("acct-1", "ak_live_1"),
+    ("operator", "ops"),
+    ("someone-else", "someone-else"),
+];
+
+fn args(extra: &[&str]) -> app::Args {
+    let mut argv = vec!["api", "--listen", "127.0.0.1:0"];
+    argv.extend_from_slice(extra);
+    <app::Args as clap::Parser>::try_parse_from(argv).unwrap()
+}
+
+/// The example's server as its `main` starts it, on a loopback port, with the test callers' keys.
+async fn serve_with(db: &TestDb, args: &app::Args) -> (String, Arc<app::PaymentProvider>) {
     app::setup(db.pool()).await.unwrap();
+    for (principal, key) in CALLERS {
+        app::add_api_key(db.pool(), principal, key).await.unwrap();
+    }
     let provider = Arc::new(app::PaymentProvider::default());
-    let router = app::router(app::AppState { pool: db.pool().clone(), provider: provider.clone() });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    (addr, provider)
+    let state = app::AppState { pool: db.pool().clone(), provider: provider.clone() };
+    let server = app::start(state, args).await.unwrap();
+    (server.addr.to_string(), provider)
+}
+
+async fn serve(db: &TestDb) -> (String, Arc<app::PaymentProvider>) {
+    serve_with(db, &args(&[])).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -400,4 +423,155 @@ async fn revoking_a_key_twice_returns_the_same_response_and_one_timestamp() {
             .await,
         0
     );
+}
+
+fn problem(r: &Resp) -> serde_json::Value {
+    assert_eq!(r.header("content-type"), Some("application/problem+json"), "{}", r.body);
+    serde_json::from_str(&r.body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn callers_are_authenticated_and_one_principal_is_one_scope_whatever_its_credential() {
+    let db = TestDb::new().await;
+    let (addr, _) = serve(&db).await;
+    // A key acct-1 was given after ak_live_1 (a rotation): the same principal.
+    app::add_api_key(db.pool(), "acct-1", "ak_live_1_rotated").await.unwrap();
+    let usage = |auth: (&'static str, &'static str)| {
+        let addr = addr.clone();
+        async move { post(&addr, "/api/v1/usage", &[auth, ("idempotency-key", "u-1")], r#"{"units":5}"#).await }
+    };
+    let first = usage(("authorization", "Bearer ak_live_1")).await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    for cred in [
+        ("authorization", "bearer ak_live_1"),
+        ("authorization", "Bearer   ak_live_1"),
+        ("x-api-key", "ak_live_1"),
+        ("authorization", "Bearer ak_live_1_rotated"),
+    ] {
+        let again = usage(cred).await;
+        assert_eq!((again.status, again.body.as_str()), (201, first.body.as_str()), "{cred:?}");
+        assert_eq!(again.header("idempotency-replayed"), Some("true"), "{cred:?} ran again");
+    }
+    assert_eq!(scalar(&db, "SELECT count(*) FROM api_usage").await, 1, "one effect");
+    assert_eq!(scalar(&db, "SELECT count(*) FROM api_usage WHERE caller = 'acct-1'").await, 1);
+
+    // No key, an unknown key, a revoked key: 401 before any idempotency layer, nothing stored.
+    sqlx::query("UPDATE api_credentials SET revoked_at = now() WHERE principal = 'someone-else'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    for headers in [
+        vec![("idempotency-key", "u-2")],
+        vec![("authorization", "Bearer nope"), ("idempotency-key", "u-2")],
+        vec![("authorization", "Basic ak_live_1"), ("idempotency-key", "u-2")],
+        vec![("x-api-key", "someone-else"), ("idempotency-key", "u-2")],
+    ] {
+        let r = post(&addr, "/api/v1/usage", &headers, r#"{"units":5}"#).await;
+        assert_eq!((r.status, json(&r)["code"].as_str()), (401, Some("unauthenticated")), "{headers:?}");
+        assert!(r.header("x-request-id").is_some_and(|v| !v.is_empty()), "{headers:?}");
+    }
+    assert_eq!(scalar(&db, "SELECT count(*) FROM api_usage").await, 1);
+    assert_eq!(scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE key LIKE '%|u-2'").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_response_of_the_example_carries_a_request_id() {
+    let db = TestDb::new().await;
+    let (addr, _) = serve(&db).await;
+    let h = [("x-api-key", "ak_live_1"), ("idempotency-key", "rid-1"), ("x-request-id", "trace-1")];
+    let first = post(&addr, "/api/v1/usage", &h, r#"{"units":1}"#).await;
+    assert_eq!((first.status, first.header("x-request-id")), (201, Some("trace-1")));
+    let long = "t".repeat(oncely_http::MAX_REQUEST_ID_LEN + 1);
+    let r = post(&addr, "/api/v1/settle", &[("x-api-key", "ak_live_1"), ("x-request-id", &long)], "").await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("x-request-id").is_some_and(|v| v.len() == 36), "{:?}", r.header("x-request-id"));
+    let lost = post(&addr, "/nowhere", &[("x-api-key", "ak_live_1")], "").await;
+    // (An unknown route reaches the last merged router's fallback, behind its idempotency layer.)
+    assert!((400..500).contains(&lost.status), "{}", lost.status);
+    assert!(lost.header("x-request-id").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_reused_on_another_route_gets_the_same_answer_on_every_route() {
+    let db = TestDb::new().await;
+    let (addr, _) = serve(&db).await;
+    let h = |k: &'static str| [("x-api-key", "ops"), ("idempotency-key", k)];
+    let project = r#"{"project_id":"p1","name":"One"}"#;
+    // Billing first, then the control plane; and the other way round.
+    assert_eq!(post(&addr, "/api/v1/usage", &h("shared-1"), r#"{"units":1}"#).await.status, 201);
+    assert_eq!(post(&addr, "/projects", &h("shared-2"), project).await.status, 201);
+    for (path, key, body) in [
+        ("/projects", "shared-1", project),
+        ("/checkout", "shared-1", r#"{"price":"pro"}"#),
+        ("/api/v1/usage", "shared-2", r#"{"units":1}"#),
+        ("/api/v1/settle", "shared-2", ""),
+    ] {
+        let r = post(&addr, path, &h(key), body).await;
+        assert_eq!(r.status, 409, "{path} with {key}: {}", r.body);
+        assert_eq!(problem(&r)["code"], "idempotency_conflict", "{path}");
+        assert_eq!(problem(&r)["type"], "urn:oncely:problem:idempotency-key-reused", "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_example_server_deletes_expired_keys_itself() {
+    let db = TestDb::new().await;
+    let (addr, _) = serve_with(&db, &args(&["--cleanup-interval", "0.05"])).await;
+    let h = |k: &'static str| [("x-api-key", "ops"), ("idempotency-key", k)];
+    assert_eq!(post(&addr, "/projects", &h("old"), r#"{"project_id":"p1","name":"One"}"#).await.status, 201);
+    assert_eq!(post(&addr, "/projects", &h("new"), r#"{"project_id":"p2","name":"Two"}"#).await.status, 201);
+    // The first key's 1 h ran out (moved back, rather than waited for).
+    sqlx::query("UPDATE oncely.ledger SET expires_at = now() - interval '1 minute' WHERE namespace = 'http' AND key LIKE '%|old'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(20), "the expired key to be deleted", || async {
+        (scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE namespace = 'http' AND key LIKE '%|old'").await == 0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM oncely.ledger WHERE namespace = 'http' AND key LIKE '%|new'").await,
+        1
+    );
+    assert!(
+        scalar(
+            &db,
+            "SELECT coalesce(sum(deleted), 0)::bigint FROM oncely.maintenance_runs WHERE task = 'ledger_cleanup'"
+        )
+        .await
+            >= 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_example_server_listens_where_told() {
+    let db = TestDb::new().await;
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let mut a = args(&[]);
+    a.listen = listen.parse().unwrap();
+    assert_eq!(<app::Args as clap::Parser>::try_parse_from(["api", "--listen", &listen]).unwrap().listen, a.listen);
+    let (addr, _) = serve_with(&db, &a).await;
+    assert_eq!(addr, listen);
+    let r = post(&listen, "/projects", &[("x-api-key", "ops")], r#"{"project_id":"p1","name":"One"}"#).await;
+    assert_eq!(r.status, 201);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let db = TestDb::new().await;
+    let (addr, _) = serve_with(&db, &args(&["--header-read-timeout", "0.2"])).await;
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"POST /projects HTTP/1.1\r\nhost: x\r\nx-api-key: ops\r\n").await.unwrap();
+    // The server closes the connection (perhaps after a 408); without a timeout this never ends.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(30), slow.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection is still open");
+    // Other clients are served meanwhile and after.
+    let r = post(&addr, "/projects", &[("x-api-key", "ops")], r#"{"project_id":"p1","name":"One"}"#).await;
+    assert_eq!(r.status, 201);
 }

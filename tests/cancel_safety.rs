@@ -137,7 +137,7 @@ async fn an_http_request_dropped_while_its_transaction_begins_leaves_no_open_tra
             "/usage",
             post(|tx: RequestTx| async move {
                 sqlx::query("UPDATE usage SET tokens = tokens + 1 WHERE user_id = 1")
-                    .execute(&mut *tx.conn().await)
+                    .execute(&mut *tx.conn().await.expect("the handler runs before the layer closes the transaction"))
                     .await
                     .unwrap();
                 http::StatusCode::CREATED

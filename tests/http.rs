@@ -431,7 +431,7 @@ async fn add_usage(tx: Option<RequestTx>, pool: sqlx::PgPool) -> StatusCode {
     let sql = "UPDATE usage SET tokens = tokens + 10 WHERE user_id = 1";
     match tx {
         Some(tx) => {
-            sqlx::query(sql).execute(&mut *tx.conn().await).await.unwrap();
+            sqlx::query(sql).execute(&mut *tx.conn().await.unwrap()).await.unwrap();
         }
         None => {
             sqlx::query(sql).execute(&pool).await.unwrap();
@@ -731,4 +731,392 @@ async fn a_handler_running_longer_than_the_lease_keeps_its_key_and_runs_once() {
         assert!(late_duplicates > 0, "{name}: duplicates were sent after the original lease ran out");
         assert_eq!(runs.load(Ordering::SeqCst), 1, "{name}: the slow handler ran once");
     }
+}
+
+// ---- Over real HTTP: a server on a loopback port, a raw HTTP/1.1 client. ----
+
+/// Serve `router` on a loopback port.
+async fn listen(router: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    addr
+}
+
+/// POST `body` to `addr` with `headers`, over a fresh connection.
+async fn post_http(addr: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Got {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req =
+        format!("POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {}\r\nconnection: close\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).await.unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse::<u16>().unwrap();
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in lines.filter_map(|l| l.split_once(':')) {
+        headers.append(
+            http::HeaderName::from_bytes(k.trim().as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v.trim()).unwrap(),
+        );
+    }
+    Got {
+        status: StatusCode::from_u16(status).unwrap(),
+        headers,
+        body: bytes::Bytes::copy_from_slice(&raw[split + 4..]),
+    }
+}
+
+/// A 30-second bound on a step that must finish; a hang fails the test instead of stalling it.
+async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), f).await.unwrap_or_else(|_| panic!("{what} never finished"))
+}
+
+/// Both stores and the transactional mode, fresh.
+async fn all_modes() -> Vec<(&'static str, IdempotencyLayer, Option<TestDb>)> {
+    let mut modes = stores().await;
+    let db = TestDb::new().await;
+    modes.push(("transactional", IdempotencyLayer::transactional(db.new_pool(4).await), Some(db)));
+    modes
+}
+
+#[derive(serde::Deserialize)]
+struct Order {
+    units: i64,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_rejected_before_its_handler_ran_is_not_stored_and_its_corrected_retry_runs() {
+    for (name, layer, _db) in all_modes().await {
+        let runs = Arc::new(AtomicU32::new(0));
+        let r = runs.clone();
+        let router = Router::new()
+            .route(
+                "/orders",
+                post(move |axum::Json(o): axum::Json<Order>| {
+                    let r = r.clone();
+                    async move {
+                        let n = r.fetch_add(1, Ordering::SeqCst) + 1;
+                        (StatusCode::CREATED, format!("order {n} of {} units", o.units))
+                    }
+                }),
+            )
+            .layer(layer);
+        let addr = listen(router).await;
+        let json = [("x-api-key", "tenant-a"), ("content-type", "application/json"), ("idempotency-key", "o1")];
+        let text = [("x-api-key", "tenant-a"), ("content-type", "text/plain"), ("idempotency-key", "o1")];
+        // A wrong Content-Type: axum's Json extractor answers 415 before the handler runs.
+        let first = post_http(&addr, "/orders", &text, r#"{"units":5}"#).await;
+        assert_eq!(first.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{name}");
+        assert!(!first.headers.contains_key("idempotency-replayed"));
+        // The corrected retry with the same key runs (the 415 was not stored)...
+        let fixed = post_http(&addr, "/orders", &json, r#"{"units":5}"#).await;
+        assert_eq!((fixed.status, &fixed.body[..]), (StatusCode::CREATED, &b"order 1 of 5 units"[..]), "{name}");
+        assert!(!fixed.headers.contains_key("idempotency-replayed"), "{name}: the 415 was replayed");
+        // ...and is stored as usual.
+        let again = post_http(&addr, "/orders", &json, r#"{"units":5}"#).await;
+        assert_eq!((again.body, again.headers.contains_key("idempotency-replayed")), (fixed.body, true), "{name}");
+
+        // Unparsable JSON (400) and JSON of the wrong shape (422): the same.
+        for (k, bad, status) in
+            [("b1", "{units", StatusCode::BAD_REQUEST), ("b2", r#"{"units":"x"}"#, StatusCode::UNPROCESSABLE_ENTITY)]
+        {
+            let key = [("x-api-key", "tenant-a"), ("content-type", "application/json"), ("idempotency-key", k)];
+            let refused = post_http(&addr, "/orders", &key, bad).await;
+            assert_eq!(refused.status, status, "{name}: {bad}");
+            // The fixed body is another request: the same key with it runs, it is not a reuse.
+            let fixed = post_http(&addr, "/orders", &key, r#"{"units":7}"#).await;
+            assert_eq!(fixed.status, StatusCode::CREATED, "{name}: {bad}: {:?}", fixed.body);
+            // The bad body again is refused again, by the extractor, not replayed.
+            let refused = post_http(&addr, "/orders", &key, bad).await;
+            assert!(refused.status == StatusCode::UNPROCESSABLE_ENTITY || refused.status == status, "{name}");
+            assert!(!refused.headers.contains_key("idempotency-replayed"), "{name}: {bad}");
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 3, "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handler_marks_its_own_refusals_as_not_started_and_its_executed_4xx_as_started() {
+    use oncely_http::Execution;
+    for (name, layer, _db) in all_modes().await {
+        let runs = Arc::new(AtomicU32::new(0));
+        let (r1, r2) = (runs.clone(), runs.clone());
+        let router = Router::new()
+            // The first call refuses (a check before any effect), the next succeeds.
+            .route(
+                "/ship",
+                post(move || {
+                    let r = r1.clone();
+                    async move {
+                        match r.fetch_add(1, Ordering::SeqCst) {
+                            0 => (StatusCode::CONFLICT, Execution::NotStarted, "not yet").into_response_(),
+                            _ => (StatusCode::CREATED, "shipped").into_response_(),
+                        }
+                    }
+                }),
+            )
+            // A declined charge that was recorded: a 422 that did execute.
+            .route(
+                "/charge",
+                post(move || {
+                    let r = r2.clone();
+                    async move {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        (StatusCode::UNPROCESSABLE_ENTITY, Execution::Started, "card declined")
+                    }
+                }),
+            )
+            .layer(layer);
+        let addr = listen(router).await;
+        let h = |k| [("x-api-key", "tenant-a"), ("idempotency-key", k)];
+        assert_eq!(post_http(&addr, "/ship", &h("s"), "").await.status, StatusCode::CONFLICT, "{name}");
+        let shipped = post_http(&addr, "/ship", &h("s"), "").await;
+        assert_eq!((shipped.status, &shipped.body[..]), (StatusCode::CREATED, &b"shipped"[..]), "{name}");
+        let declined = post_http(&addr, "/charge", &h("c"), "").await;
+        let replayed = post_http(&addr, "/charge", &h("c"), "").await;
+        assert_eq!(
+            (declined.status, replayed.status),
+            (StatusCode::UNPROCESSABLE_ENTITY, StatusCode::UNPROCESSABLE_ENTITY)
+        );
+        assert!(replayed.headers.contains_key("idempotency-replayed"), "{name}: an executed 422 is stored");
+        assert_eq!(runs.load(Ordering::SeqCst), 3, "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_duplicate_of_a_short_request_is_told_to_retry_in_a_second_not_the_lease() {
+    for (name, layer, _db) in stores().await {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let started = Arc::new(AtomicU32::new(0));
+        let (rel, st) = (release.clone(), started.clone());
+        let router = Router::new()
+            .route(
+                "/quick",
+                post(move || {
+                    let (rel, st) = (rel.clone(), st.clone());
+                    async move {
+                        if st.fetch_add(1, Ordering::SeqCst) == 1 {
+                            rel.notified().await; // the second request stays in flight until told
+                        }
+                        StatusCode::CREATED
+                    }
+                }),
+            )
+            .layer(layer); // the default lease: 60 s
+        let addr = listen(router).await;
+        let h = |k| [("x-api-key", "tenant-a"), ("idempotency-key", k)];
+        // One quick request first, so the layer has seen how long its requests take.
+        assert_eq!(post_http(&addr, "/quick", &h("warm-up"), "").await.status, StatusCode::CREATED);
+        let first = tokio::spawn({
+            let addr = addr.clone();
+            async move { post_http(&addr, "/quick", &[("x-api-key", "tenant-a"), ("idempotency-key", "q")], "").await }
+        });
+        let s = started.clone();
+        eventually(Duration::from_secs(10), "the request to be in flight", || async {
+            (s.load(Ordering::SeqCst) == 2).then_some(())
+        })
+        .await;
+        let dup = post_http(&addr, "/quick", &h("q"), "").await;
+        assert_eq!(dup.status, StatusCode::CONFLICT, "{name}");
+        assert_eq!(dup.headers["retry-after"], "1", "{name}: not the 60 s left on the lease");
+        release.notify_one();
+        assert_eq!(bounded("the first request", first).await.unwrap().status, StatusCode::CREATED);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_are_scoped_by_the_principal_an_auth_layer_found_whatever_the_credential_spelling() {
+    for (name, layer, _db) in stores().await {
+        let counter = Counter::default();
+        // The service's authentication: two tokens of one account (one refreshed), any scheme case.
+        let auth =
+            axum::middleware::from_fn(|mut req: axum::extract::Request, next: axum::middleware::Next| async move {
+                let token = req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.split_whitespace().nth(1))
+                    .unwrap_or_default()
+                    .to_owned();
+                let principal = match token.as_str() {
+                    "T1" | "T2" => "account-1",
+                    "U1" => "account-2",
+                    _ => return StatusCode::UNAUTHORIZED.into_response_(),
+                };
+                req.extensions_mut().insert(oncely_http::Principal(principal.into()));
+                next.run(req).await
+            });
+        let router = Router::new().route("/things", post(create)).layer(layer).layer(auth).with_state(counter.clone());
+        let addr = listen(router).await;
+        let send_as = |auth: &'static str| {
+            let addr = addr.clone();
+            async move { post_http(&addr, "/things", &[("authorization", auth), ("idempotency-key", "k")], "a").await }
+        };
+        let first = send_as("Bearer T1").await;
+        assert_eq!(first.status, StatusCode::CREATED, "{name}");
+        for spelling in ["bearer T1", "Bearer  T1", "BEARER T2"] {
+            let again = send_as(spelling).await;
+            assert_eq!(again.body, first.body, "{name}: {spelling}");
+            assert!(again.headers.contains_key("idempotency-replayed"), "{name}: {spelling} ran again");
+        }
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1, "{name}: one effect");
+        // Another principal with the same key is its own scope.
+        assert!(!send_as("Bearer U1").await.headers.contains_key("idempotency-replayed"), "{name}");
+        assert_eq!(counter.0.load(Ordering::SeqCst), 2, "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_response_carries_a_request_id_echoed_only_when_short() {
+    for (name, layer, _db) in stores().await {
+        let router = Router::new().route("/things", post(create)).layer(layer).with_state(Counter::default());
+        let addr = listen(router).await;
+        let first = post_http(
+            &addr,
+            "/things",
+            &[("x-api-key", "a"), ("idempotency-key", "r"), ("x-request-id", "req-1")],
+            "a",
+        )
+        .await;
+        assert_eq!(first.status, StatusCode::CREATED, "{name}");
+        assert_eq!(first.headers["x-request-id"], "req-1", "{name}: a first 2xx carries it");
+        let replay = post_http(
+            &addr,
+            "/things",
+            &[("x-api-key", "a"), ("idempotency-key", "r"), ("x-request-id", "req-2")],
+            "a",
+        )
+        .await;
+        assert_eq!(replay.headers["x-request-id"], "req-2", "{name}: the replay's own id");
+        // Without a key, or with none sent: generated.
+        let keyless = post_http(&addr, "/things", &[("x-api-key", "a")], "a").await;
+        assert!(uuid_like(keyless.headers["x-request-id"].to_str().unwrap()), "{name}");
+        // Too long, or two values: not echoed.
+        let long = "r".repeat(oncely_http::MAX_REQUEST_ID_LEN + 1);
+        let g =
+            post_http(&addr, "/things", &[("x-api-key", "a"), ("idempotency-key", "r2"), ("x-request-id", &long)], "a")
+                .await;
+        assert!(uuid_like(g.headers["x-request-id"].to_str().unwrap()), "{name}");
+        let max = "r".repeat(oncely_http::MAX_REQUEST_ID_LEN);
+        let g = post_http(&addr, "/things", &[("x-api-key", "a"), ("x-request-id", &max)], "a").await;
+        assert_eq!(g.headers["x-request-id"], max.as_str(), "{name}");
+        let g =
+            post_http(&addr, "/things", &[("x-api-key", "a"), ("x-request-id", "a"), ("x-request-id", "b")], "a").await;
+        assert_eq!(g.headers.get_all("x-request-id").iter().count(), 1, "{name}");
+        assert!(uuid_like(g.headers["x-request-id"].to_str().unwrap()), "{name}");
+    }
+}
+
+/// Transactional mode: the handler's transaction misused, over HTTP.
+async fn tx_misuse(tx: RequestTx, uri: http::Uri) -> axum::response::Response {
+    match uri.path() {
+        // A statement fails, the handler refuses (a 409 it decided after a failed insert).
+        "/refuse" => {
+            let failed = sqlx::query("SELECT 1 / 0").execute(&mut *tx.conn().await.unwrap()).await;
+            assert!(failed.is_err());
+            (StatusCode::CONFLICT, "duplicate").into_response_()
+        }
+        // A statement fails and the handler answers success anyway: its writes are lost.
+        "/pretend" => {
+            sqlx::query("INSERT INTO effects VALUES (1)").execute(&mut *tx.conn().await.unwrap()).await.unwrap();
+            let _ = sqlx::query("SELECT 1 / 0").execute(&mut *tx.conn().await.unwrap()).await;
+            (StatusCode::CREATED, "done").into_response_()
+        }
+        _ => StatusCode::NOT_FOUND.into_response_(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handler_failure_in_transactional_mode_is_never_labelled_a_store_failure() {
+    let db = TestDb::new().await;
+    sqlx::query("CREATE TABLE effects (n int)").execute(db.pool()).await.unwrap();
+    let pool = db.new_pool(4).await;
+    let router = Router::new()
+        .route("/refuse", post(tx_misuse))
+        .route("/pretend", post(tx_misuse))
+        .layer(IdempotencyLayer::transactional(pool));
+    let addr = listen(router).await;
+    let h = |k| [("x-api-key", "a"), ("idempotency-key", k)];
+    // The handler's own refusal stands; nothing was stored, so a retry runs (and refuses) again.
+    for _ in 0..2 {
+        let g = post_http(&addr, "/refuse", &h("r"), "").await;
+        assert_eq!((g.status, &g.body[..]), (StatusCode::CONFLICT, &b"duplicate"[..]));
+        assert!(!g.headers.contains_key("idempotency-replayed"));
+    }
+    // Success over a failed transaction: a 500 of the handler, not a 503 of the store.
+    let g = post_http(&addr, "/pretend", &h("p"), "").await;
+    assert_eq!(g.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(problem_type(&g), "urn:oncely:problem:handler-failed");
+    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM effects").fetch_one(db.pool()).await.unwrap();
+    assert_eq!(effects, 0, "nothing was committed");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.ledger").fetch_one(db.pool()).await.unwrap();
+    assert_eq!(stored, 0, "no key is held");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_request_transaction_used_after_the_handler_returned_is_a_typed_error_and_a_500() {
+    let db = TestDb::new().await;
+    let pool = db.new_pool(4).await;
+    let (late_tx, late_rx) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let rel = release.clone();
+    let done = Arc::new(tokio::sync::Notify::new());
+    let finished = done.clone();
+    let router = Router::new()
+        // Spawns work that uses the transaction after the handler returned.
+        .route(
+            "/late",
+            post(move |tx: RequestTx| {
+                let late_tx = late_tx.clone();
+                let rel = rel.clone();
+                async move {
+                    tokio::spawn(async move {
+                        rel.notified().await;
+                        let got = tx.conn().await.map(|_| ());
+                        late_tx.send(got).unwrap();
+                    });
+                    StatusCode::CREATED
+                }
+            }),
+        )
+        // Spawns work that still holds the transaction's connection when the handler returns.
+        .route(
+            "/held",
+            post(move |tx: RequestTx| {
+                let finished = finished.clone();
+                async move {
+                    let (locked_tx, locked) = tokio::sync::oneshot::channel();
+                    tokio::spawn(async move {
+                        let conn = tx.conn().await.unwrap();
+                        locked_tx.send(()).unwrap();
+                        finished.notified().await; // held until the test ends
+                        drop(conn);
+                    });
+                    locked.await.unwrap();
+                    StatusCode::CREATED
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::transactional(pool));
+    let addr = listen(router).await;
+    let mut late_rx = late_rx;
+    let g = bounded("/late", post_http(&addr, "/late", &[("x-api-key", "a"), ("idempotency-key", "l")], "")).await;
+    assert_eq!(g.status, StatusCode::CREATED);
+    release.notify_one();
+    let late = bounded("the late use", late_rx.recv()).await.unwrap();
+    assert_eq!(late, Err(oncely_http::RequestTxClosed));
+
+    let g = bounded("/held", post_http(&addr, "/held", &[("x-api-key", "a"), ("idempotency-key", "h")], "")).await;
+    assert_eq!(g.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(problem_type(&g), "urn:oncely:problem:handler-failed", "a handler bug, not the store");
+    done.notify_one();
 }

@@ -1,5 +1,11 @@
 //! The example API: the seeds' endpoints behind the Idempotency-Key layer.
 //!
+//! Every request is authenticated first ([`authenticate`]: an API key from `x-api-key` or
+//! `Authorization: Bearer`, looked up by SHA-256 in `api_credentials`), and the idempotency layers
+//! scope keys by the caller's principal. A key reused with another request is
+//! `409 idempotency_conflict` on every route ([`KEY_REUSED`]). [`start`] runs the server as `main`
+//! does: the expired-key cleanup, and HTTP/1.1 with a header read timeout.
+//!
 //! - Billing (seed 003): `POST /api/v1/usage`, `POST /api/v1/usage/bulk`, `POST /api/v1/settle` —
 //!   transactional mode (the usage rows and the stored response commit together), a key reused
 //!   with another body is `409 idempotency_conflict`, 24 h TTL.
@@ -99,22 +105,18 @@ pub async fn setup(pool: &PgPool) -> Result<(), Box<dyn std::error::Error + Send
         "ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS checkout_key text",
         // Seed 001's BUG-047: one subscription per user, whatever the checkout keys.
         "CREATE UNIQUE INDEX IF NOT EXISTS subscriptions_user_id_key ON subscriptions (user_id)",
+        // The callers' API keys, by SHA-256 (never the key itself), and whom each one names.
+        "CREATE TABLE IF NOT EXISTS api_credentials (key_sha256 text PRIMARY KEY, principal text NOT NULL, revoked_at timestamptz)",
     ] {
         sqlx::query(sql).execute(pool).await?;
     }
     Ok(())
 }
 
-/// Who is calling, as stored in the tables: a digest of the API key (or `Authorization`), never
-/// the credential itself.
-fn caller(headers: &HeaderMap) -> String {
-    use sha2::{Digest, Sha256};
-    let Some(credential) = headers.get("x-api-key").or_else(|| headers.get("authorization")) else {
-        return "anonymous".to_owned();
-    };
-    let digest = Sha256::digest(credential.as_bytes());
-    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
-    format!("caller:{hex}")
+/// Who is calling, as stored in the tables: the principal [`authenticate`] found for the request's
+/// API key, never the credential itself.
+fn caller(principal: &oncely_http::Principal) -> String {
+    principal.0.clone()
 }
 
 fn internal(e: impl std::fmt::Display) -> Response {
@@ -130,16 +132,19 @@ struct Usage {
 async fn record_usage(
     tx: Option<RequestTx>,
     State(s): State<AppState>,
-    headers: HeaderMap,
+    axum::Extension(principal): axum::Extension<oncely_http::Principal>,
     Json(u): Json<Usage>,
 ) -> Response {
     if u.units <= 0 {
         return (StatusCode::BAD_REQUEST, Json(json!({"error": "units must be positive"}))).into_response();
     }
-    let who = caller(&headers);
+    let who = caller(&principal);
     let sql = "INSERT INTO api_usage (caller, units) VALUES ($1, $2) RETURNING id";
     let id: Result<i64, _> = match &tx {
-        Some(tx) => sqlx::query_scalar(sql).bind(&who).bind(u.units).fetch_one(&mut *tx.conn().await).await,
+        Some(tx) => match tx.conn().await {
+            Ok(mut conn) => sqlx::query_scalar(sql).bind(&who).bind(u.units).fetch_one(&mut *conn).await,
+            Err(e) => return internal(e),
+        },
         None => sqlx::query_scalar(sql).bind(&who).bind(u.units).fetch_one(&s.pool).await,
     };
     match id {
@@ -156,10 +161,10 @@ struct Bulk {
 async fn record_usage_bulk(
     tx: Option<RequestTx>,
     State(s): State<AppState>,
-    headers: HeaderMap,
+    axum::Extension(principal): axum::Extension<oncely_http::Principal>,
     Json(b): Json<Bulk>,
 ) -> Response {
-    let who = caller(&headers);
+    let who = caller(&principal);
     let units: Vec<i64> = b.items.iter().map(|u| u.units).collect();
     if units.is_empty() || units.iter().any(|&u| u <= 0) {
         return (StatusCode::BAD_REQUEST, Json(json!({"error": "items must be non-empty with positive units"})))
@@ -167,7 +172,10 @@ async fn record_usage_bulk(
     }
     let sql = "INSERT INTO api_usage (caller, units) SELECT $1, u FROM unnest($2::bigint[]) AS u";
     let done = match &tx {
-        Some(tx) => sqlx::query(sql).bind(&who).bind(&units).execute(&mut *tx.conn().await).await,
+        Some(tx) => match tx.conn().await {
+            Ok(mut conn) => sqlx::query(sql).bind(&who).bind(&units).execute(&mut *conn).await,
+            Err(e) => return internal(e),
+        },
         None => sqlx::query(sql).bind(&who).bind(&units).execute(&s.pool).await,
     };
     match done {
@@ -179,8 +187,12 @@ async fn record_usage_bulk(
     }
 }
 
-async fn settle(tx: Option<RequestTx>, State(s): State<AppState>, headers: HeaderMap) -> Response {
-    let who = caller(&headers);
+async fn settle(
+    tx: Option<RequestTx>,
+    State(s): State<AppState>,
+    axum::Extension(principal): axum::Extension<oncely_http::Principal>,
+) -> Response {
+    let who = caller(&principal);
     // Bills the caller's usage not billed yet, and marks it billed, in one statement. The rows are
     // locked first, so two settles with different keys at once cannot both count them: the second
     // waits, then finds them settled.
@@ -194,7 +206,10 @@ async fn settle(tx: Option<RequestTx>, State(s): State<AppState>, headers: Heade
                )
                SELECT id, amount FROM settled";
     let row: Result<(i64, i64), _> = match &tx {
-        Some(tx) => sqlx::query_as(sql).bind(&who).fetch_one(&mut *tx.conn().await).await,
+        Some(tx) => match tx.conn().await {
+            Ok(mut conn) => sqlx::query_as(sql).bind(&who).fetch_one(&mut *conn).await,
+            Err(e) => return internal(e),
+        },
         None => sqlx::query_as(sql).bind(&who).fetch_one(&s.pool).await,
     };
     match row {
@@ -251,8 +266,8 @@ struct Recorded<T> {
     body: T,
 }
 
-/// The caller scope, derived as the layer derives it (a hash of `x-api-key`, else of
-/// `authorization`, else `anonymous`): records never hold the credential itself.
+/// The caller scope, derived as the layer derives it: a hash of the [`oncely_http::Principal`] that
+/// [`authenticate`] put in the extensions. Records never hold the credential itself.
 fn scope(parts: &Parts) -> String {
     oncely::http::config::default_scope(parts)
 }
@@ -465,8 +480,13 @@ struct Checkout {
     price: String,
 }
 
-async fn create_checkout_session(State(s): State<AppState>, headers: HeaderMap, Json(c): Json<Checkout>) -> Response {
-    let user = caller(&headers);
+async fn create_checkout_session(
+    State(s): State<AppState>,
+    axum::Extension(principal): axum::Extension<oncely_http::Principal>,
+    headers: HeaderMap,
+    Json(c): Json<Checkout>,
+) -> Response {
+    let user = caller(&principal);
     let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or_default();
     // Stable across retries: derived from the caller and the request's key, never from the time.
     let provider_key = LedgerKey::new("checkout", format!("{user}|{key}")).idempotency_key();
@@ -519,26 +539,31 @@ async fn checkout(
     Ok(Ok(session))
 }
 
-/// The router, with the per-route idempotency policies of the seeds.
+/// The status of a key reused with a different request, on every route: keys are one namespace per
+/// caller across all the routes (the layers share the ledger), so a client that reuses a key on
+/// another route gets the same answer as one that reuses it with another body. Seed 003 promised
+/// `409 idempotency_conflict`; the problem carries that code on every route.
+pub const KEY_REUSED: StatusCode = StatusCode::CONFLICT;
+
+/// The settings every route starts from; each route group changes only its own policy.
+fn base_config(ttl: Duration) -> IdempotencyConfig {
+    IdempotencyConfig { conflict_status: KEY_REUSED, ttl, ..IdempotencyConfig::default() }
+}
+
+/// The router, with the per-route idempotency policies of the seeds, behind the authentication
+/// layer ([`authenticate`]) and the request-id layer ([`request_ids`]).
 pub fn router(state: AppState) -> Router {
     let pool = state.pool.clone();
-    let billing = IdempotencyLayer::transactional(pool.clone()).with_config(IdempotencyConfig {
-        conflict_status: StatusCode::CONFLICT,
-        ttl: Duration::from_secs(24 * 3600),
-        ..IdempotencyConfig::default()
-    });
+    let billing =
+        IdempotencyLayer::transactional(pool.clone()).with_config(base_config(Duration::from_secs(24 * 3600)));
     let control = |ttl: Duration| {
-        IdempotencyLayer::new(PgStore::new(pool.clone())).with_config(IdempotencyConfig {
-            missing_key: MissingKey::Generate,
-            ttl,
-            ..IdempotencyConfig::default()
-        })
+        IdempotencyLayer::new(PgStore::new(pool.clone()))
+            .with_config(IdempotencyConfig { missing_key: MissingKey::Generate, ..base_config(ttl) })
     };
     let checkout = IdempotencyLayer::new(PgStore::new(pool.clone())).with_config(IdempotencyConfig {
         missing_key: MissingKey::Require,
         in_flight: InFlight::Wait(Duration::from_secs(10)),
-        ttl: Duration::from_secs(24 * 3600),
-        ..IdempotencyConfig::default()
+        ..base_config(Duration::from_secs(24 * 3600))
     });
     Router::new()
         .merge(
@@ -556,5 +581,164 @@ pub fn router(state: AppState) -> Router {
                 .layer(control(Duration::from_secs(300))),
         )
         .merge(Router::new().route("/checkout", post(create_checkout_session)).layer(checkout))
+        // Outside the idempotency layers: a 401 is never stored, and the scope is the principal.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(axum::middleware::from_fn(request_ids))
         .with_state(state)
+}
+
+/// Register `key` as an API key of `principal` (stored as its SHA-256). The operator's tool, and
+/// the tests' and demo's set-up.
+pub async fn add_api_key(pool: &PgPool, principal: &str, key: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO api_credentials (key_sha256, principal) VALUES ($1, $2)
+         ON CONFLICT (key_sha256) DO UPDATE SET principal = excluded.principal, revoked_at = NULL",
+    )
+    .bind(key_digest(key.as_bytes()))
+    .bind(principal)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+fn key_digest(key: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(key).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The API key of a request: `x-api-key: K`, or `Authorization: Bearer K` (the scheme in any case,
+/// any spaces around it).
+fn credential(headers: &HeaderMap) -> Option<Vec<u8>> {
+    if let Some(v) = headers.get("x-api-key") {
+        return Some(v.as_bytes().to_vec());
+    }
+    let v = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, key) = v.split_once([' ', '\t'])?;
+    let key = key.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then(|| key.as_bytes().to_vec())
+}
+
+/// The authentication layer: looks the request's API key up in `api_credentials` and puts the
+/// caller's [`Principal`] in the request extensions, where the handlers and the idempotency
+/// layers' scope find it. A missing, unknown or revoked key is `401`, before any idempotency
+/// layer (so never stored).
+pub async fn authenticate(
+    State(s): State<AppState>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let unauthorized = || {
+        let mut resp = error(StatusCode::UNAUTHORIZED, "unauthenticated", "a valid API key is required");
+        resp.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        resp
+    };
+    let Some(key) = credential(req.headers()) else { return unauthorized() };
+    let found: Result<Option<String>, _> =
+        sqlx::query_scalar("SELECT principal FROM api_credentials WHERE key_sha256 = $1 AND revoked_at IS NULL")
+            .bind(key_digest(&key))
+            .fetch_optional(&s.pool)
+            .await;
+    match found {
+        Ok(Some(principal)) => {
+            req.extensions_mut().insert(oncely_http::Principal(principal));
+            next.run(req).await
+        }
+        Ok(None) => unauthorized(),
+        Err(e) => internal(e),
+    }
+}
+
+/// Every response carries `x-request-id`: the client's (when it is short and plain,
+/// [`oncely_http::request_id`]) or a new one, also given to the handlers in the request. The
+/// idempotency layers inside keep the same id.
+pub async fn request_ids(mut req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let id = oncely_http::request_id(req.headers());
+    let value = HeaderValue::from_str(&id).expect("request ids are visible ASCII");
+    req.headers_mut().insert(oncely_http::REQUEST_ID, value.clone());
+    let mut resp = next.run(req).await;
+    resp.headers_mut().entry(oncely_http::REQUEST_ID).or_insert(value);
+    resp
+}
+
+/// Defaults to 10 s: how long a client may take to send a request's headers before the connection
+/// is closed (slow clients must not hold connections open forever).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the server runs.
+#[derive(Debug, Clone, clap::Parser)]
+pub struct Args {
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    pub listen: std::net::SocketAddr,
+    /// Serve on a free loopback port, double-submit a few requests, print what happened, exit.
+    #[arg(long)]
+    pub demo: bool,
+    /// Seconds a client may take to send a request's headers.
+    #[arg(long, default_value_t = HEADER_READ_TIMEOUT.as_secs_f64())]
+    pub header_read_timeout: f64,
+    /// Register an API key at start-up (repeatable): `--api-key account-1=sk_test_123`.
+    #[arg(long = "api-key", value_name = "PRINCIPAL=KEY")]
+    pub api_keys: Vec<String>,
+    /// Seconds between deletions of expired idempotency keys.
+    #[arg(long, default_value_t = oncely_http::store::DEFAULT_CLEANUP_INTERVAL.as_secs_f64())]
+    pub cleanup_interval: f64,
+}
+
+/// A running server: its address, and its tasks (they run on when it drops).
+#[derive(Debug)]
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    serve: tokio::task::JoinHandle<()>,
+    cleanup: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Run until the process ends.
+    pub async fn wait(self) {
+        let _ = self.serve.await;
+    }
+
+    /// Stop serving and cleaning up.
+    pub fn stop(self) {
+        self.serve.abort();
+        self.cleanup.abort();
+    }
+}
+
+/// Start the API on `args.listen`: the expired-key cleanup (no oncely worker runs beside this
+/// service, so the layer's store deletes expired keys itself, in batches, audited) and an HTTP/1
+/// server that closes connections whose headers take longer than `args.header_read_timeout`.
+pub async fn start(state: AppState, args: &Args) -> std::io::Result<Server> {
+    let cleanup = PgStore::new(state.pool.clone()).spawn_cleanup(Duration::from_secs_f64(args.cleanup_interval));
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    let timeout = Duration::from_secs_f64(args.header_read_timeout);
+    let serve = tokio::spawn(serve(listener, router(state), timeout));
+    Ok(Server { addr, serve, cleanup })
+}
+
+/// Serve `router` on `listener` over HTTP/1.1 with a header read timeout (`axum::serve` has none).
+async fn serve(listener: tokio::net::TcpListener, router: Router, header_read_timeout: Duration) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    loop {
+        let (stream, _peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection closed");
+            }
+        });
+    }
 }

@@ -2,7 +2,8 @@
 //! routes also deduplicate on the seed's business keys (see `app.rs`).
 //!
 //! ```text
-//! scripts/with-postgres cargo run --example api               # serve on 127.0.0.1:3000
+//! scripts/with-postgres cargo run --example api -- --api-key acct-1=sk_1        # serve on 127.0.0.1:3000
+//! scripts/with-postgres cargo run --example api -- --listen 0.0.0.0:8080 ...     # elsewhere
 //! scripts/with-postgres cargo run --example api -- --demo     # serve, double-submit, print, exit
 //! ```
 #![allow(clippy::print_stdout)]
@@ -34,20 +35,28 @@ async fn post(addr: &str, path: &str, key: &str, body: &str) -> std::io::Result<
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).init();
-    let demo = std::env::args().any(|a| a == "--demo");
+    let mut args = <app::Args as clap::Parser>::parse();
+    let demo = args.demo;
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| oncely::testkit::DEFAULT_DATABASE_URL.into());
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(16).connect(&url).await?;
     app::setup(&pool).await?;
+    for pair in &args.api_keys {
+        let (principal, key) = pair.split_once('=').ok_or("--api-key takes PRINCIPAL=KEY")?;
+        app::add_api_key(&pool, principal, key).await?;
+    }
     let provider = Arc::new(app::PaymentProvider::default());
-    let router = app::router(app::AppState { pool: pool.clone(), provider: provider.clone() });
-    let listener = tokio::net::TcpListener::bind(if demo { "127.0.0.1:0" } else { "127.0.0.1:3000" }).await?;
-    let addr = listener.local_addr()?.to_string();
+    let state = app::AppState { pool: pool.clone(), provider: provider.clone() };
+    if demo {
+        args.listen = "127.0.0.1:0".parse()?;
+        app::add_api_key(&pool, "user-7", "user-7").await?;
+    }
+    let server = app::start(state, &args).await?;
+    let addr = server.addr.to_string();
     if !demo {
-        println!("listening on http://{addr}  (try: curl -i -X POST http://{addr}/checkout -H 'authorization: Bearer u1' -H 'idempotency-key: k1' -H 'content-type: application/json' -d '{{\"price\":\"pro\"}}')");
-        axum::serve(listener, router).await?;
+        println!("listening on http://{addr}  (try, after --api-key u1=k1: curl -i -X POST http://{addr}/checkout -H 'authorization: Bearer k1' -H 'idempotency-key: c1' -H 'content-type: application/json' -d '{{\"price\":\"pro\"}}')");
+        server.wait().await;
         return Ok(());
     }
-    tokio::spawn(async move { axum::serve(listener, router).await });
     let key = format!("demo-{}", std::process::id());
     let (a, b) = tokio::join!(
         post(&addr, "/checkout", &key, r#"{"price":"pro"}"#),

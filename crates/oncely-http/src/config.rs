@@ -15,6 +15,35 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// blocks its key no longer than this.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 
+/// Defaults to 10 s: the most a duplicate of a request in progress is told to wait
+/// (`Retry-After`). The value sent is the layer's estimate of how long its requests take (a moving
+/// average of the durations it observed, rounded up to whole seconds), at least 1 s and at most this
+/// and the time left on the first request's lease.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// Defaults to 400, 405, 413, 415 and 422: the statuses axum's routing and extractors answer when
+/// they reject a request before its handler runs (bad JSON, a wrong `Content-Type`, a body over an
+/// extractor's limit, a method the route lacks). See [`IdempotencyConfig::rejected_statuses`].
+pub const DEFAULT_REJECTED_STATUSES: [StatusCode; 5] = [
+    StatusCode::BAD_REQUEST,
+    StatusCode::METHOD_NOT_ALLOWED,
+    StatusCode::PAYLOAD_TOO_LARGE,
+    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+    StatusCode::UNPROCESSABLE_ENTITY,
+];
+
+/// The authenticated caller, as the service's authentication layer found it. Put it in the request
+/// extensions (in a layer outside the idempotency layer) and the default scope uses it: keys are
+/// then kept per principal, whatever credential or header spelling the caller sent.
+///
+/// ```
+/// # let mut req = http::Request::new(());
+/// // In your authentication middleware, after checking the credential:
+/// req.extensions_mut().insert(oncely_http::Principal("account:42".into()));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Principal(pub String);
+
 /// What to do with a request that has no `Idempotency-Key`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MissingKey {
@@ -74,9 +103,18 @@ pub struct IdempotencyConfig {
     /// Store 5xx responses too. Defaults to false: a 5xx (or a panic) releases the key so a retry
     /// runs again.
     pub store_server_errors: bool,
+    /// Statuses taken to mean "rejected before the handler ran": such a response is returned but
+    /// not stored (and in transactional mode rolled back), so the corrected retry with the same key
+    /// runs. Defaults to [`DEFAULT_REJECTED_STATUSES`], which covers axum's extractor rejections.
+    /// A response carrying [`Execution`](crate::Execution) in its extensions overrides the status:
+    /// `Execution::NotStarted` is never stored, `Execution::Started` is stored like any answer.
+    pub rejected_statuses: Vec<StatusCode>,
     /// Lease of a request in progress. Defaults to [`DEFAULT_LEASE`].
     pub lease: Duration,
-    /// The caller scope. Defaults to [`default_scope`].
+    /// The caller scope. Defaults to [`default_scope`]: the [`Principal`] your authentication layer
+    /// put in the request extensions, else a hash of the credential headers, else the client
+    /// address. Keys are separate per scope, and shared by every route and layer of that scope
+    /// that uses the same store.
     pub scope: ScopeFn,
     /// Response headers kept for replay. Defaults to content-type, location, etag.
     pub stored_headers: Vec<HeaderName>,
@@ -98,6 +136,7 @@ impl Default for IdempotencyConfig {
             conflict_status: StatusCode::UNPROCESSABLE_ENTITY,
             in_flight: InFlight::default(),
             store_server_errors: false,
+            rejected_statuses: DEFAULT_REJECTED_STATUSES.to_vec(),
             lease: DEFAULT_LEASE,
             scope: Arc::new(default_scope),
             stored_headers: vec![http::header::CONTENT_TYPE, http::header::LOCATION, http::header::ETAG],
@@ -117,6 +156,7 @@ impl std::fmt::Debug for IdempotencyConfig {
             .field("conflict_status", &self.conflict_status)
             .field("in_flight", &self.in_flight)
             .field("store_server_errors", &self.store_server_errors)
+            .field("rejected_statuses", &self.rejected_statuses)
             .field("lease", &self.lease)
             .field("route", &self.route)
             .finish_non_exhaustive()
@@ -133,20 +173,35 @@ fn digest(kind: &str, v: &[u8]) -> String {
     format!("{kind}:{hex}")
 }
 
-/// The default scope: a hash of the `x-api-key` header, else of `authorization`, else the client
-/// address — a [`ClientAddr`] in the request extensions, or (with the `axum` feature) axum's
-/// `ConnectInfo<SocketAddr>`, present when the server runs with
-/// `into_make_service_with_connect_info` — else `anonymous`.
+/// The default scope, first found of:
+///
+/// 1. the [`Principal`] an authentication layer put in the request extensions — the scope to
+///    use: one caller is one scope whatever credential it sent;
+/// 2. a hash of the `x-api-key` header;
+/// 3. a hash of `Authorization`, its scheme compared case-insensitively and runs of spaces
+///    folded (`Bearer T`, `bearer T` and `Bearer  T` are one scope);
+/// 4. the client address — a [`ClientAddr`] in the request extensions, or (with the `axum`
+///    feature) axum's `ConnectInfo<SocketAddr>`, present when the server runs with
+///    `into_make_service_with_connect_info`;
+/// 5. `anonymous`.
+///
+/// The limits of 2 and 3: they hash the credential, not the caller. A caller whose token is
+/// refreshed between two retries (OAuth access tokens, rotated API keys), or who holds two keys,
+/// is two scopes, and its retry runs the request again. Put a [`Principal`] in the extensions
+/// wherever a caller can have more than one credential.
 ///
 /// Behind a reverse proxy every client has the proxy's address: put the real one in a
 /// [`ClientAddr`] (from a header your proxy sets), or configure a scope. Callers with no identity
 /// at all share the `anonymous` scope: give public endpoints a scope of their own.
 pub fn default_scope(parts: &http::request::Parts) -> String {
+    if let Some(Principal(id)) = parts.extensions.get::<Principal>() {
+        return digest("principal", id.as_bytes());
+    }
     if let Some(v) = parts.headers.get("x-api-key") {
         return digest("key", v.as_bytes());
     }
     if let Some(v) = parts.headers.get(http::header::AUTHORIZATION) {
-        return digest("auth", v.as_bytes());
+        return digest("auth", &normalize_authorization(v.as_bytes()));
     }
     if let Some(ClientAddr(ip)) = parts.extensions.get::<ClientAddr>() {
         return format!("ip:{ip}");
@@ -158,4 +213,44 @@ pub fn default_scope(parts: &http::request::Parts) -> String {
         return format!("ip:{}", addr.ip());
     }
     "anonymous".into()
+}
+
+/// `Authorization` with its scheme lowercased (schemes are case-insensitive) and the spaces around
+/// and between its parts folded to one; the credential itself is kept byte for byte.
+fn normalize_authorization(raw: &[u8]) -> Vec<u8> {
+    let mut parts = raw.split(|b| *b == b' ' || *b == b'\t').filter(|p| !p.is_empty());
+    let mut out = parts.next().map(<[u8]>::to_ascii_lowercase).unwrap_or_default();
+    for p in parts {
+        out.push(b' ');
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope_of(headers: &[(&str, &str)], principal: Option<&str>) -> String {
+        let mut b = http::Request::post("/");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let mut req = b.body(()).unwrap();
+        if let Some(p) = principal {
+            req.extensions_mut().insert(Principal(p.into()));
+        }
+        default_scope(&req.into_parts().0)
+    }
+
+    #[test]
+    fn authorization_spellings_of_one_credential_are_one_scope_and_a_principal_wins() {
+        let a = scope_of(&[("authorization", "Bearer T")], None);
+        assert_eq!(a, scope_of(&[("authorization", "bearer T")], None));
+        assert_eq!(a, scope_of(&[("authorization", " Bearer   T ")], None));
+        assert_ne!(a, scope_of(&[("authorization", "Bearer t")], None), "the credential is case-sensitive");
+        let p = scope_of(&[("authorization", "Bearer T")], Some("acct-1"));
+        assert_eq!(p, scope_of(&[("authorization", "Bearer U"), ("x-api-key", "k")], Some("acct-1")));
+        assert_ne!(p, scope_of(&[], Some("acct-2")));
+    }
 }

@@ -17,17 +17,20 @@
 //! transaction ([`RequestTx`]), and the layer stores the response in it before committing.
 
 pub mod config;
+mod execution;
 pub mod key;
 pub mod problem;
 mod service;
 pub mod store;
 mod tx;
 
-pub use config::{ClientAddr, IdempotencyConfig, InFlight, MissingKey};
+pub use config::{ClientAddr, IdempotencyConfig, InFlight, MissingKey, Principal};
+pub use execution::Execution;
 pub use service::{
-    fingerprint, Idempotency, IdempotencyLayer, InnerBody, ResponseBody, IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED,
+    fingerprint, request_id, Idempotency, IdempotencyLayer, InnerBody, ResponseBody, IDEMPOTENCY_KEY,
+    IDEMPOTENCY_REPLAYED, MAX_REQUEST_ID_LEN, REQUEST_ID,
 };
 pub use store::{IdempotencyStore, MemoryStore, PgStore, StoreClaim, StoreError, StoredResponse};
 #[cfg(feature = "axum")]
 pub use tx::MissingRequestTx;
-pub use tx::{RequestTx, TxConn, TX_REJECT_LOCK_WAIT};
+pub use tx::{RequestTx, RequestTxClosed, TxConn, TX_REJECT_LOCK_WAIT};

@@ -25,6 +25,11 @@ pub enum Problem {
     StoreUnavailable,
     /// 500: the handler panicked; the key was released.
     HandlerPanicked,
+    /// 500: the handler failed in a way the layer caught: its response body errored, its writes
+    /// in the request transaction failed while it answered success, or work it spawned still held
+    /// the request transaction when it returned. Nothing was stored or committed; the key is free
+    /// for a retry. Never used for a store failure ([`StoreUnavailable`](Self::StoreUnavailable)).
+    HandlerFailed,
 }
 
 impl Problem {
@@ -38,6 +43,7 @@ impl Problem {
             Problem::InProgress => "idempotency-key-in-progress",
             Problem::StoreUnavailable => "idempotency-store-unavailable",
             Problem::HandlerPanicked => "internal-error",
+            Problem::HandlerFailed => "handler-failed",
         }
     }
 
@@ -56,6 +62,7 @@ impl Problem {
             Problem::InProgress => "A request with this Idempotency-Key is in progress",
             Problem::StoreUnavailable => "Idempotency store unavailable",
             Problem::HandlerPanicked => "Internal error",
+            Problem::HandlerFailed => "The request failed in its handler",
         }
     }
 

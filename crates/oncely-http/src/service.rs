@@ -1,6 +1,7 @@
 //! [`IdempotencyLayer`] and its service [`Idempotency`].
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -15,16 +16,22 @@ use sha2::{Digest, Sha256};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::config::{IdempotencyConfig, InFlight, MissingKey};
+use crate::config::{IdempotencyConfig, InFlight, MissingKey, MAX_RETRY_AFTER};
+use crate::execution::Execution;
 use crate::key::{parse_key, KeyError};
 use crate::problem::Problem;
 use crate::store::{IdempotencyStore, StoreClaim, StoredResponse};
-use crate::tx::{RequestTx, TxMode};
+use crate::tx::{CommitError, RequestTx, Taken, TxMode};
 
 /// The header carrying the key.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// Set to `true` on replayed responses.
 pub const IDEMPOTENCY_REPLAYED: &str = "idempotency-replayed";
+/// The request id header: on every response that passes the layer, and in problem documents.
+pub const REQUEST_ID: &str = "x-request-id";
+/// The longest client `x-request-id` the layer echoes (visible ASCII only); a longer or otherwise
+/// unfit one is replaced by a new UUID, in the request the handler sees and in the response.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
 /// How often a waiting duplicate checks whether the first request finished.
 const WAIT_POLL: Duration = Duration::from_millis(20);
 
@@ -60,12 +67,47 @@ pub(crate) enum Mode {
 pub struct IdempotencyLayer {
     mode: Mode,
     config: Arc<IdempotencyConfig>,
+    estimate: Arc<Estimate>,
+}
+
+impl std::fmt::Debug for IdempotencyLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyLayer").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// A moving average of how long the layer's handlers take, for `Retry-After`.
+#[derive(Debug, Default)]
+struct Estimate {
+    /// Microseconds; 0 before the first observation.
+    micros: AtomicU64,
+}
+
+impl Estimate {
+    fn observe(&self, d: Duration) {
+        let sample = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+        // An exponentially weighted average (1/8 per sample); a lost race loses one sample.
+        let old = self.micros.load(Ordering::Relaxed);
+        let new = if old == 0 { sample } else { old - old / 8 + sample / 8 };
+        self.micros.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// How long a duplicate is told to wait: the estimate, at least 1 s (the header's unit), at
+    /// most [`MAX_RETRY_AFTER`] and `lease_left`.
+    fn retry_after(&self, lease_left: Duration) -> Duration {
+        let est = Duration::from_micros(self.micros.load(Ordering::Relaxed));
+        est.min(MAX_RETRY_AFTER).min(lease_left).max(Duration::from_secs(1))
+    }
 }
 
 impl IdempotencyLayer {
     /// Keep responses in `store`.
     pub fn new(store: impl IdempotencyStore) -> Self {
-        IdempotencyLayer { mode: Mode::Store(Arc::new(store)), config: Arc::new(IdempotencyConfig::default()) }
+        IdempotencyLayer {
+            mode: Mode::Store(Arc::new(store)),
+            config: Arc::new(IdempotencyConfig::default()),
+            estimate: Arc::default(),
+        }
     }
 
     /// Transactional mode: each request with a key runs in one PostgreSQL transaction that the
@@ -73,7 +115,11 @@ impl IdempotencyLayer {
     /// response, so the effect and the stored response commit together. Concurrent duplicates wait
     /// for the first and replay it. A 5xx rolls the whole transaction back.
     pub fn transactional(pool: sqlx::PgPool) -> Self {
-        IdempotencyLayer { mode: Mode::Transactional(TxMode { pool }), config: Arc::new(IdempotencyConfig::default()) }
+        IdempotencyLayer {
+            mode: Mode::Transactional(TxMode { pool }),
+            config: Arc::new(IdempotencyConfig::default()),
+            estimate: Arc::default(),
+        }
     }
 
     /// Use `config`.
@@ -94,7 +140,7 @@ impl IdempotencyLayer {
 impl<S> Layer<S> for IdempotencyLayer {
     type Service = Idempotency<S>;
     fn layer(&self, inner: S) -> Idempotency<S> {
-        Idempotency { inner, mode: self.mode.clone(), config: self.config.clone() }
+        Idempotency { inner, mode: self.mode.clone(), config: self.config.clone(), estimate: self.estimate.clone() }
     }
 }
 
@@ -104,6 +150,13 @@ pub struct Idempotency<S> {
     inner: S,
     mode: Mode,
     config: Arc<IdempotencyConfig>,
+    estimate: Arc<Estimate>,
+}
+
+impl<S> std::fmt::Debug for Idempotency<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idempotency").field("config", &self.config).finish_non_exhaustive()
+    }
 }
 
 impl<S, B, ResBody> Service<Request<B>> for Idempotency<S>
@@ -128,9 +181,14 @@ where
         // Take the service that was driven to readiness; leave a clone in its place.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let run =
-            Run { inner, mode: self.mode.clone(), config: self.config.clone(), _bodies: std::marker::PhantomData };
-        Box::pin(run.handle(req))
+        let run = Run {
+            inner,
+            mode: self.mode.clone(),
+            config: self.config.clone(),
+            estimate: self.estimate.clone(),
+            _bodies: std::marker::PhantomData,
+        };
+        Box::pin(run.handle_with_request_id(req))
     }
 }
 
@@ -138,6 +196,7 @@ struct Run<S, B, ResBody> {
     inner: S,
     mode: Mode,
     config: Arc<IdempotencyConfig>,
+    estimate: Arc<Estimate>,
     _bodies: std::marker::PhantomData<fn() -> (B, ResBody)>,
 }
 
@@ -161,9 +220,33 @@ fn replay<B>(stored: &StoredResponse, request_id: &str) -> Response<ResponseBody
     }
     resp.headers_mut().insert(IDEMPOTENCY_REPLAYED, HeaderValue::from_static("true"));
     if let Ok(v) = HeaderValue::from_str(request_id) {
-        resp.headers_mut().insert("x-request-id", v);
+        resp.headers_mut().insert(REQUEST_ID, v);
     }
     resp
+}
+
+/// The request id the layer uses: the client's `x-request-id` if it is one value of 1 to
+/// [`MAX_REQUEST_ID_LEN`] visible ASCII characters, else a new UUID. For layers outside this one
+/// (authentication, a request-id layer) that want the same rule.
+///
+/// ```
+/// let mut headers = http::HeaderMap::new();
+/// headers.insert("x-request-id", "req-1".parse().unwrap());
+/// assert_eq!(oncely_http::request_id(&headers), "req-1");
+/// headers.insert("x-request-id", "x".repeat(200).parse().unwrap());
+/// assert_ne!(oncely_http::request_id(&headers).len(), 200);
+/// ```
+pub fn request_id(headers: &http::HeaderMap) -> String {
+    let mut values = headers.get_all(REQUEST_ID).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None)
+            if (1..=MAX_REQUEST_ID_LEN).contains(&v.len())
+                && v.as_bytes().iter().all(|b| (0x21..=0x7e).contains(b)) =>
+        {
+            String::from_utf8_lossy(v.as_bytes()).into_owned()
+        }
+        _ => uuid::Uuid::new_v4().to_string(),
+    }
 }
 
 fn retry_after<B>(mut resp: Response<ResponseBody<B>>, d: Duration) -> Response<ResponseBody<B>> {
@@ -193,17 +276,23 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    async fn handle(mut self, req: Request<B>) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
+    /// [`handle`](Self::handle) with the request id settled first: the handler sees it in the
+    /// request, and every response carries it, a first 2xx as much as a problem or a replay.
+    async fn handle_with_request_id(self, mut req: Request<B>) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
+        let request_id = request_id(req.headers());
+        let value = HeaderValue::from_str(&request_id).expect("request ids are visible ASCII");
+        req.headers_mut().insert(REQUEST_ID, value.clone());
+        let mut resp = self.handle(req, &request_id).await?;
+        resp.headers_mut().entry(REQUEST_ID).or_insert(value);
+        Ok(resp)
+    }
+
+    async fn handle(mut self, req: Request<B>, request_id: &str) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
         let cfg = self.config.clone();
         if !cfg.methods.contains(req.method()) {
             return self.pass(req.map(Either::Left)).await;
         }
-        let request_id = req
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let request_id = request_id.to_owned();
         let parsed = {
             let mut values = cfg.key_headers.iter().flat_map(|name| req.headers().get_all(name).iter());
             match (values.next(), values.next()) {
@@ -276,13 +365,20 @@ where
 
     fn conflict(&self, request_id: &str) -> Response<ResponseBody<ResBody>> {
         let detail = "this Idempotency-Key was already used with a different request (method, route or body)";
-        let code = (self.config.conflict_status == StatusCode::CONFLICT).then_some("idempotency_conflict");
-        problem(Problem::KeyReused, self.config.conflict_status, detail, request_id, code)
+        // The code is the same whatever the status, so clients can switch on it.
+        problem(Problem::KeyReused, self.config.conflict_status, detail, request_id, Some("idempotency_conflict"))
     }
 
-    fn busy(&self, d: Duration, request_id: &str) -> Response<ResponseBody<ResBody>> {
+    /// 409 for a duplicate of a request in progress; `lease_left` is the time left on its lease.
+    fn busy(&self, lease_left: Duration, request_id: &str) -> Response<ResponseBody<ResBody>> {
         let detail = "a request with this Idempotency-Key is still being processed; retry later";
-        retry_after(problem(Problem::InProgress, StatusCode::CONFLICT, detail, request_id, None), d)
+        let wait = self.estimate.retry_after(lease_left);
+        retry_after(problem(Problem::InProgress, StatusCode::CONFLICT, detail, request_id, None), wait)
+    }
+
+    /// A 500 for a failure of the handler that the layer caught. Not a store failure.
+    fn handler_failed(&self, detail: &str, request_id: &str) -> Response<ResponseBody<ResBody>> {
+        problem(Problem::HandlerFailed, StatusCode::INTERNAL_SERVER_ERROR, detail, request_id, None)
     }
 
     fn unavailable(&self, e: &dyn std::fmt::Display, request_id: &str) -> Response<ResponseBody<ResBody>> {
@@ -301,11 +397,11 @@ where
         req: Request<InnerBody<B>>,
         request_id: &str,
     ) -> Result<(http::response::Parts, Bytes, bool), S::Error> {
-        let failure = |detail: &str| {
-            let (parts, body) =
-                Problem::HandlerPanicked.parts(StatusCode::INTERNAL_SERVER_ERROR, detail, request_id, None);
+        let failure = |p: Problem, detail: &str| {
+            let (parts, body) = p.parts(StatusCode::INTERNAL_SERVER_ERROR, detail, request_id, None);
             (parts, body, true)
         };
+        let started = Instant::now();
         let out = match AssertUnwindSafe(self.inner.call(req)).catch_unwind().await {
             Ok(Ok(resp)) => {
                 let (parts, body) = resp.into_parts();
@@ -314,24 +410,34 @@ where
                     Err(e) => {
                         let e: BoxError = e.into();
                         tracing::error!(error = %e, "the handler's response body failed");
-                        failure("the response could not be produced")
+                        failure(Problem::HandlerFailed, "the response could not be produced")
                     }
                 }
             }
             Ok(Err(e)) => return Err(e),
             Err(_) => {
                 tracing::error!(%request_id, "the handler panicked; releasing the idempotency key");
-                failure("internal error")
+                failure(Problem::HandlerPanicked, "internal error")
             }
         };
+        self.estimate.observe(started.elapsed());
         if let Some(hook) = &self.config.before_store {
             hook().await;
         }
         Ok(out)
     }
 
-    fn storable(&self, status: StatusCode, failed: bool) -> bool {
+    /// Whether to store this response: not a failure, not a 5xx (unless configured), never
+    /// 401/403/429, and only if the request started executing (see [`Execution`]).
+    fn storable(&self, parts: &http::response::Parts, failed: bool) -> bool {
+        let status = parts.status;
+        let started = match parts.extensions.get::<Execution>() {
+            Some(Execution::Started) => true,
+            Some(Execution::NotStarted) => false,
+            None => !self.config.rejected_statuses.contains(&status),
+        };
         !failed
+            && started
             && (!status.is_server_error() || self.config.store_server_errors)
             && !matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS)
     }
@@ -395,7 +501,7 @@ where
             out = self.run_buffered(req, request_id) => out?,
             () = heartbeat => unreachable!("the heartbeat loop never ends"),
         };
-        if self.storable(parts.status, failed) {
+        if self.storable(&parts, failed) {
             let stored = self.to_stored(&parts, &body);
             if let Err(e) = store.complete(scope, key, token, &stored, cfg.ttl).await {
                 // The handler ran; its response goes out. The key frees when its lease ends, and a
@@ -441,20 +547,60 @@ where
         let handle = RequestTx::new(tx);
         req.extensions_mut().insert(handle.clone());
         let (parts, body, failed) = self.run_buffered(req, request_id).await?;
-        let Some(tx) = handle.take().await else {
-            tracing::error!(%request_id, "the handler kept the request transaction; nothing was committed");
-            let detail = "the request was not processed; retry with the same Idempotency-Key";
-            return Ok(problem(Problem::StoreUnavailable, StatusCode::INTERNAL_SERVER_ERROR, detail, request_id, None));
+        let tx = match handle.take() {
+            Taken::Tx(tx) => tx,
+            Taken::InUse => {
+                // A handler bug, not a store failure: work it spawned outlived it. The transaction
+                // (with the key's claim) rolls back when that work drops it.
+                tracing::error!(%request_id, "the request transaction was still in use when the handler returned; nothing was committed");
+                return Ok(self
+                    .handler_failed("the request was not processed; retry with the same Idempotency-Key", request_id));
+            }
         };
-        if !self.storable(parts.status, failed) {
+        if !self.storable(&parts, failed) {
             // Roll back the handler's writes with the claim: the retry starts from scratch.
             let _ = tx.rollback().await;
             return Ok(Response::from_parts(parts, Either::Right(Full::new(body))));
         }
         let stored = self.to_stored(&parts, &body);
-        if let Err(e) = mode.complete_and_commit(tx, scope, key, token, &stored, cfg.ttl).await {
-            return Ok(self.unavailable(&e, request_id));
+        match mode.complete_and_commit(tx, scope, key, token, &stored, cfg.ttl).await {
+            Ok(()) => {}
+            Err(CommitError::Store(e)) => return Ok(self.unavailable(&e, request_id)),
+            Err(CommitError::HandlerAborted) if parts.status.is_client_error() => {
+                // The handler refused the request after one of its statements failed: its answer
+                // stands, nothing was written or stored, and a retry runs again.
+                tracing::debug!(%request_id, status = %parts.status, "the handler's transaction failed; its refusal is not stored");
+            }
+            Err(CommitError::HandlerAborted) => {
+                tracing::error!(%request_id, status = %parts.status, "the handler answered success after a statement of its transaction failed; nothing was committed");
+                return Ok(self
+                    .handler_failed("the request was not processed; retry with the same Idempotency-Key", request_id));
+            }
         }
         Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_follows_observed_durations_within_one_second_and_the_cap() {
+        let e = Estimate::default();
+        let lease = Duration::from_secs(60);
+        assert_eq!(e.retry_after(lease), Duration::from_secs(1), "nothing observed yet");
+        e.observe(Duration::from_millis(50));
+        assert_eq!(e.retry_after(lease), Duration::from_secs(1), "a 50 ms request: 1 s, not the lease");
+        let slow = Estimate::default();
+        slow.observe(Duration::from_millis(2500));
+        assert_eq!(slow.retry_after(lease), Duration::from_millis(2500));
+        assert_eq!(slow.retry_after(Duration::from_secs(2)), Duration::from_secs(2), "never past the lease");
+        let stuck = Estimate::default();
+        stuck.observe(Duration::from_secs(600));
+        assert_eq!(stuck.retry_after(lease), MAX_RETRY_AFTER);
+        // An average: one slow request among quick ones moves it by an eighth.
+        e.observe(Duration::from_secs(8));
+        assert!(e.retry_after(lease) < Duration::from_secs(2));
     }
 }

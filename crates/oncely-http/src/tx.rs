@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use oncely_core::ledger;
 use sqlx::{PgConnection, Postgres, Transaction};
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::store::{claim_options, decode, ledger_key, StoreClaim, StoreError, StoredResponse};
 
 /// SQLSTATE `lock_not_available`: a `lock_timeout` ran out.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
+/// SQLSTATE `in_failed_sql_transaction`: an earlier statement of the transaction failed.
+const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
 /// What a duplicate that found the key held by an open transaction is told to wait: such requests
 /// hold their key only while they run, typically milliseconds.
 const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -77,6 +79,9 @@ impl TxMode {
         Ok((tx, claimed))
     }
 
+    /// Store the response in the request's transaction and commit. A transaction the handler's
+    /// own failed statement left aborted is [`CommitError::HandlerAborted`] (rolled back), not a
+    /// store failure.
     pub(crate) async fn complete_and_commit(
         &self,
         mut tx: Transaction<'static, Postgres>,
@@ -85,11 +90,29 @@ impl TxMode {
         token: i32,
         response: &StoredResponse,
         ttl: Duration,
-    ) -> Result<(), StoreError> {
-        let json = serde_json::to_value(response).map_err(|e| StoreError(e.to_string()))?;
-        ledger::complete(&mut *tx, &ledger_key(scope, key), token, &json, Some(ttl)).await?;
-        tx.commit().await.map_err(|e| StoreError(e.to_string()))
+    ) -> Result<(), CommitError> {
+        let json = serde_json::to_value(response).map_err(|e| CommitError::Store(StoreError(e.to_string())))?;
+        match ledger::complete(&mut *tx, &ledger_key(scope, key), token, &json, Some(ttl)).await {
+            Ok(()) => {}
+            Err(oncely_core::Error::Database(sqlx::Error::Database(e)))
+                if e.code().as_deref() == Some(IN_FAILED_SQL_TRANSACTION) =>
+            {
+                return Err(CommitError::HandlerAborted);
+            }
+            Err(e) => return Err(CommitError::Store(e.into())),
+        }
+        tx.commit().await.map_err(|e| CommitError::Store(StoreError(e.to_string())))
     }
+}
+
+/// Why the request's transaction did not commit.
+#[derive(Debug)]
+pub(crate) enum CommitError {
+    /// A statement of the handler failed and left the transaction aborted: nothing it wrote
+    /// survives, and nothing can be stored.
+    HandlerAborted,
+    /// The store failed.
+    Store(StoreError),
 }
 
 /// The request's transaction in transactional mode, found in the request extensions (and, with the
@@ -97,8 +120,8 @@ impl TxMode {
 /// with the stored response, or not at all.
 ///
 /// ```no_run
-/// # async fn handler(tx: oncely_http::RequestTx) -> Result<(), sqlx::Error> {
-/// let mut conn = tx.conn().await;
+/// # async fn handler(tx: oncely_http::RequestTx) -> Result<(), Box<dyn std::error::Error>> {
+/// let mut conn = tx.conn().await?;
 /// sqlx::query("UPDATE usage SET tokens = tokens + 10 WHERE user_id = 1").execute(&mut *conn).await?;
 /// # Ok(()) }
 /// ```
@@ -111,34 +134,63 @@ impl std::fmt::Debug for RequestTx {
     }
 }
 
+/// [`RequestTx::conn`] was called after the layer finished with the request's transaction: the
+/// handler had returned (a task it spawned kept the handle), and the transaction was committed or
+/// rolled back. Writes made now would belong to no request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the request transaction is closed: the handler returned and the layer committed or rolled it back")]
+pub struct RequestTxClosed;
+
+/// What the layer found when the handler returned.
+pub(crate) enum Taken {
+    /// The transaction, for the layer to store the response in and commit (or roll back).
+    Tx(Transaction<'static, Postgres>),
+    /// The handler's work still holds the connection (a spawned task kept a [`TxConn`]): the
+    /// transaction can be neither committed nor rolled back now. It rolls back when that work drops
+    /// it, with the key's claim.
+    InUse,
+}
+
 impl RequestTx {
     pub(crate) fn new(tx: Transaction<'static, Postgres>) -> Self {
         RequestTx(Arc::new(Mutex::new(Some(tx))))
     }
 
-    pub(crate) async fn take(&self) -> Option<Transaction<'static, Postgres>> {
-        self.0.lock().await.take()
+    /// Take the transaction back once the handler returned. Never waits: a lock held now is held
+    /// by work that outlived the handler.
+    pub(crate) fn take(&self) -> Taken {
+        match self.0.try_lock() {
+            Ok(mut guard) => guard.take().map_or(Taken::InUse, Taken::Tx),
+            Err(_) => Taken::InUse,
+        }
     }
 
-    /// The transaction's connection, held until the guard drops.
-    pub async fn conn(&self) -> TxConn<'_> {
-        TxConn(self.0.lock().await)
+    /// The transaction's connection, held until the guard drops. [`RequestTxClosed`] once the
+    /// handler has returned and the layer has committed or rolled the transaction back.
+    pub async fn conn(&self) -> Result<TxConn<'_>, RequestTxClosed> {
+        MutexGuard::try_map(self.0.lock().await, Option::as_mut).map(TxConn).map_err(|_| RequestTxClosed)
     }
 }
 
 /// A lock on the request's transaction; derefs to its connection.
-pub struct TxConn<'a>(MutexGuard<'a, Option<Transaction<'static, Postgres>>>);
+pub struct TxConn<'a>(MappedMutexGuard<'a, Transaction<'static, Postgres>>);
+
+impl std::fmt::Debug for TxConn<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TxConn")
+    }
+}
 
 impl Deref for TxConn<'_> {
     type Target = PgConnection;
     fn deref(&self) -> &PgConnection {
-        self.0.as_ref().expect("the request transaction is only taken after the handler returned")
+        &self.0
     }
 }
 
 impl DerefMut for TxConn<'_> {
     fn deref_mut(&mut self) -> &mut PgConnection {
-        self.0.as_mut().expect("the request transaction is only taken after the handler returned")
+        &mut self.0
     }
 }
 
@@ -149,7 +201,17 @@ mod extract {
     use http::request::Parts;
     use http::StatusCode;
 
-    use super::RequestTx;
+    use super::{RequestTx, RequestTxClosed};
+
+    /// A 500 problem: a handler that returns `Result<_, RequestTxClosed>` answers it.
+    impl IntoResponse for RequestTxClosed {
+        fn into_response(self) -> Response {
+            tracing::error!("the request transaction was used after the handler returned");
+            crate::problem::Problem::HandlerFailed
+                .response(StatusCode::INTERNAL_SERVER_ERROR, "internal error", &uuid::Uuid::new_v4().to_string(), None)
+                .into_response()
+        }
+    }
 
     /// No transaction: the route is not behind a transactional `IdempotencyLayer`, or the request
     /// had no key (and passed through).
