@@ -209,7 +209,7 @@ async fn https_deliveries_reach_a_receiver_trusted_through_an_added_root_and_fai
             assert!(error.contains("UnknownIssuer"), "{error}");
         } else {
             assert_eq!(d.endpoint_id, wrong_name.id);
-            assert!(error.contains("NotValidForName"), "{error}");
+            assert!(error.contains("not valid for name"), "{error}");
         }
     }
     assert_eq!(all.len(), 9);

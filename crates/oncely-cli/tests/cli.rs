@@ -158,6 +158,15 @@ async fn manages_webhook_endpoints_and_redelivers_a_dead_delivery() {
     assert!(r.ok, "{}", r.err);
     let line = r.out.lines().find(|l| l.contains(&ev.message_id)).unwrap_or_else(|| panic!("{}", r.out));
     assert!(line.contains("dead"), "{line}");
+    // The reason a delivery died (as the delivery handler records it) is shown.
+    sqlx::query("UPDATE oncely.webhook_deliveries SET dead_reason = 'endpoint 1 is disabled: maintenance'")
+        .execute(pool)
+        .await
+        .unwrap();
+    let r = oncely(url, &["webhooks", "deliveries"]);
+    assert!(r.out.lines().next().is_some_and(|h| h.contains("WHY")), "{}", r.out);
+    let line = r.out.lines().find(|l| l.contains(&ev.message_id)).unwrap_or_else(|| panic!("{}", r.out));
+    assert!(line.contains("endpoint 1 is disabled: maintenance"), "{line}");
 
     let r = oncely(url, &["webhooks", "redeliver", "1", &ev.id.to_string()]);
     assert!(r.ok, "{}", r.err);

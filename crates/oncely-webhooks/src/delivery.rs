@@ -157,7 +157,7 @@ pub struct WebhookDelivery<T = HttpTransport> {
 }
 
 impl WebhookDelivery<HttpTransport> {
-    /// Deliver over plain HTTP with [`HttpTransport`].
+    /// Deliver over HTTP and HTTPS with [`HttpTransport::new`] (public addresses, web roots).
     pub fn new(config: DeliveryConfig) -> Self {
         Self::with_transport(config, HttpTransport::new())
     }
