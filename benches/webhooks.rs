@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use bytes::Bytes;
 use oncely::core::outbox::{publish, publish_many, Event, DEFAULT_DELIVERY_QUEUE};
-use oncely::core::webhook::{create_endpoint, NewEndpoint};
+use oncely::core::webhook::{create_endpoint, EndpointPolicy, NewEndpoint};
 use oncely::worker::{WorkerHandle, WorkerStats};
 use oncely::Worker;
 use oncely_webhooks::{DeliveryConfig, HttpTransport, WebhookDelivery};
@@ -133,8 +133,10 @@ async fn main() {
     let addr = listener.local_addr().unwrap();
     let app = axum::Router::new().route("/{route}", post(receive)).with_state(receiver.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
-    create_endpoint(&pool, &NewEndpoint::new(format!("http://{addr}/fast"), ["bench.throughput"])).await.unwrap();
-    create_endpoint(&pool, &NewEndpoint::new(format!("http://{addr}/timed"), ["bench.latency"])).await.unwrap();
+    let local = EndpointPolicy::default().allow_private_networks(true);
+    let endpoint = |url: String, topic: &str| NewEndpoint::new(url, [topic]).policy(local.clone());
+    create_endpoint(&pool, &endpoint(format!("http://{addr}/fast"), "bench.throughput")).await.unwrap();
+    create_endpoint(&pool, &endpoint(format!("http://{addr}/timed"), "bench.latency")).await.unwrap();
 
     // (b) Publish EVENTS with no worker running — the first half one `publish` call per event, the
     // second half one `publish_many` call per batch, PUBLISH_BATCH per transaction — then deliver

@@ -177,7 +177,12 @@ async fn run(args: &Args, pool: &sqlx::PgPool) -> BoxResult<bool> {
     tokio::spawn(async move { axum::serve(listener, app).await });
     for (i, secret) in secrets.into_iter().enumerate() {
         let topics = if i == 0 { vec!["*"] } else { vec!["order.created", "order.paid"] };
-        let new = NewEndpoint::new(format!("http://{addr}/hooks/{i}"), topics).ordered(i % 2 == 1).secret(secret);
+        // The receiver listens on loopback, which endpoints refuse by default (as HttpTransport does).
+        let local = oncely::core::webhook::EndpointPolicy::default().allow_private_networks(true);
+        let new = NewEndpoint::new(format!("http://{addr}/hooks/{i}"), topics)
+            .ordered(i % 2 == 1)
+            .secret(secret)
+            .policy(local);
         let ep = create_endpoint(pool, &new).await?;
         println!("endpoint {}: {} ordered={} topics={:?}", ep.id, ep.url, ep.ordered, ep.topics);
     }

@@ -147,10 +147,10 @@ fn arguments(name: &str, running: &[i64]) -> String {
         "JOB_SET_AVAILABLE_IF_RUNNING" => format!("{one}, 1, 0, 'shutdown', 'worker stopping'"),
         "JOB_SET_CANCELLED_IF_RUNNING" => format!("{one}, 1, 'not wanted'"),
         "JOB_RESCUE_EXPIRED" => "1000".into(),
-        "LEDGER_CLAIM" => "'steps', 'job:4:compute', NULL, 'job:4:2', 30, 86400, 'job:4:', NULL".into(),
+        "LEDGER_CLAIM" => "'steps', 'job:4:compute', NULL, 'job:4:2', 30, 86400, 'job:4:', NULL, 2".into(),
         "LEDGER_GET" => "'steps', 'job:4:compute', NULL".into(),
         "LEDGER_COMPLETE" => "'steps', 'job:4:compute', 1, '42', NULL".into(),
-        "DELIVERY_RECORD_ATTEMPT" => "2, 3, 200, NULL, true".into(),
+        "DELIVERY_RECORD_ATTEMPT" => format!("2, 3, 200, NULL, true, {one}, 1"),
         other => panic!("no arguments for hot statement {other}: add them to tests/plans.rs"),
     }
 }

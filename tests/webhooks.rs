@@ -14,7 +14,7 @@ use common::*;
 use oncely::core::outbox::{self, publish, Event, DEFAULT_DELIVERY_QUEUE, ENDPOINT_DISABLED_TOPIC};
 use oncely::core::webhook::{
     self, create_endpoint, get_endpoint, list_deliveries, redeliver, rotate_secret, DeliveryFilter, DeliveryState,
-    NewEndpoint, WebhookSecret,
+    EndpointPolicy, NewEndpoint, WebhookSecret,
 };
 use oncely::JobState;
 use oncely_webhooks::{DeliveryConfig, HttpTransport, RetrySchedule, WebhookDelivery};
@@ -63,6 +63,12 @@ fn fast_delivery() -> DeliveryConfig {
     }
 }
 
+/// An endpoint for the tests' receivers, which listen on loopback addresses (refused when created
+/// under the default policy).
+fn local_endpoint<T: Into<String>>(url: impl Into<String>, topics: impl IntoIterator<Item = T>) -> NewEndpoint {
+    NewEndpoint::new(url, topics).policy(EndpointPolicy::default().allow_private_networks(true))
+}
+
 /// The delivery handler for the tests' receivers, which listen on loopback addresses.
 fn local_delivery(config: DeliveryConfig) -> WebhookDelivery {
     WebhookDelivery::with_transport(config, HttpTransport::new().allow_private_networks())
@@ -86,9 +92,9 @@ async fn an_event_exists_if_and_only_if_its_transaction_commits() {
     let db = TestDb::new().await;
     let pool = db.pool();
     let rx = Receiver::start(|_| Reply::Status(200)).await;
-    create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["order.created"])).await.unwrap();
+    create_endpoint(pool, &local_endpoint(rx.url("a"), ["order.created"])).await.unwrap();
     // An endpoint for another topic gets nothing.
-    create_endpoint(pool, &NewEndpoint::new(rx.url("other"), ["invoice.paid"])).await.unwrap();
+    create_endpoint(pool, &local_endpoint(rx.url("other"), ["invoice.paid"])).await.unwrap();
 
     let mut tx = pool.begin().await.unwrap();
     let rolled_back =
@@ -129,8 +135,8 @@ async fn with_a_receiver_failing_at_random_every_event_arrives_signed_with_a_sta
         }
     })
     .await;
-    let a = create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
-    let b = create_endpoint(pool, &NewEndpoint::new(rx.url("b"), ["report.ready"])).await.unwrap();
+    let a = create_endpoint(pool, &local_endpoint(rx.url("a"), ["*"])).await.unwrap();
+    let b = create_endpoint(pool, &local_endpoint(rx.url("b"), ["report.ready"])).await.unwrap();
     let secrets = HashMap::from([("a", a.secret.as_str().to_owned()), ("b", b.secret.as_str().to_owned())]);
 
     const EVENTS: usize = 150;
@@ -199,7 +205,7 @@ async fn two_delivery_workers_never_attempt_one_delivery_concurrently() {
         }
     })
     .await;
-    create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
+    create_endpoint(pool, &local_endpoint(rx.url("a"), ["*"])).await.unwrap();
     const EVENTS: usize = 200;
     for i in 0..EVENTS {
         publish(pool, &Event::new("t", &i).unwrap().max_attempts(40)).await.unwrap();
@@ -223,10 +229,10 @@ async fn gone_disables_the_endpoint_and_publishes_an_operational_event() {
     let db = TestDb::new().await;
     let pool = db.pool();
     let rx = Receiver::start(|hit| if hit.endpoint == "gone" { Reply::Status(410) } else { Reply::Status(200) }).await;
-    let gone = create_endpoint(pool, &NewEndpoint::new(rx.url("gone"), ["order.created"])).await.unwrap();
-    let ops = create_endpoint(pool, &NewEndpoint::new(rx.url("ops"), [ENDPOINT_DISABLED_TOPIC])).await.unwrap();
+    let gone = create_endpoint(pool, &local_endpoint(rx.url("gone"), ["order.created"])).await.unwrap();
+    let ops = create_endpoint(pool, &local_endpoint(rx.url("ops"), [ENDPOINT_DISABLED_TOPIC])).await.unwrap();
     // Another tenant's catch-all endpoint must not learn of it.
-    create_endpoint(pool, &NewEndpoint::new(rx.url("all"), ["*"])).await.unwrap();
+    create_endpoint(pool, &local_endpoint(rx.url("all"), ["*"])).await.unwrap();
     publish(pool, &Event::new("order.created", &1).unwrap()).await.unwrap();
     let h = delivery_worker(db.new_pool(4).await, fast_delivery());
 
@@ -265,8 +271,10 @@ async fn the_default_transport_refuses_non_public_addresses_for_good() {
     let db = TestDb::new().await;
     let pool = db.pool();
     let rx = Receiver::start(|_| Reply::Status(200)).await;
-    let inside = create_endpoint(pool, &NewEndpoint::new(rx.url("inside"), ["*"])).await.unwrap();
-    let by_name = create_endpoint(pool, &NewEndpoint::new(rx.url("by-name").replace("127.0.0.1", "localhost"), ["*"]))
+    // Created under a permissive policy, as an endpoint whose name only later resolves to a
+    // private address would be: the transport still refuses it at delivery time.
+    let inside = create_endpoint(pool, &local_endpoint(rx.url("inside"), ["*"])).await.unwrap();
+    let by_name = create_endpoint(pool, &local_endpoint(rx.url("by-name").replace("127.0.0.1", "localhost"), ["*"]))
         .await
         .unwrap();
     let ev = publish(pool, &Event::new("order.created", &1).unwrap()).await.unwrap();
@@ -286,6 +294,7 @@ async fn the_default_transport_refuses_non_public_addresses_for_good() {
         assert_eq!((ds.len(), ds[0].state, ds[0].attempts), (1, DeliveryState::Dead, 1), "{ds:?}");
         let error = ds[0].last_error.as_deref().unwrap_or_default();
         assert!(error.contains("public address") && error.contains("allow_private_networks"), "{error}");
+        assert!(ds[0].dead_reason.as_deref().is_some_and(|r| r.contains("public address")), "{:?}", ds[0]);
         let job = oncely::get_job(pool, ds[0].job_id).await.unwrap();
         assert_eq!(job.attempt, 1, "not retried: {:?}", job.errors);
     }
@@ -302,7 +311,7 @@ async fn retry_after_is_respected() {
         _ => Reply::Status(200),
     })
     .await;
-    create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
+    create_endpoint(pool, &local_endpoint(rx.url("a"), ["*"])).await.unwrap();
     publish(pool, &Event::new("t", &0).unwrap()).await.unwrap();
     let h = delivery_worker(db.new_pool(4).await, fast_delivery());
     wait_delivered(pool, 1).await;
@@ -325,7 +334,7 @@ async fn ordered_delivery_keeps_order_per_key_under_failures() {
     let pool = db.pool();
     let rx =
         Receiver::start(|_| if rand::rng().random_bool(0.35) { Reply::Status(500) } else { Reply::Status(200) }).await;
-    create_endpoint(pool, &NewEndpoint::new(rx.url("ordered"), ["*"]).ordered(true)).await.unwrap();
+    create_endpoint(pool, &local_endpoint(rx.url("ordered"), ["*"]).ordered(true)).await.unwrap();
     let mut expected: HashMap<&str, Vec<String>> = HashMap::new();
     for i in 0..40 {
         let key = ["customer:1", "customer:2"][i % 2];
@@ -359,7 +368,7 @@ async fn an_endpoint_failing_past_the_limit_is_disabled_and_its_deliveries_can_b
         }
     })
     .await;
-    let ep = create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
+    let ep = create_endpoint(pool, &local_endpoint(rx.url("a"), ["*"])).await.unwrap();
     let ev = publish(pool, &Event::new("t", &0).unwrap().max_attempts(1000)).await.unwrap();
     let config = DeliveryConfig { disable_after: Duration::from_millis(500), ..fast_delivery() };
     let h = delivery_worker(db.new_pool(4).await, config);
@@ -399,7 +408,7 @@ async fn during_a_rotation_both_secrets_sign_and_after_it_only_the_new_one() {
     let db = TestDb::new().await;
     let pool = db.pool();
     let rx = Receiver::start(|_| Reply::Status(200)).await;
-    let ep = create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
+    let ep = create_endpoint(pool, &local_endpoint(rx.url("a"), ["*"])).await.unwrap();
     let old = ep.secret.as_str().to_owned();
     let new = WebhookSecret::generate();
     rotate_secret(pool, ep.id, &new, Duration::from_secs(3600)).await.unwrap();
@@ -426,7 +435,17 @@ async fn during_a_rotation_both_secrets_sign_and_after_it_only_the_new_one() {
 async fn bad_input_gets_typed_errors_and_writes_nothing() {
     let db = TestDb::new().await;
     let pool = db.pool();
-    for bad in [NewEndpoint::new("ftp://x/y", ["t"]), NewEndpoint::new("http://x/", Vec::<String>::new())] {
+    for bad in [
+        NewEndpoint::new("ftp://x/y", ["t"]),
+        NewEndpoint::new("http://x/", Vec::<String>::new()),
+        // Addresses the default transport would refuse are refused when created.
+        NewEndpoint::new("http://127.0.0.1:8080/hooks", ["t"]),
+        NewEndpoint::new("https://[::1]/hooks", ["t"]),
+        NewEndpoint::new("http://169.254.169.254/latest/meta-data", ["t"]),
+        NewEndpoint::new("http://localhost:3000/hooks", ["t"]),
+        // A scheme the transport cannot send.
+        NewEndpoint::new("https://hooks.example.com/", ["t"]).policy(EndpointPolicy::default().schemes(["http"])),
+    ] {
         assert!(matches!(create_endpoint(pool, &bad).await, Err(oncely::Error::InvalidInput(_))));
     }
     assert!(matches!(
@@ -471,7 +490,7 @@ async fn a_delivery_worker_killed_mid_request_delivers_again_with_the_same_id_an
     // The receiver applies the effect, then hangs on the first request: the sender dies before it
     // learns the answer.
     let rx = Receiver::start(|hit| if hit.nth == 1 { Reply::Hang } else { Reply::Status(200) }).await;
-    create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
+    create_endpoint(pool, &local_endpoint(rx.url("a"), ["*"])).await.unwrap();
     let ev =
         publish(pool, &Event::new("payment.succeeded", &serde_json::json!({"amount": 100})).unwrap()).await.unwrap();
 
@@ -509,7 +528,7 @@ async fn maintenance_prunes_old_events_nothing_needs_and_old_inbox_records() {
     init_tracing();
     let db = TestDb::new().await;
     let pool = db.pool();
-    create_endpoint(pool, &NewEndpoint::new("http://127.0.0.1:9/hooks", ["*"])).await.unwrap();
+    create_endpoint(pool, &local_endpoint("http://127.0.0.1:9/hooks", ["*"])).await.unwrap();
     let mut ids = Vec::new();
     for i in 0..4 {
         ids.push(publish(pool, &Event::new("t", &i).unwrap()).await.unwrap().id);
@@ -614,7 +633,7 @@ async fn an_event_committed_after_a_later_one_was_delivered_is_still_delivered()
     let db = TestDb::new().await;
     let pool = db.pool();
     let rx = Receiver::start(|_| Reply::Status(200)).await;
-    create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
+    create_endpoint(pool, &local_endpoint(rx.url("a"), ["*"])).await.unwrap();
     let h = delivery_worker(db.new_pool(4).await, fast_delivery());
 
     // The slow transaction takes the lower id and commits last.
@@ -642,7 +661,7 @@ async fn an_attempt_past_the_request_timeout_is_retried_with_the_same_id() {
     let rx =
         Receiver::start(|hit| if hit.nth == 1 { Reply::SlowOk(Duration::from_secs(2)) } else { Reply::Status(200) })
             .await;
-    create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"])).await.unwrap();
+    create_endpoint(pool, &local_endpoint(rx.url("a"), ["*"])).await.unwrap();
     let ev = publish(pool, &Event::new("t", &1).unwrap()).await.unwrap();
     let config = DeliveryConfig { request_timeout: Duration::from_millis(300), ..fast_delivery() };
     let h = delivery_worker(db.new_pool(4).await, config);
@@ -673,7 +692,7 @@ async fn events_waiting_behind_a_slow_retry_sleep_until_it_instead_of_polling() 
         }
     })
     .await;
-    create_endpoint(pool, &NewEndpoint::new(rx.url("a"), ["*"]).ordered(true)).await.unwrap();
+    create_endpoint(pool, &local_endpoint(rx.url("a"), ["*"]).ordered(true)).await.unwrap();
     let head = publish(pool, &Event::new("t", &"head").unwrap().ordering_key("k")).await.unwrap();
     let mut behind = Vec::new();
     for i in 0..5 {
@@ -705,8 +724,8 @@ async fn publish_many_stores_a_batch_in_input_order_and_fans_each_event_out() {
     let db = TestDb::new().await;
     let pool = db.pool();
     let rx = Receiver::start(|_| Reply::Status(200)).await;
-    create_endpoint(pool, &NewEndpoint::new(rx.url("all"), ["*"])).await.unwrap();
-    create_endpoint(pool, &NewEndpoint::new(rx.url("paid"), ["invoice.paid"]).ordered(true)).await.unwrap();
+    create_endpoint(pool, &local_endpoint(rx.url("all"), ["*"])).await.unwrap();
+    create_endpoint(pool, &local_endpoint(rx.url("paid"), ["invoice.paid"]).ordered(true)).await.unwrap();
     let events: Vec<Event> = (0..300)
         .map(|i| {
             let topic = if i % 3 == 0 { "invoice.paid" } else { "invoice.created" };
@@ -758,7 +777,7 @@ async fn publishing_inside_a_once_per_key_transaction_publishes_once_across_retr
     init_tracing();
     let db = TestDb::new().await;
     let rx = Receiver::start(|_| Reply::Status(200)).await;
-    create_endpoint(db.pool(), &NewEndpoint::new(rx.url("billing"), ["payment.succeeded"])).await.unwrap();
+    create_endpoint(db.pool(), &local_endpoint(rx.url("billing"), ["payment.succeeded"])).await.unwrap();
     let pool = db.new_pool(12).await;
     let attempts: Vec<_> = (0..10)
         .map(|_| {
@@ -783,4 +802,127 @@ async fn publishing_inside_a_once_per_key_transaction_publishes_once_across_retr
     .await
     .unwrap();
     assert_eq!((events, jobs), (1, 1));
+}
+
+/// A delivery worker whose lease was lost (its job rescued and claimed again by another worker)
+/// cannot overwrite the newer attempt's record, nor disable the endpoint, nor mark the delivery
+/// dead: each write is refused with LeaseLost, and the newer attempt's record stands.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_delivery_attempt_cannot_overwrite_the_newer_ones_record() {
+    use oncely::core::lease::claim_jobs;
+    use oncely::core::maintenance::rescue_expired;
+    use oncely::core::webhook::{record_delivery_attempt, set_dead_reason, AttemptRecord};
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let ep = create_endpoint(pool, &local_endpoint("http://127.0.0.1:9/hook", ["*"])).await.unwrap();
+    let ev = publish(pool, &Event::new("t", &1).unwrap()).await.unwrap();
+
+    // Worker A claims the delivery job with a lease that runs out at once, and is rescued.
+    let stale = claim_jobs(pool, DEFAULT_DELIVERY_QUEUE, 1, "worker-a", Duration::ZERO).await.unwrap();
+    let stale = oncely::core::Claim::from(&stale[0]);
+    eventually(Duration::from_secs(10), "A's job to be rescued", || async {
+        let mut conn = pool.acquire().await.ok()?;
+        (!rescue_expired(&mut conn, 10).await.ok()?.requeued.is_empty()).then_some(())
+    })
+    .await;
+    // Worker B claims it again and records a success.
+    let fresh = claim_jobs(pool, DEFAULT_DELIVERY_QUEUE, 1, "worker-b", Duration::from_secs(60)).await.unwrap();
+    let fresh = oncely::core::Claim::from(&fresh[0]);
+    assert_eq!((fresh.id, fresh.attempt), (stale.id, stale.attempt + 1));
+    let ok = AttemptRecord { status: Some(200), error: None, delivered: true };
+    let recorded = record_delivery_attempt(pool, fresh, ep.id, ev.id, &ok).await.unwrap();
+    assert_eq!(recorded.attempts, 1);
+
+    // A's answer arrives late: a 500. Every write it tries is refused.
+    let late = AttemptRecord { status: Some(500), error: Some("HTTP 500".into()), delivered: false };
+    let lost = |r: Result<_, oncely::Error>| matches!(r, Err(oncely::Error::LeaseLost { job_id, attempt }) if job_id == stale.id && attempt == stale.attempt);
+    assert!(lost(record_delivery_attempt(pool, stale, ep.id, ev.id, &late).await.map(|_| ())));
+    assert!(lost(set_dead_reason(pool, stale, ep.id, ev.id, "stale").await));
+    assert!(lost(webhook::disable_endpoint_for_delivery(pool, stale, ep.id, ev.id, "failing").await.map(|_| ())));
+
+    let d = &list_deliveries(pool, &DeliveryFilter { event: Some(ev.id), ..Default::default() }).await.unwrap()[0];
+    assert_eq!((d.attempts, d.last_status, d.last_error.as_deref()), (1, Some(200), None));
+    assert!(d.delivered_at.is_some() && d.dead_reason.is_none());
+    let endpoint = get_endpoint(pool, ep.id).await.unwrap();
+    assert!(endpoint.enabled && endpoint.failing_since.is_none(), "{endpoint:?}");
+    let published: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.events").fetch_one(pool).await.unwrap();
+    assert_eq!(published, 1, "no endpoint-disabled event");
+
+    // A delivery that does not exist is NotFound, not LeaseLost.
+    assert!(matches!(
+        record_delivery_attempt(pool, fresh, ep.id, outbox::EventId(999), &ok).await,
+        Err(oncely::Error::NotFound { .. })
+    ));
+}
+
+/// A delivery that dies because its endpoint was disabled says so, and cannot be redelivered until
+/// the endpoint is enabled again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_killed_by_a_disabled_endpoint_says_why_and_redelivery_waits_for_enabling() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let rx = Receiver::start(|_| Reply::Status(200)).await;
+    let ep = create_endpoint(pool, &local_endpoint(rx.url("a"), ["*"])).await.unwrap();
+    let ev = publish(pool, &Event::new("t", &1).unwrap()).await.unwrap();
+    assert!(webhook::disable_endpoint(pool, ep.id, "receiver migrating").await.unwrap());
+    let h = delivery_worker(db.new_pool(4).await, fast_delivery());
+    wait_all_finished(pool, Duration::from_secs(20)).await;
+
+    let d = &list_deliveries(pool, &DeliveryFilter { event: Some(ev.id), ..Default::default() }).await.unwrap()[0];
+    assert_eq!((d.state, d.attempts), (DeliveryState::Dead, 0), "{d:?}");
+    let reason = d.dead_reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("disabled") && reason.contains("receiver migrating"), "{d:?}");
+    assert!(rx.hits().is_empty());
+
+    let refused = redeliver(pool, ep.id, ev.id).await;
+    assert!(
+        matches!(&refused, Err(oncely::Error::EndpointDisabled { endpoint, reason }) if *endpoint == ep.id.0 && reason == "receiver migrating"),
+        "{refused:?}"
+    );
+    assert_eq!(list_deliveries(pool, &DeliveryFilter::default()).await.unwrap()[0].job_id, d.job_id, "nothing queued");
+
+    webhook::enable_endpoint(pool, ep.id).await.unwrap();
+    redeliver(pool, ep.id, ev.id).await.unwrap();
+    wait_delivered(pool, 1).await;
+    h.shutdown().await;
+    let d = &list_deliveries(pool, &DeliveryFilter { event: Some(ev.id), ..Default::default() }).await.unwrap()[0];
+    assert_eq!((d.attempts, d.dead_reason.as_deref()), (1, None), "redelivery clears the reason: {d:?}");
+}
+
+/// An endpoint that throttles every answer with `Retry-After: 1` for 30 s, then accepts: the
+/// schedule's delays still apply (a short Retry-After does not shorten them), so the attempts
+/// last the schedule's span and the event is delivered instead of dying after 8 quick attempts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_throttling_endpoint_does_not_use_up_the_attempts_faster_than_the_schedule() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let started = std::time::Instant::now();
+    let rx = Receiver::start(move |hit| {
+        if started.elapsed() < Duration::from_secs(30) {
+            Reply::StatusRetryAfter(if hit.nth % 2 == 0 { 503 } else { 429 }, "1".into())
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    create_endpoint(pool, &local_endpoint(rx.url("a"), ["*"])).await.unwrap();
+    let ev = publish(pool, &Event::new("t", &1).unwrap()).await.unwrap();
+    // 8 attempts (the default) over 1 + 3 + 6 * 10 s = 64 s.
+    let config = DeliveryConfig {
+        schedule: RetrySchedule { delays: [1, 3, 10].map(Duration::from_secs).to_vec(), jitter: 0.0 },
+        ..fast_delivery()
+    };
+    let h = delivery_worker(db.new_pool(4).await, config);
+    wait_all_finished(pool, Duration::from_secs(90)).await;
+    h.shutdown().await;
+
+    let d = &list_deliveries(pool, &DeliveryFilter { event: Some(ev.id), ..Default::default() }).await.unwrap()[0];
+    assert_eq!(d.state, DeliveryState::Delivered, "{d:?}");
+    assert!(d.attempts <= 8, "{d:?}");
+    let hits = rx.hits();
+    assert_eq!(hits.len() as i32, d.attempts);
+    assert!(hits.iter().filter(|h| h.status == 429 || h.status == 503).count() >= 2);
 }

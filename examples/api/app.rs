@@ -115,7 +115,7 @@ pub async fn setup(pool: &PgPool) -> Result<(), Box<dyn std::error::Error + Send
 
 /// Who is calling, as stored in the tables: the principal [`authenticate`] found for the request's
 /// API key, never the credential itself.
-fn caller(principal: &oncely_http::Principal) -> String {
+fn caller(principal: &oncely::http::Principal) -> String {
     principal.0.clone()
 }
 
@@ -132,7 +132,7 @@ struct Usage {
 async fn record_usage(
     tx: Option<RequestTx>,
     State(s): State<AppState>,
-    axum::Extension(principal): axum::Extension<oncely_http::Principal>,
+    axum::Extension(principal): axum::Extension<oncely::http::Principal>,
     Json(u): Json<Usage>,
 ) -> Response {
     if u.units <= 0 {
@@ -161,7 +161,7 @@ struct Bulk {
 async fn record_usage_bulk(
     tx: Option<RequestTx>,
     State(s): State<AppState>,
-    axum::Extension(principal): axum::Extension<oncely_http::Principal>,
+    axum::Extension(principal): axum::Extension<oncely::http::Principal>,
     Json(b): Json<Bulk>,
 ) -> Response {
     let who = caller(&principal);
@@ -190,7 +190,7 @@ async fn record_usage_bulk(
 async fn settle(
     tx: Option<RequestTx>,
     State(s): State<AppState>,
-    axum::Extension(principal): axum::Extension<oncely_http::Principal>,
+    axum::Extension(principal): axum::Extension<oncely::http::Principal>,
 ) -> Response {
     let who = caller(&principal);
     // Bills the caller's usage not billed yet, and marks it billed, in one statement. The rows are
@@ -266,7 +266,7 @@ struct Recorded<T> {
     body: T,
 }
 
-/// The caller scope, derived as the layer derives it: a hash of the [`oncely_http::Principal`] that
+/// The caller scope, derived as the layer derives it: a hash of the [`oncely::http::Principal`] that
 /// [`authenticate`] put in the extensions. Records never hold the credential itself.
 fn scope(parts: &Parts) -> String {
     oncely::http::config::default_scope(parts)
@@ -482,7 +482,7 @@ struct Checkout {
 
 async fn create_checkout_session(
     State(s): State<AppState>,
-    axum::Extension(principal): axum::Extension<oncely_http::Principal>,
+    axum::Extension(principal): axum::Extension<oncely::http::Principal>,
     headers: HeaderMap,
     Json(c): Json<Checkout>,
 ) -> Response {
@@ -640,7 +640,7 @@ pub async fn authenticate(
             .await;
     match found {
         Ok(Some(principal)) => {
-            req.extensions_mut().insert(oncely_http::Principal(principal));
+            req.extensions_mut().insert(oncely::http::Principal(principal));
             next.run(req).await
         }
         Ok(None) => unauthorized(),
@@ -649,14 +649,14 @@ pub async fn authenticate(
 }
 
 /// Every response carries `x-request-id`: the client's (when it is short and plain,
-/// [`oncely_http::request_id`]) or a new one, also given to the handlers in the request. The
+/// [`oncely::http::request_id`]) or a new one, also given to the handlers in the request. The
 /// idempotency layers inside keep the same id.
 pub async fn request_ids(mut req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let id = oncely_http::request_id(req.headers());
+    let id = oncely::http::request_id(req.headers());
     let value = HeaderValue::from_str(&id).expect("request ids are visible ASCII");
-    req.headers_mut().insert(oncely_http::REQUEST_ID, value.clone());
+    req.headers_mut().insert(oncely::http::REQUEST_ID, value.clone());
     let mut resp = next.run(req).await;
-    resp.headers_mut().entry(oncely_http::REQUEST_ID).or_insert(value);
+    resp.headers_mut().entry(oncely::http::REQUEST_ID).or_insert(value);
     resp
 }
 
@@ -680,7 +680,7 @@ pub struct Args {
     #[arg(long = "api-key", value_name = "PRINCIPAL=KEY")]
     pub api_keys: Vec<String>,
     /// Seconds between deletions of expired idempotency keys.
-    #[arg(long, default_value_t = oncely_http::store::DEFAULT_CLEANUP_INTERVAL.as_secs_f64())]
+    #[arg(long, default_value_t = oncely::http::store::DEFAULT_CLEANUP_INTERVAL.as_secs_f64())]
     pub cleanup_interval: f64,
 }
 

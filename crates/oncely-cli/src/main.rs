@@ -139,6 +139,42 @@ enum WebhooksCmd {
         /// Deliver events that share an ordering key one at a time, in order.
         #[arg(long)]
         ordered: bool,
+        /// Use this secret (`whsec_` + base64 of 24 to 64 bytes) instead of a new random one.
+        #[arg(long)]
+        secret: Option<String>,
+        /// Accept a loopback or private address (only if the delivery worker allows them too).
+        #[arg(long)]
+        allow_private_network: bool,
+    },
+    /// Change an endpoint's URL and/or topics.
+    Update {
+        /// The endpoint id.
+        endpoint: i64,
+        /// The new URL.
+        #[arg(long)]
+        url: Option<String>,
+        /// The new topics (repeat; replaces all of them).
+        #[arg(long = "topic")]
+        topics: Vec<String>,
+        /// Accept a loopback or private address (only if the delivery worker allows them too).
+        #[arg(long)]
+        allow_private_network: bool,
+    },
+    /// Delete an endpoint and its delivery records; its pending deliveries are cancelled.
+    Delete {
+        /// The endpoint id.
+        endpoint: i64,
+    },
+    /// Give an endpoint a new secret; the old one keeps signing too during the overlap.
+    RotateSecret {
+        /// The endpoint id.
+        endpoint: i64,
+        /// The new secret; a new random one when absent.
+        #[arg(long)]
+        secret: Option<String>,
+        /// How long the previous secret keeps signing (30s, 5m, 24h, 7d; 0s ends it now).
+        #[arg(long, default_value = "24h", value_parser = duration::parse)]
+        overlap: Duration,
     },
     /// List endpoints with their state.
     Endpoints,
@@ -160,6 +196,24 @@ enum WebhooksCmd {
         endpoint: i64,
         /// The event id.
         event: i64,
+    },
+    /// Deliver again every dead delivery that matches (to enabled endpoints), same webhook-ids.
+    RedeliverDead {
+        /// Only to this endpoint.
+        #[arg(long)]
+        endpoint: Option<i64>,
+        /// Only events of this topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only events published since then (RFC 3339, or a duration ago such as 2h).
+        #[arg(long, value_parser = webhooks::parse_time)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only events published before then (RFC 3339, or a duration ago such as 30m).
+        #[arg(long, value_parser = webhooks::parse_time)]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
     },
     /// Enable a disabled endpoint.
     Enable {
@@ -299,7 +353,19 @@ async fn dispatch(pool: &sqlx::PgPool, cmd: Cmd) -> Result<(), Fail> {
             }
         },
         Cmd::Webhooks { cmd } => match cmd {
-            WebhooksCmd::Add { url, topics, ordered } => webhooks::add(pool, url, topics, ordered).await,
+            WebhooksCmd::Add { url, topics, ordered, secret, allow_private_network } => {
+                webhooks::add(pool, url, topics, ordered, secret, allow_private_network).await
+            }
+            WebhooksCmd::Update { endpoint, url, topics, allow_private_network } => {
+                webhooks::update(pool, endpoint, url, topics, allow_private_network).await
+            }
+            WebhooksCmd::Delete { endpoint } => webhooks::delete(pool, endpoint).await,
+            WebhooksCmd::RotateSecret { endpoint, secret, overlap } => {
+                webhooks::rotate_secret(pool, endpoint, secret, overlap).await
+            }
+            WebhooksCmd::RedeliverDead { endpoint, topic, since, until, limit } => {
+                webhooks::redeliver_dead(pool, endpoint, topic, since, until, limit).await
+            }
             WebhooksCmd::Endpoints => webhooks::endpoints(pool).await,
             WebhooksCmd::Deliveries { endpoint, undelivered, limit } => {
                 webhooks::deliveries(pool, endpoint, undelivered, limit).await

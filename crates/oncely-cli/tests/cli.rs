@@ -128,6 +128,12 @@ async fn manages_webhook_endpoints_and_redelivers_a_dead_delivery() {
     let pool = db.pool();
 
     let r = oncely(url, &["webhooks", "add", "http://127.0.0.1:9/hooks", "--topic", "invoice.paid"]);
+    assert_eq!(r.code, Some(1), "a loopback address is refused unless allowed: {}", r.out);
+    assert!(r.err.contains("private address"), "{}", r.err);
+    let r = oncely(
+        url,
+        &["webhooks", "add", "http://127.0.0.1:9/hooks", "--topic", "invoice.paid", "--allow-private-network"],
+    );
     assert!(r.ok, "{}", r.err);
     assert!(r.out.contains("endpoint 1 created") && r.out.contains("whsec_"), "{}", r.out);
     let r = oncely(url, &["webhooks", "add", "ftp://nowhere", "--topic", "x"]);
@@ -152,6 +158,15 @@ async fn manages_webhook_endpoints_and_redelivers_a_dead_delivery() {
     assert!(r.ok, "{}", r.err);
     let line = r.out.lines().find(|l| l.contains(&ev.message_id)).unwrap_or_else(|| panic!("{}", r.out));
     assert!(line.contains("dead"), "{line}");
+    // The reason a delivery died (as the delivery handler records it) is shown.
+    sqlx::query("UPDATE oncely.webhook_deliveries SET dead_reason = 'endpoint 1 is disabled: maintenance'")
+        .execute(pool)
+        .await
+        .unwrap();
+    let r = oncely(url, &["webhooks", "deliveries"]);
+    assert!(r.out.lines().next().is_some_and(|h| h.contains("WHY")), "{}", r.out);
+    let line = r.out.lines().find(|l| l.contains(&ev.message_id)).unwrap_or_else(|| panic!("{}", r.out));
+    assert!(line.contains("endpoint 1 is disabled: maintenance"), "{line}");
 
     let r = oncely(url, &["webhooks", "redeliver", "1", &ev.id.to_string()]);
     assert!(r.ok, "{}", r.err);
@@ -170,6 +185,125 @@ async fn manages_webhook_endpoints_and_redelivers_a_dead_delivery() {
     let r = oncely(url, &["webhooks", "endpoints"]);
     assert!(r.out.lines().nth(1).is_some_and(|l| l.trim_end().ends_with("enabled")), "{}", r.out);
     let r = oncely(url, &["webhooks", "redeliver", "7", "1"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.err.contains("not found"), "{}", r.err);
+}
+
+/// The operator's endpoint commands: add with a given secret, rotate with an overlap (shown by
+/// `endpoints`), change URL and topics, redeliver dead deliveries in bulk by filter, delete.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotates_secrets_changes_endpoints_and_redelivers_dead_deliveries_in_bulk() {
+    use oncely_core::outbox::{publish, Event};
+    use oncely_core::webhook::{get_endpoint, EndpointId, WebhookSecret};
+    let db = oncely_testkit::TestDb::new().await;
+    let url = db.url();
+    let pool = db.pool();
+
+    let given = WebhookSecret::generate();
+    let r = oncely(
+        url,
+        &["webhooks", "add", "https://a.example.com/hooks", "--topic", "invoice.paid", "--secret", given.as_str()],
+    );
+    assert!(r.ok, "{}", r.err);
+    assert!(r.out.contains(given.as_str()), "{}", r.out);
+    assert_eq!(get_endpoint(pool, EndpointId(1)).await.unwrap().secret, given);
+    let r = oncely(url, &["webhooks", "add", "https://b.example.com/hooks", "--topic", "*", "--secret", "whsec_short"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.err.contains("webhook secret"), "{}", r.err);
+    let r = oncely(url, &["webhooks", "add", "https://b.example.com/hooks", "--topic", "*"]);
+    assert!(r.ok, "{}", r.err);
+
+    // Rotation: both secrets sign during the overlap, and `endpoints` shows it.
+    let r = oncely(url, &["webhooks", "rotate-secret", "1", "--overlap", "2h"]);
+    assert!(r.ok, "{}", r.err);
+    let ep = get_endpoint(pool, EndpointId(1)).await.unwrap();
+    assert_ne!(ep.secret, given);
+    assert_eq!(ep.previous_secret.as_ref(), Some(&given));
+    assert!(r.out.contains(ep.secret.as_str()) && r.out.contains("keeps signing until"), "{}", r.out);
+    let r = oncely(url, &["webhooks", "endpoints"]);
+    let line = r.out.lines().find(|l| l.starts_with('1')).unwrap_or_else(|| panic!("{}", r.out));
+    assert!(line.contains("until "), "{line}");
+    let line = r.out.lines().find(|l| l.starts_with('2')).unwrap_or_else(|| panic!("{}", r.out));
+    assert!(!line.contains("until "), "{line}");
+    let r = oncely(url, &["webhooks", "rotate-secret", "1", "--overlap", "0s"]);
+    assert!(r.ok && r.out.contains("no longer signs"), "{} {}", r.out, r.err);
+    assert!(get_endpoint(pool, EndpointId(1)).await.unwrap().previous_secret.is_none());
+
+    // URL and topics.
+    let r = oncely(
+        url,
+        &[
+            "webhooks",
+            "update",
+            "1",
+            "--url",
+            "https://a2.example.com/in",
+            "--topic",
+            "invoice.paid",
+            "--topic",
+            "invoice.void",
+        ],
+    );
+    assert!(r.ok, "{}", r.err);
+    let ep = get_endpoint(pool, EndpointId(1)).await.unwrap();
+    assert_eq!(
+        (ep.url.as_str(), ep.topics.clone()),
+        ("https://a2.example.com/in", vec!["invoice.paid".to_owned(), "invoice.void".to_owned()])
+    );
+    let r = oncely(url, &["webhooks", "update", "1", "--url", "http://10.0.0.7/in"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.err.contains("private address"), "{}", r.err);
+    let r = oncely(url, &["webhooks", "update", "1"]);
+    assert_eq!(r.code, Some(1));
+    assert_eq!(get_endpoint(pool, EndpointId(1)).await.unwrap().url, "https://a2.example.com/in");
+
+    // Dead deliveries: two topics to endpoint 1 (both subscribed) and endpoint 2 (catch-all).
+    let paid = publish(pool, &Event::from_json("invoice.paid", serde_json::json!({}))).await.unwrap();
+    let void = publish(pool, &Event::from_json("invoice.void", serde_json::json!({}))).await.unwrap();
+    sqlx::query("UPDATE oncely.jobs SET state = 'dead', finished_at = now()").execute(pool).await.unwrap();
+    let jobs_of = |endpoint: i64| {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT job_id FROM oncely.webhook_deliveries WHERE endpoint_id = $1 ORDER BY event_id",
+        )
+        .bind(endpoint)
+        .fetch_all(pool)
+    };
+    let before = (jobs_of(1).await.unwrap(), jobs_of(2).await.unwrap());
+    // Nothing in the future window.
+    let r = oncely(url, &["webhooks", "redeliver-dead", "--since", "2999-01-01T00:00:00Z"]);
+    assert!(r.ok && r.out.contains("0 dead deliveries"), "{} {}", r.out, r.err);
+    let r = oncely(url, &["webhooks", "redeliver-dead", "--endpoint", "1", "--topic", "invoice.void", "--since", "1h"]);
+    assert!(r.ok && r.out.contains("1 dead deliveries"), "{} {}", r.out, r.err);
+    let after = (jobs_of(1).await.unwrap(), jobs_of(2).await.unwrap());
+    assert_eq!(after.0[0], before.0[0], "the other topic was left alone");
+    assert_ne!(after.0[1], before.0[1]);
+    assert_eq!(after.1, before.1, "the other endpoint was left alone");
+    assert_eq!(state_in_sql(pool, after.0[1]).await, "available");
+    let r = oncely(url, &["webhooks", "redeliver-dead", "--until", "1h"]);
+    assert!(r.ok && r.out.contains("0 dead deliveries"), "published within the hour: {}", r.out);
+    let r = oncely(url, &["webhooks", "redeliver-dead", "--since", "yesterday"]);
+    assert_eq!(r.code, Some(2), "{}", r.err);
+
+    // A disabled endpoint's dead deliveries are not redelivered, one by one or in bulk.
+    let r = oncely(url, &["webhooks", "disable", "2"]);
+    assert!(r.ok, "{}", r.err);
+    let r = oncely(url, &["webhooks", "redeliver", "2", &paid.id.to_string()]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.err.contains("disabled") && r.err.contains("enable"), "{}", r.err);
+    let r = oncely(url, &["webhooks", "redeliver-dead"]);
+    assert!(r.ok && r.out.contains("1 dead deliveries"), "only endpoint 1's other one: {}", r.out);
+    assert_eq!(jobs_of(2).await.unwrap(), before.1);
+    let _ = void;
+
+    // Delete: the endpoint and its records go, its pending jobs are cancelled.
+    let pending = jobs_of(1).await.unwrap();
+    let r = oncely(url, &["webhooks", "delete", "1"]);
+    assert!(r.ok && r.out.contains("2 pending deliveries cancelled"), "{} {}", r.out, r.err);
+    for job in pending {
+        assert_eq!(state_in_sql(pool, job).await, "cancelled");
+    }
+    assert!(jobs_of(1).await.unwrap().is_empty());
+    let r = oncely(url, &["webhooks", "delete", "1"]);
     assert_eq!(r.code, Some(1));
     assert!(r.err.contains("not found"), "{}", r.err);
 }

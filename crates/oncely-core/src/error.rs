@@ -67,6 +67,17 @@ pub enum Error {
         id: i64,
     },
 
+    /// The webhook endpoint is disabled, so the request would only fail: enable it first.
+    #[error(
+        "webhook endpoint {endpoint} is disabled ({reason}); enable it first (`oncely webhooks enable {endpoint}`)"
+    )]
+    EndpointDisabled {
+        /// The endpoint.
+        endpoint: i64,
+        /// Why it was disabled.
+        reason: String,
+    },
+
     /// No job with this id exists.
     #[error("job {0} not found")]
     JobNotFound(JobId),

@@ -7,6 +7,7 @@
 //! its pending deliveries fail into the dead letter, where a person can retry them after enabling it.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -15,6 +16,7 @@ use sqlx::{PgExecutor, PgPool, Row};
 
 use crate::error::{Error, Result};
 use crate::job::{JobId, JobState};
+use crate::lease::Claim;
 use crate::outbox::{self, message_id, Event, EventId};
 
 /// The prefix of a webhook secret.
@@ -121,6 +123,10 @@ pub struct NewEndpoint {
     pub secret: Option<WebhookSecret>,
     /// Deliver events that share an ordering key one at a time, in order. Defaults to false.
     pub ordered: bool,
+    /// Which URLs are accepted. Defaults to [`EndpointPolicy::default`]: `http` and `https`, public
+    /// addresses only. Pass your transport's policy (`HttpTransport::endpoint_policy` in
+    /// `oncely-webhooks`) so that an endpoint it could never send to is refused now.
+    pub policy: EndpointPolicy,
 }
 
 impl NewEndpoint {
@@ -131,6 +137,7 @@ impl NewEndpoint {
             topics: topics.into_iter().map(Into::into).collect(),
             secret: None,
             ordered: false,
+            policy: EndpointPolicy::default(),
         }
     }
 
@@ -146,8 +153,15 @@ impl NewEndpoint {
         self
     }
 
+    /// Accept URLs by this policy (typically the delivery transport's).
+    pub fn policy(mut self, policy: EndpointPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
     fn validate(&self) -> Result<()> {
         validate_url(&self.url)?;
+        self.policy.check(&self.url)?;
         if self.topics.is_empty() {
             return Err(Error::InvalidInput("an endpoint needs at least one topic (`*` for all)".into()));
         }
@@ -156,6 +170,137 @@ impl NewEndpoint {
         }
         Ok(())
     }
+}
+
+/// Which endpoint URLs can be sent to: checked when an endpoint is created or its URL changed, so
+/// that an endpoint the delivery transport would refuse is refused at once with a clear error
+/// instead of failing at every delivery.
+///
+/// The address check here sees only the URL: an IP literal, or the name `localhost` (and
+/// `*.localhost`). A host name that resolves to a private address can only be caught when it is
+/// resolved, which the transport does before each connection.
+///
+/// # Example
+///
+/// ```
+/// use oncely_core::webhook::EndpointPolicy;
+/// let policy = EndpointPolicy::default();
+/// assert!(policy.check("https://hooks.example.com/in").is_ok());
+/// assert!(policy.check("http://169.254.169.254/latest").is_err());
+/// assert!(policy.check("http://localhost:8080/").is_err());
+/// assert!(EndpointPolicy::default().allow_private_networks(true).check("http://localhost:8080/").is_ok());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    /// URL schemes the transport sends, lowercase. Defaults to `http` and `https`.
+    pub schemes: Vec<String>,
+    /// Accept loopback, private, link-local and other non-public addresses. Defaults to false.
+    pub allow_private_networks: bool,
+}
+
+impl Default for EndpointPolicy {
+    fn default() -> Self {
+        EndpointPolicy { schemes: vec!["http".into(), "https".into()], allow_private_networks: false }
+    }
+}
+
+impl EndpointPolicy {
+    /// Accept (or not) non-public addresses.
+    pub fn allow_private_networks(mut self, allow: bool) -> Self {
+        self.allow_private_networks = allow;
+        self
+    }
+
+    /// Accept only these schemes.
+    pub fn schemes<S: Into<String>>(mut self, schemes: impl IntoIterator<Item = S>) -> Self {
+        self.schemes = schemes.into_iter().map(|s| s.into().to_ascii_lowercase()).collect();
+        self
+    }
+
+    /// Check `url` against the policy: [`Error::InvalidInput`] naming what is wrong.
+    pub fn check(&self, url: &str) -> Result<()> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| Error::InvalidInput(format!("endpoint URL is not an absolute URL: {url:?}")))?;
+        let scheme = scheme.to_ascii_lowercase();
+        if !self.schemes.contains(&scheme) {
+            return Err(Error::InvalidInput(format!(
+                "endpoint URL scheme {scheme}:// cannot be sent by the delivery transport (it sends {})",
+                self.schemes.iter().map(|s| format!("{s}://")).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if self.allow_private_networks {
+            return Ok(());
+        }
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let host = if let Some(v6) = host_port.strip_prefix('[') {
+            v6.split(']').next().unwrap_or("")
+        } else {
+            host_port.split(':').next().unwrap_or("")
+        };
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let private = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => !is_public_address(ip),
+            Err(_) => host == "localhost" || host.ends_with(".localhost"),
+        };
+        if private {
+            return Err(Error::InvalidInput(format!(
+                "endpoint URL {url:?} names a loopback or private address ({host}), which the delivery transport \
+                 refuses; allow private networks on both the transport and the endpoint policy to use it"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Whether an endpoint may be sent to at `ip`: false for loopback, private (RFC 1918, IPv6 unique
+/// local), shared (100.64.0.0/10), link-local (which includes cloud metadata services at
+/// 169.254.169.254), unspecified, broadcast, multicast, documentation, benchmarking and reserved
+/// addresses, and for IPv6 addresses that embed such an IPv4 address.
+pub fn is_public_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => is_public_v6(v6),
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, c, _] = ip.octets();
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || ip.is_documentation()
+        || a == 0 // "this network"
+        || (a == 100 && (64..128).contains(&b)) // shared address space (carrier-grade NAT)
+        || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+        || (a == 198 && (b == 18 || b == 19)) // benchmarking
+        || a >= 240) // reserved
+}
+
+fn is_public_v6(ip: Ipv6Addr) -> bool {
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return is_public_v4(v4);
+    }
+    let s = ip.segments();
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || (s[0] & 0xfe00) == 0xfc00 // unique local
+        || (s[0] & 0xffc0) == 0xfe80 // link-local
+        || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated, still routed inside some networks)
+        || (s[0] == 0x0064 && s[1] == 0xff9b && s[2] == 0x0001) // local-use NAT64 (RFC 8215)
+        || (s[0] == 0x2002 && !is_public_v4(Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8))) // 6to4 of a non-public IPv4
+        || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+        || (s[0] == 0x0064 && s[1] == 0xff9b && !is_public_v4(embedded_v4(s))) // NAT64 of a non-public IPv4
+        || (s[..6] == [0; 6] && !is_public_v4(embedded_v4(s)))) // IPv4-compatible (deprecated)
+}
+
+fn embedded_v4(s: [u16; 8]) -> Ipv4Addr {
+    Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8)
 }
 
 fn validate_url(url: &str) -> Result<()> {
@@ -183,6 +328,9 @@ pub struct Endpoint {
     pub secret: WebhookSecret,
     /// The previous secret, while a rotation's overlap lasts (it signs too).
     pub previous_secret: Option<WebhookSecret>,
+    /// When the rotation's overlap ends (the previous secret stops signing), while one is in
+    /// progress.
+    pub rotation_ends_at: Option<DateTime<Utc>>,
     /// Ordered delivery per ordering key.
     pub ordered: bool,
     /// False once disabled (410 Gone, failing too long, or by a person).
@@ -206,6 +354,7 @@ impl Endpoint {
 /// Columns of an endpoint row, with the table aliased `p` in every statement.
 const ENDPOINT_COLUMNS: &str = "p.id, p.url, p.topics, p.secret, \
     CASE WHEN p.previous_secret_expires_at > now() THEN p.previous_secret END AS previous_secret, \
+    CASE WHEN p.previous_secret_expires_at > now() THEN p.previous_secret_expires_at END AS rotation_ends_at, \
     p.ordered, p.enabled, p.disabled_reason, p.failing_since, p.created_at";
 
 fn endpoint_from_row(row: &sqlx::postgres::PgRow) -> Result<Endpoint> {
@@ -216,6 +365,7 @@ fn endpoint_from_row(row: &sqlx::postgres::PgRow) -> Result<Endpoint> {
         topics: row.try_get("topics")?,
         secret: WebhookSecret::parse(row.try_get("secret")?)?,
         previous_secret: previous.as_deref().map(WebhookSecret::parse).transpose()?,
+        rotation_ends_at: row.try_get("rotation_ends_at")?,
         ordered: row.try_get("ordered")?,
         enabled: row.try_get("enabled")?,
         disabled_reason: row.try_get("disabled_reason")?,
@@ -272,12 +422,141 @@ pub async fn rotate_secret<'e>(
     endpoint_from_row(&row.ok_or(Error::NotFound { what: "webhook endpoint", id: id.0 })?)
 }
 
+/// A change to an endpoint's URL or topics ([`update_endpoint`]); `None` keeps the current value.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointUpdate {
+    /// The new URL, checked like a new endpoint's.
+    pub url: Option<String>,
+    /// The new topics; `*` for all.
+    pub topics: Option<Vec<String>>,
+    /// The policy the new URL is checked against. Defaults to [`EndpointPolicy::default`].
+    pub policy: EndpointPolicy,
+}
+
+/// Change an endpoint's URL and/or topics. New topics apply to events published after the
+/// transaction commits; a new URL applies to every later attempt, including the pending ones.
+pub async fn update_endpoint<'e>(
+    executor: impl PgExecutor<'e>,
+    id: EndpointId,
+    update: &EndpointUpdate,
+) -> Result<Endpoint> {
+    if let Some(url) = &update.url {
+        validate_url(url)?;
+        update.policy.check(url)?;
+    }
+    if let Some(topics) = &update.topics {
+        if topics.is_empty() {
+            return Err(Error::InvalidInput("an endpoint needs at least one topic (`*` for all)".into()));
+        }
+        for topic in topics {
+            outbox::validate_topic(topic)?;
+        }
+    }
+    let sql = format!(
+        "UPDATE oncely.webhook_endpoints p SET url = coalesce($2, url), topics = coalesce($3, topics), updated_at = now() \
+         WHERE id = $1 RETURNING {ENDPOINT_COLUMNS}"
+    );
+    let row = sqlx::query(&sql).bind(id).bind(&update.url).bind(&update.topics).fetch_optional(executor).await?;
+    endpoint_from_row(&row.ok_or(Error::NotFound { what: "webhook endpoint", id: id.0 })?)
+}
+
+/// Delete an endpoint with its delivery records, and cancel its pending delivery jobs (a running
+/// attempt may still finish its request; its record write then finds nothing). Returns how many
+/// pending deliveries were cancelled.
+pub async fn delete_endpoint(pool: &PgPool, id: EndpointId) -> Result<u64> {
+    let mut tx = crate::txn::begin(pool).await?;
+    let cancelled = sqlx::query(
+        "UPDATE oncely.jobs SET state = 'cancelled', finished_at = now(), lease_expires_at = NULL \
+         WHERE id IN (SELECT job_id FROM oncely.webhook_deliveries WHERE endpoint_id = $1) \
+           AND state IN ('available', 'running')",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let deleted = sqlx::query("DELETE FROM oncely.webhook_endpoints WHERE id = $1").bind(id).execute(&mut *tx).await?;
+    if deleted.rows_affected() == 0 {
+        return Err(Error::NotFound { what: "webhook endpoint", id: id.0 });
+    }
+    tx.commit().await?;
+    tracing::info!(endpoint.id = %id, cancelled, "webhook endpoint deleted");
+    Ok(cancelled)
+}
+
 /// Disable an endpoint and publish an [`ENDPOINT_DISABLED_TOPIC`](outbox::ENDPOINT_DISABLED_TOPIC)
 /// event (`{endpoint_id, url, reason}`) in the same transaction. Returns false (and publishes
 /// nothing) when it was already disabled. Pending deliveries to it fail into the dead letter when
 /// next attempted.
 pub async fn disable_endpoint(pool: &PgPool, id: EndpointId, reason: &str) -> Result<bool> {
     let mut tx = crate::txn::begin(pool).await?;
+    let disabled = disable_in(&mut tx, id, reason).await?;
+    tx.commit().await?;
+    if disabled {
+        tracing::warn!(endpoint.id = %id, %reason, "webhook endpoint disabled");
+    }
+    Ok(disabled)
+}
+
+/// Disable the endpoint of a delivery from inside the delivery's job (after a 410, or failing for
+/// too long), and record `reason` as why that delivery died — fenced by the job's `claim` like
+/// [`record_delivery_attempt`]: a worker whose lease was lost gets [`Error::LeaseLost`] and
+/// neither disables the endpoint nor publishes anything. Returns false when it was already
+/// disabled.
+pub async fn disable_endpoint_for_delivery(
+    pool: &PgPool,
+    claim: Claim,
+    endpoint: EndpointId,
+    event: EventId,
+    reason: &str,
+) -> Result<bool> {
+    let mut tx = crate::txn::begin(pool).await?;
+    set_dead_reason(&mut *tx, claim, endpoint, event, reason).await?;
+    let disabled = disable_in(&mut tx, endpoint, reason).await?;
+    tx.commit().await?;
+    if disabled {
+        tracing::warn!(endpoint.id = %endpoint, job.id = %claim.id, attempt = claim.attempt, %reason, "webhook endpoint disabled");
+    }
+    Ok(disabled)
+}
+
+/// Record why a delivery is going to the dead letter (its endpoint is disabled, cannot be sent to,
+/// or it ran out of attempts), shown by [`list_deliveries`] as [`Delivery::dead_reason`]. Fenced by
+/// the delivery job's `claim` like [`record_delivery_attempt`].
+pub async fn set_dead_reason<'e>(
+    executor: impl PgExecutor<'e>,
+    claim: Claim,
+    endpoint: EndpointId,
+    event: EventId,
+    reason: &str,
+) -> Result<()> {
+    let row = sqlx::query(
+        r#"
+WITH fence AS (
+    SELECT id FROM oncely.jobs WHERE id = $3 AND attempt = $4 AND state = 'running' FOR SHARE
+), d AS (
+    UPDATE oncely.webhook_deliveries SET dead_reason = $5
+    WHERE endpoint_id = $1 AND event_id = $2 AND job_id = $3 AND EXISTS (SELECT 1 FROM fence)
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM d) AS written,
+       EXISTS (SELECT 1 FROM oncely.webhook_deliveries WHERE endpoint_id = $1 AND event_id = $2) AS found
+"#,
+    )
+    .bind(endpoint)
+    .bind(event)
+    .bind(claim.id)
+    .bind(claim.attempt)
+    .bind(reason)
+    .fetch_one(executor)
+    .await?;
+    match (row.try_get::<bool, _>("written")?, row.try_get::<bool, _>("found")?) {
+        (true, _) => Ok(()),
+        (false, true) => Err(Error::LeaseLost { job_id: claim.id, attempt: claim.attempt }),
+        (false, false) => Err(Error::NotFound { what: "webhook delivery of event", id: event.0 }),
+    }
+}
+
+async fn disable_in(tx: &mut sqlx::PgConnection, id: EndpointId, reason: &str) -> Result<bool> {
     let url: Option<String> = sqlx::query_scalar(
         "UPDATE oncely.webhook_endpoints SET enabled = false, disabled_reason = $2, disabled_at = now(), updated_at = now() \
          WHERE id = $1 AND enabled RETURNING url",
@@ -293,8 +572,6 @@ pub async fn disable_endpoint(pool: &PgPool, id: EndpointId, reason: &str) -> Re
     };
     let payload = serde_json::json!({ "endpoint_id": id, "url": url, "reason": reason });
     outbox::publish(&mut *tx, &Event::from_json(outbox::ENDPOINT_DISABLED_TOPIC, payload)).await?;
-    tx.commit().await?;
-    tracing::warn!(endpoint.id = %id, %reason, "webhook endpoint disabled");
     Ok(true)
 }
 
@@ -348,6 +625,9 @@ pub struct Delivery {
     pub last_status: Option<i32>,
     /// The last failure.
     pub last_error: Option<String>,
+    /// Why it went to the dead letter, when the attempts do not say it (endpoint disabled, an
+    /// address that cannot be sent to, 410 Gone, out of attempts).
+    pub dead_reason: Option<String>,
     /// When the last attempt was made.
     pub last_attempt_at: Option<DateTime<Utc>>,
     /// When a 2xx was received.
@@ -370,7 +650,7 @@ pub struct DeliveryFilter {
 /// Deliveries, newest event first.
 pub async fn list_deliveries<'e>(executor: impl PgExecutor<'e>, filter: &DeliveryFilter) -> Result<Vec<Delivery>> {
     let rows = sqlx::query(
-        "SELECT d.endpoint_id, d.event_id, e.uid, d.job_id, d.attempts, d.last_status, d.last_error, \
+        "SELECT d.endpoint_id, d.event_id, e.uid, d.job_id, d.attempts, d.last_status, d.last_error, d.dead_reason, \
                 d.last_attempt_at, d.delivered_at, j.state AS job_state \
          FROM oncely.webhook_deliveries d JOIN oncely.events e ON e.id = d.event_id \
          LEFT JOIN oncely.jobs j ON j.id = d.job_id \
@@ -404,6 +684,7 @@ pub async fn list_deliveries<'e>(executor: impl PgExecutor<'e>, filter: &Deliver
                 attempts: r.try_get("attempts")?,
                 last_status: r.try_get("last_status")?,
                 last_error: r.try_get("last_error")?,
+                dead_reason: r.try_get("dead_reason")?,
                 last_attempt_at: r.try_get("last_attempt_at")?,
                 delivered_at,
             })
@@ -414,10 +695,14 @@ pub async fn list_deliveries<'e>(executor: impl PgExecutor<'e>, filter: &Deliver
 /// Deliver an event to an endpoint again, by hand: a dead (or finished, or pruned) delivery gets a
 /// new job with the same `webhook-id`, so a receiver that deduplicates still applies it once.
 /// A delivery whose job is still live is left alone and that job is returned.
+///
+/// Refused with [`Error::EndpointDisabled`] while the endpoint is disabled: the new job would die
+/// at once. Enable it first ([`enable_endpoint`]).
 pub async fn redeliver(pool: &PgPool, endpoint: EndpointId, event: EventId) -> Result<JobId> {
     let mut tx = crate::txn::begin(pool).await?;
     let row = sqlx::query(
-        "SELECT d.job_id, j.state, j.queue, j.max_attempts FROM oncely.webhook_deliveries d \
+        "SELECT d.job_id, j.state, j.queue, j.max_attempts, p.enabled, p.disabled_reason \
+         FROM oncely.webhook_deliveries d JOIN oncely.webhook_endpoints p ON p.id = d.endpoint_id \
          LEFT JOIN oncely.jobs j ON j.id = d.job_id WHERE d.endpoint_id = $1 AND d.event_id = $2 FOR UPDATE OF d",
     )
     .bind(endpoint)
@@ -429,20 +714,85 @@ pub async fn redeliver(pool: &PgPool, endpoint: EndpointId, event: EventId) -> R
     if state.is_some_and(|s| !s.is_finished()) {
         return Ok(JobId(row.try_get("job_id")?));
     }
+    if !row.try_get::<bool, _>("enabled")? {
+        let reason: Option<String> = row.try_get("disabled_reason")?;
+        return Err(Error::EndpointDisabled { endpoint: endpoint.0, reason: reason.unwrap_or_default() });
+    }
     let queue: String =
         row.try_get::<Option<String>, _>("queue")?.unwrap_or_else(|| outbox::DEFAULT_DELIVERY_QUEUE.into());
     let max_attempts: i32 = row.try_get::<Option<i32>, _>("max_attempts")?.unwrap_or(outbox::DEFAULT_DELIVERY_ATTEMPTS);
     let args = serde_json::json!({ "event_id": event, "endpoint_id": endpoint });
     let job = crate::job::NewJob::from_json(outbox::DELIVERY_KIND, args).queue(queue).max_attempts(max_attempts);
     let id = crate::queue::enqueue(&mut *tx, job).await?.id;
-    sqlx::query("UPDATE oncely.webhook_deliveries SET job_id = $3, delivered_at = NULL WHERE endpoint_id = $1 AND event_id = $2")
-        .bind(endpoint)
-        .bind(event)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "UPDATE oncely.webhook_deliveries SET job_id = $3, delivered_at = NULL, dead_reason = NULL \
+         WHERE endpoint_id = $1 AND event_id = $2",
+    )
+    .bind(endpoint)
+    .bind(event)
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(id)
+}
+
+/// Which dead deliveries [`redeliver_dead`] sends again. Every field narrows the selection.
+#[derive(Debug, Clone, Default)]
+pub struct RedeliverFilter {
+    /// Only to this endpoint.
+    pub endpoint: Option<EndpointId>,
+    /// Only events of this topic.
+    pub topic: Option<String>,
+    /// Only events published at or after this.
+    pub since: Option<DateTime<Utc>>,
+    /// Only events published before this.
+    pub until: Option<DateTime<Utc>>,
+    /// At most this many. Defaults to 1000.
+    pub limit: Option<i64>,
+}
+
+/// One delivery queued again by [`redeliver_dead`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Redelivered {
+    /// The endpoint.
+    pub endpoint_id: EndpointId,
+    /// The event.
+    pub event_id: EventId,
+    /// The new delivery job.
+    pub job_id: JobId,
+}
+
+/// Deliver again, in bulk, the undelivered deliveries whose job is dead (or pruned) and whose
+/// endpoint is enabled, oldest event first, each as [`redeliver`] does (same `webhook-id`).
+/// Deliveries to disabled endpoints are left alone: enable the endpoint first.
+pub async fn redeliver_dead(pool: &PgPool, filter: &RedeliverFilter) -> Result<Vec<Redelivered>> {
+    if filter.limit.is_some_and(|l| l < 1) {
+        return Err(Error::InvalidInput("limit must be at least 1".into()));
+    }
+    let rows = sqlx::query(
+        "SELECT d.endpoint_id, d.event_id FROM oncely.webhook_deliveries d \
+         JOIN oncely.events e ON e.id = d.event_id JOIN oncely.webhook_endpoints p ON p.id = d.endpoint_id \
+         LEFT JOIN oncely.jobs j ON j.id = d.job_id \
+         WHERE d.delivered_at IS NULL AND p.enabled AND (j.id IS NULL OR j.state = 'dead') \
+           AND ($1::bigint IS NULL OR d.endpoint_id = $1) AND ($2::text IS NULL OR e.topic = $2) \
+           AND ($3::timestamptz IS NULL OR e.created_at >= $3) AND ($4::timestamptz IS NULL OR e.created_at < $4) \
+         ORDER BY d.event_id, d.endpoint_id LIMIT $5",
+    )
+    .bind(filter.endpoint)
+    .bind(&filter.topic)
+    .bind(filter.since)
+    .bind(filter.until)
+    .bind(filter.limit.unwrap_or(1000))
+    .fetch_all(pool)
+    .await?;
+    let mut done = Vec::with_capacity(rows.len());
+    for row in rows {
+        let (endpoint_id, event_id) = (EndpointId(row.try_get("endpoint_id")?), EventId(row.try_get("event_id")?));
+        let job_id = redeliver(pool, endpoint_id, event_id).await?;
+        done.push(Redelivered { endpoint_id, event_id, job_id });
+    }
+    Ok(done)
 }
 
 /// Everything a sender needs for one delivery attempt, read in one query.
@@ -538,21 +888,25 @@ pub struct AttemptRecorded {
 }
 
 /// The statement of [`record_delivery_attempt`]: `$1` endpoint, `$2` event, `$3` status, `$4` error,
-/// `$5` delivered.
+/// `$5` delivered, `$6` and `$7` the delivery job's claim (id, attempt).
 pub(crate) const DELIVERY_RECORD_ATTEMPT: &str = concat!(
     r#"
-WITH d AS (
+WITH fence AS (
+    -- The claim must still hold the job; FOR SHARE re-reads the newest row version and keeps a
+    -- rescue from changing it until this statement's transaction ends.
+    SELECT id FROM oncely.jobs WHERE id = $6 AND attempt = $7 AND state = 'running' FOR SHARE
+), d AS (
     UPDATE oncely.webhook_deliveries
     SET attempts = attempts + 1, last_status = $3, last_error = $4, last_attempt_at = now(),
         delivered_at = CASE WHEN $5 THEN now() ELSE delivered_at END
-    WHERE endpoint_id = $1 AND event_id = $2
+    WHERE endpoint_id = $1 AND event_id = $2 AND job_id = $6 AND EXISTS (SELECT 1 FROM fence)
     RETURNING attempts, ordering_key
 ), flip AS (
     -- Only a change of the failure run writes the endpoint row: concurrent deliveries to one
     -- endpoint would otherwise queue for its row lock, each through its commit.
     UPDATE oncely.webhook_endpoints
     SET failing_since = CASE WHEN $5 THEN NULL ELSE now() END
-    WHERE id = $1 AND (failing_since IS NULL) <> $5
+    WHERE id = $1 AND (failing_since IS NULL) <> $5 AND EXISTS (SELECT 1 FROM d)
 ), p AS (
     -- The snapshot before `flip`: NULL when this failure starts the run.
     SELECT CASE WHEN $5 THEN 0 ELSE coalesce(extract(epoch FROM now() - failing_since), 0) END::float8 AS failing_for
@@ -567,16 +921,26 @@ WITH d AS (
     jobs_channel!(),
     r#", queue)
 )
--- `wake` is read so that its RETURNING (the NOTIFY) is evaluated for every woken row.
-SELECT d.attempts, p.failing_for, (SELECT count(*) FROM wake) AS woken FROM d, p
+-- `wake` is read so that its RETURNING (the NOTIFY) is evaluated for every woken row. One row
+-- always: `attempts` is NULL when the fence refused the write.
+SELECT (SELECT attempts FROM d) AS attempts, (SELECT failing_for FROM p) AS failing_for,
+       (SELECT count(*) FROM wake) AS woken,
+       EXISTS (SELECT 1 FROM oncely.webhook_deliveries WHERE endpoint_id = $1 AND event_id = $2) AS found
 "#
 );
 
 /// Record one attempt: the delivery's counters, and the endpoint's failure run (cleared by a
 /// success, started by the first failure). A success on an ordered endpoint also wakes the next
 /// waiting delivery of the same ordering key.
+///
+/// Fenced by the delivery job's `claim`: the write happens only while that claim still holds the
+/// job (`id`, `attempt`, `state = 'running'`) and the delivery still belongs to that job. A worker
+/// whose lease was lost — its job rescued and claimed again, cancelled, or superseded by a
+/// redelivery — gets [`Error::LeaseLost`] and changes nothing, so it cannot overwrite the record of
+/// a newer attempt.
 pub async fn record_delivery_attempt<'e>(
     executor: impl PgExecutor<'e>,
+    claim: Claim,
     endpoint: EndpointId,
     event: EventId,
     attempt: &AttemptRecord,
@@ -587,14 +951,19 @@ pub async fn record_delivery_attempt<'e>(
         .bind(attempt.status)
         .bind(&attempt.error)
         .bind(attempt.delivered)
-        .fetch_optional(executor)
-        .await?
-        .ok_or(Error::NotFound { what: "webhook delivery of event", id: event.0 })?;
-    let failing_for: f64 = row.try_get("failing_for")?;
-    Ok(AttemptRecorded {
-        attempts: row.try_get("attempts")?,
-        failing_for: Duration::from_secs_f64(failing_for.max(0.0)),
-    })
+        .bind(claim.id)
+        .bind(claim.attempt)
+        .fetch_one(executor)
+        .await?;
+    let Some(attempts) = row.try_get::<Option<i32>, _>("attempts")? else {
+        return Err(if row.try_get("found")? {
+            Error::LeaseLost { job_id: claim.id, attempt: claim.attempt }
+        } else {
+            Error::NotFound { what: "webhook delivery of event", id: event.0 }
+        });
+    };
+    let failing_for: f64 = row.try_get::<Option<f64>, _>("failing_for")?.unwrap_or(0.0);
+    Ok(AttemptRecorded { attempts, failing_for: Duration::from_secs_f64(failing_for.max(0.0)) })
 }
 
 #[cfg(test)]
@@ -617,12 +986,44 @@ mod tests {
 
     #[test]
     fn endpoint_urls_and_topics_are_checked() {
-        assert!(NewEndpoint::new("http://127.0.0.1:8080/hook", ["a"]).validate().is_ok());
+        let local = EndpointPolicy::default().allow_private_networks(true);
+        assert!(NewEndpoint::new("http://127.0.0.1:8080/hook", ["a"]).policy(local.clone()).validate().is_ok());
         assert!(NewEndpoint::new("https://example.com", ["*"]).validate().is_ok());
         for url in ["ftp://x", "http://", "example.com/hook", "http://a b/"] {
             assert!(NewEndpoint::new(url, ["a"]).validate().is_err(), "{url}");
         }
         assert!(NewEndpoint::new("http://x", Vec::<String>::new()).validate().is_err());
         assert!(NewEndpoint::new("http://x", ["has space"]).validate().is_err());
+    }
+
+    #[test]
+    fn the_policy_refuses_schemes_the_transport_cannot_send_and_private_addresses() {
+        let strict = EndpointPolicy::default();
+        for url in [
+            "http://127.0.0.1:8080/hook",
+            "http://[::1]/hook",
+            "https://[::ffff:10.0.0.1]:443/",
+            "http://10.1.2.3/",
+            "http://169.254.169.254/latest/meta-data",
+            "http://user:pw@192.168.1.1/",
+            "http://LOCALHOST:3000/",
+            "http://localhost./",
+            "http://api.localhost/",
+        ] {
+            let err = strict.check(url).unwrap_err().to_string();
+            assert!(err.contains("private address"), "{url}: {err}");
+            assert!(strict.clone().allow_private_networks(true).check(url).is_ok(), "{url}");
+        }
+        for url in [
+            "https://hooks.example.com/in",
+            "http://8.8.8.8/",
+            "https://[2606:4700::1111]/",
+            "http://localhost.example.com/",
+        ] {
+            assert!(strict.check(url).is_ok(), "{url}");
+        }
+        let http_only = EndpointPolicy::default().schemes(["http"]);
+        let err = http_only.check("https://hooks.example.com/").unwrap_err().to_string();
+        assert!(err.contains("https://") && err.contains("cannot be sent"), "{err}");
     }
 }

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | 2xx | delivered |
 //! | 410 Gone | the endpoint is disabled (an operational event is published); the delivery fails |
-//! | 429, 502, 503, 504 with `Retry-After` | retried after that long (capped) |
+//! | 429, 502, 503, 504 with `Retry-After` | retried after that long (capped), or after the schedule's delay when that is longer |
 //! | anything else, a timeout, a refused connection | retried on the [`RetrySchedule`] |
 //! | failures for longer than `disable_after`, none succeeding | the endpoint is disabled |
 //!
@@ -157,7 +157,7 @@ pub struct WebhookDelivery<T = HttpTransport> {
 }
 
 impl WebhookDelivery<HttpTransport> {
-    /// Deliver over plain HTTP with [`HttpTransport`].
+    /// Deliver over HTTP and HTTPS with [`HttpTransport::new`] (public addresses, web roots).
     pub fn new(config: DeliveryConfig) -> Self {
         Self::with_transport(config, HttpTransport::new())
     }
@@ -227,9 +227,15 @@ impl<T: Transport> WebhookDelivery<T> {
             return Ok(());
         }
         let endpoint = &target.endpoint;
+        let claim = ctx.claim();
         if !endpoint.enabled {
-            let reason = endpoint.disabled_reason.as_deref().unwrap_or("disabled");
-            return Err(Outcome::fail(format!("endpoint {} is disabled: {reason}", endpoint.id)));
+            let reason = format!(
+                "endpoint {} is disabled: {}",
+                endpoint.id,
+                endpoint.disabled_reason.as_deref().unwrap_or("disabled")
+            );
+            webhook::set_dead_reason(pool, claim, endpoint.id, args.event_id, &reason).await?;
+            return Err(Outcome::fail(reason));
         }
         if let Some(key) = &target.ordering_key {
             if let Some(due_in) = webhook::delivery_live_predecessor(pool, endpoint.id, key, args.event_id).await? {
@@ -269,34 +275,55 @@ impl<T: Transport> WebhookDelivery<T> {
             }
             Err(e) => AttemptRecord { status: None, delivered: false, error: Some(e.to_string()) },
         };
-        let recorded = webhook::record_delivery_attempt(pool, endpoint.id, args.event_id, &record).await?;
+        // Fenced by this attempt's claim: a worker that lost its lease records nothing.
+        let recorded = webhook::record_delivery_attempt(pool, claim, endpoint.id, args.event_id, &record).await?;
         tracing::debug!(status = ?record.status, attempts = recorded.attempts, "webhook attempt");
 
         match result {
             Ok(_) if record.delivered => Ok(()),
             Ok(WebhookResponse { status: 410, .. }) => {
-                webhook::disable_endpoint(pool, endpoint.id, "the endpoint answered 410 Gone").await?;
+                let reason = "the endpoint answered 410 Gone";
+                webhook::disable_endpoint_for_delivery(pool, claim, endpoint.id, args.event_id, reason).await?;
                 Err(Outcome::fail("410 Gone: endpoint disabled"))
             }
-            Err(e) if e.is_permanent() => Err(Outcome::fail(e)),
+            Err(e) if e.is_permanent() => {
+                webhook::set_dead_reason(pool, claim, endpoint.id, args.event_id, &e.to_string()).await?;
+                Err(Outcome::fail(e))
+            }
             other => {
                 let error = record.error.unwrap_or_default();
                 if recorded.failing_for >= self.config.disable_after {
                     let reason = format!("failing for {}s without a success", recorded.failing_for.as_secs());
-                    webhook::disable_endpoint(pool, endpoint.id, &reason).await?;
+                    webhook::disable_endpoint_for_delivery(pool, claim, endpoint.id, args.event_id, &reason).await?;
                     return Err(Outcome::fail(format!("{error}; endpoint disabled: {reason}")));
                 }
-                let delay = match &other {
+                if ctx.attempt() >= ctx.max_attempts() {
+                    let reason = format!("out of attempts ({}); last: {error}", ctx.max_attempts());
+                    webhook::set_dead_reason(pool, claim, endpoint.id, args.event_id, &reason).await?;
+                }
+                let retry_after = match &other {
                     Ok(WebhookResponse { status, retry_after: Some(ra), .. }) if honours_retry_after(*status) => {
-                        parse_retry_after(ra, Utc::now()).map(|d| d.min(self.config.max_retry_after))
+                        parse_retry_after(ra, Utc::now())
                     }
                     _ => None,
-                }
-                .unwrap_or_else(|| self.config.schedule.delay(recorded.attempts));
+                };
+                let delay = retry_delay(
+                    self.config.schedule.delay(recorded.attempts),
+                    retry_after,
+                    self.config.max_retry_after,
+                );
                 Err(Outcome::retry_after(error, delay))
             }
         }
     }
+}
+
+/// The wait before the next attempt: the schedule's delay, or the endpoint's `Retry-After` (capped
+/// at `max_retry_after`) when that is longer. A short `Retry-After` never shortens the schedule, so
+/// an endpoint that throttles every answer cannot use up the attempts faster than the schedule's
+/// time span.
+fn retry_delay(scheduled: Duration, retry_after: Option<Duration>, max_retry_after: Duration) -> Duration {
+    retry_after.map_or(scheduled, |ra| scheduled.max(ra.min(max_retry_after)))
 }
 
 #[cfg(test)]
@@ -311,6 +338,16 @@ mod tests {
         assert_eq!(parse_retry_after("Wed, 25 Nov 2026 09:00:00 GMT", now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
         assert!(honours_retry_after(429) && honours_retry_after(503) && !honours_retry_after(500));
+    }
+
+    #[test]
+    fn retry_after_lengthens_the_schedule_and_never_shortens_it() {
+        let s = |n| Duration::from_secs(n);
+        assert_eq!(retry_delay(s(5), Some(s(1)), s(3600)), s(5), "a short Retry-After waits the schedule");
+        assert_eq!(retry_delay(s(5), Some(s(120)), s(3600)), s(120));
+        assert_eq!(retry_delay(s(5), Some(s(7200)), s(3600)), s(3600), "capped");
+        assert_eq!(retry_delay(s(5), Some(s(7200)), s(1)), s(5), "the cap never undercuts the schedule");
+        assert_eq!(retry_delay(s(5), None, s(3600)), s(5));
     }
 
     #[test]

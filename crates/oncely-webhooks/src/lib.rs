@@ -13,7 +13,8 @@
 //!   delivery queue ([`oncely_core::outbox::DEFAULT_DELIVERY_QUEUE`]).
 //! - [`signature`]: sign (`webhook-signature: v1,<base64 HMAC-SHA256 of id.timestamp.body>`) and
 //!   verify, with timestamp tolerance and rotated secrets.
-//! - [`transport`]: the HTTP client behind it, replaceable (plain `http://` out of the box).
+//! - [`transport`]: the HTTP client behind it, replaceable (`http://` and `https://` out of the box,
+//!   TLS by rustls with the web roots and any roots you add).
 //!
 //! What is promised, plainly: every event is delivered to every endpoint subscribed when it was
 //! published, at least once, with the same `webhook-id` on every attempt — so a receiver that
@@ -31,4 +32,4 @@ pub mod transport;
 pub use delivery::{event_body, parse_retry_after, DeliverWebhook, DeliveryConfig, RetrySchedule, WebhookDelivery};
 pub use signature::{sign, signature_header, verify, verify_headers, Verified, VerifyError};
 #[cfg(feature = "delivery")]
-pub use transport::{HttpTransport, Transport, TransportError, WebhookRequest, WebhookResponse};
+pub use transport::{HttpTransport, HttpTransportBuilder, Transport, TransportError, WebhookRequest, WebhookResponse};

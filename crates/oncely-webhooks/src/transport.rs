@@ -1,33 +1,44 @@
 //! How a delivery attempt reaches the endpoint: the [`Transport`] trait, and [`HttpTransport`], a
-//! pooled HTTP/1.1 client.
+//! pooled HTTP/1.1 client for `http://` and `https://` endpoints.
 //!
-//! `HttpTransport` speaks plain `http://` only, to keep TLS libraries out of this crate's build.
-//! For `https://` endpoints, implement [`Transport`] over the client your service already uses
-//! (a dozen lines over reqwest or hyper-rustls) and pass it to
-//! [`WebhookDelivery::with_transport`](crate::WebhookDelivery::with_transport).
+//! TLS is rustls with the `ring` provider (no OpenSSL, no system libraries), trusting the Mozilla
+//! root certificates compiled in from `webpki-roots`, plus any root you add with
+//! [`HttpTransportBuilder::add_root_certificate_pem`] (a private CA, a test certificate). A
+//! certificate that does not chain to those roots, has expired, or does not name the endpoint's
+//! host fails the attempt with the reason (e.g. `invalid peer certificate: UnknownIssuer`), which is
+//! recorded on the delivery; the attempt is retried on the schedule, since certificates get fixed.
 //!
 //! Endpoint URLs come from your users, so by default `HttpTransport` connects to public addresses
 //! only: an endpoint naming a loopback, private, link-local (e.g. a cloud metadata service),
 //! shared, multicast or reserved address, by IP or through a host name that resolves to one, is
 //! refused with [`TransportError::Unusable`] and its delivery goes to the dead letter with the
 //! reason. The check applies to the addresses the connection is made to (a name is resolved once
-//! and only its public addresses are tried), so a name that resolves differently on the next
-//! lookup cannot slip past it. [`HttpTransport::allow_private_networks`] lifts it, for endpoints
-//! inside your own network and for tests. A `Transport` of your own should apply the same rule.
+//! and only its public addresses are tried, for `http://` and `https://` alike: TLS runs over the
+//! connection made to the checked address), so a name that resolves differently on the next lookup
+//! cannot slip past it. [`HttpTransportBuilder::allow_private_networks`] lifts it, for endpoints
+//! inside your own network and for tests. A `Transport` of your own should apply the same rule, and
+//! report it through [`Transport::endpoint_policy`] so endpoints it would refuse are refused when
+//! created.
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+pub use oncely_core::webhook::is_public_address;
+use oncely_core::webhook::EndpointPolicy;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 
 /// How much of a response body is read (the rest is dropped with the connection).
 pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
@@ -73,9 +84,13 @@ pub enum TransportError {
     /// No answer within the attempt's timeout.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
-    /// Connecting, sending or reading failed.
+    /// Connecting, sending or reading failed (including TLS: an untrusted or mismatched
+    /// certificate).
     #[error("request failed: {0}")]
     Failed(String),
+    /// The transport's settings are unusable (e.g. a root certificate that does not parse).
+    #[error("invalid transport settings: {0}")]
+    Config(String),
 }
 
 impl TransportError {
@@ -90,19 +105,47 @@ impl TransportError {
 pub trait Transport: Send + Sync + 'static {
     /// POST `request` and return the answer, or why none came.
     async fn send(&self, request: WebhookRequest) -> Result<WebhookResponse, TransportError>;
+
+    /// The endpoint URLs this transport can send to, for
+    /// [`NewEndpoint::policy`](oncely_core::webhook::NewEndpoint::policy): endpoints it would
+    /// refuse are then refused when created. Defaults to [`EndpointPolicy::default`] (`http` and
+    /// `https`, public addresses only).
+    fn endpoint_policy(&self) -> EndpointPolicy {
+        EndpointPolicy::default()
+    }
 }
 
-/// A pooled HTTP/1.1 client for `http://` endpoints (keep-alive connections are reused), that
-/// connects to public addresses only unless told otherwise (see the [module docs](self)).
+/// A pooled HTTP/1.1 client for `http://` and `https://` endpoints (keep-alive connections are
+/// reused), that connects to public addresses only unless told otherwise (see the
+/// [module docs](self)).
+///
+/// # Example
+///
+/// ```
+/// use oncely_webhooks::HttpTransport;
+/// # fn main() -> Result<(), oncely_webhooks::TransportError> {
+/// // Public endpoints over http:// or https://, trusting the built-in web roots:
+/// let public = HttpTransport::new();
+/// // Your own services too, signed by your own CA:
+/// # let ca_pem = "";
+/// # if !ca_pem.is_empty() {
+/// let internal = HttpTransport::builder().allow_private_networks(true).add_root_certificate_pem(ca_pem.as_bytes())?.build()?;
+/// # }
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct HttpTransport {
-    client: Client<HttpConnector<PublicOnly>, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector<PublicOnly>>, Full<Bytes>>,
     allow_private: bool,
+    extra_roots: usize,
 }
 
 impl std::fmt::Debug for HttpTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpTransport").field("allow_private_networks", &self.allow_private).finish()
+        f.debug_struct("HttpTransport")
+            .field("allow_private_networks", &self.allow_private)
+            .field("extra_roots", &self.extra_roots)
+            .finish_non_exhaustive()
     }
 }
 
@@ -112,75 +155,105 @@ impl Default for HttpTransport {
     }
 }
 
+/// Defaults to 10 s: the connect timeout of [`HttpTransport`] (TCP only; TLS and the exchange count
+/// against the attempt's timeout).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Defaults to 90 s: how long an idle keep-alive connection is kept.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
 impl HttpTransport {
-    /// A client for public addresses, with a 10-second connect timeout and idle connections kept
-    /// for 90 seconds.
+    /// A client for public addresses over `http://` and `https://` (web roots), with a 10-second
+    /// connect timeout and idle connections kept for 90 seconds.
     pub fn new() -> Self {
-        Self::build(false)
+        HttpTransport::builder().build().expect("the default settings are valid")
+    }
+
+    /// Settings beyond the defaults: private networks, extra root certificates.
+    pub fn builder() -> HttpTransportBuilder {
+        HttpTransportBuilder::default()
     }
 
     /// The same client, allowed to connect to any address: loopback, private networks,
     /// link-local. Use it only when every endpoint URL is trusted (your own services, tests).
+    /// Keeps no extra roots; use [`HttpTransport::builder`] for both.
     pub fn allow_private_networks(self) -> Self {
-        Self::build(true)
-    }
-
-    fn build(allow_private: bool) -> Self {
-        let mut connector = HttpConnector::new_with_resolver(PublicOnly { inner: GaiResolver::new(), allow_private });
-        connector.set_connect_timeout(Some(Duration::from_secs(10)));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector);
-        HttpTransport { client, allow_private }
+        HttpTransport::builder().allow_private_networks(true).build().expect("the default settings are valid")
     }
 }
 
-/// Whether an endpoint may be sent to at `ip`: false for loopback, private (RFC 1918, IPv6 unique
-/// local), shared (100.64.0.0/10), link-local (which includes cloud metadata services at
-/// 169.254.169.254), unspecified, broadcast, multicast, documentation, benchmarking and reserved
-/// addresses, and for IPv6 addresses that embed such an IPv4 address.
-pub fn is_public_address(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => is_public_v4(v4),
-        IpAddr::V6(v6) => is_public_v6(v6),
+/// Builds an [`HttpTransport`].
+#[derive(Debug, Clone, Default)]
+pub struct HttpTransportBuilder {
+    allow_private: bool,
+    roots: Vec<CertificateDer<'static>>,
+    without_web_roots: bool,
+}
+
+impl HttpTransportBuilder {
+    /// Connect to any address, not only public ones. Defaults to false.
+    pub fn allow_private_networks(mut self, allow: bool) -> Self {
+        self.allow_private = allow;
+        self
     }
-}
 
-fn is_public_v4(ip: Ipv4Addr) -> bool {
-    let [a, b, c, _] = ip.octets();
-    !(ip.is_unspecified()
-        || ip.is_loopback()
-        || ip.is_private()
-        || ip.is_link_local()
-        || ip.is_broadcast()
-        || ip.is_multicast()
-        || ip.is_documentation()
-        || a == 0 // "this network"
-        || (a == 100 && (64..128).contains(&b)) // shared address space (carrier-grade NAT)
-        || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
-        || (a == 198 && (b == 18 || b == 19)) // benchmarking
-        || a >= 240) // reserved
-}
-
-fn is_public_v6(ip: Ipv6Addr) -> bool {
-    if let Some(v4) = ip.to_ipv4_mapped() {
-        return is_public_v4(v4);
+    /// Also trust this root certificate (DER), beside the built-in web roots.
+    pub fn add_root_certificate_der(mut self, der: impl Into<Vec<u8>>) -> Self {
+        self.roots.push(CertificateDer::from(der.into()));
+        self
     }
-    let s = ip.segments();
-    !(ip.is_unspecified()
-        || ip.is_loopback()
-        || ip.is_multicast()
-        || (s[0] & 0xfe00) == 0xfc00 // unique local
-        || (s[0] & 0xffc0) == 0xfe80 // link-local
-        || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated, still routed inside some networks)
-        || (s[0] == 0x0064 && s[1] == 0xff9b && s[2] == 0x0001) // local-use NAT64 (RFC 8215)
-        || (s[0] == 0x2002 && !is_public_v4(Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8))) // 6to4 of a non-public IPv4
-        || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-        || (s[0] == 0x0064 && s[1] == 0xff9b && !is_public_v4(embedded_v4(s))) // NAT64 of a non-public IPv4
-        || (s[..6] == [0; 6] && !is_public_v4(embedded_v4(s)))) // IPv4-compatible (deprecated)
-}
 
-fn embedded_v4(s: [u16; 8]) -> Ipv4Addr {
-    Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8)
+    /// Also trust every certificate in this PEM text (`-----BEGIN CERTIFICATE-----` blocks).
+    /// [`TransportError::Config`] when it holds none, or one that does not parse.
+    pub fn add_root_certificate_pem(mut self, pem: &[u8]) -> Result<Self, TransportError> {
+        let before = self.roots.len();
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            self.roots.push(cert.map_err(|e| TransportError::Config(format!("root certificate PEM: {e}")))?);
+        }
+        if self.roots.len() == before {
+            return Err(TransportError::Config("no CERTIFICATE block in the root certificate PEM".into()));
+        }
+        Ok(self)
+    }
+
+    /// Trust only the added roots, not the built-in web roots (an endpoint fleet behind a private
+    /// CA). Defaults to trusting both.
+    pub fn without_web_roots(mut self) -> Self {
+        self.without_web_roots = true;
+        self
+    }
+
+    /// The transport; [`TransportError::Config`] when an added root is not a usable certificate.
+    pub fn build(self) -> Result<HttpTransport, TransportError> {
+        let mut roots = rustls::RootCertStore::empty();
+        if !self.without_web_roots {
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        }
+        for cert in &self.roots {
+            roots.add(cert.clone()).map_err(|e| TransportError::Config(format!("root certificate: {e}")))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TransportError::Config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new_with_resolver(PublicOnly {
+            inner: GaiResolver::new(),
+            allow_private: self.allow_private,
+        });
+        http.set_connect_timeout(Some(DEFAULT_CONNECT_TIMEOUT));
+        http.set_nodelay(true);
+        // https:// URLs are handed to the TLS layer over this connector's (checked) connection.
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client =
+            Client::builder(TokioExecutor::new()).pool_idle_timeout(DEFAULT_POOL_IDLE_TIMEOUT).build(connector);
+        Ok(HttpTransport { client, allow_private: self.allow_private, extra_roots: self.roots.len() })
+    }
 }
 
 /// The error of a host name that resolves to no public address.
@@ -229,10 +302,8 @@ impl Transport for HttpTransport {
     async fn send(&self, request: WebhookRequest) -> Result<WebhookResponse, TransportError> {
         let unusable = |reason: String| TransportError::Unusable { url: request.url.clone(), reason };
         let uri: http::Uri = request.url.parse().map_err(|e| unusable(format!("invalid URL: {e}")))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(unusable(
-                "HttpTransport sends plain http:// only; give WebhookDelivery a TLS-capable Transport".into(),
-            ));
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(unusable("HttpTransport sends http:// and https:// only".into()));
         }
         if !self.allow_private {
             // An IP literal is connected to without a lookup, so it is checked here.
@@ -268,6 +339,10 @@ impl Transport for HttpTransport {
             Ok(WebhookResponse { status, retry_after, body_excerpt: excerpt })
         };
         tokio::time::timeout(request.timeout, exchange).await.map_err(|_| TransportError::Timeout(request.timeout))?
+    }
+
+    fn endpoint_policy(&self) -> EndpointPolicy {
+        EndpointPolicy::default().allow_private_networks(self.allow_private)
     }
 }
 
