@@ -45,9 +45,11 @@ pub use oncely_worker::{
 /// The README's code blocks, compiled as doctests so the quick start stays true.
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
+#[derive(Debug)]
 pub struct ReadmeDoctests;
 
 /// The events guide's code blocks, compiled as doctests.
 #[doc = include_str!("../docs/webhooks.md")]
 #[cfg(doctest)]
+#[derive(Debug)]
 pub struct WebhooksGuideDoctests;

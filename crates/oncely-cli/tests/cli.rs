@@ -221,9 +221,9 @@ async fn rotates_secrets_changes_endpoints_and_redelivers_dead_deliveries_in_bul
     assert_eq!(ep.previous_secret.as_ref(), Some(&given));
     assert!(r.out.contains(ep.secret.as_str()) && r.out.contains("keeps signing until"), "{}", r.out);
     let r = oncely(url, &["webhooks", "endpoints"]);
-    let line = r.out.lines().find(|l| l.starts_with('1')).unwrap_or_else(|| panic!("{}", r.out));
+    let line = r.out.lines().find(|l| l.trim_start().starts_with("1 ")).unwrap_or_else(|| panic!("{}", r.out));
     assert!(line.contains("until "), "{line}");
-    let line = r.out.lines().find(|l| l.starts_with('2')).unwrap_or_else(|| panic!("{}", r.out));
+    let line = r.out.lines().find(|l| l.trim_start().starts_with("2 ")).unwrap_or_else(|| panic!("{}", r.out));
     assert!(!line.contains("until "), "{line}");
     let r = oncely(url, &["webhooks", "rotate-secret", "1", "--overlap", "0s"]);
     assert!(r.ok && r.out.contains("no longer signs"), "{} {}", r.out, r.err);

@@ -110,6 +110,17 @@ pub struct Step<'a> {
     lease: Duration,
 }
 
+impl std::fmt::Debug for Step<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Step")
+            .field("name", &self.name)
+            .field("key", &self.key)
+            .field("ttl", &self.ttl)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<'a> Step<'a> {
     /// Use a business key instead of `job:{job_id}:{name}`: every job using the key shares one
     /// record, so the effect happens once across them (two jobs for one report count once).

@@ -259,6 +259,12 @@ pub struct MemoryStore {
     capacity: usize,
 }
 
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore").field("capacity", &self.capacity).finish_non_exhaustive()
+    }
+}
+
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::with_capacity(DEFAULT_MEMORY_CAPACITY)

@@ -57,6 +57,15 @@ pub struct CrashHarness {
     deadline: Duration,
 }
 
+impl std::fmt::Debug for CrashHarness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrashHarness")
+            .field("queue", &self.queue)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One interrupted run.
 #[derive(Debug, Clone)]
 pub struct CrashRun {

@@ -156,6 +156,15 @@ pub struct WebhookDelivery<T = HttpTransport> {
     transport: Arc<T>,
 }
 
+impl<T> std::fmt::Debug for WebhookDelivery<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookDelivery")
+            .field("config", &self.config)
+            .field("transport", &std::any::type_name::<T>())
+            .finish()
+    }
+}
+
 impl WebhookDelivery<HttpTransport> {
     /// Deliver over HTTP and HTTPS with [`HttpTransport::new`] (public addresses, web roots).
     pub fn new(config: DeliveryConfig) -> Self {

@@ -376,6 +376,12 @@ pub struct FnHandler<A, F> {
     _args: PhantomData<fn() -> A>,
 }
 
+impl<A, F> fmt::Debug for FnHandler<A, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FnHandler").field("args", &std::any::type_name::<A>()).finish_non_exhaustive()
+    }
+}
+
 /// Make a [`Handler`] from an async closure.
 ///
 /// ```

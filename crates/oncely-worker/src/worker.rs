@@ -54,6 +54,23 @@ pub struct WorkerBuilder {
     worker_id: Option<String>,
 }
 
+impl std::fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("config", &self.config)
+            .field("kinds", &sorted_kinds(&self.handlers))
+            .field("worker_id", &self.worker_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The registered kinds, sorted (for `Debug`).
+fn sorted_kinds(handlers: &HashMap<String, Arc<dyn ErasedHandler>>) -> Vec<&str> {
+    let mut kinds: Vec<&str> = handlers.keys().map(String::as_str).collect();
+    kinds.sort_unstable();
+    kinds
+}
+
 impl WorkerBuilder {
     /// Register the handler for jobs of kind `A::KIND`.
     pub fn register<A: JobArgs, H: Handler<A>>(mut self, handler: H) -> Self {
@@ -166,6 +183,15 @@ pub struct Worker {
     config: WorkerConfig,
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
     step_hook: Option<BoundaryHook>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("config", &self.config)
+            .field("kinds", &sorted_kinds(&self.handlers))
+            .finish_non_exhaustive()
+    }
 }
 
 /// Counters of what a worker did since it started.
@@ -375,6 +401,15 @@ pub struct WorkerHandle {
     inner: Arc<tokio::sync::Mutex<Option<Running>>>,
     stats: Arc<WorkerStats>,
     worker_id: String,
+}
+
+impl std::fmt::Debug for WorkerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerHandle")
+            .field("worker_id", &self.worker_id)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
 }
 
 impl WorkerHandle {
