@@ -25,16 +25,17 @@ const JOBS: i64 = 20_000;
 /// Claims per batched statement in the plans (the completer's batches reach a thousand).
 const BATCH: i64 = 1000;
 
-/// A set of statistics: what the tables hold when `ANALYZE` runs, and what changes after.
+/// A set of statistics: what the tables hold when `ANALYZE` runs, and what changes after. Every
+/// set is analyzed before the plans are read.
 #[derive(Debug, Clone, Copy)]
 enum Stats {
     /// `ANALYZE` on empty tables, then the data arrives (a fresh install under load).
-    AnalyzedEmpty,
+    Empty,
     /// 20k available jobs and a few running, analyzed; then 2,500 start running (the drain
     /// begins, as after `VACUUM ANALYZE` in the user's benchmark).
-    AnalyzedFullThenDraining,
+    FullThenDraining,
     /// Analyzed mid-drain: most jobs running.
-    AnalyzedMidDrain,
+    MidDrain,
 }
 
 /// Fill the tables: `running` jobs running, 2,000 completed, the rest of [`JOBS`] available; ledger
@@ -107,11 +108,11 @@ async fn set_up(conn: &mut PgConnection, stats: Stats) {
     .await
     .unwrap();
     match stats {
-        Stats::AnalyzedEmpty => {
+        Stats::Empty => {
             analyze(conn).await;
             fill(conn, 2500).await;
         }
-        Stats::AnalyzedFullThenDraining => {
+        Stats::FullThenDraining => {
             fill(conn, 50).await;
             analyze(conn).await;
             sqlx::query(
@@ -123,7 +124,7 @@ async fn set_up(conn: &mut PgConnection, stats: Stats) {
             .await
             .unwrap();
         }
-        Stats::AnalyzedMidDrain => {
+        Stats::MidDrain => {
             fill(conn, 12_000).await;
             analyze(conn).await;
         }
@@ -271,7 +272,7 @@ async fn hot_statements_use_the_primary_key_or_their_index_whatever_the_statisti
     let mut conn = PgConnection::connect(db.url()).await.unwrap();
     let mut failures = Vec::new();
     let mut checked = 0;
-    for stats in [Stats::AnalyzedEmpty, Stats::AnalyzedFullThenDraining, Stats::AnalyzedMidDrain] {
+    for stats in [Stats::Empty, Stats::FullThenDraining, Stats::MidDrain] {
         set_up(&mut conn, stats).await;
         let running: Vec<i64> = sqlx::query_scalar("SELECT id FROM oncely.jobs WHERE state = 'running' ORDER BY id")
             .fetch_all(&mut conn)

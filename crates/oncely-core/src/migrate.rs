@@ -114,7 +114,7 @@ pub async fn migrate(pool: &sqlx::PgPool) -> crate::Result<()> {
 #[tracing::instrument(skip_all, err)]
 pub async fn migrate_report(pool: &sqlx::PgPool) -> crate::Result<MigrateReport> {
     let mut conn = pool.acquire().await?;
-    migrate_conn(&mut *conn).await
+    migrate_conn(&mut conn).await
 }
 
 /// [`migrate_report`] on one connection (it must not be inside a transaction).
@@ -137,7 +137,10 @@ pub async fn migrate_conn(conn: &mut PgConnection) -> crate::Result<MigrateRepor
     Ok(report)
 }
 
-fn recorded_versions(conn: &mut PgConnection) -> BoxFuture<'_, sqlx::Result<Vec<(i64, Vec<u8>)>>> {
+/// A recorded migration: its version and checksum.
+type Recorded = (i64, Vec<u8>);
+
+fn recorded_versions(conn: &mut PgConnection) -> BoxFuture<'_, sqlx::Result<Vec<Recorded>>> {
     Box::pin(sqlx::query_as("SELECT version, checksum FROM oncely._migrations ORDER BY version").fetch_all(conn))
 }
 
