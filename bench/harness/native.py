@@ -9,7 +9,7 @@ and registers two native adapters: `oncely` (bench/harness/oncely-bench) and `aw
 Usage: python native.py <harness checkout> run <bench.py run arguments...>
 Env:   PGJQB_PORT (required), PGJQB_ROOT (cluster dir, default /tmp/pjqb-pg),
        PGJQB_PGBIN (default /usr/lib/postgresql/15/bin), PGJQB_RESULTS (results root),
-       CARGO_TARGET_DIR (where the adapters were built).
+       CARGO_TARGET_DIR (where oncely-bench was built; awa-bench in its `awa` subdirectory).
 PostgreSQL's own commands run as user `postgres` when this runs as root.
 """
 
@@ -146,8 +146,8 @@ if os.environ.get("PGJQB_RESULTS"):
     orchestrator.RESULTS_ROOT = Path(os.environ["PGJQB_RESULTS"])
 
 
-def _prebuilt(name: str):
-    binary = TARGET / "release" / name
+def _prebuilt(target: Path, name: str):
+    binary = target / "release" / name
 
     def build(skip: bool) -> None:
         # Built beforehand by run.sh (release, niced); here we only check it is there.
@@ -160,13 +160,69 @@ def _prebuilt(name: str):
     return build, launch
 
 
-for system, bench_dir, binary in (
-    ("oncely", HERE / "oncely-bench", "oncely-bench"),
-    ("awa", HERE / "awa-bench", "awa-bench"),
+for system, bench_dir, target, binary in (
+    ("oncely", HERE / "oncely-bench", TARGET, "oncely-bench"),
+    # awa-bench builds in a nested target dir so both builds can run at once (separate locks).
+    ("awa", HERE / "awa-bench", TARGET / "awa", "awa-bench"),
 ):
-    build, launch = _prebuilt(binary)
+    build, launch = _prebuilt(target, binary)
     adapters.ADAPTERS[system] = adapters.AdapterEntry(bench_dir=bench_dir, builder=build, launcher=launch)
 orchestrator.ADAPTERS = adapters.ADAPTERS
+
+# After each system's phases (its adapter stopped, its cluster not yet dropped), count the jobs
+# left in the database by state, so "lost" can be told apart from "still queued".
+FINAL_STATE_SQL = {
+    "oncely": "SELECT state, count(*)::bigint FROM oncely.jobs GROUP BY state ORDER BY state",
+    # Same shape as awa-bench's count_by_state (queue_storage tables of schema awa).
+    "awa": """
+        SELECT state, sum(n)::bigint FROM (
+            SELECT 'available' AS state, count(*) AS n FROM awa.ready_entries
+            UNION ALL SELECT state::text, count(*) FROM awa.leases GROUP BY state
+            UNION ALL SELECT 'running', count(*) FROM awa.lease_claims c
+              WHERE c.materialized_at IS NULL
+                AND NOT EXISTS (SELECT 1 FROM awa.lease_claim_closures x
+                                WHERE x.job_id = c.job_id AND x.run_lease = c.run_lease)
+                AND NOT EXISTS (SELECT 1 FROM awa.leases l
+                                WHERE l.job_id = c.job_id AND l.run_lease = c.run_lease)
+            UNION ALL SELECT state::text, count(*) FROM awa.deferred_jobs GROUP BY state
+            UNION ALL SELECT state::text, count(*) FROM awa.done_entries GROUP BY state
+            UNION ALL SELECT 'dlq', count(*) FROM awa.dlq_entries
+        ) t GROUP BY state ORDER BY state""",
+}
+_RUN_DIR: list[Path] = []
+_orig_new_run_dir = orchestrator._new_run_dir
+_orig_run_one_system = orchestrator.run_one_system
+
+
+def _new_run_dir(scenario):
+    d = _orig_new_run_dir(scenario)
+    _RUN_DIR.append(d)
+    return d
+
+
+def _run_one_system(system, **kw):
+    desc = _orig_run_one_system(system, **kw)
+    out: dict = {"system": system}
+    try:
+        manifest = adapters.AdapterManifest.load(adapters.ADAPTERS[system].bench_dir)
+        with psycopg.connect(adapters.pg_url(manifest.db_name), autocommit=True) as conn:
+            rows = conn.execute(FINAL_STATE_SQL[system]).fetchall()
+        out["jobs_by_state"] = {str(k): int(v) for k, v in rows}
+    except Exception as exc:  # report, never fail the run over it
+        out["error"] = str(exc)
+    _log(f"final job states: {out}")
+    if _RUN_DIR:
+        import json
+
+        path = _RUN_DIR[-1] / "final_state.json"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[system] = out
+        path.write_text(json.dumps(data, indent=2))
+    return desc
+
+
+orchestrator._new_run_dir = _new_run_dir
+orchestrator.run_one_system = _run_one_system
 
 if __name__ == "__main__":
     raise SystemExit(orchestrator.main(sys.argv[2:]))

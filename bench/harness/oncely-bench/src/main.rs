@@ -364,7 +364,7 @@ async fn main() {
         "event_tables": ["oncely.jobs"],
         "event_indexes": ["oncely.jobs_fetch_idx", "oncely.jobs_lease_idx", "oncely.jobs_finished_idx"],
         "extensions": [],
-        "version": option_env!("ONCELY_BENCH_REVISION").unwrap_or(env!("CARGO_PKG_VERSION")),
+        "version": concat!("oncely-bench ", env!("CARGO_PKG_VERSION"), " (oncely crates by path)"),
         "schema_version": schema_version.map(|v| v.to_string()).unwrap_or_default(),
         "db_name": db_name,
         "started_at": now_iso_ms(),
