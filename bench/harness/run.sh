@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the oncely-vs-awa run of the postgresql-job-queue-benchmarking harness, natively
 # (no Docker): a throwaway PostgreSQL 15 cluster configured with the harness's postgres.conf,
-# both adapters built in release mode, the scenarios shortened to fit in about 40 minutes.
+# both adapters built in release mode, the scenarios shortened to 55-125 s of measured phases each.
 #
 #   bench/harness/run.sh                      # everything: extract, venv, build, all scenarios
 #   bench/harness/run.sh clean chaos_pg_backend_kill   # only these scenarios
@@ -10,6 +10,7 @@
 #      HARNESS_REV    commit (default 93677cab92dad89ee9eccb0d6e113893de43cbe6)
 #      PGJQB_PORT     cluster port (default: random free port in 20000-39999)
 #      RATE, WORKERS  offered load (jobs/s) and worker concurrency (default 800 / 32)
+#      SYSTEMS        comma-separated adapters (default oncely,awa)
 #      OUT            where raw run directories go (default /tmp/pjqb-results)
 #      SKIP_BUILD=1   reuse the binaries in $CARGO_TARGET_DIR
 set -euo pipefail
@@ -23,6 +24,7 @@ VENV="${VENV:-/tmp/pjqb-venv}"
 OUT="${OUT:-/tmp/pjqb-results}"
 RATE="${RATE:-800}"
 WORKERS="${WORKERS:-32}"
+SYSTEMS="${SYSTEMS:-oncely,awa}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target-harness}"
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 
@@ -50,14 +52,14 @@ fi
 
 # 4. Scenarios: the harness's named phase sequences with shorter phases (see RESULTS.md).
 declare -A PHASES=(
-  [clean]="warmup=warmup:15s clean_1=clean:60s"
-  [idle_in_tx_saturation]="warmup=warmup:15s clean_1=clean:30s idle_1=idle-in-tx:60s recovery_1=recovery:30s"
-  [active_readers]="warmup=warmup:15s clean_1=clean:30s readers_1=active-readers:60s recovery_1=clean:30s"
-  [sustained_high_load]="warmup=warmup:15s clean_1=clean:30s pressure_1=high-load:60s recovery_1=clean:30s"
-  [chaos_crash_recovery]="warmup=warmup:15s baseline=clean:30s kill=kill-worker(instance=0):30s restart=start-worker(instance=0):30s recovery=clean:30s"
-  [chaos_pg_backend_kill]="warmup=warmup:15s baseline=clean:30s kills=pg-backend-kill(rate=2):45s recovery=clean:30s"
-  [chaos_pool_exhaustion]="warmup=warmup:15s baseline=clean:30s exhaustion=pool-exhaustion(idle_conns=300):45s recovery=clean:30s"
-  [chaos_postgres_restart]="warmup=warmup:15s baseline=clean:30s restart=postgres-restart:40s recovery=clean:30s"
+  [clean]="warmup=warmup:10s clean_1=clean:45s"
+  [idle_in_tx_saturation]="warmup=warmup:10s clean_1=clean:20s idle_1=idle-in-tx:45s recovery_1=recovery:30s"
+  [active_readers]="warmup=warmup:10s clean_1=clean:20s readers_1=active-readers:45s recovery_1=clean:30s"
+  [sustained_high_load]="warmup=warmup:10s clean_1=clean:20s pressure_1=high-load:45s recovery_1=clean:30s"
+  [chaos_crash_recovery]="warmup=warmup:10s baseline=clean:20s kill=kill-worker(instance=0):20s restart=start-worker(instance=0):30s recovery=clean:30s"
+  [chaos_pg_backend_kill]="warmup=warmup:10s baseline=clean:20s kills=pg-backend-kill(rate=2):30s recovery=clean:30s"
+  [chaos_pool_exhaustion]="warmup=warmup:10s baseline=clean:20s exhaustion=pool-exhaustion(idle_conns=300):30s recovery=clean:30s"
+  [chaos_postgres_restart]="warmup=warmup:10s baseline=clean:20s restart=postgres-restart:30s recovery=clean:30s"
 )
 ORDER=(clean idle_in_tx_saturation active_readers sustained_high_load chaos_crash_recovery
        chaos_pg_backend_kill chaos_pool_exhaustion chaos_postgres_restart)
@@ -80,11 +82,11 @@ for scenario in "${ORDER[@]}"; do
   echo "=== $scenario on port $PGJQB_PORT: ${PHASES[$scenario]}" >&2
   # The exact command of each scenario:
   "$VENV/bin/python" "$HERE/native.py" "$HARNESS_DIR" run \
-    --systems oncely,awa --skip-build --producer-rate "$RATE" --worker-count "$WORKERS" \
+    --systems "$SYSTEMS" --skip-build --producer-rate "$RATE" --worker-count "$WORKERS" \
     --sample-every 5 "${args[@]}" 2>&1 | tee "$OUT/$scenario.log" | grep -E '^\[(native|harness|oncely|awa)\]|phase |Error|error' >&2 || true
   run_dir=$(grep -o 'run_id = [^ ]*' "$OUT/$scenario.log" | tail -1 | cut -d' ' -f3)
   echo "$scenario ${run_dir:-FAILED}" >&2
-  if [ -n "$run_dir" ]; then echo "$scenario $run_dir" >> "$OUT/index.txt"; fi
+  if [ -n "$run_dir" ]; then echo "$scenario $SYSTEMS $run_dir" >> "$OUT/index.txt"; fi
 done
 
 "$VENV/bin/python" "$HERE/summarize.py" "$OUT" "$HERE/results"

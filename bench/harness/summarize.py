@@ -2,8 +2,8 @@
 
 Usage: python summarize.py <OUT dir of run.sh> <results dir>
 
-Reads <OUT>/index.txt ("<scenario> <run dir>" lines). For every run it copies summary.json,
-manifest.json, final_state.json and a gzipped raw.csv (when small) into <results>/<scenario>/,
+Reads <OUT>/index.txt ("<scenario> <systems> <run dir>" lines). For every run it copies summary.json,
+manifest.json, final_state.json and a gzipped raw.csv (when small) into <results>/<scenario>__<systems>/,
 then writes <results>/phases.csv (one row per scenario x system x phase) and <results>/table.md
 (one row per scenario x system: the stress phase and what followed it).
 """
@@ -56,12 +56,12 @@ def main() -> None:
     runs = []
     for line in (OUT / "index.txt").read_text().splitlines():
         if line.strip():
-            scenario, run_dir = line.split(None, 1)
-            runs.append((scenario, OUT / run_dir.strip()))
+            scenario, systems, run_dir = line.split()
+            runs.append((scenario, systems.replace(",", "+"), OUT / run_dir))
     rows = []
     table = []
-    for scenario, run_dir in runs:
-        dest = RES / scenario
+    for scenario, systems, run_dir in runs:
+        dest = RES / f"{scenario}__{systems}"
         dest.mkdir(parents=True, exist_ok=True)
         for name in ("summary.json", "manifest.json", "final_state.json"):
             if (run_dir / name).exists():
