@@ -173,7 +173,9 @@ orchestrator.ADAPTERS = adapters.ADAPTERS
 # left in the database by state, so "lost" can be told apart from "still queued".
 FINAL_STATE_SQL = {
     "oncely": "SELECT state, count(*)::bigint FROM oncely.jobs GROUP BY state ORDER BY state",
-    # Same shape as awa-bench's count_by_state (queue_storage tables of schema awa).
+    # Same shape as awa-bench's count_by_state (queue_storage tables of schema awa). NOT a job-state
+    # count on awa 0.6.9: there ready_entries keeps claimed rows (a lane cursor marks them claimed)
+    # and completions live in receipt batches, so its numbers are not reported (summarize.py).
     "awa": """
         SELECT state, sum(n)::bigint FROM (
             SELECT 'available' AS state, count(*) AS n FROM awa.ready_entries

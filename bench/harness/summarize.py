@@ -101,7 +101,8 @@ def main() -> None:
             kp = phases.get(key or "", {})
             ap = phases.get(after or "", {})
             bp = phases.get(BASELINE.get(scenario, "baseline"), {})
-            states = (final.get(system) or {}).get("jobs_by_state")
+            # Only oncely's count is a job-state count; see native.py on awa's.
+            states = (final.get(system) or {}).get("jobs_by_state") if system == "oncely" else None
             table.append([
                 scenario, system,
                 fmt(bp.get("median_throughput_per_s")),
