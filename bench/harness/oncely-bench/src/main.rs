@@ -71,11 +71,7 @@ struct RollingHdr {
 
 impl RollingHdr {
     fn new(window: Duration) -> Self {
-        RollingHdr {
-            window_s: window.as_secs().max(1),
-            buckets: VecDeque::new(),
-            merged: Self::histogram(),
-        }
+        RollingHdr { window_s: window.as_secs().max(1), buckets: VecDeque::new(), merged: Self::histogram() }
     }
 
     fn histogram() -> Histogram<u64> {
@@ -353,11 +349,8 @@ async fn main() {
     }
 
     let db_name = url.rsplit('/').next().unwrap_or("oncely_bench").split('?').next().unwrap_or("").to_string();
-    let schema_version: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations")
-        .fetch_one(&pool)
-        .await
-        .ok()
-        .flatten();
+    let schema_version: Option<i64> =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations").fetch_one(&pool).await.ok().flatten();
     emit(json!({
         "kind": "descriptor",
         "system": SYSTEM,
