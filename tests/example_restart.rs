@@ -104,7 +104,9 @@ impl Drop for Cluster {
 async fn example_restart_child() {
     let Ok(url) = std::env::var("ONCELY_EXAMPLE_RESTART_URL") else { return };
     init_tracing();
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(10).connect_lazy(&url).unwrap();
+    // Room for the poll while every worker waits on a lock (8 handlers, the fetcher, completer,
+    // heartbeat and maintenance hold connections then).
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(24).connect_lazy(&url).unwrap();
     let failures = pipeline::Failures { fail_after_increment: true, crash_probability: 0.0 };
     pipeline::work_until_done(&pool, failures, Arc::new(pipeline::Calls::default()), fast)
         .await
