@@ -144,6 +144,6 @@ async fn a_twenty_second_outage_burns_no_attempt_and_dead_letters_nothing() {
     assert!(interrupted > 0, "the outage cut some jobs short");
     for (id, attempt, snoozes, max_attempts, errors) in &rows {
         assert_eq!(attempt - snoozes, 1, "job {id}: the outage counted an attempt: {errors}");
-        assert_eq!(max_attempts - snoozes, 3, "job {id}");
+        assert_eq!(*max_attempts, 3, "job {id}: the budget is not raised by claims given back");
     }
 }

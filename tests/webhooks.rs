@@ -354,6 +354,53 @@ async fn ordered_delivery_keeps_order_per_key_under_failures() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn waiting_for_a_predecessor_does_not_use_or_raise_the_attempt_budget() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    // The head of the key fails its first four tries, so the events queued behind it wait (snooze)
+    // again and again. Each event is allowed 5 attempts: waiting must cost none of them.
+    let head_failures = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(4));
+    let f = head_failures.clone();
+    let rx = Receiver::start(move |_| {
+        if f.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+            Reply::Status(500)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    create_endpoint(pool, &local_endpoint(rx.url("ordered"), ["*"]).ordered(true)).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let e = Event::new("t", &i).unwrap().ordering_key("customer:1").max_attempts(5);
+        ids.push(publish(pool, &e).await.unwrap().message_id);
+    }
+    let config = DeliveryConfig {
+        schedule: RetrySchedule { delays: vec![Duration::from_millis(150)], jitter: 0.0 },
+        ordered_wait: Duration::from_millis(20),
+        ..fast_delivery()
+    };
+    let h = delivery_worker(db.new_pool(6).await, config);
+    wait_delivered(pool, 10).await;
+    h.shutdown().await;
+
+    let effects: Vec<String> = rx.effects().into_iter().map(|(_, id)| id).collect();
+    assert_eq!(effects, ids, "in order, each once");
+    let deliveries = list_deliveries(pool, &DeliveryFilter::default()).await.unwrap();
+    let mut waits = 0;
+    for d in &deliveries {
+        let job = oncely::get_job(pool, d.job_id).await.unwrap();
+        assert_eq!(job.max_attempts, 5, "waiting never raises the budget: {job:?}");
+        assert_eq!(job.counted_attempts(), d.attempts, "only requests sent count as attempts: {job:?}");
+        assert!(job.counted_attempts() <= 5);
+        waits += job.snoozes;
+    }
+    assert!(waits > 0, "the events behind the head waited");
+    assert_eq!(deliveries.iter().map(|d| d.attempts).sum::<i32>(), 10 + 4, "ten successes and four failures");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_endpoint_failing_past_the_limit_is_disabled_and_its_deliveries_can_be_redelivered() {
     init_tracing();
     let db = TestDb::new().await;

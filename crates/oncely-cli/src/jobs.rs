@@ -45,7 +45,7 @@ pub(crate) async fn list(pool: &PgPool, filter: &JobFilter) -> Result<(), Fail> 
                 j.kind.clone(),
                 j.queue.clone(),
                 j.state.to_string(),
-                format!("{}/{}", j.attempt, j.max_attempts),
+                format!("{}/{}", j.counted_attempts(), j.max_attempts),
                 j.run_at.format("%Y-%m-%d %H:%M:%S").to_string(),
                 j.errors.last().map(|e| first_line(&e.message).to_owned()).unwrap_or_default(),
             ]
@@ -53,7 +53,7 @@ pub(crate) async fn list(pool: &PgPool, filter: &JobFilter) -> Result<(), Fail> 
         .collect();
     print!(
         "{}",
-        table::render(&["id", "kind", "queue", "state", "attempt", "run_at (UTC)", "last error"], &rows, &[0, 4])
+        table::render(&["id", "kind", "queue", "state", "attempts", "run_at (UTC)", "last error"], &rows, &[0, 4])
     );
     println!("({} jobs)", jobs.len());
     Ok(())
@@ -67,7 +67,13 @@ pub(crate) async fn show(pool: &PgPool, id: i64) -> Result<(), Fail> {
     println!("queue:            {}", j.queue);
     println!("state:            {}", j.state);
     println!("priority:         {}", j.priority);
-    println!("attempt:          {} of {} ({} snoozed or released)", j.attempt, j.max_attempts, j.snoozes);
+    println!(
+        "attempts:         {} of {} counted ({} claims, {} given back: snoozed, released or a lone lease expiry)",
+        j.counted_attempts(),
+        j.max_attempts,
+        j.attempt,
+        j.snoozes
+    );
     println!("run_at:           {}", j.run_at);
     println!("created_at:       {}", j.created_at);
     println!("attempted_at:     {}", opt(j.attempted_at));

@@ -379,11 +379,13 @@ pub struct Job {
     pub priority: i16,
     /// Its state.
     pub state: JobState,
-    /// Claims so far (the fencing token of the current claim while running).
+    /// Claims so far (the fencing token of the current claim while running). Claims given back
+    /// (snoozes, releases) are included; [`Job::counted_attempts`] leaves them out.
     pub attempt: i32,
-    /// Attempts allowed (raised by one for every snooze or release).
+    /// Attempts allowed: claims that count (`attempt - snoozes`) up to this many.
     pub max_attempts: i32,
-    /// Claims that ended in a snooze or release.
+    /// Claims that ended in a snooze, a release or a lone lease expiry: given back, they do not
+    /// count against `max_attempts`.
     pub snoozes: i32,
     /// Not claimed before this time.
     pub run_at: DateTime<Utc>,
@@ -404,6 +406,11 @@ pub struct Job {
 }
 
 impl Job {
+    /// Attempts that counted against `max_attempts`: claims less those given back (`snoozes`).
+    pub fn counted_attempts(&self) -> i32 {
+        self.attempt - self.snoozes
+    }
+
     /// Deserialize the arguments into `A`.
     pub fn args<A: JobArgs>(&self) -> Result<A> {
         serde_json::from_value(self.args.clone())

@@ -162,7 +162,8 @@ RETURNING id, attempt
 "#;
 
 /// Record a failed attempt: back to `available` after `$4` seconds when `$3` (retryable) and
-/// attempts remain, else `dead`. Returns the new state.
+/// attempts remain, else `dead`. Returns the new state. Claims given back (snoozes, releases, lone
+/// lease expiries: `snoozes`) do not count against `max_attempts`.
 pub(crate) const JOB_SET_FAILED_IF_RUNNING: &str = r#"
 WITH locked AS MATERIALIZED (
     SELECT id, attempt, state FROM oncely.jobs WHERE id = $1 FOR UPDATE
@@ -170,9 +171,9 @@ WITH locked AS MATERIALIZED (
     SELECT id FROM locked WHERE attempt = $2 AND state = 'running'
 )
 UPDATE oncely.jobs
-SET state = CASE WHEN $3 AND attempt < max_attempts THEN 'available' ELSE 'dead' END,
-    run_at = CASE WHEN $3 AND attempt < max_attempts THEN now() + make_interval(secs => $4) ELSE run_at END,
-    finished_at = CASE WHEN $3 AND attempt < max_attempts THEN NULL ELSE now() END,
+SET state = CASE WHEN $3 AND attempt - snoozes < max_attempts THEN 'available' ELSE 'dead' END,
+    run_at = CASE WHEN $3 AND attempt - snoozes < max_attempts THEN now() + make_interval(secs => $4) ELSE run_at END,
+    finished_at = CASE WHEN $3 AND attempt - snoozes < max_attempts THEN NULL ELSE now() END,
     lease_expires_at = NULL,
     errors = errors || jsonb_build_array(jsonb_build_object(
         'attempt', attempt, 'at', now(), 'kind', $5::text, 'message', $6::text))
@@ -190,7 +191,7 @@ WITH locked AS MATERIALIZED (
 )
 UPDATE oncely.jobs
 SET state = 'available', run_at = now() + make_interval(secs => $3),
-    snoozes = snoozes + 1, max_attempts = max_attempts + 1, lease_expires_at = NULL,
+    snoozes = snoozes + 1, lease_expires_at = NULL,
     errors = CASE WHEN $4::text IS NULL THEN errors
                   ELSE errors || jsonb_build_array(jsonb_build_object(
                       'attempt', attempt, 'at', now(), 'kind', $4::text, 'message', $5::text)) END
@@ -225,14 +226,14 @@ RETURNING id
 pub(crate) const JOB_RETRY_FINISHED: &str = r#"
 UPDATE oncely.jobs
 SET state = 'available', run_at = now(), finished_at = NULL,
-    max_attempts = greatest(max_attempts, attempt + 1)
+    max_attempts = greatest(max_attempts, attempt - snoozes + 1)
 WHERE id = $1 AND state IN ('dead', 'cancelled')
 RETURNING queue
 "#;
 
 /// Rescue up to `$1` running jobs whose lease expired: available again now, or dead when out of
-/// attempts. A lone expiry is given back (not counted, like a snooze: `snoozes` and `max_attempts`
-/// go up by one); one that follows another expiry (the history's last entry) counts.
+/// attempts. A lone expiry is given back (not counted, like a snooze: `snoozes` goes up by one); one
+/// that follows another expiry (the history's last entry) counts.
 pub(crate) const JOB_RESCUE_EXPIRED: &str = r#"
 WITH expired AS MATERIALIZED (
     SELECT id, coalesce(errors -> -1 ->> 'kind' = 'lease_expired', false) AS again
@@ -243,11 +244,10 @@ WITH expired AS MATERIALIZED (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE oncely.jobs AS j
-SET state = CASE WHEN NOT expired.again OR j.attempt < j.max_attempts THEN 'available' ELSE 'dead' END,
+SET state = CASE WHEN NOT expired.again OR j.attempt - j.snoozes < j.max_attempts THEN 'available' ELSE 'dead' END,
     run_at = now(),
-    finished_at = CASE WHEN NOT expired.again OR j.attempt < j.max_attempts THEN NULL ELSE now() END,
+    finished_at = CASE WHEN NOT expired.again OR j.attempt - j.snoozes < j.max_attempts THEN NULL ELSE now() END,
     snoozes = j.snoozes + CASE WHEN expired.again THEN 0 ELSE 1 END,
-    max_attempts = j.max_attempts + CASE WHEN expired.again THEN 0 ELSE 1 END,
     lease_expires_at = NULL,
     errors = j.errors || jsonb_build_array(jsonb_build_object(
         'attempt', j.attempt, 'at', now(), 'kind', 'lease_expired',

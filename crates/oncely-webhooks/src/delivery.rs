@@ -306,7 +306,7 @@ impl<T: Transport> WebhookDelivery<T> {
                     webhook::disable_endpoint_for_delivery(pool, claim, endpoint.id, args.event_id, &reason).await?;
                     return Err(Outcome::fail(format!("{error}; endpoint disabled: {reason}")));
                 }
-                if ctx.attempt() >= ctx.max_attempts() {
+                if ctx.counted_attempt() >= ctx.max_attempts() {
                     let reason = format!("out of attempts ({}); last: {error}", ctx.max_attempts());
                     webhook::set_dead_reason(pool, claim, endpoint.id, args.event_id, &reason).await?;
                 }

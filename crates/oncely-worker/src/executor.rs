@@ -129,6 +129,7 @@ async fn attempt(shared: &Arc<Shared>, job: &Job, cancel: CancellationToken, fla
             queue: job.queue.clone(),
             attempt: job.attempt,
             max_attempts: job.max_attempts,
+            snoozes: job.snoozes,
             pool: shared.pool.clone(),
             cancel: cancel.clone(),
             steps: StepScope::new(shared.pool.clone(), job.id, job.attempt).with_hook(shared.step_hook.clone()),

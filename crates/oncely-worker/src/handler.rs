@@ -239,6 +239,7 @@ pub(crate) struct ContextInner {
     pub(crate) queue: String,
     pub(crate) attempt: i32,
     pub(crate) max_attempts: i32,
+    pub(crate) snoozes: i32,
     pub(crate) pool: sqlx::PgPool,
     pub(crate) cancel: CancellationToken,
     pub(crate) steps: StepScope,
@@ -258,11 +259,18 @@ impl JobContext {
     pub fn queue(&self) -> &str {
         &self.inner.queue
     }
-    /// This attempt's number (1 for the first claim; snoozes and releases count here too).
+    /// This attempt's number (1 for the first claim; snoozes and releases count here too): the
+    /// claim's fencing token. [`JobContext::counted_attempt`] leaves out the claims given back.
     pub fn attempt(&self) -> i32 {
         self.inner.attempt
     }
-    /// Attempts allowed.
+    /// This attempt's number against the budget: claims so far, this one included, less those that
+    /// were given back (snoozes, releases, lone lease expiries). When it reaches
+    /// [`max_attempts`](JobContext::max_attempts), a failure of this attempt is the last.
+    pub fn counted_attempt(&self) -> i32 {
+        self.inner.attempt - self.inner.snoozes
+    }
+    /// Attempts allowed (counted as in [`JobContext::counted_attempt`]).
     pub fn max_attempts(&self) -> i32 {
         self.inner.max_attempts
     }
