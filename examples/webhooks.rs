@@ -136,6 +136,10 @@ async fn main() -> ExitCode {
             .max_connections(16)
             .connect(&oncely::testkit::url_with_database(&server, &name))
             .await?;
+        // Endpoint secrets are encrypted at rest when a key ring is given (docs/webhooks.md).
+        if let Some(keys) = oncely::secrets::SecretKeys::from_env()? {
+            oncely::secrets::install_secret_keys(keys);
+        }
         let result = run(&args, &pool).await;
         pool.close().await;
         if args.keep_db {

@@ -37,7 +37,7 @@ pub use oncely_core::{
     with_idempotency, with_idempotency_tx, Enqueued, Error, Idempotent, Job, JobArgs, JobFilter, JobId, JobState,
     MigrateReport, NewJob, Result, StepError,
 };
-pub use oncely_core::{inbox, ledger, outbox, webhook, InsertOpts};
+pub use oncely_core::{inbox, ledger, outbox, secrets, webhook, InsertOpts};
 pub use oncely_worker::{
     handler_fn, Handler, HandlerResult, JobContext, Outcome, ResultExt, Worker, WorkerConfig, WorkerHandle,
 };

@@ -176,6 +176,10 @@ enum WebhooksCmd {
         #[arg(long, default_value = "24h", value_parser = duration::parse)]
         overlap: Duration,
     },
+    /// Rewrite every endpoint's stored secrets under the current key of ONCELY_SECRET_KEYS
+    /// (`id:base64key[,old-id:base64key...]`): encrypts plain-text ones, re-encrypts ones under
+    /// older keys. Run after installing a key ring or making a new key current.
+    ReencryptSecrets,
     /// List endpoints with their state.
     Endpoints,
     /// List deliveries, newest event first.
@@ -326,6 +330,10 @@ async fn run(cmd: Cmd, url: &str) -> Result<(), Fail> {
         Cmd::Bench(args) => return bench::run(url, args).await,
         cmd => cmd,
     };
+    // Endpoint secrets at rest are sealed and opened with this key ring, when one is given.
+    if let Some(keys) = oncely_core::secrets::SecretKeys::from_env()? {
+        oncely_core::secrets::install_secret_keys(keys);
+    }
     let pool = connect(url).await?;
     let result = dispatch(&pool, cmd).await;
     pool.close().await;
@@ -366,6 +374,7 @@ async fn dispatch(pool: &sqlx::PgPool, cmd: Cmd) -> Result<(), Fail> {
             WebhooksCmd::RedeliverDead { endpoint, topic, since, until, limit } => {
                 webhooks::redeliver_dead(pool, endpoint, topic, since, until, limit).await
             }
+            WebhooksCmd::ReencryptSecrets => webhooks::reencrypt_secrets(pool).await,
             WebhooksCmd::Endpoints => webhooks::endpoints(pool).await,
             WebhooksCmd::Deliveries { endpoint, undelivered, limit } => {
                 webhooks::deliveries(pool, endpoint, undelivered, limit).await

@@ -147,6 +147,15 @@ pub(crate) async fn disable(pool: &PgPool, endpoint: i64, reason: &str) -> Resul
     Ok(())
 }
 
+pub(crate) async fn reencrypt_secrets(pool: &PgPool) -> Result<(), Fail> {
+    let done = oncely_core::secrets::reencrypt_endpoint_secrets(pool).await?;
+    println!(
+        "re-encrypted the secrets of {} endpoint(s); {} already under the current key",
+        done.rewritten, done.unchanged
+    );
+    Ok(())
+}
+
 pub(crate) async fn rotate_secret(
     pool: &PgPool,
     endpoint: i64,

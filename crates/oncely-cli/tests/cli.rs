@@ -431,3 +431,63 @@ async fn migrate_leaves_the_applications_sqlx_history_alone() {
     assert_eq!(app_rows, 1, "only the application's row");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn oncely_with_env(url: &str, env: &[(&str, &str)], args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_oncely"))
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .arg("--database-url")
+        .arg(url)
+        .args(args)
+        .output()
+        .expect("the oncely binary runs");
+    Run {
+        ok: out.status.success(),
+        code: out.status.code(),
+        out: String::from_utf8_lossy(&out.stdout).into(),
+        err: String::from_utf8_lossy(&out.stderr).into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reencrypt_secrets_seals_every_endpoint_under_the_key_ring_in_the_environment() {
+    use oncely_core::webhook::{create_endpoint, NewEndpoint};
+    let db = oncely_testkit::TestDb::new().await;
+    let (url, pool) = (db.url(), db.pool());
+    let given = create_endpoint(pool, &NewEndpoint::new("https://a.example.com/hooks", ["*"])).await.unwrap();
+    create_endpoint(pool, &NewEndpoint::new("https://b.example.com/hooks", ["*"])).await.unwrap();
+    let columns = || async {
+        sqlx::query_scalar::<_, String>("SELECT secret FROM oncely.webhook_endpoints ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(columns().await[0], given.secret.as_str(), "plain text before");
+
+    let r = oncely(url, &["webhooks", "reencrypt-secrets"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.err.contains("ONCELY_SECRET_KEYS"), "{}", r.err);
+    let r = oncely_with_env(url, &[("ONCELY_SECRET_KEYS", "k1:not-base64!")], &["webhooks", "endpoints"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.err.contains("not standard base64"), "{}", r.err);
+
+    // 32 bytes of 5, in base64.
+    let ring = "k1:BQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQU=".to_owned();
+    let env = [("ONCELY_SECRET_KEYS", ring.as_str())];
+    let r = oncely_with_env(url, &env, &["webhooks", "reencrypt-secrets"]);
+    assert!(r.ok, "{}", r.err);
+    assert!(r.out.contains("of 2 endpoint(s)"), "{}", r.out);
+    let r = oncely_with_env(url, &env, &["webhooks", "add", "https://c.example.com/hooks", "--topic", "*"]);
+    assert!(r.ok, "{}", r.err);
+    let stored = columns().await;
+    assert_eq!(stored.len(), 3);
+    assert!(stored.iter().all(|s| s.starts_with("enc:v1:k1:") && !s.contains("whsec_")), "{stored:?}");
+    let r = oncely_with_env(url, &env, &["webhooks", "endpoints"]);
+    assert!(r.ok && r.out.contains("c.example.com"), "{} {}", r.out, r.err);
+
+    // Without the key, the secrets cannot be read, and the error says which key is missing.
+    let r = oncely(url, &["webhooks", "endpoints"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.err.contains("`k1`") && r.err.contains("ONCELY_SECRET_KEYS"), "{}", r.err);
+}

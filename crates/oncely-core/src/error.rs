@@ -28,6 +28,11 @@ pub enum Error {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    /// A webhook endpoint secret could not be sealed or opened at rest: a malformed key ring, a
+    /// key the installed ring does not hold, or a stored value that does not decrypt.
+    #[error("webhook secret at rest: {0}")]
+    Secret(String),
+
     /// The worker no longer holds the job: its lease expired and the job was rescued, another worker
     /// claimed it, or it was cancelled. The state write was refused (fenced) and nothing changed.
     #[error("lease lost for job {job_id} attempt {attempt}: the job is no longer running under this claim")]

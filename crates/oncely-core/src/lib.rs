@@ -29,6 +29,7 @@ mod migrate;
 pub mod outbox;
 pub mod queue;
 pub mod retry;
+pub mod secrets;
 pub mod step;
 pub mod txn;
 pub mod webhook;

@@ -10,7 +10,6 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool, Row};
 
@@ -18,13 +17,9 @@ use crate::error::{Error, Result};
 use crate::job::{JobId, JobState};
 use crate::lease::Claim;
 use crate::outbox::{self, message_id, Event, EventId};
+use crate::secrets;
+pub use crate::secrets::{WebhookSecret, MAX_SECRET_BYTES, MIN_SECRET_BYTES, SECRET_PREFIX};
 
-/// The prefix of a webhook secret.
-pub const SECRET_PREFIX: &str = "whsec_";
-/// Shortest secret, in random bytes.
-pub const MIN_SECRET_BYTES: usize = 24;
-/// Longest secret, in random bytes.
-pub const MAX_SECRET_BYTES: usize = 64;
 /// Defaults to 24 hours: how long the previous secret keeps signing after a rotation.
 pub const DEFAULT_ROTATION_OVERLAP: Duration = Duration::from_secs(24 * 3600);
 
@@ -39,66 +34,6 @@ pub struct EndpointId(pub i64);
 impl fmt::Display for EndpointId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
-    }
-}
-
-/// A Standard Webhooks signing secret: `whsec_` followed by the base64 of 24 to 64 random bytes.
-/// Its `Debug` form hides the key.
-///
-/// # Example
-///
-/// ```
-/// use oncely_core::webhook::WebhookSecret;
-/// let secret = WebhookSecret::generate();
-/// assert!(secret.as_str().starts_with("whsec_"));
-/// assert_eq!(secret.key().len(), 32);
-/// assert!(WebhookSecret::parse("whsec_tooshort").is_err());
-/// ```
-#[derive(Clone, PartialEq, Eq)]
-pub struct WebhookSecret {
-    text: String,
-    key: Vec<u8>,
-}
-
-impl WebhookSecret {
-    /// A new secret of 32 random bytes.
-    pub fn generate() -> Self {
-        let key: [u8; 32] = rand::random();
-        let text = format!("{SECRET_PREFIX}{}", base64::engine::general_purpose::STANDARD.encode(key));
-        WebhookSecret { text, key: key.to_vec() }
-    }
-
-    /// Parse `whsec_<base64>`, checking the key is 24 to 64 bytes.
-    pub fn parse(text: &str) -> Result<Self> {
-        let b64 = text
-            .strip_prefix(SECRET_PREFIX)
-            .ok_or_else(|| Error::InvalidInput(format!("a webhook secret starts with `{SECRET_PREFIX}`")))?;
-        let key = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|_| Error::InvalidInput("a webhook secret is `whsec_` and standard base64".into()))?;
-        if !(MIN_SECRET_BYTES..=MAX_SECRET_BYTES).contains(&key.len()) {
-            return Err(Error::InvalidInput(format!(
-                "a webhook secret holds {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} bytes, this one {}",
-                key.len()
-            )));
-        }
-        Ok(WebhookSecret { text: text.to_owned(), key })
-    }
-
-    /// The secret as given to receivers (`whsec_...`).
-    pub fn as_str(&self) -> &str {
-        &self.text
-    }
-
-    /// The HMAC key: the decoded bytes after the prefix.
-    pub fn key(&self) -> &[u8] {
-        &self.key
-    }
-}
-
-impl fmt::Debug for WebhookSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "WebhookSecret(whsec_…{} bytes)", self.key.len())
     }
 }
 
@@ -363,8 +298,8 @@ fn endpoint_from_row(row: &sqlx::postgres::PgRow) -> Result<Endpoint> {
         id: EndpointId(row.try_get("id")?),
         url: row.try_get("url")?,
         topics: row.try_get("topics")?,
-        secret: WebhookSecret::parse(row.try_get("secret")?)?,
-        previous_secret: previous.as_deref().map(WebhookSecret::parse).transpose()?,
+        secret: WebhookSecret::parse(&secrets::open(row.try_get("secret")?)?)?,
+        previous_secret: previous.as_deref().map(|p| WebhookSecret::parse(&secrets::open(p)?)).transpose()?,
         rotation_ends_at: row.try_get("rotation_ends_at")?,
         ordered: row.try_get("ordered")?,
         enabled: row.try_get("enabled")?,
@@ -384,7 +319,7 @@ pub async fn create_endpoint<'e>(executor: impl PgExecutor<'e>, new: &NewEndpoin
     let row = sqlx::query(&sql)
         .bind(&new.url)
         .bind(&new.topics)
-        .bind(secret.as_str())
+        .bind(secrets::seal(secret.as_str()))
         .bind(new.ordered)
         .fetch_one(executor)
         .await?;
@@ -417,8 +352,12 @@ pub async fn rotate_secret<'e>(
          previous_secret_expires_at = now() + make_interval(secs => $3), updated_at = now() \
          WHERE id = $1 RETURNING {ENDPOINT_COLUMNS}"
     );
-    let row =
-        sqlx::query(&sql).bind(id).bind(new.as_str()).bind(overlap.as_secs_f64()).fetch_optional(executor).await?;
+    let row = sqlx::query(&sql)
+        .bind(id)
+        .bind(secrets::seal(new.as_str()))
+        .bind(overlap.as_secs_f64())
+        .fetch_optional(executor)
+        .await?;
     endpoint_from_row(&row.ok_or(Error::NotFound { what: "webhook endpoint", id: id.0 })?)
 }
 
@@ -969,20 +908,6 @@ pub async fn record_delivery_attempt<'e>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn secrets_round_trip_and_bad_ones_are_refused() {
-        let s = WebhookSecret::generate();
-        assert_eq!(WebhookSecret::parse(s.as_str()).unwrap(), s);
-        assert!(!format!("{s:?}").contains(&s.as_str()[6..]), "Debug must not show the key");
-        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
-        assert!(WebhookSecret::parse(&format!("whsec_{}", b64(23))).is_err());
-        assert!(WebhookSecret::parse(&format!("whsec_{}", b64(24))).is_ok());
-        assert!(WebhookSecret::parse(&format!("whsec_{}", b64(64))).is_ok());
-        assert!(WebhookSecret::parse(&format!("whsec_{}", b64(65))).is_err());
-        assert!(WebhookSecret::parse(&b64(32)).is_err());
-        assert!(WebhookSecret::parse("whsec_not base64!").is_err());
-    }
 
     #[test]
     fn endpoint_urls_and_topics_are_checked() {
