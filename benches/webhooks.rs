@@ -1,6 +1,6 @@
-//! Webhook delivery: deliveries per second through a worker to a local receiver, and the latency
-//! from an outbox commit to the request's arrival, next to plain INSERT commits measured in the same
-//! run on the same server. Not a test.
+//! Webhook delivery: deliveries per second through a worker to a local receiver (over plain HTTP,
+//! then over HTTPS), and the latency from an outbox commit to the request's arrival, next to plain
+//! INSERT commits measured in the same run on the same server. Not a test.
 //!
 //! `scripts/with-postgres cargo bench --bench webhooks`
 #![allow(clippy::print_stdout)]
@@ -54,6 +54,42 @@ async fn receive(
         let _ = r.arrivals.send((id.to_owned(), arrived));
     }
     StatusCode::OK
+}
+
+/// Serve `app` over HTTPS (HTTP/1.1 with keep-alive, like the plain receiver) on 127.0.0.1 with a
+/// certificate for `localhost` issued by a CA made here; returns the port and the CA's PEM.
+async fn tls_receiver(app: axum::Router) -> (u16, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use tokio_rustls::rustls;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "oncely bench CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (port, ca.pem())
 }
 
 /// Single-row INSERT commits per second from `connections` connections at once.
@@ -122,9 +158,9 @@ async fn main() {
         .await
         .unwrap();
     let base_one = insert_baseline(&url, 1).await;
-    println!("[1/5] baseline, 1 connection: {base_one:.0} INSERT commits/s");
+    println!("[1/6] baseline, 1 connection: {base_one:.0} INSERT commits/s");
     let base_many = insert_baseline(&url, BASELINE_CONNECTIONS).await;
-    println!("[2/5] baseline, {BASELINE_CONNECTIONS} connections: {base_many:.0} INSERT commits/s");
+    println!("[2/6] baseline, {BASELINE_CONNECTIONS} connections: {base_many:.0} INSERT commits/s");
 
     // The receiver, and one endpoint per phase (distinct topics).
     let (tx, mut arrivals) = mpsc::unbounded_channel();
@@ -132,11 +168,25 @@ async fn main() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = axum::Router::new().route("/{route}", post(receive)).with_state(receiver.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::spawn({
+        let app = app.clone();
+        async move { axum::serve(listener, app).await }
+    });
+    let (tls_port, ca_pem) = tls_receiver(app).await;
+    // One transport for both phases: it trusts the bench's CA besides the web roots.
+    let transport = || {
+        HttpTransport::builder()
+            .allow_private_networks(true)
+            .add_root_certificate_pem(ca_pem.as_bytes())
+            .unwrap()
+            .build()
+            .unwrap()
+    };
     let local = EndpointPolicy::default().allow_private_networks(true);
     let endpoint = |url: String, topic: &str| NewEndpoint::new(url, [topic]).policy(local.clone());
     create_endpoint(&pool, &endpoint(format!("http://{addr}/fast"), "bench.throughput")).await.unwrap();
     create_endpoint(&pool, &endpoint(format!("http://{addr}/timed"), "bench.latency")).await.unwrap();
+    create_endpoint(&pool, &endpoint(format!("https://localhost:{tls_port}/fast"), "bench.tls")).await.unwrap();
 
     // (b) Publish EVENTS with no worker running — the first half one `publish` call per event, the
     // second half one `publish_many` call per batch, PUBLISH_BATCH per transaction — then deliver
@@ -153,7 +203,7 @@ async fn main() {
     }
     let elapsed = start.elapsed();
     let publish_rate = half as f64 / elapsed.as_secs_f64();
-    println!("[3/5] publish, {PUBLISH_BATCH} per transaction: {half} events in {elapsed:.2?} = {publish_rate:.0}/s");
+    println!("[3/6] publish, {PUBLISH_BATCH} per transaction: {half} events in {elapsed:.2?} = {publish_rate:.0}/s");
     let batches: Vec<Vec<Event>> = (half..EVENTS)
         .step_by(PUBLISH_BATCH as usize)
         .map(|first| (first..(first + PUBLISH_BATCH).min(EVENTS)).map(event).collect())
@@ -165,7 +215,7 @@ async fn main() {
     let elapsed = start.elapsed();
     let publish_many_rate = (EVENTS - half) as f64 / elapsed.as_secs_f64();
     println!(
-        "[3/5] publish_many, {PUBLISH_BATCH} per call: {} events in {elapsed:.2?} = {publish_many_rate:.0}/s",
+        "[3/6] publish_many, {PUBLISH_BATCH} per call: {} events in {elapsed:.2?} = {publish_many_rate:.0}/s",
         EVENTS - half
     );
 
@@ -175,17 +225,16 @@ async fn main() {
         warm.push(worker_pool.acquire().await.unwrap());
     }
     drop(warm);
-    let worker = Worker::builder(worker_pool.clone())
-        .register(WebhookDelivery::with_transport(
-            DeliveryConfig::default(),
-            HttpTransport::new().allow_private_networks(),
-        ))
-        .queue(DEFAULT_DELIVERY_QUEUE, CONCURRENCY)
-        .configure(|c| c.fetch_batch = FETCH_BATCH)
-        .build()
-        .unwrap();
+    let worker = || {
+        Worker::builder(worker_pool.clone())
+            .register(WebhookDelivery::with_transport(DeliveryConfig::default(), transport()))
+            .queue(DEFAULT_DELIVERY_QUEUE, CONCURRENCY)
+            .configure(|c| c.fetch_batch = FETCH_BATCH)
+            .build()
+            .unwrap()
+    };
     let start = Instant::now();
-    let handle = worker.start();
+    let handle = worker().start();
     wait_completed(&handle, EVENTS).await;
     let elapsed = start.elapsed();
     let deliver_rate = EVENTS as f64 / elapsed.as_secs_f64();
@@ -198,7 +247,7 @@ async fn main() {
     .unwrap();
     assert_eq!(delivered, EVENTS as i64, "every delivery is recorded as delivered");
     println!(
-        "[4/5] deliveries: {EVENTS} in {elapsed:.2?} = {deliver_rate:.0}/s (checked in SQL: {delivered} delivered, \
+        "[4/6] deliveries: {EVENTS} in {elapsed:.2?} = {deliver_rate:.0}/s (checked in SQL: {delivered} delivered, \
          {attempts} attempts; receiver saw {} requests)",
         receiver.hits.load(Ordering::Relaxed)
     );
@@ -224,13 +273,49 @@ async fn main() {
     samples.sort();
     let (p50, p99, max) = (percentile(&samples, 0.5), percentile(&samples, 0.99), percentile(&samples, 1.0));
     println!(
-        "[5/5] commit -> arrival, idle worker, {LATENCY_SAMPLES} samples: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        "[5/6] commit -> arrival, idle worker, {LATENCY_SAMPLES} samples: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
         ms(p50),
         ms(p99),
         ms(max)
     );
 
     handle.shutdown().await;
+
+    // (d) The throughput phase again over HTTPS: the same events, worker and receiver, published
+    // the same way with no worker running; a fresh worker, so its connections are made (and
+    // their TLS handshakes paid) inside the timed part, as in phase 4.
+    let batches: Vec<Vec<Event>> = (0..EVENTS)
+        .step_by(PUBLISH_BATCH as usize)
+        .map(|first| {
+            (first..(first + PUBLISH_BATCH).min(EVENTS))
+                .map(|i| Event::from_json("bench.tls", serde_json::json!({ "n": i })))
+                .collect()
+        })
+        .collect();
+    for batch in &batches {
+        publish_many(&pool, batch).await.unwrap();
+    }
+    let hits_before = receiver.hits.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let handle = worker().start();
+    wait_completed(&handle, EVENTS).await;
+    let elapsed = start.elapsed();
+    let tls_rate = EVENTS as f64 / elapsed.as_secs_f64();
+    handle.shutdown().await;
+    let tls_delivered: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM oncely.webhook_deliveries d JOIN oncely.events e ON e.id = d.event_id \
+         WHERE e.topic = 'bench.tls' AND d.delivered_at IS NOT NULL",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tls_delivered, EVENTS as i64, "every HTTPS delivery is recorded as delivered");
+    println!(
+        "[6/6] deliveries over HTTPS: {EVENTS} in {elapsed:.2?} = {tls_rate:.0}/s (checked in SQL: {tls_delivered} \
+         delivered; receiver saw {} requests) = {:.2}x plain HTTP",
+        receiver.hits.load(Ordering::Relaxed) - hits_before,
+        tls_rate / deliver_rate
+    );
     worker_pool.close().await;
     pool.close().await;
     sqlx::query(&format!("DROP DATABASE \"{name}\" WITH (FORCE)")).execute(&mut admin).await.unwrap();
@@ -244,6 +329,11 @@ async fn main() {
             "deliveries/s".to_owned(),
             format!("{deliver_rate:.0}"),
             format!("{:.2}x {BASELINE_CONNECTIONS}-conn baseline", deliver_rate / base_many),
+        ),
+        (
+            "deliveries/s over HTTPS".to_owned(),
+            format!("{tls_rate:.0}"),
+            format!("{:.2}x plain HTTP deliveries", tls_rate / deliver_rate),
         ),
         ("commit -> arrival p50, ms".to_owned(), format!("{:.2}", ms(p50)), String::new()),
         ("commit -> arrival p99, ms".to_owned(), format!("{:.2}", ms(p99)), String::new()),
