@@ -414,3 +414,51 @@ async fn fencing_jobs_that_just_completed_are_never_reported_as_lost_leases() {
     assert_eq!(completed, 3000);
     assert_eq!((lease_lost, lost_running), (0, 0), "no false lease-lost report");
 }
+
+/// The race made to happen every time: the completion of a job is written, and before the job
+/// leaves the worker's running set two heartbeat rounds run, each finding the job no longer
+/// running. It completed on purpose: no lease-lost report, and its handler is not told to stop.
+#[tokio::test(flavor = "multi_thread")]
+async fn fencing_a_heartbeat_between_a_completion_and_its_removal_reports_nothing() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let written = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let (w, r) = (written.clone(), release.clone());
+    let hook: oncely::worker::CompletionHook = Arc::new(move |_claims| {
+        let (w, r) = (w.clone(), r.clone());
+        Box::pin(async move {
+            w.notify_one();
+            r.notified().await;
+        })
+    });
+    let id = enqueue(pool, NewJob::new(&Noop { n: 1 }).unwrap()).await.unwrap().id;
+    let h = builder(db.new_pool(4).await)
+        .register(handler_fn(|_ctx, _: Noop| async move { Ok(()) }))
+        .queue("default", 4)
+        .lease(Duration::from_millis(600))
+        .completion_hook(hook)
+        .build()
+        .unwrap()
+        .start();
+    tokio::time::timeout(Duration::from_secs(20), written.notified()).await.expect("the completion is written");
+    assert_eq!(get_job(pool, id).await.unwrap().state, JobState::Completed, "committed before the hook");
+    let stats = h.stats();
+    let beats = WorkerStats::get(&stats.heartbeats);
+    // Two rounds while the job is still in the running set (or a false report, which ends the
+    // rounds: a job reported lost is no longer heartbeated).
+    eventually(Duration::from_secs(20), "two heartbeat rounds, or a lease-lost report", || async {
+        (WorkerStats::get(&stats.heartbeats) >= beats + 2 || WorkerStats::get(&stats.lost_while_running) > 0)
+            .then_some(())
+    })
+    .await;
+    release.notify_one();
+    h.shutdown().await;
+    assert_eq!(WorkerStats::get(&stats.completed), 1);
+    assert_eq!(
+        (WorkerStats::get(&stats.lease_lost), WorkerStats::get(&stats.lost_while_running)),
+        (0, 0),
+        "a job that completed is not a lost lease"
+    );
+}

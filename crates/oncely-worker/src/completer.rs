@@ -33,6 +33,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Com
         }
         if !batch.is_empty() {
             write(&shared, &batch).await;
+            if let Some(hook) = &shared.completion_hook {
+                hook(batch.clone()).await;
+            }
             shared.forget(batch.drain(..));
         }
         for f in flushes.drain(..) {

@@ -24,11 +24,9 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         if claims.is_empty() {
             continue;
         }
-        match oncely_core::lease::extend_leases_batched(&shared.pool, &claims, shared.config.lease).await {
+        let extended = oncely_core::lease::extend_leases_batched(&shared.pool, &claims, shared.config.lease).await;
+        match extended {
             Ok(lost) => {
-                if lost.is_empty() {
-                    continue;
-                }
                 let running = shared.running.lock().expect("running-jobs lock poisoned by a panic while held");
                 for c in &lost {
                     let Some(r) = running.get(&c.id).filter(|r| r.attempt == c.attempt) else { continue };
@@ -43,5 +41,6 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             }
             Err(e) => tracing::warn!(error = %e, jobs = claims.len(), "heartbeat failed; will try again"),
         }
+        WorkerStats::add(&shared.stats.heartbeats, 1);
     }
 }

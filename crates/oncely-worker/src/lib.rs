@@ -32,4 +32,6 @@ mod worker;
 pub use config::{QueueConfig, WorkerConfig};
 pub use error::{Error, Result};
 pub use handler::{handler_fn, FnHandler, Handler, HandlerResult, JobContext, Outcome, ResultExt};
+#[doc(hidden)]
+pub use worker::CompletionHook;
 pub use worker::{Worker, WorkerBuilder, WorkerHandle, WorkerStats};

@@ -50,6 +50,7 @@ pub struct WorkerBuilder {
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
     duplicate_kinds: Vec<String>,
     step_hook: Option<BoundaryHook>,
+    completion_hook: Option<CompletionHook>,
     /// The id set with [`worker_id`](Self::worker_id), kept across [`config`](Self::config).
     worker_id: Option<String>,
 }
@@ -122,6 +123,14 @@ impl WorkerBuilder {
         self
     }
 
+    /// Test support: await `hook` after each batch of completions is written and before those jobs
+    /// leave the running set (the window in which the heartbeat may find them no longer running).
+    #[doc(hidden)]
+    pub fn completion_hook(mut self, hook: CompletionHook) -> Self {
+        self.completion_hook = Some(hook);
+        self
+    }
+
     /// Change settings in place.
     pub fn configure(mut self, f: impl FnOnce(&mut WorkerConfig)) -> Self {
         f(&mut self.config);
@@ -173,7 +182,13 @@ impl WorkerBuilder {
                 );
             }
         }
-        Ok(Worker { pool: self.pool, config: self.config, handlers: self.handlers, step_hook: self.step_hook })
+        Ok(Worker {
+            pool: self.pool,
+            config: self.config,
+            handlers: self.handlers,
+            step_hook: self.step_hook,
+            completion_hook: self.completion_hook,
+        })
     }
 }
 
@@ -183,7 +198,13 @@ pub struct Worker {
     config: WorkerConfig,
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
     step_hook: Option<BoundaryHook>,
+    completion_hook: Option<CompletionHook>,
 }
+
+/// Test support: see [`WorkerBuilder::completion_hook`].
+#[doc(hidden)]
+pub type CompletionHook =
+    Arc<dyn Fn(Vec<Claim>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -216,6 +237,9 @@ pub struct WorkerStats {
     /// outcome is being written, or that its handler completed in its own transaction, is not
     /// counted: its claim ended on purpose.
     pub lost_while_running: AtomicU64,
+    /// Heartbeat rounds that extended this worker's leases (rounds with no running job are not
+    /// counted).
+    pub heartbeats: AtomicU64,
     /// Handlers dropped because they kept running for the grace period
     /// ([`WorkerConfig::lease_lost_grace`](crate::WorkerConfig::lease_lost_grace)) after their lease
     /// was lost.
@@ -273,6 +297,7 @@ pub(crate) struct Shared {
     pub(crate) hard_stop: CancellationToken,
     pub(crate) stats: Arc<WorkerStats>,
     pub(crate) step_hook: Option<BoundaryHook>,
+    pub(crate) completion_hook: Option<CompletionHook>,
     /// Each served queue's fetcher wake-up.
     pub(crate) wakers: HashMap<String, Arc<Notify>>,
 }
@@ -325,6 +350,7 @@ impl Worker {
             handlers: HashMap::new(),
             duplicate_kinds: Vec::new(),
             step_hook: None,
+            completion_hook: None,
             worker_id: None,
         }
     }
@@ -349,6 +375,7 @@ impl Worker {
             hard_stop: CancellationToken::new(),
             stats: stats.clone(),
             step_hook: self.step_hook,
+            completion_hook: self.completion_hook,
             wakers: wakers.clone(),
         });
         let stop = CancellationToken::new();
