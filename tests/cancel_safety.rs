@@ -94,7 +94,7 @@ async fn a_transactional_effect_dropped_while_beginning_leaves_no_open_transacti
     let mut poisoned = Vec::new();
     for i in 0..5 {
         let key = format!("cancel:{i}");
-        let call = oncely::core::with_idempotency_tx(&pool, &key, Duration::from_secs(60), |tx| {
+        let call = oncely::core::with_idempotency_transactional(&pool, &key, Duration::from_secs(60), |tx| {
             let key = key.clone();
             Box::pin(async move {
                 sqlx::query("INSERT INTO effects VALUES ($1)").bind(key).execute(&mut *tx).await.map(|_| ())
@@ -109,7 +109,7 @@ async fn a_transactional_effect_dropped_while_beginning_leaves_no_open_transacti
 
     // The pool still works: a call runs its effect once and it commits.
     delay.store(0, Ordering::SeqCst);
-    oncely::core::with_idempotency_tx(&pool, "after", Duration::from_secs(60), |tx| {
+    oncely::core::with_idempotency_transactional(&pool, "after", Duration::from_secs(60), |tx| {
         Box::pin(async move { sqlx::query("INSERT INTO effects VALUES ('after')").execute(&mut *tx).await.map(|_| ()) })
     })
     .await

@@ -250,3 +250,25 @@ async fn a_large_batch_goes_through_copy_in_order_with_awkward_arguments_intact(
     let next = enqueue(pool, NewJob::new(&Noop { n: 1 }).unwrap()).await.unwrap();
     assert!(next.id > out2[4_999].id);
 }
+
+/// Calls of several statements take `impl Acquire`: given the caller's transaction they run inside
+/// it, and roll back with it; given the pool they commit on their own.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_and_retry_join_the_callers_transaction_or_run_on_the_pool() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let id = enqueue(pool, NewJob::new(&Noop { n: 0 }).unwrap()).await.unwrap().id;
+    let mut tx = pool.begin().await.unwrap();
+    oncely::cancel_job(&mut *tx, id).await.unwrap();
+    assert_eq!(get_job(&mut *tx, id).await.unwrap().state, JobState::Cancelled, "inside the transaction");
+    tx.rollback().await.unwrap();
+    assert_eq!(get_job(pool, id).await.unwrap().state, JobState::Available, "rolled back with it");
+    oncely::cancel_job(pool, id).await.unwrap();
+    assert_eq!(get_job(pool, id).await.unwrap().state, JobState::Cancelled);
+    let mut tx = pool.begin().await.unwrap();
+    oncely::retry_job(&mut *tx, id).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(get_job(pool, id).await.unwrap().state, JobState::Cancelled, "the retry rolled back");
+    oncely::retry_job(pool, id).await.unwrap();
+    assert_eq!(get_job(pool, id).await.unwrap().state, JobState::Available);
+}

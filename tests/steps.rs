@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use oncely::core::ledger::{self, ClaimOptions, Claimed, LedgerKey};
 use oncely::core::step::StepScope;
-use oncely::core::{with_idempotency, with_idempotency_tx, StepError};
+use oncely::core::{with_idempotency, with_idempotency_transactional, StepError};
 use oncely::{enqueue, enqueue_many, get_job, handler_fn, JobArgs, JobId, JobState, NewJob, Outcome};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -269,9 +269,9 @@ async fn idempotent_checks_fingerprints_and_can_keep_a_record_forever() {
     assert_eq!(expires, None, "kept forever");
     // The same in a transaction, with the default TTL of a day.
     let tx_call = |fp: &'static str| {
-        oncely::core::idempotent(pool, "settle:req-2")
-            .fingerprint(fp)
-            .run_tx(|tx| Box::pin(async move { sqlx::query_scalar::<_, i32>("SELECT 7").fetch_one(&mut *tx).await }))
+        oncely::core::idempotent(pool, "settle:req-2").fingerprint(fp).transactional(|tx| {
+            Box::pin(async move { sqlx::query_scalar::<_, i32>("SELECT 7").fetch_one(&mut *tx).await })
+        })
     };
     assert_eq!(tx_call("a").await.unwrap(), 7);
     assert!(matches!(tx_call("b").await, Err(StepError::Mismatch { .. })));
@@ -319,12 +319,12 @@ async fn with_idempotency_runs_first_replays_second_and_runs_again_after_expiry(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn with_idempotency_tx_commits_effect_and_record_together() {
+async fn with_idempotency_transactional_commits_effect_and_record_together() {
     let db = TestDb::new().await;
     let pool = db.pool();
     usage_table(pool).await;
     let add = |fail: bool| {
-        with_idempotency_tx(pool, "settle:invoice-3", Duration::from_secs(3600), move |tx| {
+        with_idempotency_transactional(pool, "settle:invoice-3", Duration::from_secs(3600), move |tx| {
             Box::pin(async move {
                 let t: i64 =
                     sqlx::query_scalar("UPDATE usage SET tokens = tokens + 10 WHERE user_id = 1 RETURNING tokens")

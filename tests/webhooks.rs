@@ -830,12 +830,18 @@ async fn publishing_inside_a_once_per_key_transaction_publishes_once_across_retr
         .map(|_| {
             let pool = pool.clone();
             tokio::spawn(async move {
-                oncely::core::with_idempotency_tx(&pool, "webhook:payment:pi_42", Duration::from_secs(3600), |tx| {
-                    Box::pin(async move {
-                        let event = Event::new("payment.succeeded", &serde_json::json!({"payment": "pi_42"})).unwrap();
-                        publish(&mut *tx, &event).await.map(|p| p.message_id)
-                    })
-                })
+                oncely::core::with_idempotency_transactional(
+                    &pool,
+                    "webhook:payment:pi_42",
+                    Duration::from_secs(3600),
+                    |tx| {
+                        Box::pin(async move {
+                            let event =
+                                Event::new("payment.succeeded", &serde_json::json!({"payment": "pi_42"})).unwrap();
+                            publish(&mut *tx, &event).await.map(|p| p.message_id)
+                        })
+                    },
+                )
                 .await
             })
         })

@@ -17,7 +17,7 @@
 //!      the same key again.
 //!   2. Behind it, each handler deduplicates on the seed's business key, whatever header came (none
 //!      on a double-click, a fresh one per click, one per retrying proxy): the effect and its
-//!      record in the effect ledger commit in one transaction (`oncely::with_idempotency_tx`), so
+//!      record in the effect ledger commit in one transaction (`oncely::with_idempotency_transactional`), so
 //!      it happens once per key, and a repeat gets the recorded body with
 //!      `Idempotency-Replayed: true`.
 //!
@@ -225,7 +225,7 @@ pub const CREATE_KEY_TTL: Duration = Duration::from_secs(300);
 /// How long `revoke:{key_id}` is kept. Seed 004 says "Immediate (revocation is permanent)": the
 /// revocation itself is permanent and naturally idempotent (`revoked_at = coalesce(revoked_at,
 /// now())`, so a repeat returns the original timestamp), so this record only spares the repeat a
-/// write and marks it as a replay. `with_idempotency_tx` takes a `Duration` and has no "keep
+/// write and marks it as a replay. `with_idempotency_transactional` takes a `Duration` and has no "keep
 /// forever" (a huge one overflows PostgreSQL's interval), so it is a long one: a year. After it the
 /// record expires, the ledger cleanup reclaims it, and a repeat runs the no-op UPDATE and answers
 /// the same body again.
@@ -273,7 +273,7 @@ fn scope(parts: &Parts) -> String {
 }
 
 /// Run `effect` once per business `key` for `ttl`, in one transaction with its ledger record
-/// (`oncely::with_idempotency_tx`, ledger namespace `idempotency`). Returns the effect's output,
+/// (`oncely::with_idempotency_transactional`, ledger namespace `idempotency`). Returns the effect's output,
 /// or the recorded one, and whether this call ran it (`false`: replayed).
 async fn once<T, F>(pool: &PgPool, key: &str, ttl: Duration, effect: F) -> Result<(T, bool), Response>
 where
@@ -281,7 +281,7 @@ where
     F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, BoxError>>,
 {
     let ran = AtomicBool::new(false);
-    let out = oncely::with_idempotency_tx(pool, key, ttl, |tx| {
+    let out = oncely::with_idempotency_transactional(pool, key, ttl, |tx| {
         ran.store(true, Ordering::SeqCst);
         effect(tx)
     })

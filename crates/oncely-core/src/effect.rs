@@ -395,7 +395,7 @@ fn idempotency_effect<'a>(pool: &'a PgPool, key: &'a str, ttl: Duration) -> Effe
 /// Defaults to 24 hours: how long an [`idempotent`] call's record lasts unless told otherwise.
 pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// Run something once per key, with options: [`with_idempotency`] and [`with_idempotency_tx`]
+/// Run something once per key, with options: [`with_idempotency`] and [`with_idempotency_transactional`]
 /// with a fingerprint, a record kept forever, or concurrent duplicates that wait for the first
 /// call's result instead of getting [`StepError::Busy`].
 ///
@@ -423,7 +423,7 @@ pub fn idempotent<'a>(pool: &'a PgPool, key: &'a str) -> Idempotent<'a> {
 }
 
 /// Options of a once-per-key call; see [`idempotent`].
-#[must_use = "an idempotent call does nothing until .run(..) or .run_tx(..) is awaited"]
+#[must_use = "an idempotent call does nothing until .run(..) or .transactional(..) is awaited"]
 #[derive(Debug, Clone)]
 pub struct Idempotent<'a> {
     pool: &'a PgPool,
@@ -457,7 +457,7 @@ impl Idempotent<'_> {
 
     /// Let a call that finds the key held by a running call wait up to `wait` for that call's
     /// result (returned as its own) instead of failing at once with [`StepError::Busy`]; past
-    /// `wait` it is still `Busy`. In [`run_tx`](Self::run_tx) a duplicate waits on the first
+    /// `wait` it is still `Busy`. In [`transactional`](Self::transactional) a duplicate waits on the first
     /// call's transaction anyway.
     pub fn wait(mut self, wait: Duration) -> Self {
         self.wait = wait;
@@ -484,8 +484,8 @@ impl Idempotent<'_> {
         effect.run(OnUnknown::RetrySameKeyWithin(Duration::MAX), |_| f()).await
     }
 
-    /// Run `f` once per key in the transaction that records it: see [`with_idempotency_tx`].
-    pub async fn run_tx<T, E, F>(self, f: F) -> Result<T, StepError>
+    /// Run `f` once per key in the transaction that records it: see [`with_idempotency_transactional`].
+    pub async fn transactional<T, E, F>(self, f: F) -> Result<T, StepError>
     where
         T: Serialize + DeserializeOwned,
         F: for<'c> FnOnce(&'c mut sqlx::PgConnection) -> BoxFuture<'c, Result<T, E>>,
@@ -519,7 +519,7 @@ impl<'a> Idempotent<'a> {
 ///
 /// `f` runs outside any transaction, so a crash between `f` and the record runs `f` again on the
 /// next call (after the 60 s claim lease): effectively once if what `f` calls deduplicates on a
-/// key. For database effects use [`with_idempotency_tx`], which is exactly once.
+/// key. For database effects use [`with_idempotency_transactional`], which is exactly once.
 ///
 /// # Example
 ///
@@ -551,7 +551,7 @@ where
 /// ```no_run
 /// # async fn example(pool: sqlx::PgPool) -> Result<(), oncely_core::StepError> {
 /// use std::time::Duration;
-/// let total: i64 = oncely_core::with_idempotency_tx(&pool, "usage:report:42", Duration::from_secs(86_400), |tx| {
+/// let total: i64 = oncely_core::with_idempotency_transactional(&pool, "usage:report:42", Duration::from_secs(86_400), |tx| {
 ///     Box::pin(async move {
 ///         sqlx::query_scalar("UPDATE usage SET tokens = tokens + 1200 WHERE user_id = 7 RETURNING tokens")
 ///             .fetch_one(&mut *tx)
@@ -561,7 +561,12 @@ where
 /// .await?;
 /// # Ok(()) }
 /// ```
-pub async fn with_idempotency_tx<T, E, F>(pool: &PgPool, key: &str, ttl: Duration, f: F) -> Result<T, StepError>
+pub async fn with_idempotency_transactional<T, E, F>(
+    pool: &PgPool,
+    key: &str,
+    ttl: Duration,
+    f: F,
+) -> Result<T, StepError>
 where
     T: Serialize + DeserializeOwned,
     F: for<'c> FnOnce(&'c mut sqlx::PgConnection) -> BoxFuture<'c, Result<T, E>>,

@@ -35,7 +35,7 @@ pub mod txn;
 pub mod webhook;
 
 pub use effect::{
-    idempotent, with_idempotency, with_idempotency_tx, Idempotent, StepError, DEFAULT_IDEMPOTENCY_LEASE,
+    idempotent, with_idempotency, with_idempotency_transactional, Idempotent, StepError, DEFAULT_IDEMPOTENCY_LEASE,
     DEFAULT_IDEMPOTENCY_TTL, IDEMPOTENCY_NAMESPACE,
 };
 pub use error::{Error, Result};

@@ -276,7 +276,8 @@ pub async fn count_jobs<'e>(executor: impl PgExecutor<'e>) -> Result<Vec<QueueCo
 
 /// Cancel a job that has not finished. A running job's worker is fenced out: its completion is
 /// refused, and its heartbeat tells the handler (through `JobContext::cancelled`) to stop.
-pub async fn cancel_job(conn: &mut sqlx::PgConnection, id: JobId) -> Result<()> {
+pub async fn cancel_job(db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>, id: JobId) -> Result<()> {
+    let mut conn = db.acquire().await?;
     if sqlx::query(queries::JOB_CANCEL).bind(id).fetch_optional(&mut *conn).await?.is_some() {
         return Ok(());
     }
@@ -291,7 +292,8 @@ pub async fn cancel_job(conn: &mut sqlx::PgConnection, id: JobId) -> Result<()> 
 
 /// Put a dead (or cancelled) job back in its queue, with its error history kept and one more
 /// attempt allowed.
-pub async fn retry_job(conn: &mut sqlx::PgConnection, id: JobId) -> Result<()> {
+pub async fn retry_job(db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>, id: JobId) -> Result<()> {
+    let mut conn = db.acquire().await?;
     let res = sqlx::query(queries::JOB_RETRY_FINISHED).bind(id).fetch_optional(&mut *conn).await;
     match res {
         Ok(Some(row)) => {

@@ -402,8 +402,8 @@ pub async fn update_endpoint<'e>(
 /// Delete an endpoint with its delivery records, and cancel its pending delivery jobs (a running
 /// attempt may still finish its request; its record write then finds nothing). Returns how many
 /// pending deliveries were cancelled.
-pub async fn delete_endpoint(pool: &PgPool, id: EndpointId) -> Result<u64> {
-    let mut tx = crate::txn::begin(pool).await?;
+pub async fn delete_endpoint(db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>, id: EndpointId) -> Result<u64> {
+    let mut tx = db.begin().await?;
     let cancelled = sqlx::query(
         "UPDATE oncely.jobs SET state = 'cancelled', finished_at = now(), lease_expires_at = NULL \
          WHERE id IN (SELECT job_id FROM oncely.webhook_deliveries WHERE endpoint_id = $1) \
@@ -426,8 +426,12 @@ pub async fn delete_endpoint(pool: &PgPool, id: EndpointId) -> Result<u64> {
 /// event (`{endpoint_id, url, reason}`) in the same transaction. Returns false (and publishes
 /// nothing) when it was already disabled. Pending deliveries to it fail into the dead letter when
 /// next attempted.
-pub async fn disable_endpoint(pool: &PgPool, id: EndpointId, reason: &str) -> Result<bool> {
-    let mut tx = crate::txn::begin(pool).await?;
+pub async fn disable_endpoint(
+    db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>,
+    id: EndpointId,
+    reason: &str,
+) -> Result<bool> {
+    let mut tx = db.begin().await?;
     let disabled = disable_in(&mut tx, id, reason).await?;
     tx.commit().await?;
     if disabled {
@@ -637,8 +641,12 @@ pub async fn list_deliveries<'e>(executor: impl PgExecutor<'e>, filter: &Deliver
 ///
 /// Refused with [`Error::EndpointDisabled`] while the endpoint is disabled: the new job would die
 /// at once. Enable it first ([`enable_endpoint`]).
-pub async fn redeliver(pool: &PgPool, endpoint: EndpointId, event: EventId) -> Result<JobId> {
-    let mut tx = crate::txn::begin(pool).await?;
+pub async fn redeliver(
+    db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>,
+    endpoint: EndpointId,
+    event: EventId,
+) -> Result<JobId> {
+    let mut tx = db.begin().await?;
     let row = sqlx::query(
         "SELECT d.job_id, j.state, j.queue, j.max_attempts, p.enabled, p.disabled_reason \
          FROM oncely.webhook_deliveries d JOIN oncely.webhook_endpoints p ON p.id = d.endpoint_id \
@@ -705,10 +713,14 @@ pub struct Redelivered {
 /// Deliver again, in bulk, the undelivered deliveries whose job is dead (or pruned) and whose
 /// endpoint is enabled, oldest event first, each as [`redeliver`] does (same `webhook-id`).
 /// Deliveries to disabled endpoints are left alone: enable the endpoint first.
-pub async fn redeliver_dead(pool: &PgPool, filter: &RedeliverFilter) -> Result<Vec<Redelivered>> {
+pub async fn redeliver_dead(
+    db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>,
+    filter: &RedeliverFilter,
+) -> Result<Vec<Redelivered>> {
     if filter.limit.is_some_and(|l| l < 1) {
         return Err(Error::InvalidInput("limit must be at least 1".into()));
     }
+    let mut conn = db.acquire().await?;
     let rows = sqlx::query(
         "SELECT d.endpoint_id, d.event_id FROM oncely.webhook_deliveries d \
          JOIN oncely.events e ON e.id = d.event_id JOIN oncely.webhook_endpoints p ON p.id = d.endpoint_id \
@@ -723,12 +735,12 @@ pub async fn redeliver_dead(pool: &PgPool, filter: &RedeliverFilter) -> Result<V
     .bind(filter.since)
     .bind(filter.until)
     .bind(filter.limit.unwrap_or(1000))
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     let mut done = Vec::with_capacity(rows.len());
     for row in rows {
         let (endpoint_id, event_id) = (EndpointId(row.try_get("endpoint_id")?), EventId(row.try_get("event_id")?));
-        let job_id = redeliver(pool, endpoint_id, event_id).await?;
+        let job_id = redeliver(&mut *conn, endpoint_id, event_id).await?;
         done.push(Redelivered { endpoint_id, event_id, job_id });
     }
     Ok(done)
