@@ -18,8 +18,10 @@
 // First: its SQL macros are used by the modules below.
 #[macro_use]
 mod queries;
+mod boundary;
 mod effect;
 pub mod error;
+mod idempotency;
 pub mod inbox;
 pub mod job;
 pub mod lease;
@@ -34,11 +36,12 @@ pub mod step;
 pub mod txn;
 pub mod webhook;
 
-pub use effect::{
-    idempotent, with_idempotency, with_idempotency_transactional, Idempotent, StepError, DEFAULT_IDEMPOTENCY_LEASE,
+pub use effect::StepError;
+pub use error::{Error, Result};
+pub use idempotency::{
+    idempotent, with_idempotency, with_idempotency_transactional, Idempotent, DEFAULT_IDEMPOTENCY_LEASE,
     DEFAULT_IDEMPOTENCY_TTL, IDEMPOTENCY_NAMESPACE,
 };
-pub use error::{Error, Result};
 pub use job::{AttemptError, ErrorKind, InsertOpts, Job, JobArgs, JobId, JobState, NewJob};
 pub use lease::Claim;
 pub use migrate::{migrate, migrate_conn, migrate_report, MigrateReport, MigrationError, MIGRATIONS_TABLE, MIGRATOR};

@@ -48,11 +48,9 @@ use futures::future::BoxFuture;
 use serde::{de::DeserializeOwned, Serialize};
 use sqlx::PgPool;
 
+pub use crate::boundary::{Boundary, BoundaryHook, BoundaryPoint, InjectedCrash};
 use crate::effect::Effect;
-pub use crate::effect::{
-    Boundary, BoundaryHook, BoundaryPoint, BoxError, InjectedCrash, OnUnknown, Reconciler, StepError,
-    DEFAULT_CALLEE_KEY_WINDOW,
-};
+pub use crate::effect::{BoxError, OnUnknown, Reconciler, StepError, DEFAULT_CALLEE_KEY_WINDOW};
 use crate::job::JobId;
 use crate::ledger::LedgerKey;
 
