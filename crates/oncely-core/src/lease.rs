@@ -13,7 +13,6 @@ use tracing::instrument;
 
 use crate::error::{Error, Result};
 use crate::job::{rows_to_jobs, ErrorKind, Job, JobId, JobRow, JobState};
-use crate::queries;
 use crate::queue::secs;
 
 /// A claim on a job: the job and the attempt (fencing token) this worker holds.
@@ -42,7 +41,7 @@ pub async fn claim_jobs<'e>(
     worker_id: &str,
     lease: Duration,
 ) -> Result<Vec<Job>> {
-    let rows: Vec<JobRow> = sqlx::query_as(queries::JOB_CLAIM)
+    let rows: Vec<JobRow> = sqlx::query_as(crate::job::sql::JOB_CLAIM)
         .bind(queue)
         .bind(limit)
         .bind(secs(lease))
@@ -71,7 +70,7 @@ pub async fn complete_jobs<'e>(executor: impl PgExecutor<'e>, claims: &[Claim]) 
         return Ok(Vec::new());
     }
     let (ids_in, attempts) = split(claims);
-    let rows = sqlx::query(queries::JOB_SET_COMPLETED_IF_RUNNING_MANY)
+    let rows = sqlx::query(crate::job::sql::JOB_SET_COMPLETED_IF_RUNNING_MANY)
         .bind(&ids_in)
         .bind(&attempts)
         .fetch_all(executor)
@@ -95,7 +94,7 @@ pub async fn extend_leases<'e>(executor: impl PgExecutor<'e>, claims: &[Claim], 
         return Ok(Vec::new());
     }
     let (ids_in, attempts) = split(claims);
-    let rows = sqlx::query(queries::JOB_EXTEND_LEASE_MANY)
+    let rows = sqlx::query(crate::job::sql::JOB_EXTEND_LEASE_MANY)
         .bind(&ids_in)
         .bind(&attempts)
         .bind(secs(lease))
@@ -136,7 +135,7 @@ pub async fn fail_job<'e>(
     message: &str,
     retry_in: Option<Duration>,
 ) -> Result<JobState> {
-    let row = sqlx::query(queries::JOB_SET_FAILED_IF_RUNNING)
+    let row = sqlx::query(crate::job::sql::JOB_SET_FAILED_IF_RUNNING)
         .bind(claim.id)
         .bind(claim.attempt)
         .bind(retry_in.is_some())
@@ -173,7 +172,7 @@ async fn set_available<'e>(
     delay: Duration,
     note: Option<(ErrorKind, &str)>,
 ) -> Result<()> {
-    sqlx::query(queries::JOB_SET_AVAILABLE_IF_RUNNING)
+    sqlx::query(crate::job::sql::JOB_SET_AVAILABLE_IF_RUNNING)
         .bind(claim.id)
         .bind(claim.attempt)
         .bind(secs(delay))
@@ -187,7 +186,7 @@ async fn set_available<'e>(
 
 /// The handler cancelled its own job: it will not run again.
 pub async fn cancel_running_job<'e>(executor: impl PgExecutor<'e>, claim: Claim, reason: &str) -> Result<()> {
-    sqlx::query(queries::JOB_SET_CANCELLED_IF_RUNNING)
+    sqlx::query(crate::job::sql::JOB_SET_CANCELLED_IF_RUNNING)
         .bind(claim.id)
         .bind(claim.attempt)
         .bind(reason)

@@ -9,8 +9,27 @@ use sqlx::{PgExecutor, Row};
 
 use crate::error::Result;
 use crate::job::{JobId, JobState};
-use crate::queries;
 use crate::queue::secs;
+
+/// Take or keep the leadership `$1` for `$2` during `$3` seconds; returns a row when held.
+pub(crate) const LEADER_ELECT: &str = r#"
+INSERT INTO oncely.leaders AS l (name, leader_id, elected_at, expires_at)
+VALUES ($1, $2, now(), now() + make_interval(secs => $3))
+ON CONFLICT (name) DO UPDATE
+SET leader_id = EXCLUDED.leader_id,
+    elected_at = CASE WHEN l.leader_id = EXCLUDED.leader_id THEN l.elected_at ELSE now() END,
+    expires_at = EXCLUDED.expires_at
+WHERE l.leader_id = EXCLUDED.leader_id OR l.expires_at < now()
+RETURNING leader_id
+"#;
+
+/// Give up the leadership `$1` if `$2` holds it.
+pub(crate) const LEADER_RESIGN: &str = "DELETE FROM oncely.leaders WHERE name = $1 AND leader_id = $2";
+
+/// Write the audit record of a maintenance run.
+pub(crate) const MAINTENANCE_RUN_INSERT: &str = r#"
+INSERT INTO oncely.maintenance_runs (task, worker_id, started_at, deleted) VALUES ($1, $2, $3, $4)
+"#;
 
 /// What one rescue pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,7 +52,7 @@ pub struct Rescued {
 /// healthy jobs toward the dead letter. A second expiry in a row counts, so a job that kills its
 /// worker every time still reaches the dead letter, one attempt later than its limit says.
 pub async fn rescue_expired(conn: &mut sqlx::PgConnection, limit: i64) -> Result<Rescued> {
-    let rows = sqlx::query(queries::JOB_RESCUE_EXPIRED).bind(limit).fetch_all(&mut *conn).await?;
+    let rows = sqlx::query(crate::job::sql::JOB_RESCUE_EXPIRED).bind(limit).fetch_all(&mut *conn).await?;
     let mut out = Rescued::default();
     let mut queues = Vec::new();
     for r in &rows {
@@ -46,7 +65,7 @@ pub async fn rescue_expired(conn: &mut sqlx::PgConnection, limit: i64) -> Result
         }
     }
     if !queues.is_empty() {
-        sqlx::query(queries::QUEUE_NOTIFY_MANY).bind(queues).execute(&mut *conn).await?;
+        sqlx::query(crate::job::sql::QUEUE_NOTIFY_MANY).bind(queues).execute(&mut *conn).await?;
     }
     Ok(out)
 }
@@ -59,7 +78,7 @@ pub async fn prune_finished<'e>(
     dead_retention: Duration,
     limit: i64,
 ) -> Result<u64> {
-    let res = sqlx::query(queries::JOB_DELETE_FINISHED)
+    let res = sqlx::query(crate::job::sql::JOB_DELETE_FINISHED)
         .bind(secs(retention))
         .bind(secs(dead_retention))
         .bind(limit)
@@ -76,14 +95,13 @@ pub async fn elect_leader<'e>(
     leader_id: &str,
     ttl: Duration,
 ) -> Result<bool> {
-    let row =
-        sqlx::query(queries::LEADER_ELECT).bind(name).bind(leader_id).bind(secs(ttl)).fetch_optional(executor).await?;
+    let row = sqlx::query(LEADER_ELECT).bind(name).bind(leader_id).bind(secs(ttl)).fetch_optional(executor).await?;
     Ok(row.is_some())
 }
 
 /// Give up the leadership `name` if `leader_id` holds it.
 pub async fn resign_leader<'e>(executor: impl PgExecutor<'e>, name: &str, leader_id: &str) -> Result<()> {
-    sqlx::query(queries::LEADER_RESIGN).bind(name).bind(leader_id).execute(executor).await?;
+    sqlx::query(LEADER_RESIGN).bind(name).bind(leader_id).execute(executor).await?;
     Ok(())
 }
 
@@ -124,7 +142,7 @@ pub async fn record_run<'e>(
     started: chrono::DateTime<chrono::Utc>,
     deleted: u64,
 ) -> Result<()> {
-    sqlx::query(queries::MAINTENANCE_RUN_INSERT)
+    sqlx::query(MAINTENANCE_RUN_INSERT)
         .bind(task)
         .bind(worker_id)
         .bind(started)

@@ -12,7 +12,6 @@ use tracing::{instrument, Instrument};
 
 use crate::error::{Error, Result};
 use crate::job::{rows_to_jobs, Job, JobId, JobRow, JobState, NewJob};
-use crate::queries;
 
 /// What an enqueue did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +45,8 @@ pub struct Enqueued {
 #[instrument(skip_all, fields(job.kind = %job.kind, queue = %job.queue), err)]
 pub async fn enqueue<'e>(executor: impl PgExecutor<'e>, job: NewJob) -> Result<Enqueued> {
     job.validate()?;
-    let sql = if job.unique_key.is_some() { queries::JOB_INSERT_ONE_UNIQUE } else { queries::JOB_INSERT_ONE };
+    let sql =
+        if job.unique_key.is_some() { crate::job::sql::JOB_INSERT_ONE_UNIQUE } else { crate::job::sql::JOB_INSERT_ONE };
     let row = bind_job_columns(sqlx::query(sql), &job).bind(&job.unique_key).fetch_one(executor).await?;
     Ok(Enqueued { id: JobId(row.try_get("id")?), existing: row.try_get("existing")? })
 }
@@ -124,7 +124,7 @@ fn copy_field(out: &mut String, v: &str) {
 
 async fn enqueue_copy(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
     let ids: Vec<i64> =
-        sqlx::query_scalar(queries::JOB_RESERVE_IDS).bind(jobs.len() as i64).fetch_all(&mut *conn).await?;
+        sqlx::query_scalar(crate::job::sql::JOB_RESERVE_IDS).bind(jobs.len() as i64).fetch_all(&mut *conn).await?;
     let mut buf = String::with_capacity(jobs.len() * 64);
     for (id, job) in ids.iter().zip(jobs) {
         let args =
@@ -136,13 +136,13 @@ async fn enqueue_copy(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Result<
         }
         buf.push_str(&format!("\t{}\t{}\n", job.priority, job.max_attempts));
     }
-    let mut copy = conn.copy_in_raw(queries::JOB_COPY_IN).await?;
+    let mut copy = conn.copy_in_raw(crate::job::sql::JOB_COPY_IN).await?;
     copy.send(buf.into_bytes()).await?;
     copy.finish().await?;
     let mut queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
     queues.sort_unstable();
     queues.dedup();
-    sqlx::query(queries::QUEUE_NOTIFY_MANY).bind(&queues).execute(&mut *conn).await?;
+    sqlx::query(crate::job::sql::QUEUE_NOTIFY_MANY).bind(&queues).execute(&mut *conn).await?;
     Ok(ids.into_iter().map(|id| Enqueued { id: JobId(id), existing: false }).collect())
 }
 
@@ -177,7 +177,8 @@ async fn enqueue_unnest(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Resul
         max_attempts.push(job.max_attempts);
         unique_keys.push(job.unique_key.as_deref());
     }
-    let sql = if seen_keys.is_empty() { queries::JOB_INSERT_MANY } else { queries::JOB_INSERT_MANY_UNIQUE };
+    let sql =
+        if seen_keys.is_empty() { crate::job::sql::JOB_INSERT_MANY } else { crate::job::sql::JOB_INSERT_MANY_UNIQUE };
     let rows = sqlx::query(sql)
         .bind(&kinds)
         .bind(&queues)
@@ -209,7 +210,7 @@ async fn enqueue_unnest(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Resul
 
 /// Fetch one job.
 pub async fn get_job<'e>(executor: impl PgExecutor<'e>, id: JobId) -> Result<Job> {
-    let sql = format!("SELECT {} FROM oncely.jobs WHERE id = $1", queries::JOB_COLUMNS);
+    let sql = format!("SELECT {} FROM oncely.jobs WHERE id = $1", crate::job::sql::JOB_COLUMNS);
     let row: Option<JobRow> = sqlx::query_as(&sql).bind(id).fetch_optional(executor).await?;
     row.ok_or(Error::JobNotFound(id))?.try_into()
 }
@@ -236,7 +237,7 @@ pub async fn list_jobs<'e>(executor: impl PgExecutor<'e>, filter: &JobFilter) ->
          WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR queue = $2) \
            AND ($3::text IS NULL OR kind = $3) AND id > coalesce($4, 0) \
          ORDER BY id LIMIT $5",
-        queries::JOB_COLUMNS
+        crate::job::sql::JOB_COLUMNS
     );
     let rows: Vec<JobRow> = sqlx::query_as(&sql)
         .bind(filter.state.map(JobState::as_str))
@@ -262,7 +263,7 @@ pub struct QueueCount {
 
 /// Count jobs by queue and state.
 pub async fn count_jobs<'e>(executor: impl PgExecutor<'e>) -> Result<Vec<QueueCount>> {
-    let rows = sqlx::query(queries::JOB_COUNT_BY_QUEUE_AND_STATE).fetch_all(executor).await?;
+    let rows = sqlx::query(crate::job::sql::JOB_COUNT_BY_QUEUE_AND_STATE).fetch_all(executor).await?;
     rows.iter()
         .map(|r| {
             Ok(QueueCount {
@@ -278,7 +279,7 @@ pub async fn count_jobs<'e>(executor: impl PgExecutor<'e>) -> Result<Vec<QueueCo
 /// refused, and its heartbeat tells the handler (through `JobContext::cancelled`) to stop.
 pub async fn cancel_job(db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>, id: JobId) -> Result<()> {
     let mut conn = db.acquire().await?;
-    if sqlx::query(queries::JOB_CANCEL).bind(id).fetch_optional(&mut *conn).await?.is_some() {
+    if sqlx::query(crate::job::sql::JOB_CANCEL).bind(id).fetch_optional(&mut *conn).await?.is_some() {
         return Ok(());
     }
     let job = get_job(&mut *conn, id).await?;
@@ -294,11 +295,11 @@ pub async fn cancel_job(db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>, i
 /// attempt allowed.
 pub async fn retry_job(db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>, id: JobId) -> Result<()> {
     let mut conn = db.acquire().await?;
-    let res = sqlx::query(queries::JOB_RETRY_FINISHED).bind(id).fetch_optional(&mut *conn).await;
+    let res = sqlx::query(crate::job::sql::JOB_RETRY_FINISHED).bind(id).fetch_optional(&mut *conn).await;
     match res {
         Ok(Some(row)) => {
             let queue: String = row.try_get("queue")?;
-            sqlx::query(queries::QUEUE_NOTIFY_MANY).bind(vec![queue]).execute(&mut *conn).await?;
+            sqlx::query(crate::job::sql::QUEUE_NOTIFY_MANY).bind(vec![queue]).execute(&mut *conn).await?;
             Ok(())
         }
         Ok(None) => {

@@ -177,7 +177,7 @@ pub async fn list_deliveries<'e>(executor: impl PgExecutor<'e>, filter: &Deliver
 /// A delivery whose job is still live is left alone and that job is returned.
 ///
 /// Refused with [`Error::EndpointDisabled`] while the endpoint is disabled: the new job would die
-/// at once. Enable it first ([`enable_endpoint`]).
+/// at once. Enable it first ([`enable_endpoint`](super::enable_endpoint)).
 pub async fn redeliver(
     db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>,
     endpoint: EndpointId,

@@ -268,15 +268,11 @@ pub async fn update_endpoint<'e>(
 /// pending deliveries were cancelled.
 pub async fn delete_endpoint(db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>, id: EndpointId) -> Result<u64> {
     let mut tx = db.begin().await?;
-    let cancelled = sqlx::query(
-        "UPDATE oncely.jobs SET state = 'cancelled', finished_at = now(), lease_expires_at = NULL \
-         WHERE id IN (SELECT job_id FROM oncely.webhook_deliveries WHERE endpoint_id = $1) \
-           AND state IN ('available', 'running')",
-    )
-    .bind(id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    let jobs: Vec<i64> = sqlx::query_scalar("SELECT job_id FROM oncely.webhook_deliveries WHERE endpoint_id = $1")
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+    let cancelled = sqlx::query(crate::job::sql::JOB_CANCEL_MANY).bind(&jobs).execute(&mut *tx).await?.rows_affected();
     let deleted = sqlx::query("DELETE FROM oncely.webhook_endpoints WHERE id = $1").bind(id).execute(&mut *tx).await?;
     if deleted.rows_affected() == 0 {
         return Err(Error::NotFound { what: "webhook endpoint", id: id.0 });

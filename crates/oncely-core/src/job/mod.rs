@@ -1,5 +1,9 @@
 //! The job model: ids, states, typed arguments and what a job row holds.
 
+// First: its SQL macros are used by the modules below and by the outbox, inbox and webhooks.
+#[macro_use]
+pub(crate) mod sql;
+
 use std::fmt;
 use std::time::Duration;
 

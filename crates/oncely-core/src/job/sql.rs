@@ -1,6 +1,12 @@
-//! Every SQL statement of the queue, in one place, named entity-first.
+//! The job's SQL: every statement that writes `oncely.jobs`, in one place, named entity-first.
 //!
 //! Every statement that changes a running job is fenced by `id`, `attempt` and `state = 'running'`.
+//! The only writes of `oncely.jobs` elsewhere are parts of another entity's single statement, so
+//! that its rows and its jobs commit as one: the outbox's fan-out and the inbox insert new jobs
+//! with their events (using this module's `job_insert_returning!` and `jobs_channel!`), and a
+//! delivery record moves its ordered successor's job (`run_at`, never a running job's state).
+//! The ledger's statements are in `crate::ledger::sql`, the leader election's in
+//! `crate::maintenance`.
 //!
 //! # Plans that cannot flip
 //!
@@ -222,6 +228,15 @@ WHERE id = $1 AND state IN ('available', 'running')
 RETURNING id
 "#;
 
+/// Cancel the unfinished jobs among the ids in `$1` (a person's decision, e.g. deleting the webhook
+/// endpoint they deliver to; running claims are fenced out). Returns the ids cancelled.
+pub(crate) const JOB_CANCEL_MANY: &str = r#"
+UPDATE oncely.jobs
+SET state = 'cancelled', finished_at = now(), lease_expires_at = NULL
+WHERE id = ANY ($1::bigint[]) AND state IN ('available', 'running')
+RETURNING id
+"#;
+
 /// Put a dead or cancelled job back in its queue, with one more attempt allowed.
 pub(crate) const JOB_RETRY_FINISHED: &str = r#"
 UPDATE oncely.jobs
@@ -278,189 +293,6 @@ pub(crate) const QUEUE_NOTIFY_MANY: &str =
 /// Counts of jobs by queue and state.
 pub(crate) const JOB_COUNT_BY_QUEUE_AND_STATE: &str =
     "SELECT queue, state, count(*) AS n FROM oncely.jobs GROUP BY queue, state ORDER BY queue, state";
-
-/// Take or keep the leadership `$1` for `$2` during `$3` seconds; returns a row when held.
-pub(crate) const LEADER_ELECT: &str = r#"
-INSERT INTO oncely.leaders AS l (name, leader_id, elected_at, expires_at)
-VALUES ($1, $2, now(), now() + make_interval(secs => $3))
-ON CONFLICT (name) DO UPDATE
-SET leader_id = EXCLUDED.leader_id,
-    elected_at = CASE WHEN l.leader_id = EXCLUDED.leader_id THEN l.elected_at ELSE now() END,
-    expires_at = EXCLUDED.expires_at
-WHERE l.leader_id = EXCLUDED.leader_id OR l.expires_at < now()
-RETURNING leader_id
-"#;
-
-/// Give up the leadership `$1` if `$2` holds it.
-pub(crate) const LEADER_RESIGN: &str = "DELETE FROM oncely.leaders WHERE name = $1 AND leader_id = $2";
-
-/// `$now` of the ledger statements: an injected clock for tests, else the database clock.
-macro_rules! ledger_now {
-    () => {
-        "coalesce($8::timestamptz, now())"
-    };
-}
-
-/// Claim a ledger key (`$1` namespace, `$2` key, `$3` fingerprint, `$4` owner, `$5` lease secs,
-/// `$6` ttl secs or NULL, `$7` owner prefix that supersedes, `$8` now or NULL, `$9` the claimant's
-/// attempt under `$7`). Inserts a new in-progress record, or takes over one that expired, whose
-/// lease ran out, or whose owner is `$7` followed by an attempt number *smaller* than `$9` (an
-/// earlier attempt of the same job; never a later one: a zombie attempt cannot take over from the
-/// attempt that replaced it). Returns nothing when the key is held or completed: read it with
-/// [`LEDGER_GET`].
-pub(crate) const LEDGER_CLAIM: &str = concat!(
-    r#"
-INSERT INTO oncely.ledger AS l
-    (namespace, key, fingerprint, state, attempt, owner, lease_expires_at, expires_at, created_at, updated_at)
-VALUES ($1, $2, $3, 'in_progress', 1, $4,
-        "#,
-    ledger_now!(),
-    r#" + make_interval(secs => $5),
-        CASE WHEN $6::float8 IS NULL THEN NULL ELSE "#,
-    ledger_now!(),
-    r#" + make_interval(secs => $6) END,
-        "#,
-    ledger_now!(),
-    ", ",
-    ledger_now!(),
-    r#")
-ON CONFLICT (namespace, key) DO UPDATE
-SET fingerprint = EXCLUDED.fingerprint,
-    state = 'in_progress',
-    attempt = l.attempt + 1,
-    owner = EXCLUDED.owner,
-    lease_expires_at = EXCLUDED.lease_expires_at,
-    expires_at = EXCLUDED.expires_at,
-    output = NULL,
-    previous_owner = CASE WHEN l.expires_at <= "#,
-    ledger_now!(),
-    r#" THEN NULL ELSE l.owner END,
-    created_at = CASE WHEN l.expires_at <= "#,
-    ledger_now!(),
-    r#" THEN EXCLUDED.created_at ELSE l.created_at END,
-    updated_at = EXCLUDED.updated_at
-WHERE l.expires_at <= "#,
-    ledger_now!(),
-    r#"
-   OR (l.state = 'in_progress'
-       AND l.fingerprint IS NOT DISTINCT FROM EXCLUDED.fingerprint
-       AND (l.lease_expires_at <= "#,
-    ledger_now!(),
-    r#"
-            OR ($7::text IS NOT NULL AND starts_with(l.owner, $7)
-                AND CASE WHEN substr(l.owner, length($7) + 1) ~ '^[0-9]{1,18}$'
-                         THEN substr(l.owner, length($7) + 1)::bigint < $9::bigint
-                         ELSE false END)))
-RETURNING attempt, previous_owner,
-          greatest(extract(epoch FROM "#,
-    ledger_now!(),
-    r#" - created_at), 0)::float8 AS intent_age
-"#
-);
-
-/// Read a ledger record as of `$3` (now when NULL): its state, fingerprint, output and the seconds
-/// left on its lease; an expired record reads as absent.
-pub(crate) const LEDGER_GET: &str = r#"
-SELECT state, fingerprint, output, owner, attempt,
-       greatest(extract(epoch FROM lease_expires_at - coalesce($3::timestamptz, now())), 0)::float8 AS lease_left
-FROM oncely.ledger
-WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > coalesce($3::timestamptz, now()))
-"#;
-
-/// Record the output of claim `$3` of a key; `$5` replaces the expiry (seconds from now) when set.
-pub(crate) const LEDGER_COMPLETE: &str = r#"
-UPDATE oncely.ledger
-SET state = 'completed', output = $4, lease_expires_at = NULL, updated_at = now(),
-    expires_at = CASE WHEN $5::float8 IS NULL THEN expires_at ELSE now() + make_interval(secs => $5) END
-WHERE namespace = $1 AND key = $2 AND attempt = $3 AND state = 'in_progress'
-RETURNING attempt
-"#;
-
-/// Extend the lease of in-progress claim `$3` by `$4` seconds from now.
-pub(crate) const LEDGER_EXTEND: &str = r#"
-UPDATE oncely.ledger
-SET lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
-WHERE namespace = $1 AND key = $2 AND attempt = $3 AND state = 'in_progress'
-RETURNING attempt
-"#;
-
-/// Forget claim `$3` of a key that recorded nothing, so the next claimant runs from scratch.
-pub(crate) const LEDGER_RELEASE: &str = r#"
-DELETE FROM oncely.ledger
-WHERE namespace = $1 AND key = $2 AND attempt = $3 AND state = 'in_progress'
-"#;
-
-/// The tail of both resolutions: whether the record was resolved, and if not, what it looked
-/// like (a data-modifying CTE's outer query sees the record as it was before).
-macro_rules! ledger_resolve_report {
-    () => {
-        r#")
-SELECT (SELECT count(*) FROM resolved) AS resolved, l.state AS state, l.lease_expires_at > now() AS live
-FROM (SELECT 1) AS one LEFT JOIN oncely.ledger l ON l.namespace = $1 AND l.key = $2
-"#
-    };
-}
-
-/// Resolve by hand an in-progress record nobody holds: record output `$3` as its result. A record
-/// with a TTL keeps one as long, counted from now.
-pub(crate) const LEDGER_RESOLVE_TOOK_EFFECT: &str = concat!(
-    r#"
-WITH resolved AS (
-    UPDATE oncely.ledger
-    SET state = 'completed', output = $3, lease_expires_at = NULL, updated_at = now(),
-        expires_at = CASE WHEN expires_at IS NULL THEN NULL
-                          ELSE greatest(expires_at, now() + (expires_at - created_at)) END
-    WHERE namespace = $1 AND key = $2 AND state = 'in_progress'
-      AND (lease_expires_at IS NULL OR lease_expires_at <= now())
-    RETURNING attempt
-"#,
-    ledger_resolve_report!()
-);
-
-/// Resolve by hand an in-progress record nobody holds: forget it, so the next claim runs afresh.
-pub(crate) const LEDGER_RESOLVE_DID_NOT_TAKE_EFFECT: &str = concat!(
-    r#"
-WITH resolved AS (
-    DELETE FROM oncely.ledger
-    WHERE namespace = $1 AND key = $2 AND state = 'in_progress'
-      AND (lease_expires_at IS NULL OR lease_expires_at <= now())
-    RETURNING attempt
-"#,
-    ledger_resolve_report!()
-);
-
-/// Delete up to `$1` expired records (never one whose lease is still live).
-pub(crate) const LEDGER_DELETE_EXPIRED: &str = r#"
-DELETE FROM oncely.ledger
-WHERE (namespace, key) IN (
-    SELECT namespace, key FROM oncely.ledger
-    WHERE expires_at <= now() AND (state = 'completed' OR lease_expires_at <= now())
-    LIMIT $1
-)
-"#;
-
-/// Write the audit record of a maintenance run.
-pub(crate) const MAINTENANCE_RUN_INSERT: &str = r#"
-INSERT INTO oncely.maintenance_runs (task, worker_id, started_at, deleted) VALUES ($1, $2, $3, $4)
-"#;
-
-/// The hot statements by name, for the plan tests (`tests/plans.rs`), which `EXPLAIN` each under
-/// several sets of statistics and check that it uses the primary key or its intended index. Not a
-/// stable API.
-#[doc(hidden)]
-pub const HOT_STATEMENTS: &[(&str, &str)] = &[
-    ("JOB_CLAIM", JOB_CLAIM),
-    ("JOB_SET_COMPLETED_IF_RUNNING_MANY", JOB_SET_COMPLETED_IF_RUNNING_MANY),
-    ("JOB_EXTEND_LEASE_MANY", JOB_EXTEND_LEASE_MANY),
-    ("JOB_SET_FAILED_IF_RUNNING", JOB_SET_FAILED_IF_RUNNING),
-    ("JOB_SET_AVAILABLE_IF_RUNNING", JOB_SET_AVAILABLE_IF_RUNNING),
-    ("JOB_SET_CANCELLED_IF_RUNNING", JOB_SET_CANCELLED_IF_RUNNING),
-    ("JOB_RESCUE_EXPIRED", JOB_RESCUE_EXPIRED),
-    ("LEDGER_CLAIM", LEDGER_CLAIM),
-    ("LEDGER_GET", LEDGER_GET),
-    ("LEDGER_COMPLETE", LEDGER_COMPLETE),
-    ("DELIVERY_RECORD_ATTEMPT", crate::webhook::DELIVERY_RECORD_ATTEMPT),
-];
 
 #[cfg(test)]
 mod tests {

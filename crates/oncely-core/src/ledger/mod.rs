@@ -17,13 +17,14 @@
 //! Run inside a transaction together with the effect, the claim is invisible to others until the
 //! commit, and concurrent claimants wait on the row: effect and record commit together, or neither.
 
+pub(crate) mod sql;
+
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, Row};
 
 use crate::error::{Error, Result};
-use crate::queries;
 
 /// A ledger key: a namespace and a key within it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -134,7 +135,7 @@ pub async fn claim(conn: &mut sqlx::PgConnection, key: &LedgerKey, opts: &ClaimO
     // Fast path: a completed record answers without a write.
     let existing = match opts.read_first {
         true => {
-            sqlx::query(queries::LEDGER_GET)
+            sqlx::query(sql::LEDGER_GET)
                 .bind(&key.namespace)
                 .bind(&key.key)
                 .bind(opts.now)
@@ -153,7 +154,7 @@ pub async fn claim(conn: &mut sqlx::PgConnection, key: &LedgerKey, opts: &ClaimO
     }
     // A record can vanish between the two statements (released or deleted): claim again.
     for _ in 0..3 {
-        let row = sqlx::query(queries::LEDGER_CLAIM)
+        let row = sqlx::query(sql::LEDGER_CLAIM)
             .bind(&key.namespace)
             .bind(&key.key)
             .bind(opts.fingerprint)
@@ -172,7 +173,7 @@ pub async fn claim(conn: &mut sqlx::PgConnection, key: &LedgerKey, opts: &ClaimO
                 intent_age: Duration::from_secs_f64(row.try_get::<f64, _>("intent_age")?),
             });
         }
-        let Some(row) = sqlx::query(queries::LEDGER_GET)
+        let Some(row) = sqlx::query(sql::LEDGER_GET)
             .bind(&key.namespace)
             .bind(&key.key)
             .bind(opts.now)
@@ -217,7 +218,7 @@ pub async fn complete<'e>(
     output: &serde_json::Value,
     ttl: Option<Duration>,
 ) -> Result<()> {
-    sqlx::query(queries::LEDGER_COMPLETE)
+    sqlx::query(sql::LEDGER_COMPLETE)
         .bind(&key.namespace)
         .bind(&key.key)
         .bind(attempt)
@@ -233,7 +234,7 @@ pub async fn complete<'e>(
 /// key (a heartbeat). Refused with [`Error::LedgerClaimLost`] when the claim was taken over or
 /// finished.
 pub async fn extend<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt: i32, lease: Duration) -> Result<()> {
-    sqlx::query(queries::LEDGER_EXTEND)
+    sqlx::query(sql::LEDGER_EXTEND)
         .bind(&key.namespace)
         .bind(&key.key)
         .bind(attempt)
@@ -264,7 +265,7 @@ pub async fn park<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt: i
 /// Forget claim `attempt` when the effect did not happen (it failed cleanly), so the next claimant
 /// runs it from scratch. A claim already taken over is left alone.
 pub async fn release<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt: i32) -> Result<()> {
-    sqlx::query(queries::LEDGER_RELEASE).bind(&key.namespace).bind(&key.key).bind(attempt).execute(executor).await?;
+    sqlx::query(sql::LEDGER_RELEASE).bind(&key.namespace).bind(&key.key).bind(attempt).execute(executor).await?;
     Ok(())
 }
 
@@ -288,10 +289,10 @@ pub async fn resolve<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, resolut
     key.validate()?;
     let row = match resolution {
         Resolution::TookEffect(output) => {
-            sqlx::query(queries::LEDGER_RESOLVE_TOOK_EFFECT).bind(&key.namespace).bind(&key.key).bind(output)
+            sqlx::query(sql::LEDGER_RESOLVE_TOOK_EFFECT).bind(&key.namespace).bind(&key.key).bind(output)
         }
         Resolution::DidNotTakeEffect => {
-            sqlx::query(queries::LEDGER_RESOLVE_DID_NOT_TAKE_EFFECT).bind(&key.namespace).bind(&key.key)
+            sqlx::query(sql::LEDGER_RESOLVE_DID_NOT_TAKE_EFFECT).bind(&key.namespace).bind(&key.key)
         }
     }
     .fetch_one(executor)
@@ -314,7 +315,7 @@ pub async fn resolve<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, resolut
 
 /// Delete up to `limit` expired records; returns how many.
 pub async fn delete_expired<'e>(executor: impl PgExecutor<'e>, limit: i64) -> Result<u64> {
-    Ok(sqlx::query(queries::LEDGER_DELETE_EXPIRED).bind(limit).execute(executor).await?.rows_affected())
+    Ok(sqlx::query(sql::LEDGER_DELETE_EXPIRED).bind(limit).execute(executor).await?.rows_affected())
 }
 
 /// Delete every expired record in batches of `batch`, then write one audit record to
