@@ -65,8 +65,11 @@ pub async fn run_child_worker(builder: oncely::worker::WorkerBuilder) {
 }
 
 /// Run the ignored test `name` of this test binary as a child process (a worker to kill), with
-/// `env` set. It is killed if dropped.
+/// `env` set. It is killed if dropped. `name` is the test's path, as
+/// `concat!(module_path!(), "::the_test")` gives it; the crate's own name is dropped, since test
+/// names start below it.
 pub fn spawn_child(name: &str, env: &[(&str, &str)]) -> tokio::process::Child {
+    let name = name.split_once("::").map_or(name, |(_, test)| test);
     let mut cmd = tokio::process::Command::new(std::env::current_exe().expect("the test binary's path"));
     cmd.args(["--ignored", "--exact", name, "--nocapture"]).stdout(std::process::Stdio::null()).kill_on_drop(true);
     for (k, v) in env {

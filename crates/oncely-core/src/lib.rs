@@ -49,7 +49,7 @@ pub use queue::{
     cancel_job, count_jobs, enqueue, enqueue_many, get_job, list_jobs, retry_job, Enqueued, JobFilter, QueueCount,
 };
 
-/// The hot statements by name, for the plan tests (`tests/plans.rs`), which `EXPLAIN` each under
+/// The hot statements by name, for the plan tests (`tests/it/plans.rs`), which `EXPLAIN` each under
 /// several sets of statistics and check that it uses the primary key or its intended index. Not a
 /// stable API.
 #[doc(hidden)]

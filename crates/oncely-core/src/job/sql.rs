@@ -30,7 +30,7 @@
 //! completer's — queue behind each other instead of deadlocking. Claims and rescues use `SKIP
 //! LOCKED`, which never waits.
 //!
-//! `tests/plans.rs` checks the plans of these statements under several sets of statistics.
+//! `tests/it/plans.rs` checks the plans of these statements under several sets of statistics.
 
 /// Columns of a job row, in `SELECT` lists.
 pub(crate) const JOB_COLUMNS: &str = "id, kind, queue, args, priority, state, attempt, max_attempts, \

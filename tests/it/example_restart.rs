@@ -6,17 +6,14 @@
 //! a random port), since restarting the shared server is not an option. Both disruptions happen
 //! while jobs are in flight: the test holds a lock on the `usage` table until workers wait on it.
 
-mod common;
-
-#[path = "../examples/report_pipeline/pipeline.rs"]
-mod pipeline;
+use crate::pipeline;
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sqlx::{Connection, PgConnection, PgPool};
 
 const REPORTS: i64 = 300;
@@ -153,7 +150,8 @@ async fn the_example_worker_rides_out_a_restart_and_terminated_connections() {
     pipeline::setup(&pool).await.unwrap();
     pipeline::seed(&pool, REPORTS, 12, 7).await.unwrap();
 
-    let mut child = spawn_child("example_restart_child", &[("ONCELY_EXAMPLE_RESTART_URL", &url)]);
+    let mut child =
+        spawn_child(concat!(module_path!(), "::example_restart_child"), &[("ONCELY_EXAMPLE_RESTART_URL", &url)]);
 
     // 1. The server crashes and restarts while workers are mid-step.
     let _lock = block_usage_until_workers_wait(&url).await;

@@ -1,15 +1,13 @@
 //! The example API end to end over real HTTP (a server on a loopback port, a raw HTTP/1.1 client).
 
-mod common;
-
-#[path = "../examples/api/app.rs"]
+#[path = "../../examples/api/app.rs"]
 mod app;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Resp {

@@ -7,13 +7,11 @@
 //! through a local proxy that holds every answer from the server for a while: a caller given half
 //! that time is dropped after sending BEGIN and before reading its answer, every time.
 
-mod common;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

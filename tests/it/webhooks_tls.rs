@@ -2,12 +2,10 @@
 //! trusted through the transport's extra root gets signed deliveries; receivers whose certificate
 //! is not trusted, or names another host, get nothing, and the reason is recorded on the delivery.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use oncely::core::outbox::{publish, Event, DEFAULT_DELIVERY_QUEUE};
 use oncely::core::webhook::{create_endpoint, list_deliveries, DeliveryFilter, DeliveryState, NewEndpoint};
 use oncely_webhooks::{verify, DeliveryConfig, HttpTransport, RetrySchedule, Transport, WebhookDelivery};

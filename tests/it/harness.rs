@@ -1,14 +1,11 @@
 //! The crash harness on the report pipeline: a crash at every step boundary leaves the same effects
 //! as a clean run. And on a handler with a deliberate bug, it finds the boundaries that expose it.
 
-mod common;
-
-#[path = "../examples/report_pipeline/pipeline.rs"]
-mod pipeline;
+use crate::pipeline;
 
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use oncely::core::step::BoundaryPoint;
 use oncely::{enqueue, handler_fn, JobArgs, NewJob};
 use oncely_testkit::CrashHarness;

@@ -2,14 +2,12 @@
 //! anyhow, boxed, a user's enum around oncely's own), the explicit `ResultExt` methods, per-kind
 //! defaults declared on the arguments, and the builder and shutdown fixes.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use anyhow::Context as _;
-use common::*;
 use oncely::core::ledger::LedgerKey;
 use oncely::core::step::BoxError;
 use oncely::core::{ErrorKind, InsertOpts};

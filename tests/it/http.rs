@@ -1,16 +1,14 @@
 //! The Idempotency-Key layer over axum, with the PostgreSQL store and the in-memory store.
 
-mod common;
-
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use axum::body::Body;
 use axum::extract::State;
 use axum::routing::post;
 use axum::Router;
-use common::*;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use oncely_http::{IdempotencyConfig, IdempotencyLayer, InFlight, MemoryStore, MissingKey, PgStore, RequestTx};

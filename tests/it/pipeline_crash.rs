@@ -3,15 +3,12 @@
 //! every job has finished. The usage total must equal the expected total exactly, and every report
 //! must be counted once.
 
-mod common;
-
-#[path = "../examples/report_pipeline/pipeline.rs"]
-mod pipeline;
+use crate::pipeline;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rand::Rng;
 
 const REPORTS: i64 = 240;
@@ -50,7 +47,8 @@ async fn the_pipeline_counts_usage_exactly_once_through_repeated_sigkills() {
     let mut kills = 0;
     let mut rng = rand::rng();
     loop {
-        let mut child = spawn_child("pipeline_child_worker", &[("ONCELY_PIPELINE_CHILD_URL", db.url())]);
+        let mut child =
+            spawn_child(concat!(module_path!(), "::pipeline_child_worker"), &[("ONCELY_PIPELINE_CHILD_URL", db.url())]);
         if kills < KILLS {
             // Kill at a random moment once the child has made some progress.
             let before = ready(pool).await;

@@ -1,14 +1,12 @@
 //! The worker on a real PostgreSQL: many workers, every handler outcome, bad input, shutdown,
 //! a database that goes away, wake-ups, heartbeats.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use oncely::core::retry::RetryPolicy;
 use oncely::core::ErrorKind;
 use oncely::worker::WorkerStats;
@@ -285,7 +283,10 @@ async fn graceful_shutdown_finishes_or_releases_everything_and_loses_nothing() {
     .await
     .unwrap();
     assert!(!released.is_empty(), "the long jobs were released");
-    assert!(released.iter().all(|&(a, s, m)| a - s == 0 && m == 20), "a release is not an attempt (nor raises the budget): {released:?}");
+    assert!(
+        released.iter().all(|&(a, s, m)| a - s == 0 && m == 20),
+        "a release is not an attempt (nor raises the budget): {released:?}"
+    );
 
     // A new worker with short sleeps finishes the rest.
     let h = builder(db.new_pool(5).await)

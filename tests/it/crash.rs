@@ -3,11 +3,9 @@
 //!
 //! The child worker is this test binary run again with `--ignored --exact child_worker_process`.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use oncely::core::ErrorKind;
 use oncely::{enqueue, get_job, handler_fn, JobArgs, JobState, NewJob};
 use serde::{Deserialize, Serialize};
@@ -58,7 +56,8 @@ async fn a_job_of_a_worker_killed_mid_job_is_completed_by_another_within_the_lea
     sqlx::query("CREATE TABLE started (job_id bigint, pid int)").execute(pool).await.unwrap();
     let id = enqueue(pool, NewJob::new(&Slow { label: "report".into() }).unwrap()).await.unwrap().id;
 
-    let mut child = spawn_child("child_worker_process", &[("ONCELY_CHILD_DATABASE_URL", db.url())]);
+    let mut child =
+        spawn_child(concat!(module_path!(), "::child_worker_process"), &[("ONCELY_CHILD_DATABASE_URL", db.url())]);
     let pid: i32 = eventually(Duration::from_secs(30), "the child to start the job", || async {
         sqlx::query_scalar("SELECT pid FROM started WHERE job_id = $1").bind(id).fetch_optional(pool).await.unwrap()
     })

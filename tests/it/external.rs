@@ -2,13 +2,11 @@
 //! process killed between the call and the record calls again with the same key; reconcile and
 //! park behave as documented.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use oncely::core::step::{InjectedCrash, OnUnknown};
 use oncely::{enqueue, get_job, handler_fn, JobArgs, JobState, NewJob};
 use serde::{Deserialize, Serialize};
@@ -194,7 +192,7 @@ async fn a_process_killed_between_call_and_record_calls_again_with_the_same_key(
     .id;
 
     let mut child = spawn_child(
-        "external_child_worker",
+        concat!(module_path!(), "::external_child_worker"),
         &[("ONCELY_EXTERNAL_CHILD_URL", db.url()), ("ONCELY_EXTERNAL_CHILD", "1")],
     );
     eventually(Duration::from_secs(30), "the child to make the call", || async {

@@ -1,11 +1,9 @@
 //! The queue on a real PostgreSQL: transactional enqueue, unique keys under concurrency, batches,
 //! fencing, cancel and retry, bad input.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use oncely::core::lease::{self, Claim};
 use oncely::core::maintenance::rescue_expired;
 use oncely::core::ErrorKind;

@@ -1,13 +1,11 @@
 //! The effect ledger and steps on a real PostgreSQL: retries, duplicate jobs and concurrent
 //! claimants never repeat an effect.
 
-mod common;
-
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use oncely::core::ledger::{self, ClaimOptions, Claimed, LedgerKey};
 use oncely::core::step::StepScope;
 use oncely::core::{with_idempotency, with_idempotency_transactional, StepError};

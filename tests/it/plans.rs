@@ -9,12 +9,10 @@
 //! outer side scans `oncely.jobs` (the plan that made a completion batch compare every running job
 //! with every claim).
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use oncely::core::lease::{self, Claim};
 use oncely::{enqueue_many, NewJob};
 use serde_json::Value;
@@ -152,7 +150,7 @@ fn arguments(name: &str, running: &[i64]) -> String {
         "LEDGER_GET" => "'steps', 'job:4:compute', NULL".into(),
         "LEDGER_COMPLETE" => "'steps', 'job:4:compute', 1, '42', NULL".into(),
         "DELIVERY_RECORD_ATTEMPT" => format!("2, 3, 200, NULL, true, {one}, 1"),
-        other => panic!("no arguments for hot statement {other}: add them to tests/plans.rs"),
+        other => panic!("no arguments for hot statement {other}: add them to tests/it/plans.rs"),
     }
 }
 
@@ -167,7 +165,7 @@ fn intended_indexes(name: &str) -> &'static [&'static str] {
         "DELIVERY_RECORD_ATTEMPT" => {
             &["webhook_deliveries_pkey", "webhook_deliveries_order_idx", "webhook_endpoints_pkey", "jobs_pkey"]
         }
-        other => panic!("no intended indexes for hot statement {other}: add them to tests/plans.rs"),
+        other => panic!("no intended indexes for hot statement {other}: add them to tests/it/plans.rs"),
     }
 }
 

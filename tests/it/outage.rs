@@ -2,15 +2,13 @@
 //! proxy that is cut for 20 seconds (every connection dropped, new ones refused) while handlers are
 //! using the database, then restored.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use oncely::{enqueue_many, handler_fn, JobState, NewJob};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::ConnectOptions;

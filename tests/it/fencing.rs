@@ -2,13 +2,11 @@
 //! in the handler's own transaction, memoized steps after a long crash, and lease-lost reports for
 //! jobs that simply completed. Real PostgreSQL, separate connections.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use oncely::core::ledger::{self, ClaimOptions, Claimed, LedgerKey};
 use oncely::core::step::StepScope;
 use oncely::worker::WorkerStats;

@@ -1,10 +1,8 @@
 //! The inbox: an inbound event is accepted once per (source, event id), with exactly one job.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use oncely::core::inbox::{accept, Accepted};
 use oncely::{handler_fn, JobArgs, NewJob};
 use serde::{Deserialize, Serialize};

@@ -3,17 +3,15 @@
 //!
 //! The server that dies is this test binary run again with `--ignored --exact child_http_server`.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use axum::body::Body;
 use axum::extract::State;
 use axum::routing::post;
 use axum::Router;
 use chrono::{DateTime, Utc};
-use common::*;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use oncely_http::problem::Problem;
@@ -180,7 +178,8 @@ async fn a_request_in_progress_when_its_process_is_killed_runs_again_after_the_l
         sqlx::query(ddl).execute(pool).await.unwrap();
     }
 
-    let mut child = spawn_child("child_http_server", &[("ONCELY_CHILD_DATABASE_URL", db.url())]);
+    let mut child =
+        spawn_child(concat!(module_path!(), "::child_http_server"), &[("ONCELY_CHILD_DATABASE_URL", db.url())]);
     let port: i32 = eventually(Duration::from_secs(30), "the child to listen", || async {
         sqlx::query_scalar("SELECT port FROM child_port").fetch_optional(pool).await.unwrap()
     })

@@ -3,14 +3,12 @@
 //! 410, Retry-After, disabling, ordered delivery, two workers, rotation, and a delivery worker killed
 //! with SIGKILL mid-request.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use crate::common::receiver::{Hit, Receiver, Reply};
+use crate::common::*;
 use base64::Engine as _;
-use common::receiver::{Hit, Receiver, Reply};
-use common::*;
 use oncely::core::outbox::{self, publish, Event, DEFAULT_DELIVERY_QUEUE, ENDPOINT_DISABLED_TOPIC};
 use oncely::core::webhook::{
     self, create_endpoint, get_endpoint, list_deliveries, redeliver, rotate_secret, DeliveryFilter, DeliveryState,
@@ -541,7 +539,8 @@ async fn a_delivery_worker_killed_mid_request_delivers_again_with_the_same_id_an
     let ev =
         publish(pool, &Event::new("payment.succeeded", &serde_json::json!({"amount": 100})).unwrap()).await.unwrap();
 
-    let mut child = spawn_child("child_delivery_worker", &[("ONCELY_CHILD_DATABASE_URL", db.url())]);
+    let mut child =
+        spawn_child(concat!(module_path!(), "::child_delivery_worker"), &[("ONCELY_CHILD_DATABASE_URL", db.url())]);
     eventually(Duration::from_secs(30), "the child's request to arrive", || async {
         rx.hits().iter().any(|h| h.nth == 1).then_some(())
     })

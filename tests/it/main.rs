@@ -1,0 +1,32 @@
+//! The integration tests, as one test binary: one link instead of one per file, which is most of
+//! the time an incremental `cargo test` takes (docs/benchmarks.md, "Test build time"). Each file is
+//! a module; run one with `cargo test --test it -- queue::`. `tests/signal.rs` and
+//! `tests/webhook_secrets.rs` stay binaries of their own: one signals its own process, the other
+//! installs a process-wide key ring.
+
+#[path = "../common/mod.rs"]
+mod common;
+/// The report pipeline of `examples/report_pipeline`, shared by the modules that run it.
+#[path = "../../examples/report_pipeline/pipeline.rs"]
+mod pipeline;
+
+mod api;
+mod cancel_safety;
+mod crash;
+mod errors;
+mod example_restart;
+mod external;
+mod fencing;
+mod harness;
+mod http;
+mod http_crash;
+mod inbox;
+mod migrate;
+mod outage;
+mod pipeline_crash;
+mod plans;
+mod queue;
+mod steps;
+mod webhooks;
+mod webhooks_tls;
+mod worker;
