@@ -14,12 +14,17 @@
 //! Events: the [`outbox`] publishes an event inside the caller's transaction and fans it out to
 //! [`webhook`] endpoints as delivery jobs; the [`inbox`] accepts an inbound event once per
 //! `(source, event id)` together with the job that processes it.
+//!
+//! Functions: a [`function`] runs when an event it subscribes to is published (one run per
+//! subscription, created by the publishing statement) or on a cron [`schedule`] (one run per tick
+//! across the fleet).
 
 // First: its SQL macros are used by the modules below.
 #[macro_use]
 mod queries;
 mod effect;
 pub mod error;
+pub mod function;
 pub mod inbox;
 pub mod job;
 pub mod lease;
@@ -29,6 +34,7 @@ mod migrate;
 pub mod outbox;
 pub mod queue;
 pub mod retry;
+pub mod schedule;
 pub mod step;
 pub mod txn;
 pub mod webhook;
