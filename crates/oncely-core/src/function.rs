@@ -209,6 +209,16 @@ pub async fn register_functions(conn: &mut PgConnection, functions: &[Function],
         f.validate()?;
     }
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    match store_functions(&mut tx, functions, now).await {
+        Ok(()) => Ok(tx.commit().await?),
+        Err(e) => {
+            tx.rollback().await?;
+            Err(e)
+        }
+    }
+}
+
+async fn store_functions(tx: &mut PgConnection, functions: &[Function], now: DateTime<Utc>) -> Result<()> {
     for f in functions {
         let patterns: Vec<&str> = f.subscriptions.iter().map(|s| s.pattern.as_str()).collect();
         sqlx::query("DELETE FROM oncely.function_subscriptions WHERE function = $1 AND NOT (pattern = ANY($2))")
@@ -236,14 +246,13 @@ pub async fn register_functions(conn: &mut PgConnection, functions: &[Function],
         }
         match f.schedule()? {
             Some(schedule) => {
-                crate::schedule::upsert_schedule(&mut tx, &f.name, &schedule, &f.queue, f.max_attempts, now).await?
+                crate::schedule::upsert_schedule(&mut *tx, &f.name, &schedule, &f.queue, f.max_attempts, now).await?
             }
             None => {
                 sqlx::query("DELETE FROM oncely.schedules WHERE function = $1").bind(&f.name).execute(&mut *tx).await?;
             }
         }
     }
-    tx.commit().await?;
     Ok(())
 }
 
@@ -372,8 +381,8 @@ const RUN_COLUMNS: &str = "id, kind, state, attempt, args, created_at, finished_
 fn run_from_row(row: &sqlx::postgres::PgRow) -> Result<RunSummary> {
     let args: serde_json::Value = row.try_get("args")?;
     let id = JobId(row.try_get("id")?);
-    let run: RunArgs = serde_json::from_value(args)
-        .map_err(|source| Error::InvalidArgs { kind: format!("run {id}"), source })?;
+    let run: RunArgs =
+        serde_json::from_value(args).map_err(|source| Error::InvalidArgs { kind: format!("run {id}"), source })?;
     Ok(RunSummary {
         id,
         function: row.try_get("kind")?,
@@ -466,6 +475,21 @@ pub struct Rerun {
 /// recorded output. Only steps keyed by this run (`job:{id}:…`) are deleted.
 pub async fn rerun_from_step(conn: &mut PgConnection, id: JobId, step: &str) -> Result<Rerun> {
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    match rerun_in(&mut tx, id, step).await {
+        Ok(rerun) => {
+            tx.commit().await?;
+            tracing::info!(job.id = %id, step, invalidated = rerun.invalidated.len(), "run re-queued from a step");
+            Ok(rerun)
+        }
+        Err(e) => {
+            // Now, not when the connection is next used: the run's row lock would keep workers off it.
+            tx.rollback().await?;
+            Err(e)
+        }
+    }
+}
+
+async fn rerun_in(tx: &mut PgConnection, id: JobId, step: &str) -> Result<Rerun> {
     let state: Option<String> =
         sqlx::query_scalar("SELECT state FROM oncely.jobs WHERE id = $1 AND args ? 'trigger' FOR UPDATE")
             .bind(id)
@@ -520,8 +544,6 @@ pub async fn rerun_from_step(conn: &mut PgConnection, id: JobId, step: &str) -> 
         .bind(id)
         .execute(&mut *tx)
         .await?;
-    tx.commit().await?;
-    tracing::info!(job.id = %id, step, invalidated = invalidated.len(), "run re-queued from a step");
     Ok(Rerun { invalidated: invalidated.into_iter().map(|(_, k)| k).collect() })
 }
 

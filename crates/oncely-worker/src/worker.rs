@@ -15,8 +15,8 @@ use tokio_util::task::TaskTracker;
 use crate::completer::{self, CompleterMsg};
 use crate::config::{QueueConfig, WorkerConfig};
 use crate::error::{Error, Result};
-use crate::handler::{ErasedHandler, Handler, Typed};
 use crate::function::{Clock, FunctionHandler};
+use crate::handler::{ErasedHandler, Handler, Typed};
 use crate::{fetcher, function, heartbeat, listener, maintenance};
 use oncely_core::function::Function;
 
