@@ -54,3 +54,8 @@ pub struct ReadmeDoctests;
 #[cfg(doctest)]
 #[derive(Debug)]
 pub struct WebhooksGuideDoctests;
+
+#[doc = include_str!("../docs/functions.md")]
+#[cfg(doctest)]
+#[derive(Debug)]
+pub struct FunctionsGuideDoctests;
