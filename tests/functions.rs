@@ -451,3 +451,34 @@ async fn run_history_shows_the_steps_and_a_rerun_from_a_step_keeps_business_key_
     );
     assert_eq!(oncely::get_job(db.pool(), run.id).await.unwrap().state, JobState::Completed);
 }
+
+#[tokio::test]
+async fn subscriptions_are_not_retroactive_and_expired_event_keys_are_pruned() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let early = publish(db.pool(), &Event::from_json("invoice.paid", serde_json::json!({})).key("k")).await.unwrap();
+    assert_eq!(early.runs, 0, "no subscription stored yet: no run");
+    let mut conn = db.pool().acquire().await.unwrap();
+    let def = Function::new("a").on_event("invoice.*");
+    function::register_functions(&mut conn, std::slice::from_ref(&def), Utc::now()).await.unwrap();
+    let later = publish(db.pool(), &Event::from_json("invoice.paid", serde_json::json!({}))).await.unwrap();
+    assert_eq!(later.runs, 1);
+    let runs: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE kind = 'a'").fetch_one(db.pool()).await.unwrap();
+    assert_eq!(runs, 1, "the earlier event got no run when the subscription appeared");
+    // A worker whose function goes to a queue it does not serve is refused at build.
+    let refused = builder(db.pool().clone())
+        .function(Function::new("b").on_event("x").queue("elsewhere"), |_c: JobContext, _t: Trigger| async { Ok(()) })
+        .queue("default", 1)
+        .build();
+    assert!(refused.is_err());
+    // Maintenance prunes expired keys only.
+    sqlx::query("UPDATE oncely.event_keys SET expires_at = now() - interval '1 second'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    publish(db.pool(), &Event::from_json("invoice.paid", serde_json::json!({})).key("live")).await.unwrap();
+    assert_eq!(oncely::schedule::prune_event_keys(db.pool(), 100).await.unwrap(), 1);
+    let keys: Vec<String> = sqlx::query_scalar("SELECT key FROM oncely.event_keys").fetch_all(db.pool()).await.unwrap();
+    assert_eq!(keys, ["live"]);
+}
