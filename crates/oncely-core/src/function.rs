@@ -377,6 +377,9 @@ pub struct RunDetail {
 }
 
 const RUN_COLUMNS: &str = "id, kind, state, attempt, args, created_at, finished_at";
+/// Which jobs are runs: their args carry an event or cron trigger (an ordinary job whose args
+/// happen to have a `trigger` field of another shape is not one).
+const IS_RUN: &str = "(args -> 'trigger' ? 'event' OR args -> 'trigger' ? 'cron')";
 
 fn run_from_row(row: &sqlx::postgres::PgRow) -> Result<RunSummary> {
     let args: serde_json::Value = row.try_get("args")?;
@@ -402,7 +405,7 @@ pub async fn list_runs<'e>(
     limit: i64,
 ) -> Result<Vec<RunSummary>> {
     let rows = sqlx::query(&format!(
-        "SELECT {RUN_COLUMNS} FROM oncely.jobs WHERE args ? 'trigger' AND ($1::text IS NULL OR kind = $1) \
+        "SELECT {RUN_COLUMNS} FROM oncely.jobs WHERE {IS_RUN} AND ($1::text IS NULL OR kind = $1) \
          ORDER BY id DESC LIMIT $2"
     ))
     .bind(function)
@@ -415,7 +418,7 @@ pub async fn list_runs<'e>(
 /// One run with its steps (from the effect ledger) and errors: steps keyed by the run
 /// (`job:{id}:…`), and business-key steps last claimed by one of its attempts.
 pub async fn run_history(conn: &mut PgConnection, id: JobId) -> Result<RunDetail> {
-    let row = sqlx::query(&format!("SELECT {RUN_COLUMNS}, errors FROM oncely.jobs WHERE id = $1 AND args ? 'trigger'"))
+    let row = sqlx::query(&format!("SELECT {RUN_COLUMNS}, errors FROM oncely.jobs WHERE id = $1 AND {IS_RUN}"))
         .bind(id)
         .fetch_optional(&mut *conn)
         .await?
@@ -491,7 +494,7 @@ pub async fn rerun_from_step(conn: &mut PgConnection, id: JobId, step: &str) -> 
 
 async fn rerun_in(tx: &mut PgConnection, id: JobId, step: &str) -> Result<Rerun> {
     let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM oncely.jobs WHERE id = $1 AND args ? 'trigger' FOR UPDATE")
+        sqlx::query_scalar(&format!("SELECT state FROM oncely.jobs WHERE id = $1 AND {IS_RUN} FOR UPDATE"))
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
