@@ -37,9 +37,10 @@ pub use oncely_core::{
     with_idempotency, with_idempotency_transactional, Enqueued, Error, Idempotent, Job, JobArgs, JobFilter, JobId,
     JobState, MigrateReport, NewJob, Result, StepError,
 };
-pub use oncely_core::{inbox, ledger, outbox, secrets, webhook, InsertOpts};
+pub use oncely_core::{function, inbox, ledger, outbox, schedule, secrets, webhook, InsertOpts};
 pub use oncely_worker::{
-    handler_fn, Handler, HandlerResult, JobContext, Outcome, ResultExt, Worker, WorkerConfig, WorkerHandle,
+    handler_fn, FunctionHandler, Handler, HandlerResult, JobContext, Outcome, ResultExt, Worker, WorkerConfig,
+    WorkerHandle,
 };
 
 /// The README's code blocks, compiled as doctests so the quick start stays true.
@@ -53,3 +54,8 @@ pub struct ReadmeDoctests;
 #[cfg(doctest)]
 #[derive(Debug)]
 pub struct WebhooksGuideDoctests;
+
+#[doc = include_str!("../docs/functions.md")]
+#[cfg(doctest)]
+#[derive(Debug)]
+pub struct FunctionsGuideDoctests;

@@ -6,6 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use oncely_core::function::{Function, Trigger};
+use oncely_core::outbox::{publish_many, Event};
+use oncely_core::schedule::tick_due;
 use oncely_core::{JobArgs, NewJob};
 use oncely_worker::{handler_fn, Worker, WorkerHandle, WorkerStats};
 use serde::{Deserialize, Serialize};
@@ -36,6 +39,12 @@ const QUEUE: &str = "bench";
 const ANALYZE_CONCURRENCIES: [usize; 3] = [16, 100, 256];
 /// The queue of the one-by-one phase's jobs: not served, so the drain sees exactly `--jobs` jobs.
 const UNSERVED_QUEUE: &str = "bench_unserved";
+/// No-op functions subscribed to the fan-out phase's topic: each event starts this many runs.
+const FANOUT_FUNCTIONS: usize = 3;
+/// The fan-out phase's topic.
+const FANOUT_TOPIC: &str = "bench.fanout";
+/// The cron phase's function (every second; ticked by hand with an injected time).
+const CRON_FUNCTION: &str = "bench-cron";
 
 /// Options of `oncely bench`.
 #[derive(clap::Args, Debug)]
@@ -116,6 +125,10 @@ struct Report {
     max: Duration,
     plain_step: f64,
     tx_step: f64,
+    /// Runs per second of events fanned out to [`FANOUT_FUNCTIONS`] no-op functions (publish and drain).
+    fanout: f64,
+    /// Cron runs per second, one `tick_due` transaction each (tick and drain).
+    cron: f64,
     /// The `--analyze` drains.
     drains: Vec<Drain>,
 }
@@ -358,7 +371,17 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
     }
     drop(warm);
     let (started_tx, mut started_rx) = mpsc::unbounded_channel::<(u64, Instant)>();
-    let worker = Worker::builder(worker_pool.clone())
+    let mut builder = Worker::builder(worker_pool.clone());
+    for i in 0..FANOUT_FUNCTIONS {
+        builder = builder.function(
+            Function::new(format!("bench-fanout-{i}")).on_event(FANOUT_TOPIC).queue(QUEUE),
+            |_ctx, _t: Trigger| async { Ok(()) },
+        );
+    }
+    let worker = builder
+        .function(Function::new(CRON_FUNCTION).cron("* * * * * *", "UTC").queue(QUEUE), |_ctx, _t: Trigger| async {
+            Ok(())
+        })
         .register(handler_fn(|_ctx, _args: BenchNoop| async { Ok(()) }))
         .register(handler_fn(|ctx, _args: BenchPlainStep| async move {
             let _n: u32 = ctx.step("compute").run(|| async { Ok::<_, std::io::Error>(42) }).await?;
@@ -388,20 +411,25 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
             }
         }))
         .queue(QUEUE, a.concurrency)
-        .configure(|c| c.fetch_batch = fetch_batch)
+        .configure(|c| {
+            c.fetch_batch = fetch_batch;
+            // The cron phase ticks by hand.
+            c.scheduler = false;
+        })
         .build()?;
+    worker.register_functions().await?;
     let t = Instant::now();
     let handle = worker.start();
     let drained = wait_completed(&handle, n as u64).await;
     let elapsed = t.elapsed();
     let result = match drained {
-        Ok(()) => after_drain(&mut conn, &handle, &mut started_rx, n, elapsed, a.latency_samples).await,
+        Ok(()) => after_drain(&mut conn, &worker_pool, &handle, &mut started_rx, n, elapsed, a.latency_samples).await,
         Err(e) => Err(e),
     };
     handle.shutdown_within(Duration::from_secs(5)).await;
     worker_pool.close().await;
     let _ = conn.close().await;
-    let (processing, (p50, p99, max), (plain_step, tx_step)) = result?;
+    let (processing, (p50, p99, max), (plain_step, tx_step), (fanout, cron)) = result?;
     Ok(Report {
         base_one,
         base_one_paired,
@@ -416,6 +444,8 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
         max,
         plain_step,
         tx_step,
+        fanout,
+        cron,
         drains: Vec::new(),
     })
 }
@@ -504,12 +534,13 @@ async fn drain_once(
 /// Phase 5's check and figure, then phase 6.
 async fn after_drain(
     conn: &mut PgConnection,
+    pool: &sqlx::PgPool,
     handle: &WorkerHandle,
     started_rx: &mut mpsc::UnboundedReceiver<(u64, Instant)>,
     n: usize,
     elapsed: Duration,
     samples: usize,
-) -> Result<(f64, (Duration, Duration, Duration), (f64, f64)), Fail> {
+) -> Result<(f64, (Duration, Duration, Duration), (f64, f64), (f64, f64)), Fail> {
     let (completed, total): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE state = 'completed'), count(*) FROM oncely.jobs WHERE queue = $1",
     )
@@ -535,7 +566,8 @@ async fn after_drain(
         ms(lat.2)
     );
     let steps = step_costs(conn, handle, n / 2).await?;
-    Ok((processing, lat, steps))
+    let functions = function_costs(conn, pool, handle, n / 2).await?;
+    Ok((processing, lat, steps, functions))
 }
 
 /// Phase 7: the same worker drains `m` jobs with one memoized step each, then `m` with one
@@ -562,6 +594,65 @@ async fn step_costs(conn: &mut PgConnection, handle: &WorkerHandle, m: usize) ->
         return Err(Fail(format!("the transactional step made {effects} effects for {m} jobs")));
     }
     Ok((rates[0], rates[1]))
+}
+
+/// Phase 8: about `m` runs from events fanned out to [`FANOUT_FUNCTIONS`] no-op functions (published
+/// in batches, then drained), then `m / 10` cron runs, each ticked by its own `tick_due` transaction
+/// at an injected time one second after the last, and drained.
+async fn function_costs(
+    conn: &mut PgConnection,
+    pool: &sqlx::PgPool,
+    handle: &WorkerHandle,
+    m: usize,
+) -> Result<(f64, f64), Fail> {
+    let events = (m / FANOUT_FUNCTIONS).max(1);
+    let runs = events * FANOUT_FUNCTIONS;
+    let batch: Vec<Event> =
+        (0..ENQUEUE_BATCH.min(events)).map(|_| Event::from_json(FANOUT_TOPIC, serde_json::json!({}))).collect();
+    let before = WorkerStats::get(&handle.stats().completed);
+    let t = Instant::now();
+    let mut left = events;
+    while left > 0 {
+        let k = left.min(batch.len());
+        let published = publish_many(&mut *conn, &batch[..k]).await?;
+        if published.iter().any(|p| p.runs != FANOUT_FUNCTIONS as i64) {
+            return Err(Fail("an event did not start one run per subscribed function".into()));
+        }
+        left -= k;
+    }
+    wait_completed(handle, before + runs as u64).await?;
+    let elapsed = t.elapsed();
+    let fanout = runs as f64 / elapsed.as_secs_f64();
+    println!(
+        "[8] fan-out: {events} events x {FANOUT_FUNCTIONS} functions = {runs} runs in {:.3} s = {} runs/s",
+        elapsed.as_secs_f64(),
+        thousands(fanout)
+    );
+
+    let ticks = (m / 10).max(1);
+    let mut next: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT next_tick FROM oncely.schedules WHERE function = $1")
+            .bind(CRON_FUNCTION)
+            .fetch_one(&mut *conn)
+            .await?;
+    let before = WorkerStats::get(&handle.stats().completed);
+    let t = Instant::now();
+    for _ in 0..ticks {
+        let enqueued = tick_due(pool, Some(next)).await?;
+        if enqueued.len() != 1 {
+            return Err(Fail(format!("a tick enqueued {} runs", enqueued.len())));
+        }
+        next += chrono::Duration::seconds(1);
+    }
+    wait_completed(handle, before + ticks as u64).await?;
+    let elapsed = t.elapsed();
+    let cron = ticks as f64 / elapsed.as_secs_f64();
+    println!(
+        "[8] cron: {ticks} ticks, one transaction each, in {:.3} s = {} runs/s",
+        elapsed.as_secs_f64(),
+        thousands(cron)
+    );
+    Ok((fanout, cron))
 }
 
 /// Single-row INSERTs, each its own transaction, from `connections` connections at once for
@@ -704,6 +795,16 @@ fn print_summary(a: &BenchArgs, r: &Report) {
         "1 transactional step per job: {:>9} jobs/s ({:.2}x no-op jobs)",
         thousands(r.tx_step),
         r.tx_step / r.processing
+    );
+    println!(
+        "fan-out to {FANOUT_FUNCTIONS} functions:       {:>9} runs/s ({:.2}x no-op jobs)",
+        thousands(r.fanout),
+        r.fanout / r.processing
+    );
+    println!(
+        "cron, 1 tick transaction/run: {:>9} runs/s ({:.2}x no-op jobs)",
+        thousands(r.cron),
+        r.cron / r.processing
     );
     for c in ANALYZE_CONCURRENCIES {
         let rate = |analyzed| r.drains.iter().find(|d| d.concurrency == c && d.analyzed == analyzed).map(|d| d.rate);

@@ -5,6 +5,7 @@ mod bench;
 mod duration;
 mod jobs;
 mod ledger;
+mod runs;
 mod table;
 mod webhooks;
 
@@ -46,6 +47,11 @@ enum Cmd {
     Ledger {
         #[command(subcommand)]
         cmd: LedgerCmd,
+    },
+    /// Function runs: list, show (trigger and steps), re-run from a step.
+    Runs {
+        #[command(subcommand)]
+        cmd: runs::RunsCmd,
     },
     /// Job counts per queue and state.
     Stats,
@@ -383,6 +389,7 @@ async fn dispatch(pool: &sqlx::PgPool, cmd: Cmd) -> Result<(), Fail> {
             WebhooksCmd::Enable { endpoint } => webhooks::enable(pool, endpoint).await,
             WebhooksCmd::Disable { endpoint, reason } => webhooks::disable(pool, endpoint, &reason).await,
         },
+        Cmd::Runs { cmd } => runs::run(pool, cmd).await,
         Cmd::Stats => jobs::stats(pool).await,
         Cmd::Purge { older_than, dead_older_than } => jobs::purge(pool, older_than, dead_older_than).await,
         Cmd::Bench(_) => Err(Fail("bench runs without a shared pool".into())),

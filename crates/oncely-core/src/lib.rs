@@ -14,6 +14,10 @@
 //! Events: the [`outbox`] publishes an event inside the caller's transaction and fans it out to
 //! [`webhook`] endpoints as delivery jobs; the [`inbox`] accepts an inbound event once per
 //! `(source, event id)` together with the job that processes it.
+//!
+//! Functions: a [`function`] runs when an event it subscribes to is published (one run per
+//! subscription, created by the publishing statement) or on a cron [`schedule`] (one run per tick
+//! across the fleet).
 
 // First: the job's SQL macros (in `job::sql`) are used by the modules below.
 #[macro_use]
@@ -21,6 +25,7 @@ pub mod job;
 mod boundary;
 mod effect;
 pub mod error;
+pub mod function;
 mod idempotency;
 pub mod inbox;
 pub mod lease;
@@ -30,6 +35,7 @@ mod migrate;
 pub mod outbox;
 pub mod queue;
 pub mod retry;
+pub mod schedule;
 pub mod secrets;
 pub mod step;
 pub mod txn;

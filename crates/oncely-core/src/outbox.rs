@@ -12,7 +12,19 @@
 //! are serialized (and only those). Endpoints created with `ordered` receive such events one at a
 //! time, in that order.
 //!
-//! What is *not* promised: an endpoint created after an event was published does not receive it.
+//! The same statement starts one run per function subscribed to the topic (see
+//! [`function`](crate::function)): a job of the function's kind carrying the event. Runs, like
+//! deliveries, exist if and only if the publishing transaction commits.
+//!
+//! An event may carry an idempotency [`key`](Event::key): a second publish with a live key (24 hours
+//! by default) stores nothing and answers with the first event, marked
+//! [`duplicate`](Published::duplicate).
+//!
+//! What is *not* promised: an endpoint created, or a function subscribed, after an event was
+//! published does not receive it. Subscriptions are not retroactive: events published while no
+//! worker had stored a function's subscription start no run of it.
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -67,7 +79,15 @@ pub struct Event {
     pub(crate) ordering_key: Option<String>,
     pub(crate) queue: String,
     pub(crate) max_attempts: i32,
+    pub(crate) key: Option<String>,
+    pub(crate) key_window: Duration,
 }
+
+/// Defaults to 24 hours (Inngest's event id window): how long an event's idempotency key makes a
+/// later publish with the same key a no-op.
+pub const DEFAULT_EVENT_KEY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// The longest event idempotency key, in bytes.
+pub const MAX_EVENT_KEY_LEN: usize = 1024;
 
 impl Event {
     /// An event on `topic` with `payload` serialized to JSON.
@@ -86,7 +106,25 @@ impl Event {
             ordering_key: None,
             queue: DEFAULT_DELIVERY_QUEUE.to_owned(),
             max_attempts: DEFAULT_DELIVERY_ATTEMPTS,
+            key: None,
+            key_window: DEFAULT_EVENT_KEY_WINDOW,
         }
+    }
+
+    /// An idempotency key (seed 002's event key, Inngest's event `id`): a later publish with the
+    /// same key, while the first one's key is live ([`key_window`](Self::key_window)), stores
+    /// nothing, fans out nothing, and returns the first event with [`Published::duplicate`] set.
+    /// Concurrent publishers with one key are serialized on it: exactly one stores the event (if its
+    /// transaction rolls back, the next one does).
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// How long the [`key`](Self::key) deduplicates. Defaults to [`DEFAULT_EVENT_KEY_WINDOW`].
+    pub fn key_window(mut self, window: Duration) -> Self {
+        self.key_window = window;
+        self
     }
 
     /// Events with the same ordering key reach ordered endpoints one at a time, in commit order.
@@ -112,6 +150,12 @@ impl Event {
         if let Some(key) = &self.ordering_key {
             crate::job::check_len("ordering key", key, MAX_TOPIC_LEN)?;
         }
+        if let Some(key) = &self.key {
+            crate::job::check_len("event key", key, MAX_EVENT_KEY_LEN)?;
+        }
+        if self.key_window.is_zero() {
+            return Err(Error::InvalidInput("event key window must be positive".into()));
+        }
         crate::job::check_delivery(&self.queue, self.max_attempts)
     }
 }
@@ -134,8 +178,13 @@ pub struct Published {
     pub id: EventId,
     /// Its Standard Webhooks message id (`webhook-id`), the same on every delivery attempt.
     pub message_id: String,
-    /// How many endpoints it will be delivered to.
+    /// How many endpoints it will be delivered to (0 for a duplicate).
     pub deliveries: i64,
+    /// How many function runs it started (0 for a duplicate).
+    pub runs: i64,
+    /// True when its [`key`](Event::key) was already used by a live event: nothing was stored, and
+    /// `id` and `message_id` are the earlier event's.
+    pub duplicate: bool,
 }
 
 /// The `webhook-id` of an event: `msg_` and its uuid in hex.
@@ -144,33 +193,55 @@ pub fn message_id(uid: uuid::Uuid) -> String {
 }
 
 /// Insert a batch of events, one delivery job and one delivery row per (event, subscribed
-/// endpoint), in one statement. Returns one row per event, in input order.
+/// endpoint), and one function run per (event, matching function subscription), in one statement.
+/// Events whose idempotency key is held by a live earlier event are not stored: their row answers
+/// with the earlier event (`duplicate`). Returns one row per input event, in input order.
 const EVENT_PUBLISH_MANY: &str = concat!(
     r#"
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[], $5::int[])
-        WITH ORDINALITY AS t(topic, payload, ordering_key, queue, max_attempts, ord)
+    SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[], $5::int[], $8::text[], $9::float8[])
+        WITH ORDINALITY AS t(topic, payload, ordering_key, queue, max_attempts, event_key, key_window, ord)
 ), lock AS (
     -- A transaction lock per ordering key, taken in key order so that two batches never wait for
     -- each other crosswise. Held until the caller commits: events of one key are numbered in
     -- commit order.
     SELECT count(pg_advisory_xact_lock(hashtextextended('oncely.events/' || k, 0))) AS locked
     FROM (SELECT DISTINCT ordering_key AS k FROM input WHERE ordering_key IS NOT NULL ORDER BY 1) AS keys
+), drawn AS (
+    -- Ids are drawn after the locks, in input order (referenced twice, so computed once per row).
+    SELECT i.*, nextval(pg_get_serial_sequence('oncely.events', 'id')) AS new_id, gen_random_uuid() AS new_uid
+    FROM input i CROSS JOIN lock
+), claims AS (
+    -- One claim per distinct key (its first occurrence in the batch). DO UPDATE, not DO NOTHING:
+    -- it waits for a concurrent publisher of the key, then locks and returns the row it committed
+    -- even though this statement's snapshot cannot see it. A live key keeps its event (this one is
+    -- a duplicate); an expired one is taken over.
+    INSERT INTO oncely.event_keys AS k (key, event_id, event_uid, expires_at)
+    SELECT DISTINCT ON (event_key) event_key, new_id, new_uid, now() + make_interval(secs => key_window)
+    FROM drawn WHERE event_key IS NOT NULL ORDER BY event_key, ord
+    ON CONFLICT (key) DO UPDATE SET
+        event_id   = CASE WHEN k.expires_at <= now() THEN EXCLUDED.event_id ELSE k.event_id END,
+        event_uid  = CASE WHEN k.expires_at <= now() THEN EXCLUDED.event_uid ELSE k.event_uid END,
+        created_at = CASE WHEN k.expires_at <= now() THEN now() ELSE k.created_at END,
+        expires_at = CASE WHEN k.expires_at <= now() THEN EXCLUDED.expires_at ELSE k.expires_at END
+    RETURNING key, event_id, event_uid
+), resolved AS (
+    SELECT d.*, coalesce(c.event_id, d.new_id) AS id, coalesce(c.event_uid, d.new_uid) AS uid,
+           coalesce(c.event_id <> d.new_id, false) AS duplicate
+    FROM drawn d LEFT JOIN claims c ON c.key = d.event_key
+), fresh AS (
+    SELECT * FROM resolved WHERE NOT duplicate
 ), ev AS (
-    INSERT INTO oncely.events (topic, payload, ordering_key)
-    SELECT topic, payload, ordering_key FROM input CROSS JOIN lock ORDER BY ord
-    RETURNING id, uid, topic, ordering_key
-), numbered AS (
-    -- Ids are drawn in insertion order, which is input order.
-    SELECT ev.*, row_number() OVER (ORDER BY ev.id) AS ord FROM ev
+    INSERT INTO oncely.events (id, uid, topic, payload, ordering_key) OVERRIDING SYSTEM VALUE
+    SELECT id, uid, topic, payload, ordering_key FROM fresh ORDER BY ord
+    RETURNING id
 ), targets AS (
-    SELECT n.id AS event_id, n.ordering_key, i.queue, i.max_attempts, p.id AS endpoint_id, p.ordered
-    FROM numbered n
-    JOIN input i ON i.ord = n.ord
+    SELECT f.id AS event_id, f.ordering_key, f.queue, f.max_attempts, p.id AS endpoint_id, p.ordered
+    FROM fresh f
     -- '*' receives every topic except the operational ones under 'oncely.', which can name other
     -- endpoints (and so other tenants): those go only to endpoints that subscribe to them by name.
     JOIN oncely.webhook_endpoints p
-      ON p.enabled AND p.topics && ARRAY[n.topic::text, CASE WHEN starts_with(n.topic, $7) THEN NULL ELSE '*' END]
+      ON p.enabled AND p.topics && ARRAY[f.topic::text, CASE WHEN starts_with(f.topic, $7) THEN NULL ELSE '*' END]
 ), jobs AS (
     INSERT INTO oncely.jobs (kind, queue, args, max_attempts)
     SELECT $6, queue, jsonb_build_object('event_id', event_id, 'endpoint_id', endpoint_id), max_attempts
@@ -186,10 +257,31 @@ WITH input AS (
     RETURNING event_id
 ), counts AS (
     SELECT event_id, count(*) AS n FROM deliveries GROUP BY event_id
+), runs AS (
+    -- One run per matching function subscription: a job of the function's kind carrying the event.
+    -- Prefix patterns follow the endpoints' rule: 'oncely.' topics only reach patterns naming them.
+    INSERT INTO oncely.jobs (kind, queue, args, max_attempts)
+    SELECT s.function, s.queue,
+           jsonb_build_object('trigger', jsonb_build_object('event', jsonb_build_object(
+               'id', f.id, 'topic', f.topic, 'payload', f.payload, 'key', f.event_key,
+               'ordering_key', f.ordering_key, 'published_at', now()))),
+           s.max_attempts
+    FROM fresh f
+    JOIN oncely.function_subscriptions s
+      ON (s.topic = f.topic
+          OR (starts_with(f.topic, s.topic_prefix) AND (NOT starts_with(f.topic, $7) OR starts_with(s.topic_prefix, $7))))
+     AND (s.filter IS NULL OR f.payload @> s.filter)
+    RETURNING (args #>> '{trigger,event,id}')::bigint AS event_id, pg_notify("#,
+    jobs_channel!(),
+    r#", queue) IS NULL AS notified
+), run_counts AS (
+    SELECT event_id, count(*) AS n FROM runs GROUP BY event_id
 )
-SELECT n.id, n.uid, coalesce(c.n, 0) AS deliveries
-FROM numbered n LEFT JOIN counts c ON c.event_id = n.id
-ORDER BY n.ord
+SELECT r.id, r.uid, r.duplicate, coalesce(c.n, 0) AS deliveries, coalesce(rc.n, 0) AS runs
+FROM resolved r
+LEFT JOIN counts c ON c.event_id = r.id AND NOT r.duplicate
+LEFT JOIN run_counts rc ON rc.event_id = r.id AND NOT r.duplicate
+ORDER BY r.ord
 "#
 );
 
@@ -243,6 +335,8 @@ pub async fn publish_many<'e>(executor: impl PgExecutor<'e>, events: &[Event]) -
     let keys: Vec<Option<&str>> = events.iter().map(|e| e.ordering_key.as_deref()).collect();
     let queues: Vec<&str> = events.iter().map(|e| e.queue.as_str()).collect();
     let max_attempts: Vec<i32> = events.iter().map(|e| e.max_attempts).collect();
+    let event_keys: Vec<Option<&str>> = events.iter().map(|e| e.key.as_deref()).collect();
+    let windows: Vec<f64> = events.iter().map(|e| e.key_window.as_secs_f64()).collect();
     let rows = sqlx::query(EVENT_PUBLISH_MANY)
         .bind(&topics)
         .bind(&payloads)
@@ -251,6 +345,8 @@ pub async fn publish_many<'e>(executor: impl PgExecutor<'e>, events: &[Event]) -
         .bind(&max_attempts)
         .bind(DELIVERY_KIND)
         .bind(OPERATIONAL_TOPIC_PREFIX)
+        .bind(&event_keys)
+        .bind(&windows)
         .fetch_all(executor)
         .await?;
     if rows.len() != events.len() {
@@ -262,6 +358,8 @@ pub async fn publish_many<'e>(executor: impl PgExecutor<'e>, events: &[Event]) -
                 id: EventId(row.try_get("id")?),
                 message_id: message_id(row.try_get("uid")?),
                 deliveries: row.try_get("deliveries")?,
+                runs: row.try_get("runs")?,
+                duplicate: row.try_get("duplicate")?,
             })
         })
         .collect()

@@ -26,6 +26,9 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Defaults to 1 s: how often the elected maintenance leader renews its lease and rescues
 /// expired claims.
 pub const DEFAULT_MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// Defaults to 1 s: how often every worker looks for due cron ticks (a tick's run is enqueued up to
+/// this late).
+pub const DEFAULT_SCHEDULER_INTERVAL: Duration = Duration::from_secs(1);
 /// Defaults to 60 s: how often finished jobs past retention are pruned.
 pub const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// Defaults to 1 hour: how often expired ledger records (step records, idempotency keys) are
@@ -93,6 +96,11 @@ pub struct WorkerConfig {
     pub event_retention: Duration,
     /// Retention of inbox records. Defaults to [`DEFAULT_INBOX_RETENTION`].
     pub inbox_retention: Duration,
+    /// Enqueue the runs of due cron ticks (every worker may; a tick still gets one run). Defaults to
+    /// true.
+    pub scheduler: bool,
+    /// How often the scheduler looks for due ticks. Defaults to [`DEFAULT_SCHEDULER_INTERVAL`].
+    pub scheduler_interval: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -116,6 +124,8 @@ impl Default for WorkerConfig {
             dead_retention: DEFAULT_DEAD_RETENTION,
             event_retention: DEFAULT_EVENT_RETENTION,
             inbox_retention: DEFAULT_INBOX_RETENTION,
+            scheduler: true,
+            scheduler_interval: DEFAULT_SCHEDULER_INTERVAL,
         }
     }
 }
@@ -154,6 +164,7 @@ impl WorkerConfig {
             ("maintenance_interval", self.maintenance_interval),
             ("prune_interval", self.prune_interval),
             ("ledger_cleanup_interval", self.ledger_cleanup_interval),
+            ("scheduler_interval", self.scheduler_interval),
         ] {
             if d.is_zero() {
                 return Err(format!("{what} must be positive"));

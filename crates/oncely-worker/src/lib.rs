@@ -23,6 +23,7 @@ pub mod config;
 pub mod error;
 mod executor;
 mod fetcher;
+pub mod function;
 pub mod handler;
 mod heartbeat;
 pub mod listener;
@@ -31,6 +32,7 @@ mod worker;
 
 pub use config::{QueueConfig, WorkerConfig};
 pub use error::{Error, Result};
+pub use function::{Clock, FunctionHandler};
 pub use handler::{handler_fn, FnHandler, Handler, HandlerResult, JobContext, Outcome, ResultExt};
 #[doc(hidden)]
 pub use worker::CompletionHook;

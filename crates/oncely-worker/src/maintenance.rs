@@ -124,9 +124,10 @@ async fn prune(shared: &Shared) -> oncely_core::Result<u64> {
         in_batches("events", || oncely_core::outbox::prune_events(pool, cfg.event_retention, PRUNE_BATCH)).await?;
     let inbox =
         in_batches("inbox records", || oncely_core::inbox::prune_inbox(pool, cfg.inbox_retention, PRUNE_BATCH)).await?;
+    let keys = in_batches("event keys", || oncely_core::schedule::prune_event_keys(pool, PRUNE_BATCH)).await?;
     // This task records a run every minute or so: keep a week of those.
     in_batches("prune run records", || prune_runs(pool, PRUNE_TASK, PRUNE_RUNS_KEPT, PRUNE_BATCH)).await?;
-    Ok(jobs + events + inbox)
+    Ok(jobs + events + inbox + keys)
 }
 
 /// Run a batch delete until it deletes less than a full batch; returns how many in all.

@@ -15,8 +15,10 @@ use tokio_util::task::TaskTracker;
 use crate::completer::{self, CompleterMsg};
 use crate::config::{QueueConfig, WorkerConfig};
 use crate::error::{Error, Result};
+use crate::function::{Clock, FunctionHandler};
 use crate::handler::{ErasedHandler, Handler, Typed};
-use crate::{fetcher, heartbeat, listener, maintenance};
+use crate::{fetcher, function, heartbeat, listener, maintenance};
+use oncely_core::function::Function;
 
 /// Builds a [`Worker`].
 ///
@@ -51,6 +53,8 @@ pub struct WorkerBuilder {
     duplicate_kinds: Vec<String>,
     step_hook: Option<BoundaryHook>,
     completion_hook: Option<CompletionHook>,
+    functions: Vec<Function>,
+    clock: Option<Clock>,
     /// The id set with [`worker_id`](Self::worker_id), kept across [`config`](Self::config).
     worker_id: Option<String>,
 }
@@ -78,6 +82,29 @@ impl WorkerBuilder {
         if self.handlers.insert(A::KIND.to_owned(), Arc::new(Typed::<A, H>::new(handler))).is_some() {
             self.duplicate_kinds.push(A::KIND.to_owned());
         }
+        self
+    }
+
+    /// Register a function: `handler` runs its runs (jobs of kind `function.name()`), reading an
+    /// event's payload as `T`. At start the worker stores the function's subscriptions and schedule
+    /// (see [`crate::function`]).
+    pub fn function<T, H>(mut self, function: Function, handler: H) -> Self
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+        H: FunctionHandler<T>,
+    {
+        let erased = crate::function::Erased::<T, H>::new(handler, function.name(), function.queue_name());
+        if self.handlers.insert(function.name().to_owned(), Arc::new(erased)).is_some() {
+            self.duplicate_kinds.push(function.name().to_owned());
+        }
+        self.functions.push(function);
+        self
+    }
+
+    /// The clock the cron scheduler reads instead of the database's (for tests that move time by
+    /// hand; it also dates the first tick of a newly stored schedule).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = Some(clock);
         self
     }
 
@@ -153,6 +180,9 @@ impl WorkerBuilder {
             return Err(Error::Config("no handler registered".into()));
         }
         self.config.validate().map_err(Error::Config)?;
+        for f in &self.functions {
+            f.validate().map_err(|e| Error::Config(format!("function `{}`: {e}", f.name())))?;
+        }
         let mut kinds: Vec<_> = self.handlers.iter().collect();
         kinds.sort_by(|a, b| a.0.cmp(b.0));
         for (kind, handler) in kinds {
@@ -188,6 +218,8 @@ impl WorkerBuilder {
             handlers: self.handlers,
             step_hook: self.step_hook,
             completion_hook: self.completion_hook,
+            functions: self.functions,
+            clock: self.clock,
         })
     }
 }
@@ -199,6 +231,8 @@ pub struct Worker {
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
     step_hook: Option<BoundaryHook>,
     completion_hook: Option<CompletionHook>,
+    functions: Vec<Function>,
+    clock: Option<Clock>,
 }
 
 /// Test support: see [`WorkerBuilder::completion_hook`].
@@ -300,6 +334,28 @@ pub(crate) struct Shared {
     pub(crate) completion_hook: Option<CompletionHook>,
     /// Each served queue's fetcher wake-up.
     pub(crate) wakers: HashMap<String, Arc<Notify>>,
+    /// The registered functions' definitions.
+    pub(crate) functions: Vec<Function>,
+    /// The scheduler's clock; `None`: the database's.
+    pub(crate) clock: Option<Clock>,
+}
+
+/// Store `functions`' definitions, dating new schedules by `clock` (else the database clock).
+pub(crate) async fn register_functions(
+    pool: &sqlx::PgPool,
+    functions: &[Function],
+    clock: &Option<Clock>,
+) -> Result<()> {
+    if functions.is_empty() {
+        return Ok(());
+    }
+    let mut conn = pool.acquire().await.map_err(oncely_core::Error::from)?;
+    let now = match clock {
+        Some(c) => c(),
+        None => sqlx::query_scalar("SELECT now()").fetch_one(&mut *conn).await.map_err(oncely_core::Error::from)?,
+    };
+    oncely_core::function::register_functions(&mut conn, functions, now).await?;
+    Ok(())
 }
 
 impl Shared {
@@ -351,8 +407,17 @@ impl Worker {
             duplicate_kinds: Vec::new(),
             step_hook: None,
             completion_hook: None,
+            functions: Vec::new(),
+            clock: None,
             worker_id: None,
         }
+    }
+
+    /// Store the registered functions' subscriptions and schedules now. [`start`](Self::start) does
+    /// it too (retrying in the background); call this first when events must start runs as soon as
+    /// the worker is up (e.g. publishing right after, in a test).
+    pub async fn register_functions(&self) -> Result<()> {
+        register_functions(&self.pool, &self.functions, &self.clock).await
     }
 
     /// The configuration.
@@ -377,6 +442,8 @@ impl Worker {
             step_hook: self.step_hook,
             completion_hook: self.completion_hook,
             wakers: wakers.clone(),
+            functions: self.functions,
+            clock: self.clock,
         });
         let stop = CancellationToken::new();
         let jobs = TaskTracker::new();
@@ -394,6 +461,10 @@ impl Worker {
         ];
         if shared.config.maintenance {
             services.push(tokio::spawn(maintenance::run(shared.clone(), services_stop.clone())));
+        }
+        services.push(tokio::spawn(function::register(shared.clone(), services_stop.clone())));
+        if shared.config.scheduler {
+            services.push(tokio::spawn(function::run_scheduler(shared.clone(), services_stop.clone())));
         }
         let completer = tokio::spawn(completer::run(shared.clone(), rx));
         WorkerHandle {
