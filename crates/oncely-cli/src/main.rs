@@ -2,9 +2,11 @@
 #![allow(clippy::print_stdout)]
 
 mod bench;
+mod bulk;
 mod duration;
 mod jobs;
 mod ledger;
+mod queues;
 mod table;
 mod webhooks;
 
@@ -46,6 +48,16 @@ enum Cmd {
     Ledger {
         #[command(subcommand)]
         cmd: LedgerCmd,
+    },
+    /// Pause and resume queues or job kinds across every worker; list queues.
+    Queues {
+        #[command(subcommand)]
+        cmd: queues::QueuesCmd,
+    },
+    /// Cancel, retry or delete every job that matches a filter, in batches.
+    Bulk {
+        #[command(subcommand)]
+        cmd: bulk::BulkCmd,
     },
     /// Job counts per queue and state.
     Stats,
@@ -374,6 +386,8 @@ async fn dispatch(pool: &sqlx::PgPool, cmd: Cmd) -> Result<(), Fail> {
             WebhooksCmd::Enable { endpoint } => webhooks::enable(pool, endpoint).await,
             WebhooksCmd::Disable { endpoint, reason } => webhooks::disable(pool, endpoint, &reason).await,
         },
+        Cmd::Queues { cmd } => queues::run(pool, cmd).await,
+        Cmd::Bulk { cmd } => bulk::run(pool, cmd).await,
         Cmd::Stats => jobs::stats(pool).await,
         Cmd::Purge { older_than, dead_older_than } => jobs::purge(pool, older_than, dead_older_than).await,
         Cmd::Bench(_) => Err(Fail("bench runs without a shared pool".into())),

@@ -18,6 +18,7 @@
 // First: its SQL macros are used by the modules below.
 #[macro_use]
 mod queries;
+pub mod bulk;
 mod effect;
 pub mod error;
 pub mod inbox;
@@ -27,6 +28,7 @@ pub mod ledger;
 pub mod maintenance;
 mod migrate;
 pub mod outbox;
+pub mod pause;
 pub mod queue;
 pub mod retry;
 pub mod step;
