@@ -11,3 +11,8 @@ CREATE TABLE oncely.pauses (
     reason    text        CHECK (reason IS NULL OR length(reason) <= 1000),
     PRIMARY KEY (scope, name)
 );
+
+-- Unique for a period (`unique.rs`): a key stays taken for a period after its job finished. The
+-- lookup reads every job that ever carried the key, finished ones included; only rows with a key
+-- are indexed.
+CREATE INDEX jobs_unique_key_any_state_idx ON oncely.jobs (unique_key, id) WHERE unique_key IS NOT NULL;

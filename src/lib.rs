@@ -32,7 +32,7 @@ pub use oncely_testkit as testkit;
 pub use oncely_webhooks as webhooks;
 
 pub use oncely_core::step::{self, OnUnknown};
-pub use oncely_core::{bulk, inbox, ledger, outbox, pause, webhook, InsertOpts};
+pub use oncely_core::{bulk, inbox, ledger, outbox, pause, unique, webhook, InsertOpts};
 pub use oncely_core::{
     cancel_job, enqueue, enqueue_many, get_job, idempotent, list_jobs, migrate, migrate_report, retry_job,
     with_idempotency, with_idempotency_tx, Enqueued, Error, Idempotent, Job, JobArgs, JobFilter, JobId, JobState,

@@ -12,7 +12,7 @@ use oncely::bulk::{self, BulkFilter};
 use oncely::pause::{self, PauseTarget};
 use oncely::{enqueue, enqueue_many, handler_fn, Error, JobArgs, JobState, NewJob};
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 use tokio::sync::watch;
 
 /// A job that runs until the test opens the gate.
@@ -285,4 +285,60 @@ async fn bulk_operations_respect_running_jobs_and_unique_keys() {
     let report =
         bulk::retry_jobs(&mut conn, &BulkFilter { kind: Some("noop".into()), ..Default::default() }).await.unwrap();
     assert_eq!((report.affected, report.skipped), (0, 1));
+}
+
+/// 50 enqueues of one key with a period, at once from 25 separate connections (two each): one job;
+/// every other enqueue gets its id. After it finished, the key stays taken within the period and
+/// is free for a period that has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unique_for_a_period_holds_under_50_concurrent_enqueues_and_after_the_job_finished() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let hour = Duration::from_secs(3600);
+    let start = Arc::new(tokio::sync::Barrier::new(25));
+    let mut tasks = Vec::new();
+    for c in 0..25u64 {
+        let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let mut out = Vec::new();
+            for i in 0..2 {
+                let job = NewJob::new(&Noop { n: c * 2 + i }).unwrap();
+                out.push(oncely::unique::enqueue_unique_for(&mut conn, job, "digest:7", hour).await.unwrap());
+            }
+            out
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.extend(t.await.unwrap());
+    }
+    assert_eq!(results.len(), 50);
+    let new: Vec<_> = results.iter().filter(|e| !e.existing).collect();
+    assert_eq!(new.len(), 1, "exactly one enqueue created a job: {results:?}");
+    let id = new[0].id;
+    assert!(results.iter().all(|e| e.id == id), "every enqueue reports the one job");
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.jobs").fetch_one(pool).await.unwrap();
+    assert_eq!(jobs, 1);
+
+    // Finish it: within the period the key is still taken; with a period already over it is free.
+    let claimed = oncely::core::lease::claim_jobs(pool, "default", 1, "w1", Duration::from_secs(30)).await.unwrap();
+    oncely::core::lease::complete_jobs(pool, &[oncely::core::Claim::from(&claimed[0])]).await.unwrap();
+    let again = oncely::unique::enqueue_unique_for(pool, NewJob::new(&Noop { n: 99 }).unwrap(), "digest:7", hour)
+        .await
+        .unwrap();
+    assert_eq!((again.id, again.existing), (id, true), "finished less than an hour ago: still taken");
+    let after =
+        oncely::unique::enqueue_unique_for(pool, NewJob::new(&Noop { n: 100 }).unwrap(), "digest:7", Duration::ZERO)
+            .await
+            .unwrap();
+    assert!(!after.existing, "a zero period ends when the job finishes");
+    assert_ne!(after.id, id);
+
+    let err = oncely::unique::enqueue_unique_for(pool, NewJob::new(&Noop { n: 1 }).unwrap().unique_key("x"), "y", hour)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)), "{err}");
 }

@@ -33,6 +33,7 @@ pub mod queue;
 pub mod retry;
 pub mod step;
 pub mod txn;
+pub mod unique;
 pub mod webhook;
 
 pub use effect::{
