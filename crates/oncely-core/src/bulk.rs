@@ -91,7 +91,7 @@ impl Op {
 
 /// Cancel every available or running job that matches (by default both states; `states` may
 /// narrow it). A running job's worker is fenced out, as with [`cancel_job`](crate::cancel_job).
-#[instrument(skip(conn), err)]
+#[instrument(skip(conn))]
 pub async fn cancel_jobs(conn: &mut PgConnection, filter: &BulkFilter) -> Result<BulkReport> {
     run(conn, filter, Op::Cancel).await
 }
@@ -99,14 +99,14 @@ pub async fn cancel_jobs(conn: &mut PgConnection, filter: &BulkFilter) -> Result
 /// Put every dead or cancelled job that matches back in its queue, with one more attempt allowed
 /// (as [`retry_job`](crate::retry_job)), and wake the workers of those queues. A job whose unique
 /// key a live job holds is skipped and counted in [`BulkReport::skipped`].
-#[instrument(skip(conn), err)]
+#[instrument(skip(conn))]
 pub async fn retry_jobs(conn: &mut PgConnection, filter: &BulkFilter) -> Result<BulkReport> {
     run(conn, filter, Op::Retry).await
 }
 
 /// Delete every job that matches, in states available, completed, dead or cancelled (by default
 /// all four). Running jobs are refused with [`Error::InvalidInput`]: cancel them first.
-#[instrument(skip(conn), err)]
+#[instrument(skip(conn))]
 pub async fn delete_jobs(conn: &mut PgConnection, filter: &BulkFilter) -> Result<BulkReport> {
     run(conn, filter, Op::Delete).await
 }
