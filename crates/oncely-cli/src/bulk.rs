@@ -78,3 +78,33 @@ pub(crate) async fn run(pool: &PgPool, cmd: BulkCmd) -> Result<(), Fail> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn filter_of(args: &[&str]) -> Result<BulkFilter, Fail> {
+        let cli = crate::Cli::try_parse_from(args).expect("the command line parses");
+        match cli.cmd {
+            crate::Cmd::Bulk { cmd: BulkCmd::Cancel(f) | BulkCmd::Retry(f) | BulkCmd::Delete(f) } => f.filter(),
+            other => panic!("not a bulk command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_filter_options_become_a_bulk_filter() {
+        let f = filter_of(&["oncely", "bulk", "cancel", "--state", "available", "--args", r#"{"tenant": 7}"#])
+            .unwrap_or_else(|e| panic!("{}", e.0));
+        assert_eq!(f.states, vec![JobState::Available]);
+        assert_eq!(f.args_contain, Some(serde_json::json!({"tenant": 7})));
+        assert_eq!(f.batch_size, Some(bulk::DEFAULT_BATCH_SIZE));
+    }
+
+    #[test]
+    fn a_bad_state_or_bad_json_is_refused() {
+        assert!(filter_of(&["oncely", "bulk", "retry", "--state", "deadd"]).is_err());
+        let e = filter_of(&["oncely", "bulk", "delete", "--args", "{tenant"]).unwrap_err();
+        assert!(e.0.contains("--args is not JSON"), "{}", e.0);
+    }
+}
