@@ -17,6 +17,7 @@ mod errors;
 mod example_restart;
 mod external;
 mod fencing;
+mod flow;
 mod functions;
 mod harness;
 mod http;

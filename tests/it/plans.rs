@@ -158,7 +158,7 @@ fn arguments(name: &str, running: &[i64]) -> String {
 /// fails the test.
 fn intended_indexes(name: &str) -> &'static [&'static str] {
     match name {
-        "JOB_CLAIM" => &["jobs_fetch_idx", "jobs_pkey"],
+        "JOB_CLAIM" => &["jobs_fetch_idx", "jobs_pkey", "pauses_pkey"],
         "JOB_RESCUE_EXPIRED" => &["jobs_lease_idx", "jobs_pkey"],
         n if n.starts_with("JOB_") => &["jobs_pkey"],
         n if n.starts_with("LEDGER_") => &["ledger_pkey"],

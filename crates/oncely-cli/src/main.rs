@@ -2,9 +2,11 @@
 #![allow(clippy::print_stdout)]
 
 mod bench;
+mod bulk;
 mod duration;
 mod jobs;
 mod ledger;
+mod queues;
 mod runs;
 mod table;
 mod webhooks;
@@ -52,6 +54,16 @@ enum Cmd {
     Runs {
         #[command(subcommand)]
         cmd: runs::RunsCmd,
+    },
+    /// Pause and resume queues or job kinds across every worker; list queues.
+    Queues {
+        #[command(subcommand)]
+        cmd: queues::QueuesCmd,
+    },
+    /// Cancel, retry or delete every job that matches a filter, in batches.
+    Bulk {
+        #[command(subcommand)]
+        cmd: bulk::BulkCmd,
     },
     /// Job counts per queue and state.
     Stats,
@@ -390,6 +402,8 @@ async fn dispatch(pool: &sqlx::PgPool, cmd: Cmd) -> Result<(), Fail> {
             WebhooksCmd::Disable { endpoint, reason } => webhooks::disable(pool, endpoint, &reason).await,
         },
         Cmd::Runs { cmd } => runs::run(pool, cmd).await,
+        Cmd::Queues { cmd } => queues::run(pool, cmd).await,
+        Cmd::Bulk { cmd } => bulk::run(pool, cmd).await,
         Cmd::Stats => jobs::stats(pool).await,
         Cmd::Purge { older_than, dead_older_than } => jobs::purge(pool, older_than, dead_older_than).await,
         Cmd::Bench(_) => Err(Fail("bench runs without a shared pool".into())),

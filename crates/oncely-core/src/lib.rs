@@ -23,6 +23,7 @@
 #[macro_use]
 pub mod job;
 mod boundary;
+pub mod bulk;
 mod effect;
 pub mod error;
 pub mod function;
@@ -33,12 +34,14 @@ pub mod ledger;
 pub mod maintenance;
 mod migrate;
 pub mod outbox;
+pub mod pause;
 pub mod queue;
 pub mod retry;
 pub mod schedule;
 pub mod secrets;
 pub mod step;
 pub mod txn;
+pub mod unique;
 pub mod webhook;
 
 pub use effect::StepError;

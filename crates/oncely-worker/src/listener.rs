@@ -1,4 +1,5 @@
-//! The listener: LISTEN for `oncely_jobs` notifications and wake the fetcher of the named queue.
+//! The listener: LISTEN for `oncely_jobs` notifications and wake the fetcher of the named queue
+//! (every fetcher for the payload `*`).
 //!
 //! Notifications are hints. They are lost while the connection is down and do not pass through
 //! PgBouncer in transaction mode, so fetchers poll as well; after every reconnect all fetchers are
@@ -16,6 +17,9 @@ use crate::worker::Shared;
 
 /// The channel the enqueue statements notify, with the queue name as payload.
 pub const CHANNEL: &str = oncely_core::JOBS_CHANNEL;
+/// The payload that wakes every fetcher (sent when a paused job kind is resumed: its jobs may be on
+/// any queue). No queue can be named `*` usefully, since it would be woken by every such hint too.
+pub const WAKE_ALL: &str = "*";
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 pub(crate) async fn run(shared: Arc<Shared>, wakers: HashMap<String, Arc<Notify>>, stop: CancellationToken) {
@@ -48,7 +52,9 @@ pub(crate) async fn run(shared: Arc<Shared>, wakers: HashMap<String, Arc<Notify>
             };
             match n {
                 Ok(Some(n)) => {
-                    if let Some(w) = wakers.get(n.payload()) {
+                    if n.payload() == WAKE_ALL {
+                        wake_all();
+                    } else if let Some(w) = wakers.get(n.payload()) {
                         w.notify_one();
                     }
                 }

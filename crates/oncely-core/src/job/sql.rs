@@ -119,11 +119,18 @@ pub(crate) const JOB_RESERVE_IDS: &str =
 /// COPY a batch of due jobs with reserved ids (text format; see `queue::copy_row`).
 pub(crate) const JOB_COPY_IN: &str = "COPY oncely.jobs (id, kind, queue, args, priority, max_attempts) FROM STDIN";
 
-/// Claim up to `$2` available jobs of queue `$1` for worker `$4` with a lease of `$3` seconds.
+/// Claim up to `$2` available jobs of queue `$1` for worker `$4` with a lease of `$3` seconds; none
+/// from a paused queue, none of a paused kind.
 pub(crate) const JOB_CLAIM: &str = r#"
 WITH next AS MATERIALIZED (
     SELECT id FROM oncely.jobs
     WHERE state = 'available' AND queue = $1 AND run_at <= now()
+      -- Pauses (`pause.rs`): two init plans over a tiny table, evaluated once per claim. The kind
+      -- is compared as `kind || ''` so the planner cannot estimate it from the column's statistics:
+      -- with few distinct kinds it took `kind <> ALL (unknown array)` to match no row and chose a
+      -- sequential scan and sort of the whole queue (0.25 s per claim over 200k jobs).
+      AND NOT EXISTS (SELECT 1 FROM oncely.pauses WHERE scope = 'queue' AND name = $1)
+      AND (kind || '') <> ALL (ARRAY(SELECT name FROM oncely.pauses WHERE scope = 'kind'))
     ORDER BY priority DESC, run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -245,6 +252,73 @@ SET state = 'available', run_at = now(), finished_at = NULL,
 WHERE id = $1 AND state IN ('dead', 'cancelled')
 RETURNING queue
 "#;
+
+/// The next batch of a bulk operation (`bulk.rs`): up to `$8` jobs with an id above `$1`, in
+/// states `$2`, matching the optional kind `$3`, queue `$4`, creation range [`$5`, `$6`) and args
+/// containment `$7`, locked in id order. The state is checked again on the locked rows.
+macro_rules! job_bulk_batch {
+    () => {
+        r#"
+WITH batch AS MATERIALIZED (
+    SELECT id FROM oncely.jobs
+    WHERE id > $1 AND state = ANY ($2::text[])
+      AND ($3::text IS NULL OR kind = $3) AND ($4::text IS NULL OR queue = $4)
+      AND ($5::timestamptz IS NULL OR created_at >= $5) AND ($6::timestamptz IS NULL OR created_at < $6)
+      AND ($7::jsonb IS NULL OR args @> $7)
+    ORDER BY id
+    LIMIT $8
+    FOR UPDATE
+), done AS (
+"#
+    };
+}
+
+/// The tail of a bulk batch: where it stopped (`last`, NULL when nothing was left), how many rows
+/// it locked and changed, and the queues of the changed rows.
+macro_rules! job_bulk_report {
+    () => {
+        r#"
+)
+SELECT (SELECT max(id) FROM batch) AS last, (SELECT count(*) FROM batch) AS matched,
+       (SELECT count(*) FROM done) AS changed, ARRAY(SELECT DISTINCT queue::text FROM done) AS queues
+"#
+    };
+}
+
+/// Cancel a batch of available or running jobs (running claims are fenced out).
+pub(crate) const JOB_CANCEL_BATCH: &str = concat!(
+    job_bulk_batch!(),
+    r#"    UPDATE oncely.jobs
+    SET state = 'cancelled', finished_at = now(), lease_expires_at = NULL
+    WHERE id = ANY (ARRAY(SELECT id FROM batch)) AND state = ANY ($2::text[]) AND state IN ('available', 'running')
+    RETURNING queue"#,
+    job_bulk_report!()
+);
+
+/// Put a batch of dead or cancelled jobs back, one more attempt allowed; a job whose unique key a
+/// live job holds is left alone.
+pub(crate) const JOB_RETRY_BATCH: &str = concat!(
+    job_bulk_batch!(),
+    r#"    UPDATE oncely.jobs AS j
+    SET state = 'available', run_at = now(), finished_at = NULL,
+        max_attempts = greatest(j.max_attempts, j.attempt + 1)
+    WHERE j.id = ANY (ARRAY(SELECT id FROM batch)) AND j.state = ANY ($2::text[])
+      AND j.state IN ('dead', 'cancelled')
+      AND (j.unique_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM oncely.jobs AS l
+          WHERE l.unique_key = j.unique_key AND l.state IN ('available', 'running')))
+    RETURNING j.queue"#,
+    job_bulk_report!()
+);
+
+/// Delete a batch of jobs that are not running.
+pub(crate) const JOB_DELETE_BATCH: &str = concat!(
+    job_bulk_batch!(),
+    r#"    DELETE FROM oncely.jobs
+    WHERE id = ANY (ARRAY(SELECT id FROM batch)) AND state = ANY ($2::text[]) AND state <> 'running'
+    RETURNING queue"#,
+    job_bulk_report!()
+);
 
 /// Rescue up to `$1` running jobs whose lease expired: available again now, or dead when out of
 /// attempts. A lone expiry is given back (not counted, like a snooze: `snoozes` goes up by one); one
