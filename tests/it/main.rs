@@ -28,6 +28,7 @@ mod outage;
 mod pipeline_crash;
 mod plans;
 mod queue;
+mod report_events;
 mod steps;
 mod webhooks;
 mod webhooks_tls;
