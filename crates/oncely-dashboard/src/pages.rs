@@ -88,7 +88,7 @@ type JsonQuery<'q> = sqlx::query::QueryScalar<'q, sqlx::Postgres, Option<Value>,
 
 /// Run a query that returns one JSON value (NULL: no row).
 async fn json(pool: &sqlx::PgPool, q: JsonQuery<'_>) -> Result<Value, Error> {
-    Ok(q.fetch_one(pool).await?.unwrap_or(Value::Null))
+    Ok(q.fetch_optional(pool).await?.flatten().unwrap_or(Value::Null))
 }
 
 /// GET /: queues.
