@@ -18,12 +18,17 @@
 //! - feature `testkit`: a database per test, `eventually`, the crash harness, as `oncely::testkit`
 //!   (`oncely-testkit`), for `[dev-dependencies]`;
 //! - feature `signal`: the worker's signal handling (Tokio's `signal` feature), for binaries.
+//! - feature `dashboard`: the web dashboard, Prometheus `/metrics`, `/healthz` and `/readyz` as an axum
+//!   `Router`, as `oncely::dashboard` (`oncely-dashboard`).
 //!
 //! See the repository README for what "exactly once" does and does not mean here.
 
 pub use oncely_core as core;
 pub use oncely_worker as worker;
 
+/// The dashboard, `/metrics`, `/healthz` and `/readyz` as an axum Router (feature `dashboard`).
+#[cfg(feature = "dashboard")]
+pub use oncely_dashboard as dashboard;
 #[cfg(feature = "http")]
 pub use oncely_http as http;
 #[cfg(feature = "testkit")]

@@ -40,6 +40,9 @@ struct Args {
     /// Keep the database afterwards.
     #[arg(long)]
     keep_db: bool,
+    /// Use (recreate) and keep the database of this name, e.g. to open `oncely serve` on it.
+    #[arg(long)]
+    db_name: Option<String>,
     /// Internal: run as a worker child on this database URL.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -67,7 +70,7 @@ type BoxResult<T> = Result<T, pipeline::BoxError>;
 
 async fn parent(args: &Args) -> BoxResult<bool> {
     let server = oncely::testkit::server_url();
-    let name = format!("oncely_report_pipeline_{}", std::process::id());
+    let name = args.db_name.clone().unwrap_or_else(|| format!("oncely_report_pipeline_{}", std::process::id()));
     let mut admin = sqlx::PgConnection::connect(&server).await?;
     sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin).await?;
     sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut admin).await?;
@@ -107,7 +110,7 @@ async fn parent(args: &Args) -> BoxResult<bool> {
     let exact = summary.is_exact();
     println!("{}", if exact { "OK: every report counted exactly once" } else { "MISMATCH: usage is not exact" });
     pool.close().await;
-    if !args.keep_db {
+    if !args.keep_db && args.db_name.is_none() {
         sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin).await?;
     }
     Ok(exact)

@@ -1,8 +1,8 @@
 //! The integration tests, as one test binary: one link instead of one per file, which is most of
 //! the time an incremental `cargo test` takes (docs/benchmarks.md, "Test build time"). Each file is
-//! a module; run one with `cargo test --test it -- queue::`. `tests/signal.rs` and
-//! `tests/webhook_secrets.rs` stay binaries of their own: one signals its own process, the other
-//! installs a process-wide key ring.
+//! a module; run one with `cargo test --test it -- queue::`. `tests/signal.rs`,
+//! `tests/webhook_secrets.rs` and `tests/metrics.rs` stay binaries of their own: one signals its own
+//! process, one installs a process-wide key ring, one the process-wide metrics recorder.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -13,6 +13,7 @@ mod pipeline;
 mod api;
 mod cancel_safety;
 mod crash;
+mod dashboard;
 mod errors;
 mod example_restart;
 mod external;
@@ -29,6 +30,7 @@ mod pipeline_crash;
 mod plans;
 mod queue;
 mod report_events;
+mod sql_api;
 mod steps;
 mod webhooks;
 mod webhooks_tls;

@@ -270,3 +270,17 @@ async fn cancel_and_retry_join_the_callers_transaction_or_run_on_the_pool() {
     oncely::retry_job(pool, id).await.unwrap();
     assert_eq!(get_job(pool, id).await.unwrap().state, JobState::Available);
 }
+
+/// The calls that take `impl Acquire` make `Send` futures with every form of connection a service
+/// passes, so they can run in spawned tasks and axum handlers (checked at compile time).
+#[allow(dead_code)]
+fn acquire_taking_calls_are_send(pool: sqlx::PgPool, mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>) {
+    fn is_send<T: Send>(_: T) {}
+    let p = pool.clone();
+    is_send(async move {
+        let mut tx = p.begin().await.unwrap();
+        oncely::cancel_job(&mut *tx, oncely::JobId(1)).await
+    });
+    is_send(async move { oncely::retry_job(&mut *conn, oncely::JobId(1)).await });
+    is_send(async move { oncely::retry_job(&pool, oncely::JobId(1)).await });
+}

@@ -8,6 +8,7 @@ mod jobs;
 mod ledger;
 mod queues;
 mod runs;
+mod serve;
 mod table;
 mod webhooks;
 
@@ -78,6 +79,8 @@ enum Cmd {
     },
     /// Measure enqueue, processing and latency against raw INSERT baselines, in a scratch database.
     Bench(bench::BenchArgs),
+    /// Serve the dashboard, /metrics, /healthz and /readyz; run maintenance (and webhook delivery).
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -322,6 +325,11 @@ fn one_line(msg: &str) -> String {
 }
 
 async fn connect(url: &str) -> Result<sqlx::PgPool, Fail> {
+    connect_with(url, 2).await
+}
+
+/// [`connect`] with a pool of up to `size` connections.
+async fn connect_with(url: &str, size: u32) -> Result<sqlx::PgPool, Fail> {
     use sqlx::{ConnectOptions, Connection};
     let options: sqlx::postgres::PgConnectOptions = url.parse().map_err(|e| Fail(format!("bad database URL: {e}")))?;
     let options = options.disable_statement_logging();
@@ -332,7 +340,7 @@ async fn connect(url: &str) -> Result<sqlx::PgPool, Fail> {
         .map_err(|e| Fail(format!("cannot connect to the database: {e}")))?;
     let _ = probe.close().await;
     sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
+        .max_connections(size)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await
@@ -346,6 +354,7 @@ async fn run(cmd: Cmd, url: &str) -> Result<(), Fail> {
     }
     let cmd = match cmd {
         Cmd::Bench(args) => return bench::run(url, args).await,
+        Cmd::Serve(args) => return serve::run(url, args).await,
         cmd => cmd,
     };
     // Endpoint secrets at rest are sealed and opened with this key ring, when one is given.
@@ -406,7 +415,7 @@ async fn dispatch(pool: &sqlx::PgPool, cmd: Cmd) -> Result<(), Fail> {
         Cmd::Bulk { cmd } => bulk::run(pool, cmd).await,
         Cmd::Stats => jobs::stats(pool).await,
         Cmd::Purge { older_than, dead_older_than } => jobs::purge(pool, older_than, dead_older_than).await,
-        Cmd::Bench(_) => Err(Fail("bench runs without a shared pool".into())),
+        Cmd::Bench(_) | Cmd::Serve(_) => Err(Fail("bench and serve open their own pool".into())),
     }
 }
 

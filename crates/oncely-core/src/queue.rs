@@ -277,45 +277,69 @@ pub async fn count_jobs<'e>(executor: impl PgExecutor<'e>) -> Result<Vec<QueueCo
 
 /// Cancel a job that has not finished. A running job's worker is fenced out: its completion is
 /// refused, and its heartbeat tells the handler (through `JobContext::cancelled`) to stop.
-pub async fn cancel_job(db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>, id: JobId) -> Result<()> {
-    let mut conn = db.acquire().await?;
-    if sqlx::query(crate::job::sql::JOB_CANCEL).bind(id).fetch_optional(&mut *conn).await?.is_some() {
-        return Ok(());
-    }
-    let job = get_job(&mut *conn, id).await?;
-    Err(Error::InvalidState {
-        job_id: id,
-        state: job.state.to_string(),
-        action: "cancel",
-        expected: "available or running",
+pub fn cancel_job<'a, A>(db: A, id: JobId) -> futures::future::BoxFuture<'a, Result<()>>
+where
+    A: sqlx::Acquire<'a, Database = sqlx::Postgres> + Send + 'a,
+{
+    // A boxed `Send` future: an `async fn` generic over `Acquire` is not `Send` for a
+    // `&mut PgConnection` argument (the bound is higher-ranked), which spawned tasks and
+    // axum handlers need.
+    Box::pin(async move {
+        let result: Result<()> = async move {
+            let mut conn = db.acquire().await?;
+            if sqlx::query(crate::job::sql::JOB_CANCEL).bind(id).fetch_optional(&mut *conn).await?.is_some() {
+                return Ok(());
+            }
+            let job = get_job(&mut *conn, id).await?;
+            Err(Error::InvalidState {
+                job_id: id,
+                state: job.state.to_string(),
+                action: "cancel",
+                expected: "available or running",
+            })
+        }
+        .await;
+        result
     })
 }
 
 /// Put a dead (or cancelled) job back in its queue, with its error history kept and one more
 /// attempt allowed.
-pub async fn retry_job(db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>, id: JobId) -> Result<()> {
-    let mut conn = db.acquire().await?;
-    let res = sqlx::query(crate::job::sql::JOB_RETRY_FINISHED).bind(id).fetch_optional(&mut *conn).await;
-    match res {
-        Ok(Some(row)) => {
-            let queue: String = row.try_get("queue")?;
-            sqlx::query(crate::job::sql::QUEUE_NOTIFY_MANY).bind(vec![queue]).execute(&mut *conn).await?;
-            Ok(())
+pub fn retry_job<'a, A>(db: A, id: JobId) -> futures::future::BoxFuture<'a, Result<()>>
+where
+    A: sqlx::Acquire<'a, Database = sqlx::Postgres> + Send + 'a,
+{
+    // A boxed `Send` future: an `async fn` generic over `Acquire` is not `Send` for a
+    // `&mut PgConnection` argument (the bound is higher-ranked), which spawned tasks and
+    // axum handlers need.
+    Box::pin(async move {
+        let result: Result<()> = async move {
+            let mut conn = db.acquire().await?;
+            let res = sqlx::query(crate::job::sql::JOB_RETRY_FINISHED).bind(id).fetch_optional(&mut *conn).await;
+            match res {
+                Ok(Some(row)) => {
+                    let queue: String = row.try_get("queue")?;
+                    sqlx::query(crate::job::sql::QUEUE_NOTIFY_MANY).bind(vec![queue]).execute(&mut *conn).await?;
+                    Ok(())
+                }
+                Ok(None) => {
+                    let job = get_job(&mut *conn, id).await?;
+                    Err(Error::InvalidState {
+                        job_id: id,
+                        state: job.state.to_string(),
+                        action: "retry",
+                        expected: "dead or cancelled",
+                    })
+                }
+                Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => Err(Error::InvalidInput(
+                    format!("job {id} cannot be retried: another live job holds its unique key"),
+                )),
+                Err(e) => Err(e.into()),
+            }
         }
-        Ok(None) => {
-            let job = get_job(&mut *conn, id).await?;
-            Err(Error::InvalidState {
-                job_id: id,
-                state: job.state.to_string(),
-                action: "retry",
-                expected: "dead or cancelled",
-            })
-        }
-        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => {
-            Err(Error::InvalidInput(format!("job {id} cannot be retried: another live job holds its unique key")))
-        }
-        Err(e) => Err(e.into()),
-    }
+        .await;
+        result
+    })
 }
 
 pub(crate) fn secs(d: Duration) -> f64 {

@@ -211,6 +211,7 @@ fn problem<B>(
 }
 
 fn replay<B>(stored: &StoredResponse, request_id: &str) -> Response<ResponseBody<B>> {
+    metrics::counter!("oncely_idempotency_replays_total").increment(1);
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(stored.body.clone()))));
     *resp.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
     for (name, value) in &stored.headers {
@@ -365,6 +366,7 @@ where
 
     fn conflict(&self, request_id: &str) -> Response<ResponseBody<ResBody>> {
         let detail = "this Idempotency-Key was already used with a different request (method, route or body)";
+        metrics::counter!("oncely_idempotency_conflicts_total").increment(1);
         // The code is the same whatever the status, so clients can switch on it.
         problem(Problem::KeyReused, self.config.conflict_status, detail, request_id, Some("idempotency_conflict"))
     }
@@ -372,6 +374,7 @@ where
     /// 409 for a duplicate of a request in progress; `lease_left` is the time left on its lease.
     fn busy(&self, lease_left: Duration, request_id: &str) -> Response<ResponseBody<ResBody>> {
         let detail = "a request with this Idempotency-Key is still being processed; retry later";
+        metrics::counter!("oncely_idempotency_in_flight_rejections_total").increment(1);
         let wait = self.estimate.retry_after(lease_left);
         retry_after(problem(Problem::InProgress, StatusCode::CONFLICT, detail, request_id, None), wait)
     }

@@ -287,12 +287,18 @@ impl<T: Transport> WebhookDelivery<T> {
         // Fenced by this attempt's claim: a worker that lost its lease records nothing.
         let recorded = webhook::record_delivery_attempt(pool, claim, endpoint.id, args.event_id, &record).await?;
         tracing::debug!(status = ?record.status, attempts = recorded.attempts, "webhook attempt");
+        let class = match record.status {
+            Some(s) => format!("{}xx", s / 100),
+            None => "error".to_owned(),
+        };
+        metrics::counter!("oncely_webhook_deliveries_total", "status_class" => class).increment(1);
 
         match result {
             Ok(_) if record.delivered => Ok(()),
             Ok(WebhookResponse { status: 410, .. }) => {
                 let reason = "the endpoint answered 410 Gone";
                 webhook::disable_endpoint_for_delivery(pool, claim, endpoint.id, args.event_id, reason).await?;
+                metrics::counter!("oncely_webhook_endpoint_disables_total").increment(1);
                 Err(Outcome::fail("410 Gone: endpoint disabled"))
             }
             Err(e) if e.is_permanent() => {
@@ -304,6 +310,7 @@ impl<T: Transport> WebhookDelivery<T> {
                 if recorded.failing_for >= self.config.disable_after {
                     let reason = format!("failing for {}s without a success", recorded.failing_for.as_secs());
                     webhook::disable_endpoint_for_delivery(pool, claim, endpoint.id, args.event_id, &reason).await?;
+                    metrics::counter!("oncely_webhook_endpoint_disables_total").increment(1);
                     return Err(Outcome::fail(format!("{error}; endpoint disabled: {reason}")));
                 }
                 if ctx.counted_attempt() >= ctx.max_attempts() {

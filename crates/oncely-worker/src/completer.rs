@@ -60,6 +60,7 @@ async fn write(shared: &Shared, batch: &[Claim]) {
         Ok(lost) => {
             WorkerStats::add(&shared.stats.completed, (batch.len() - lost.len()) as u64);
             WorkerStats::add(&shared.stats.lease_lost, lost.len() as u64);
+            crate::metrics::lease_lost(lost.len() as u64);
             for c in lost {
                 let e = Error::LeaseLost { job_id: c.id, attempt: c.attempt };
                 tracing::warn!(job.id = %c.id, attempt = c.attempt, error = %e, "completion refused");

@@ -140,6 +140,11 @@ impl WorkerConfig {
         if self.queues.is_empty() {
             return Err("no queue to serve: add one with .queue(name, concurrency)".into());
         }
+        self.validate_services()
+    }
+
+    /// Everything [`validate`](Self::validate) checks but the queues.
+    pub(crate) fn validate_services(&self) -> Result<(), String> {
         let mut names = std::collections::HashSet::new();
         for q in &self.queues {
             if q.name.is_empty() || q.name.len() > 128 {

@@ -69,7 +69,9 @@ async fn run(
     permit: OwnedSemaphorePermit,
 ) {
     let claim = Claim::from(&job);
+    let started = std::time::Instant::now();
     let finish = attempt(&shared, &job, cancel, &flags).await;
+    crate::metrics::handler_duration(&job.kind, started.elapsed());
     // From here on the claim ends on purpose: the heartbeat must not take the write below, once
     // committed, for a lost lease (it may still find the job in the running set).
     AttemptFlags::set(&flags.finishing);
@@ -82,6 +84,7 @@ async fn run(
     match finish {
         Finish::CompletedInTx => {
             WorkerStats::add(&shared.stats.completed, 1);
+            crate::metrics::count(crate::metrics::JOBS_COMPLETED, &job.kind);
             tracing::debug!("job completed in the handler's transaction");
             shared.forget([claim]);
             return;
@@ -99,6 +102,7 @@ async fn run(
     }
     if let Finish::Complete = finish {
         tracing::debug!("job completed");
+        crate::metrics::count(crate::metrics::JOBS_COMPLETED, &job.kind);
         if shared.completions.send(CompleterMsg::Complete(claim)).is_err() {
             // The completer is gone only after shutdown finished; the lease will expire and the
             // job will run again (at least once).
@@ -266,6 +270,12 @@ async fn record(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) {
     match (result, &finish) {
         (Ok(state), Finish::Failed { message, retry_in, .. }) => {
             WorkerStats::add(&stats.failed, 1);
+            crate::metrics::count(crate::metrics::JOBS_FAILED, &job.kind);
+            match state {
+                Some(JobState::Dead) => crate::metrics::count(crate::metrics::JOBS_DEAD, &job.kind),
+                Some(JobState::Available) => crate::metrics::count(crate::metrics::JOBS_RETRIED, &job.kind),
+                _ => {}
+            }
             if let (Some(JobState::Available), Some(d)) = (state, retry_in) {
                 shared.wake_after(&job.queue, *d);
             }
@@ -292,6 +302,7 @@ async fn record(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) {
         (Ok(_), Finish::Complete | Finish::Crash | Finish::Abandoned | Finish::CompletedInTx | Finish::Unsettled) => {}
         (Err(e @ oncely_core::Error::LeaseLost { .. }), _) => {
             WorkerStats::add(&stats.lease_lost, 1);
+            crate::metrics::lease_lost(1);
             tracing::warn!(error = %e, "outcome discarded");
         }
         (Err(e), _) => {

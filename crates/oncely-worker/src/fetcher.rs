@@ -68,6 +68,7 @@ pub(crate) async fn run(
         };
         busy = claimed.len() == want;
         WorkerStats::add(&shared.stats.claimed, claimed.len() as u64);
+        crate::metrics::claimed(&queue.name, &claimed);
         for job in claimed {
             let permit = permits.pop().expect("one permit was taken per claimed job");
             executor::spawn(&shared, &jobs, job, permit);

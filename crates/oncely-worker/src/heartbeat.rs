@@ -35,6 +35,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                         continue;
                     }
                     WorkerStats::add(&shared.stats.lost_while_running, 1);
+                    crate::metrics::lease_lost(1);
                     tracing::warn!(job.id = %c.id, attempt = c.attempt, grace = ?shared.config.lease_lost_grace, "lease lost (rescued or cancelled): telling the handler to stop");
                     r.cancel.cancel();
                 }

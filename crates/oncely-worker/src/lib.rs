@@ -28,6 +28,7 @@ pub mod handler;
 mod heartbeat;
 pub mod listener;
 pub mod maintenance;
+pub mod metrics;
 mod worker;
 
 pub use config::{QueueConfig, WorkerConfig};

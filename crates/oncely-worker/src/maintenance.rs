@@ -106,6 +106,8 @@ async fn rescue(shared: &Shared) -> oncely_core::Result<()> {
         let r = rescue_expired(&mut conn, RESCUE_BATCH).await?;
         let n = r.requeued.len() + r.dead.len();
         if n > 0 {
+            metrics::counter!(crate::metrics::JOBS_RESCUED).increment(r.requeued.len() as u64);
+            metrics::counter!(crate::metrics::JOBS_DEAD, "kind" => "rescued").increment(r.dead.len() as u64);
             tracing::warn!(requeued = ?r.requeued, dead = ?r.dead, "rescued jobs whose lease expired");
         }
         if (n as i64) < RESCUE_BATCH {

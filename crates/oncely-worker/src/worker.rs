@@ -224,6 +224,30 @@ impl WorkerBuilder {
     }
 }
 
+impl WorkerBuilder {
+    /// Build a worker that claims no jobs and runs only the services: the maintenance leader
+    /// election with rescue, pruning and ledger cleanup (`oncely serve` without `--webhooks`).
+    /// Refused when handlers or queues were added, or maintenance is switched off.
+    pub fn build_maintenance_only(self) -> Result<Worker> {
+        if !self.handlers.is_empty() || !self.config.queues.is_empty() || !self.functions.is_empty() {
+            return Err(Error::Config("a maintenance-only worker takes no handlers, functions or queues".into()));
+        }
+        if !self.config.maintenance {
+            return Err(Error::Config("a maintenance-only worker needs maintenance switched on".into()));
+        }
+        self.config.validate_services().map_err(Error::Config)?;
+        Ok(Worker {
+            pool: self.pool,
+            config: self.config,
+            handlers: self.handlers,
+            step_hook: self.step_hook,
+            completion_hook: self.completion_hook,
+            functions: self.functions,
+            clock: self.clock,
+        })
+    }
+}
+
 /// A configured worker, ready to [`start`](Worker::start).
 pub struct Worker {
     pool: sqlx::PgPool,
@@ -455,10 +479,11 @@ impl Worker {
             fetchers.push(tokio::spawn(fetcher::run(shared.clone(), q.clone(), wake, stop.clone(), jobs.clone())));
         }
         let services_stop = CancellationToken::new();
-        let mut services = vec![
-            tokio::spawn(listener::run(shared.clone(), wakers, stop.clone())),
-            tokio::spawn(heartbeat::run(shared.clone(), services_stop.clone())),
-        ];
+        let mut services = vec![tokio::spawn(heartbeat::run(shared.clone(), services_stop.clone()))];
+        // A maintenance-only worker has no fetcher to wake: it holds no LISTEN connection.
+        if !wakers.is_empty() {
+            services.push(tokio::spawn(listener::run(shared.clone(), wakers, stop.clone())));
+        }
         if shared.config.maintenance {
             services.push(tokio::spawn(maintenance::run(shared.clone(), services_stop.clone())));
         }

@@ -178,47 +178,55 @@ pub async fn list_deliveries<'e>(executor: impl PgExecutor<'e>, filter: &Deliver
 ///
 /// Refused with [`Error::EndpointDisabled`] while the endpoint is disabled: the new job would die
 /// at once. Enable it first ([`enable_endpoint`](super::enable_endpoint)).
-pub async fn redeliver(
-    db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>,
-    endpoint: EndpointId,
-    event: EventId,
-) -> Result<JobId> {
-    let mut tx = db.begin().await?;
-    let row = sqlx::query(
-        "SELECT d.job_id, j.state, j.queue, j.max_attempts, p.enabled, p.disabled_reason \
-         FROM oncely.webhook_deliveries d JOIN oncely.webhook_endpoints p ON p.id = d.endpoint_id \
-         LEFT JOIN oncely.jobs j ON j.id = d.job_id WHERE d.endpoint_id = $1 AND d.event_id = $2 FOR UPDATE OF d",
-    )
-    .bind(endpoint)
-    .bind(event)
-    .fetch_optional(&mut *tx)
-    .await?
-    .ok_or(Error::NotFound { what: "webhook delivery of event", id: event.0 })?;
-    let state = row.try_get::<Option<String>, _>("state")?.as_deref().map(str::parse::<JobState>).transpose()?;
-    if state.is_some_and(|s| !s.is_finished()) {
-        return Ok(JobId(row.try_get("job_id")?));
-    }
-    if !row.try_get::<bool, _>("enabled")? {
-        let reason: Option<String> = row.try_get("disabled_reason")?;
-        return Err(Error::EndpointDisabled { endpoint: endpoint.0, reason: reason.unwrap_or_default() });
-    }
-    let queue: String =
-        row.try_get::<Option<String>, _>("queue")?.unwrap_or_else(|| outbox::DEFAULT_DELIVERY_QUEUE.into());
-    let max_attempts: i32 = row.try_get::<Option<i32>, _>("max_attempts")?.unwrap_or(outbox::DEFAULT_DELIVERY_ATTEMPTS);
-    let args = serde_json::json!({ "event_id": event, "endpoint_id": endpoint });
-    let job = crate::job::NewJob::from_json(outbox::DELIVERY_KIND, args).queue(queue).max_attempts(max_attempts);
-    let id = crate::queue::enqueue(&mut *tx, job).await?.id;
-    sqlx::query(
-        "UPDATE oncely.webhook_deliveries SET job_id = $3, delivered_at = NULL, dead_reason = NULL \
-         WHERE endpoint_id = $1 AND event_id = $2",
-    )
-    .bind(endpoint)
-    .bind(event)
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(id)
+pub fn redeliver<'a, A>(db: A, endpoint: EndpointId, event: EventId) -> futures::future::BoxFuture<'a, Result<JobId>>
+where
+    A: sqlx::Acquire<'a, Database = sqlx::Postgres> + Send + 'a,
+{
+    // A boxed `Send` future: an `async fn` generic over `Acquire` is not `Send` for a
+    // `&mut PgConnection` argument (the bound is higher-ranked), which spawned tasks and
+    // axum handlers need.
+    Box::pin(async move {
+        let result: Result<JobId> = async move {
+            let mut tx = db.begin().await?;
+            let row = sqlx::query(
+                "SELECT d.job_id, j.state, j.queue, j.max_attempts, p.enabled, p.disabled_reason \
+                 FROM oncely.webhook_deliveries d JOIN oncely.webhook_endpoints p ON p.id = d.endpoint_id \
+                 LEFT JOIN oncely.jobs j ON j.id = d.job_id WHERE d.endpoint_id = $1 AND d.event_id = $2 FOR UPDATE OF d",
+            )
+            .bind(endpoint)
+            .bind(event)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(Error::NotFound { what: "webhook delivery of event", id: event.0 })?;
+            let state = row.try_get::<Option<String>, _>("state")?.as_deref().map(str::parse::<JobState>).transpose()?;
+            if state.is_some_and(|s| !s.is_finished()) {
+                return Ok(JobId(row.try_get("job_id")?));
+            }
+            if !row.try_get::<bool, _>("enabled")? {
+                let reason: Option<String> = row.try_get("disabled_reason")?;
+                return Err(Error::EndpointDisabled { endpoint: endpoint.0, reason: reason.unwrap_or_default() });
+            }
+            let queue: String =
+                row.try_get::<Option<String>, _>("queue")?.unwrap_or_else(|| outbox::DEFAULT_DELIVERY_QUEUE.into());
+            let max_attempts: i32 = row.try_get::<Option<i32>, _>("max_attempts")?.unwrap_or(outbox::DEFAULT_DELIVERY_ATTEMPTS);
+            let args = serde_json::json!({ "event_id": event, "endpoint_id": endpoint });
+            let job = crate::job::NewJob::from_json(outbox::DELIVERY_KIND, args).queue(queue).max_attempts(max_attempts);
+            let id = crate::queue::enqueue(&mut *tx, job).await?.id;
+            sqlx::query(
+                "UPDATE oncely.webhook_deliveries SET job_id = $3, delivered_at = NULL, dead_reason = NULL \
+                 WHERE endpoint_id = $1 AND event_id = $2",
+            )
+            .bind(endpoint)
+            .bind(event)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(id)
+        }
+        .await;
+        result
+    })
 }
 
 /// Which dead deliveries [`redeliver_dead`] sends again. Every field narrows the selection.
@@ -250,37 +258,49 @@ pub struct Redelivered {
 /// Deliver again, in bulk, the undelivered deliveries whose job is dead (or pruned) and whose
 /// endpoint is enabled, oldest event first, each as [`redeliver`] does (same `webhook-id`).
 /// Deliveries to disabled endpoints are left alone: enable the endpoint first.
-pub async fn redeliver_dead(
-    db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>,
-    filter: &RedeliverFilter,
-) -> Result<Vec<Redelivered>> {
-    if filter.limit.is_some_and(|l| l < 1) {
-        return Err(Error::InvalidInput("limit must be at least 1".into()));
-    }
-    let mut conn = db.acquire().await?;
-    let rows = sqlx::query(
-        "SELECT d.endpoint_id, d.event_id FROM oncely.webhook_deliveries d \
-         JOIN oncely.events e ON e.id = d.event_id JOIN oncely.webhook_endpoints p ON p.id = d.endpoint_id \
-         LEFT JOIN oncely.jobs j ON j.id = d.job_id \
-         WHERE d.delivered_at IS NULL AND p.enabled AND (j.id IS NULL OR j.state = 'dead') \
-           AND ($1::bigint IS NULL OR d.endpoint_id = $1) AND ($2::text IS NULL OR e.topic = $2) \
-           AND ($3::timestamptz IS NULL OR e.created_at >= $3) AND ($4::timestamptz IS NULL OR e.created_at < $4) \
-         ORDER BY d.event_id, d.endpoint_id LIMIT $5",
-    )
-    .bind(filter.endpoint)
-    .bind(&filter.topic)
-    .bind(filter.since)
-    .bind(filter.until)
-    .bind(filter.limit.unwrap_or(1000))
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut done = Vec::with_capacity(rows.len());
-    for row in rows {
-        let (endpoint_id, event_id) = (EndpointId(row.try_get("endpoint_id")?), EventId(row.try_get("event_id")?));
-        let job_id = redeliver(&mut *conn, endpoint_id, event_id).await?;
-        done.push(Redelivered { endpoint_id, event_id, job_id });
-    }
-    Ok(done)
+pub fn redeliver_dead<'a, A>(
+    db: A,
+    filter: &'a RedeliverFilter,
+) -> futures::future::BoxFuture<'a, Result<Vec<Redelivered>>>
+where
+    A: sqlx::Acquire<'a, Database = sqlx::Postgres> + Send + 'a,
+{
+    // A boxed `Send` future: an `async fn` generic over `Acquire` is not `Send` for a
+    // `&mut PgConnection` argument (the bound is higher-ranked), which spawned tasks and
+    // axum handlers need.
+    Box::pin(async move {
+        let result: Result<Vec<Redelivered>> = async move {
+            if filter.limit.is_some_and(|l| l < 1) {
+                return Err(Error::InvalidInput("limit must be at least 1".into()));
+            }
+            let mut conn = db.acquire().await?;
+            let rows = sqlx::query(
+                "SELECT d.endpoint_id, d.event_id FROM oncely.webhook_deliveries d \
+                 JOIN oncely.events e ON e.id = d.event_id JOIN oncely.webhook_endpoints p ON p.id = d.endpoint_id \
+                 LEFT JOIN oncely.jobs j ON j.id = d.job_id \
+                 WHERE d.delivered_at IS NULL AND p.enabled AND (j.id IS NULL OR j.state = 'dead') \
+                   AND ($1::bigint IS NULL OR d.endpoint_id = $1) AND ($2::text IS NULL OR e.topic = $2) \
+                   AND ($3::timestamptz IS NULL OR e.created_at >= $3) AND ($4::timestamptz IS NULL OR e.created_at < $4) \
+                 ORDER BY d.event_id, d.endpoint_id LIMIT $5",
+            )
+            .bind(filter.endpoint)
+            .bind(&filter.topic)
+            .bind(filter.since)
+            .bind(filter.until)
+            .bind(filter.limit.unwrap_or(1000))
+            .fetch_all(&mut *conn)
+            .await?;
+            let mut done = Vec::with_capacity(rows.len());
+            for row in rows {
+                let (endpoint_id, event_id) = (EndpointId(row.try_get("endpoint_id")?), EventId(row.try_get("event_id")?));
+                let job_id = redeliver(&mut *conn, endpoint_id, event_id).await?;
+                done.push(Redelivered { endpoint_id, event_id, job_id });
+            }
+            Ok(done)
+        }
+        .await;
+        result
+    })
 }
 
 /// Everything a sender needs for one delivery attempt, read in one query.

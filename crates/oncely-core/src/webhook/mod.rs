@@ -266,38 +266,61 @@ pub async fn update_endpoint<'e>(
 /// Delete an endpoint with its delivery records, and cancel its pending delivery jobs (a running
 /// attempt may still finish its request; its record write then finds nothing). Returns how many
 /// pending deliveries were cancelled.
-pub async fn delete_endpoint(db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>, id: EndpointId) -> Result<u64> {
-    let mut tx = db.begin().await?;
-    let jobs: Vec<i64> = sqlx::query_scalar("SELECT job_id FROM oncely.webhook_deliveries WHERE endpoint_id = $1")
-        .bind(id)
-        .fetch_all(&mut *tx)
-        .await?;
-    let cancelled = sqlx::query(crate::job::sql::JOB_CANCEL_MANY).bind(&jobs).execute(&mut *tx).await?.rows_affected();
-    let deleted = sqlx::query("DELETE FROM oncely.webhook_endpoints WHERE id = $1").bind(id).execute(&mut *tx).await?;
-    if deleted.rows_affected() == 0 {
-        return Err(Error::NotFound { what: "webhook endpoint", id: id.0 });
-    }
-    tx.commit().await?;
-    tracing::info!(endpoint.id = %id, cancelled, "webhook endpoint deleted");
-    Ok(cancelled)
+pub fn delete_endpoint<'a, A>(db: A, id: EndpointId) -> futures::future::BoxFuture<'a, Result<u64>>
+where
+    A: sqlx::Acquire<'a, Database = sqlx::Postgres> + Send + 'a,
+{
+    // A boxed `Send` future: an `async fn` generic over `Acquire` is not `Send` for a
+    // `&mut PgConnection` argument (the bound is higher-ranked), which spawned tasks and
+    // axum handlers need.
+    Box::pin(async move {
+        let result: Result<u64> = async move {
+            let mut tx = db.begin().await?;
+            let jobs: Vec<i64> =
+                sqlx::query_scalar("SELECT job_id FROM oncely.webhook_deliveries WHERE endpoint_id = $1")
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let cancelled =
+                sqlx::query(crate::job::sql::JOB_CANCEL_MANY).bind(&jobs).execute(&mut *tx).await?.rows_affected();
+            let deleted =
+                sqlx::query("DELETE FROM oncely.webhook_endpoints WHERE id = $1").bind(id).execute(&mut *tx).await?;
+            if deleted.rows_affected() == 0 {
+                return Err(Error::NotFound { what: "webhook endpoint", id: id.0 });
+            }
+            tx.commit().await?;
+            tracing::info!(endpoint.id = %id, cancelled, "webhook endpoint deleted");
+            Ok(cancelled)
+        }
+        .await;
+        result
+    })
 }
 
 /// Disable an endpoint and publish an [`ENDPOINT_DISABLED_TOPIC`](outbox::ENDPOINT_DISABLED_TOPIC)
 /// event (`{endpoint_id, url, reason}`) in the same transaction. Returns false (and publishes
 /// nothing) when it was already disabled. Pending deliveries to it fail into the dead letter when
 /// next attempted.
-pub async fn disable_endpoint(
-    db: impl sqlx::Acquire<'_, Database = sqlx::Postgres>,
-    id: EndpointId,
-    reason: &str,
-) -> Result<bool> {
-    let mut tx = db.begin().await?;
-    let disabled = disable_in(&mut tx, id, reason).await?;
-    tx.commit().await?;
-    if disabled {
-        tracing::warn!(endpoint.id = %id, %reason, "webhook endpoint disabled");
-    }
-    Ok(disabled)
+pub fn disable_endpoint<'a, A>(db: A, id: EndpointId, reason: &'a str) -> futures::future::BoxFuture<'a, Result<bool>>
+where
+    A: sqlx::Acquire<'a, Database = sqlx::Postgres> + Send + 'a,
+{
+    // A boxed `Send` future: an `async fn` generic over `Acquire` is not `Send` for a
+    // `&mut PgConnection` argument (the bound is higher-ranked), which spawned tasks and
+    // axum handlers need.
+    Box::pin(async move {
+        let result: Result<bool> = async move {
+            let mut tx = db.begin().await?;
+            let disabled = disable_in(&mut tx, id, reason).await?;
+            tx.commit().await?;
+            if disabled {
+                tracing::warn!(endpoint.id = %id, %reason, "webhook endpoint disabled");
+            }
+            Ok(disabled)
+        }
+        .await;
+        result
+    })
 }
 
 pub(super) async fn disable_in(tx: &mut sqlx::PgConnection, id: EndpointId, reason: &str) -> Result<bool> {

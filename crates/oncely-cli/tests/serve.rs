@@ -1,0 +1,103 @@
+//! `oncely serve` as a process: it answers health, readiness, metrics and the dashboard, runs the
+//! maintenance services (a job whose lease expired is rescued), and stops on SIGTERM.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use oncely_core::{JobArgs, NewJob};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+#[derive(Serialize, Deserialize)]
+struct Ping {}
+impl JobArgs for Ping {
+    const KIND: &'static str = "ping";
+}
+
+/// One HTTP/1.1 GET; the status code and the body.
+async fn http_get(addr: &str, path: &str, auth: Option<&str>) -> (u16, String) {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("serve accepts connections");
+    let auth = auth.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).await.unwrap();
+    let status = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("an HTTP status line");
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_answers_runs_maintenance_and_stops_on_sigterm() {
+    let db = oncely_testkit::TestDb::new().await;
+    let id = oncely_core::enqueue(db.pool(), NewJob::new(&Ping {}).unwrap()).await.unwrap().id.0;
+    // A job claimed by a worker that died: its lease ran out a minute ago.
+    sqlx::query(
+        "UPDATE oncely.jobs SET state = 'running', attempt = 1, attempted_at = now(), worker_id = 'gone', \
+         lease_expires_at = now() - interval '1 minute' WHERE id = $1",
+    )
+    .bind(id)
+    .execute(db.pool())
+    .await
+    .unwrap();
+
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_oncely"))
+        .env_remove("RUST_LOG")
+        .env("ONCELY_DASHBOARD_TOKEN", "t0ken")
+        .args(["--database-url", db.url(), "serve", "--listen", "127.0.0.1:0", "--pool-size", "4"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("oncely serve starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("serve prints its address in time")
+        .unwrap()
+        .expect("a line");
+    let addr = first.trim_start_matches("oncely serve: listening on http://").trim_end_matches('/').to_owned();
+
+    assert_eq!(http_get(&addr, "/healthz", None).await.0, 200);
+    assert_eq!(http_get(&addr, "/readyz", None).await, (200, "ready".to_owned()));
+    assert_eq!(http_get(&addr, "/", None).await.0, 401, "the token from the environment is required");
+    let (status, page) = http_get(&addr, "/", Some("t0ken")).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("Queues"), "{page}");
+
+    // Maintenance rescues the job.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state: String = sqlx::query_scalar("SELECT state FROM oncely.jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        if state == "available" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "serve's maintenance did not rescue the job (state {state})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, metrics) = http_get(&addr, "/metrics", None).await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("oncely_queue_depth{") && l.contains("state=\"available\"") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+
+    let pid = child.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("serve stops within 30 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "serve exits cleanly on SIGTERM: {status}");
+    // It gave up the maintenance leadership on the way out.
+    let leaders: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.leaders WHERE expires_at > now()")
+        .fetch_one(db.pool())
+        .await
+        .unwrap_or(0);
+    assert_eq!(leaders, 0);
+}

@@ -1,0 +1,53 @@
+//! Metrics through the [`metrics`] facade: nothing is recorded until the host installs a
+//! recorder (`oncely serve` installs the Prometheus one). Names are listed in
+//! `docs/operations.md`.
+
+use std::time::Duration;
+
+/// Attempts that completed their job, by kind (a completion later refused for a lost lease is
+/// also counted in [`LEASE_LOST`]).
+pub const JOBS_COMPLETED: &str = "oncely_jobs_completed_total";
+/// Failed attempts, by kind (each is also retried or dead).
+pub const JOBS_FAILED: &str = "oncely_jobs_failed_total";
+/// Failed attempts that will run again, by kind.
+pub const JOBS_RETRIED: &str = "oncely_jobs_retried_total";
+/// Jobs that went to the dead letter, by kind (`kind="rescued"` when maintenance found their
+/// lease expired on their last attempt).
+pub const JOBS_DEAD: &str = "oncely_jobs_dead_total";
+/// Jobs whose lease expired, put back in their queue by the maintenance leader.
+pub const JOBS_RESCUED: &str = "oncely_jobs_rescued_total";
+/// Writes refused or handlers told to stop because the job's lease was lost.
+pub const LEASE_LOST: &str = "oncely_lease_lost_total";
+/// Handler run time, seconds, by kind.
+pub const HANDLER_DURATION: &str = "oncely_handler_duration_seconds";
+/// From when a job was due (enqueued, or its retry time) to its claim, seconds, by queue.
+pub const START_LATENCY: &str = "oncely_job_start_latency_seconds";
+/// Jobs per claim statement that claimed any, by queue.
+pub const CLAIM_BATCH: &str = "oncely_claim_batch_size";
+
+pub(crate) fn count(name: &'static str, kind: &str) {
+    metrics::counter!(name, "kind" => kind.to_owned()).increment(1);
+}
+
+pub(crate) fn lease_lost(n: u64) {
+    if n > 0 {
+        metrics::counter!(LEASE_LOST).increment(n);
+    }
+}
+
+pub(crate) fn handler_duration(kind: &str, d: Duration) {
+    metrics::histogram!(HANDLER_DURATION, "kind" => kind.to_owned()).record(d.as_secs_f64());
+}
+
+pub(crate) fn claimed(queue: &str, jobs: &[oncely_core::Job]) {
+    if jobs.is_empty() {
+        return;
+    }
+    metrics::histogram!(CLAIM_BATCH, "queue" => queue.to_owned()).record(jobs.len() as f64);
+    let latency = metrics::histogram!(START_LATENCY, "queue" => queue.to_owned());
+    for job in jobs {
+        if let Some(at) = job.attempted_at {
+            latency.record((at - job.run_at).num_milliseconds().max(0) as f64 / 1000.0);
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! `/metrics` after a drain: the worker's counters and histograms and the queue gauges, in
+//! Prometheus text. One test in this binary: the recorder is process-wide.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use common::*;
+use http::Request;
+use http_body_util::BodyExt;
+use oncely::dashboard::{telemetry, Dashboard};
+use oncely::{enqueue, handler_fn, JobArgs, NewJob, Outcome};
+use serde::{Deserialize, Serialize};
+use tower::ServiceExt;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Good {
+    n: u32,
+}
+impl JobArgs for Good {
+    const KIND: &'static str = "good";
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Flaky {
+    n: u32,
+}
+impl JobArgs for Flaky {
+    const KIND: &'static str = "flaky";
+}
+
+/// The value of the sample named exactly `series` (name and labels as rendered).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.parse().ok()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_after_a_drain_have_the_right_counts() {
+    init_tracing();
+    let handle = telemetry::install_prometheus().expect("the only recorder in this test binary");
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    for n in 0..5 {
+        enqueue(pool, NewJob::new(&Good { n }).unwrap()).await.unwrap();
+    }
+    // Two flaky jobs: one fails once then succeeds, one has a single attempt and dies.
+    enqueue(pool, NewJob::new(&Flaky { n: 0 }).unwrap().max_attempts(3)).await.unwrap();
+    enqueue(pool, NewJob::new(&Flaky { n: 1 }).unwrap().max_attempts(1)).await.unwrap();
+    let tries = Arc::new(AtomicU32::new(0));
+    let t = tries.clone();
+    let builder = builder(pool.clone())
+        .register(handler_fn(|_ctx, _g: Good| async { Ok(()) }))
+        .register(handler_fn(move |ctx, f: Flaky| {
+            let t = t.clone();
+            async move {
+                t.fetch_add(1, Ordering::SeqCst);
+                if f.n == 1 || ctx.attempt() == 1 {
+                    return Err(Outcome::retry("flaky"));
+                }
+                Ok(())
+            }
+        }))
+        .queue("default", 2);
+    oncely::testkit::run_until_idle(pool, builder, Duration::from_secs(60)).await;
+    assert_eq!(tries.load(Ordering::SeqCst), 3);
+    // Due in an hour: after the drain: available, not yet due.
+    enqueue(pool, NewJob::new(&Good { n: 99 }).unwrap().queue("later").delay(Duration::from_secs(3600))).await.unwrap();
+
+    let app = Dashboard::new(pool.clone()).metrics(handle).router();
+    let res = app.oneshot(Request::get("/metrics").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let text = String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+
+    let expect = [
+        ("oncely_jobs_completed_total{kind=\"good\"}", 5.0),
+        ("oncely_jobs_completed_total{kind=\"flaky\"}", 1.0),
+        ("oncely_jobs_failed_total{kind=\"flaky\"}", 2.0),
+        ("oncely_jobs_retried_total{kind=\"flaky\"}", 1.0),
+        ("oncely_jobs_dead_total{kind=\"flaky\"}", 1.0),
+        ("oncely_handler_duration_seconds_count{kind=\"good\"}", 5.0),
+        ("oncely_handler_duration_seconds_count{kind=\"flaky\"}", 3.0),
+        ("oncely_job_start_latency_seconds_count{queue=\"default\"}", 8.0),
+        ("oncely_queue_depth{queue=\"default\",state=\"dead\"}", 1.0),
+        ("oncely_queue_depth{queue=\"default\",state=\"available\"}", 0.0),
+        ("oncely_queue_depth{queue=\"later\",state=\"available\"}", 1.0),
+        ("oncely_queue_oldest_available_age_seconds{queue=\"later\"}", 0.0),
+    ];
+    for (series, value) in expect {
+        assert_eq!(sample(&text, series), Some(value), "{series} in:\n{text}");
+    }
+    assert!(text.contains("# TYPE oncely_handler_duration_seconds histogram"), "{text}");
+    let batches = sample(&text, "oncely_claim_batch_size_sum{queue=\"default\"}").expect("claim batch sizes");
+    assert_eq!(batches, 8.0, "every claimed attempt is in one batch");
+    assert_eq!(sample(&text, "oncely_lease_lost_total"), None, "no lease was lost");
+}
