@@ -429,3 +429,37 @@ mod browser {
         client.close().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_queues_page_shows_pauses_and_the_runs_page_lists_function_runs() {
+    use oncely::function::{register_functions, Function};
+    use oncely::outbox::{publish, Event};
+    use oncely::pause::{pause, PauseTarget};
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    enqueue(pool, NewJob::new(&Report { report_id: 1, note: "n".into() }).unwrap()).await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let now = sqlx::query_scalar("SELECT now()").fetch_one(&mut *conn).await.unwrap();
+    register_functions(&mut conn, &[Function::new("on-report").on_event("report.requested")], now).await.unwrap();
+    drop(conn);
+    let event =
+        publish(pool, &Event::new("report.requested", &serde_json::json!({"report": 7})).unwrap()).await.unwrap();
+    assert_eq!(event.runs, 1);
+    pause(pool, &PauseTarget::queue("default"), Some("maintenance <window>")).await.unwrap();
+    pause(pool, &PauseTarget::kind("report"), None).await.unwrap();
+    let app = Dashboard::new(pool.clone()).router();
+
+    let page = get(&app, "/").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("paused: maintenance &lt;window&gt;"), "escaped reason: {}", page.body);
+    assert!(
+        page.body.contains("id=\"paused-kinds\"") && page.body.contains("<li>report: paused</li>"),
+        "{}",
+        page.body
+    );
+
+    let page = get(&app, "/runs").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("on-report"), "{}", page.body);
+    assert!(page.body.contains(&format!("event {} (report.requested)", event.id)), "{}", page.body);
+}

@@ -122,6 +122,7 @@ impl Dashboard {
             .route("/dead", get(pages::dead))
             .route("/dead/action", post(pages::dead_action))
             .route("/jobs/{id}/action", post(pages::job_action))
+            .route("/runs", get(pages::runs))
             .route("/ledger", get(pages::ledger))
             .route("/ledger/resolve", post(pages::ledger_resolve))
             .route("/webhooks", get(pages::webhooks))

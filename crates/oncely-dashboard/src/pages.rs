@@ -36,6 +36,7 @@ impl State {
             ("job.html", include_str!("../templates/job.html")),
             ("ledger.html", include_str!("../templates/ledger.html")),
             ("webhooks.html", include_str!("../templates/webhooks.html")),
+            ("runs.html", include_str!("../templates/runs.html")),
         ] {
             // The templates are part of this crate; a syntax error in one fails its tests.
             env.add_template(name, src).expect("dashboard template parses");
@@ -93,8 +94,46 @@ async fn json(pool: &sqlx::PgPool, q: JsonQuery<'_>) -> Result<Value, Error> {
 
 /// GET /: queues.
 pub(crate) async fn queues(AxState(s): St, uri: Uri) -> Page {
-    let queues = json(s.pool(), sqlx::query_scalar(sql::QUEUES)).await?;
-    s.render("queues.html", &uri, json!({ "page": "queues", "queues": queues }))
+    let mut queues = json(s.pool(), sqlx::query_scalar(sql::QUEUES)).await?;
+    let pauses = oncely_core::pause::list_pauses(s.pool()).await?;
+    let reason = |p: &oncely_core::pause::Pause| p.reason.clone().unwrap_or_else(|| "paused".into());
+    if let Value::Array(list) = &mut queues {
+        for q in list.iter_mut() {
+            let name = q.get("queue").and_then(Value::as_str).unwrap_or_default().to_owned();
+            let paused =
+                pauses.iter().find(|p| matches!(&p.target, oncely_core::pause::PauseTarget::Queue(n) if *n == name));
+            q["paused"] = paused.map(reason).map_or(Value::Null, Value::from);
+        }
+    }
+    let kinds: Vec<Value> = pauses
+        .iter()
+        .filter_map(|p| match &p.target {
+            oncely_core::pause::PauseTarget::Kind(kind) => Some(json!({ "kind": kind, "reason": reason(p) })),
+            _ => None,
+        })
+        .collect();
+    s.render("queues.html", &uri, json!({ "page": "queues", "queues": queues, "paused_kinds": kinds }))
+}
+
+/// The latest runs of functions (event-triggered or cron), newest first.
+pub(crate) async fn runs(AxState(s): St, uri: Uri) -> Page {
+    let runs: Vec<Value> = oncely_core::function::list_runs(s.pool(), None, PAGE)
+        .await?
+        .into_iter()
+        .map(|r| {
+            let trigger = match &r.trigger {
+                oncely_core::function::Trigger::Event(e) => format!("event {} ({})", e.id, e.topic),
+                oncely_core::function::Trigger::Cron(t) => {
+                    format!("cron tick {}", t.at.format("%Y-%m-%d %H:%M:%S UTC"))
+                }
+            };
+            json!({
+                "id": r.id.0, "function": r.function, "state": r.state, "attempt": r.attempt, "trigger": trigger,
+                "created_at": r.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            })
+        })
+        .collect();
+    s.render("runs.html", &uri, json!({ "page": "runs", "runs": runs }))
 }
 
 /// The jobs list's filters.
