@@ -284,3 +284,31 @@ fn acquire_taking_calls_are_send(pool: sqlx::PgPool, mut conn: sqlx::pool::PoolC
     is_send(async move { oncely::retry_job(&mut *conn, oncely::JobId(1)).await });
     is_send(async move { oncely::retry_job(&pool, oncely::JobId(1)).await });
 }
+
+/// Claims take due jobs highest priority first, then oldest, across priorities; jobs scheduled for
+/// later are never claimed, whatever their priority, and a claim that finds fewer due jobs than it
+/// asked for does not need to read them (docs/benchmarks.md, "Scale").
+#[tokio::test(flavor = "multi_thread")]
+async fn claims_go_by_priority_then_age_and_skip_jobs_not_yet_due() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let later = Duration::from_secs(3600);
+    let mut due = Vec::new();
+    for (n, priority) in [(0, 1), (1, 3), (2, -2), (3, 3), (4, 1)] {
+        due.push((priority, enqueue(pool, NewJob::new(&Noop { n }).unwrap().priority(priority)).await.unwrap().id));
+    }
+    for (n, priority) in [(10, 9), (11, 3), (12, -5)] {
+        enqueue(pool, NewJob::new(&Noop { n }).unwrap().priority(priority).delay(later)).await.unwrap();
+    }
+    // Expected: by priority descending, then in enqueue order (run_at, then id).
+    due.sort_by_key(|(priority, id)| (-priority, id.0));
+    let expected: Vec<_> = due.iter().map(|(_, id)| *id).collect();
+    // One claim at a time, so each claim's choice is checked (a batch's rows come back unordered).
+    let mut got = Vec::new();
+    for _ in 0..expected.len() {
+        let claimed = lease::claim_jobs(pool, "default", 1, "w", Duration::from_secs(30)).await.unwrap();
+        got.extend(claimed.iter().map(|j| j.id));
+    }
+    assert_eq!(got, expected, "priority first, then age; nothing scheduled for later");
+    assert!(lease::claim_jobs(pool, "default", 100, "w", Duration::from_secs(30)).await.unwrap().is_empty());
+}

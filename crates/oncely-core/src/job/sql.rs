@@ -119,21 +119,44 @@ pub(crate) const JOB_RESERVE_IDS: &str =
 /// COPY a batch of due jobs with reserved ids (text format; see `queue::copy_row`).
 pub(crate) const JOB_COPY_IN: &str = "COPY oncely.jobs (id, kind, queue, args, priority, max_attempts) FROM STDIN";
 
-/// Claim up to `$2` available jobs of queue `$1` for worker `$4` with a lease of `$3` seconds; none
-/// from a paused queue, none of a paused kind.
+/// Claim up to `$2` due jobs of queue `$1` (skipping paused queues and kinds), highest priority
+/// first, then oldest `run_at`: lease them to worker `$4` for `$3` seconds.
+///
+/// The scan walks the queue's priorities one by one (a loose index scan over `jobs_fetch_idx`:
+/// each step is one probe for the next lower priority present), and within one priority reads
+/// `run_at <= now()` as a range of the index, so it stops at the first job not yet due. Ordering by
+/// `priority DESC, run_at` over the whole queue at once could not: with `priority` between `queue`
+/// and `run_at` in the index, `run_at <= now()` was only a filter, and a claim that found fewer due
+/// jobs than `$2` read every job scheduled for later (11 ms per claim with 100,000 scheduled; see
+/// docs/benchmarks.md, "Scale").
 pub(crate) const JOB_CLAIM: &str = r#"
-WITH next AS MATERIALIZED (
-    SELECT id FROM oncely.jobs
-    WHERE state = 'available' AND queue = $1 AND run_at <= now()
-      -- Pauses (`pause.rs`): two init plans over a tiny table, evaluated once per claim. The kind
-      -- is compared as `kind || ''` so the planner cannot estimate it from the column's statistics:
-      -- with few distinct kinds it took `kind <> ALL (unknown array)` to match no row and chose a
-      -- sequential scan and sort of the whole queue (0.25 s per claim over 200k jobs).
-      AND NOT EXISTS (SELECT 1 FROM oncely.pauses WHERE scope = 'queue' AND name = $1)
-      AND (kind || '') <> ALL (ARRAY(SELECT name FROM oncely.pauses WHERE scope = 'kind'))
-    ORDER BY priority DESC, run_at, id
+WITH RECURSIVE priorities AS (
+    (SELECT priority FROM oncely.jobs WHERE state = 'available' AND queue = $1 ORDER BY priority DESC LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.priority FROM oncely.jobs AS j
+            WHERE j.state = 'available' AND j.queue = $1 AND j.priority < p.priority
+            ORDER BY j.priority DESC LIMIT 1)
+    FROM priorities AS p
+    WHERE p.priority IS NOT NULL
+), next AS MATERIALIZED (
+    SELECT c.id
+    FROM priorities AS p
+    CROSS JOIN LATERAL (
+        SELECT id FROM oncely.jobs
+        WHERE state = 'available' AND queue = $1 AND priority = p.priority AND run_at <= now()
+          -- Pauses (`pause.rs`): two init plans over a tiny table, evaluated once per claim. The
+          -- kind is compared as `kind || ''` so the planner cannot estimate it from the column's
+          -- statistics: with few distinct kinds it took `kind <> ALL (unknown array)` to match no
+          -- row and chose a sequential scan and sort of the whole queue (0.25 s per claim over
+          -- 200k jobs).
+          AND NOT EXISTS (SELECT 1 FROM oncely.pauses WHERE scope = 'queue' AND name = $1)
+          AND (kind || '') <> ALL (ARRAY(SELECT name FROM oncely.pauses WHERE scope = 'kind'))
+        ORDER BY run_at, id
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    WHERE p.priority IS NOT NULL
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
 )
 UPDATE oncely.jobs AS j
 SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
