@@ -67,6 +67,23 @@ async fn metrics_after_a_drain_have_the_right_counts() {
     oncely::testkit::run_until_idle(pool, builder, Duration::from_secs(60)).await;
     assert_eq!(tries.load(Ordering::SeqCst), 3);
     // Due in an hour: after the drain: available, not yet due.
+    // Step outcomes, outside any job (the idempotency namespace) and of a job's parked step.
+    let ttl = Duration::from_secs(3600);
+    for _ in 0..2 {
+        let v = oncely::with_idempotency(pool, "metrics:once", ttl, || async { Ok::<_, std::io::Error>(7) }).await;
+        assert_eq!(v.unwrap(), 7, "recorded, then replayed");
+    }
+    let failed = oncely::with_idempotency_transactional(pool, "metrics:fails", ttl, |_tx| {
+        Box::pin(async { Err::<i32, _>(std::io::Error::other("no")) })
+    })
+    .await;
+    assert!(failed.is_err());
+    claim_record(pool, "step", "job:777:charge", Duration::ZERO, None).await;
+    let parked = oncely::core::step::StepScope::new(pool.clone(), oncely::JobId(777), 2)
+        .step("charge")
+        .external(oncely::OnUnknown::Park, |_key| async { Ok::<_, std::io::Error>(1) })
+        .await;
+    assert!(matches!(parked, Err(oncely::StepError::OutcomeUnknown { .. })), "{parked:?}");
     enqueue(pool, NewJob::new(&Good { n: 99 }).unwrap().queue("later").delay(Duration::from_secs(3600))).await.unwrap();
 
     let app = Dashboard::new(pool.clone()).metrics(handle).router();
@@ -87,6 +104,10 @@ async fn metrics_after_a_drain_have_the_right_counts() {
         ("oncely_queue_depth{queue=\"default\",state=\"available\"}", 0.0),
         ("oncely_queue_depth{queue=\"later\",state=\"available\"}", 1.0),
         ("oncely_queue_oldest_available_age_seconds{queue=\"later\"}", 0.0),
+        ("oncely_step_outcomes_total{namespace=\"idempotency\",outcome=\"recorded\"}", 1.0),
+        ("oncely_step_outcomes_total{namespace=\"idempotency\",outcome=\"replayed\"}", 1.0),
+        ("oncely_step_outcomes_total{namespace=\"idempotency\",outcome=\"failed\"}", 1.0),
+        ("oncely_step_outcomes_total{namespace=\"step\",outcome=\"parked\"}", 1.0),
     ];
     for (series, value) in expect {
         assert_eq!(sample(&text, series), Some(value), "{series} in:\n{text}");

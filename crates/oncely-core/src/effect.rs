@@ -13,6 +13,9 @@ use crate::boundary::{Boundary, BoundaryHook, BoundaryPoint};
 use crate::job::JobId;
 use crate::ledger::{self, ClaimOptions, Claimed, LedgerKey};
 
+/// The counter of step outcomes (see `Effect::outcome`), labelled by ledger namespace and outcome.
+pub(crate) const STEP_OUTCOMES: &str = "oncely_step_outcomes_total";
+
 /// A boxed error from user code.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -182,13 +185,28 @@ impl Effect<'_> {
         serde_json::to_value(v).map_err(|source| StepError::Output { step: self.label.to_owned(), source })
     }
 
+    /// Count how a step (or an idempotent call) ended, in `oncely_step_outcomes_total`:
+    /// `recorded` (ran and recorded), `replayed` (the stored output), `busy`, `mismatch`, `failed`,
+    /// `parked`. Through the `metrics` facade: nothing is recorded unless the process installed a
+    /// recorder (`oncely serve`, or the dashboard's `telemetry::install_prometheus`).
+    fn outcome(&self, outcome: &'static str) {
+        metrics::counter!(STEP_OUTCOMES, "namespace" => self.key.namespace.clone(), "outcome" => outcome).increment(1);
+    }
+
     fn not_run(&self, c: Claimed) -> Result<serde_json::Value, StepError> {
         match c {
-            Claimed::Completed(v) => Ok(v),
+            Claimed::Completed(v) => {
+                self.outcome("replayed");
+                Ok(v)
+            }
             Claimed::Busy { retry_after } => {
+                self.outcome("busy");
                 Err(StepError::Busy { step: self.label.to_owned(), key: self.key.to_string(), retry_after })
             }
-            Claimed::Mismatch => Err(StepError::Mismatch { step: self.label.to_owned() }),
+            Claimed::Mismatch => {
+                self.outcome("mismatch");
+                Err(StepError::Mismatch { step: self.label.to_owned() })
+            }
             Claimed::Run { .. } => unreachable!("not_run is only called for claims that do not run"),
         }
     }
@@ -262,7 +280,10 @@ impl Effect<'_> {
                                 .await
                                 .map_err(|e| self.ledger_err(e))?;
                         }
-                        Err(source) => return Err(StepError::Failed { step: self.label.to_owned(), source }),
+                        Err(source) => {
+                            self.outcome("failed");
+                            return Err(StepError::Failed { step: self.label.to_owned(), source });
+                        }
                     }
                 }
             }
@@ -275,6 +296,7 @@ impl Effect<'_> {
                 if let Err(release) = ledger::release(self.pool, &self.key, attempt).await {
                     tracing::warn!(step = self.label, error = %release, "could not release the step's claim; it expires with its lease");
                 }
+                self.outcome("failed");
                 Err(StepError::Failed { step: self.label.to_owned(), source: e.into() })
             }
         }
@@ -284,6 +306,7 @@ impl Effect<'_> {
     /// resolve the record at once, and keep the record until then (it stays in progress, so every
     /// claimant parks; were it to expire, a later claim would call again as if nothing happened).
     async fn park(&self, attempt: i32, idempotency_key: String) -> StepError {
+        self.outcome("parked");
         if let Err(e) = ledger::park(self.pool, &self.key, attempt).await {
             tracing::warn!(step = self.label, error = %e, "could not mark the claim parked; its lease ends on its own");
         }
@@ -314,6 +337,7 @@ impl Effect<'_> {
         let json = self.encode(&v)?;
         self.at(BoundaryPoint::BeforeRecord);
         ledger::complete(self.pool, &self.key, attempt, &json, self.ttl).await.map_err(|e| self.ledger_err(e))?;
+        self.outcome("recorded");
         self.at(BoundaryPoint::AfterRecord);
         Ok(v)
     }
@@ -339,6 +363,7 @@ impl Effect<'_> {
             Ok(v) => v,
             Err(e) => {
                 let _ = tx.rollback().await;
+                self.outcome("failed");
                 return Err(StepError::Failed { step: self.label.to_owned(), source: e.into() });
             }
         };
@@ -346,6 +371,7 @@ impl Effect<'_> {
         ledger::complete(&mut *tx, &self.key, attempt, &json, self.ttl).await.map_err(|e| self.ledger_err(e))?;
         self.at(BoundaryPoint::BeforeRecord);
         tx.commit().await.map_err(|e| self.ledger_err(e.into()))?;
+        self.outcome("recorded");
         self.at(BoundaryPoint::AfterRecord);
         Ok(v)
     }
