@@ -1,5 +1,5 @@
-//! `/metrics` after a drain: the worker's counters and histograms and the queue gauges, in
-//! Prometheus text. One test in this binary: the recorder is process-wide.
+//! `/metrics` after a drain: the worker's counters and histograms, the queue gauges, step outcomes
+//! and the Idempotency-Key layer's counters, in Prometheus text. One test in this binary: the recorder is process-wide.
 
 mod common;
 
@@ -84,6 +84,45 @@ async fn metrics_after_a_drain_have_the_right_counts() {
         .external(oncely::OnUnknown::Park, |_key| async { Ok::<_, std::io::Error>(1) })
         .await;
     assert!(matches!(parked, Err(oncely::StepError::OutcomeUnknown { .. })), "{parked:?}");
+    // The Idempotency-Key layer: one request in flight, its duplicate rejected, then replayed, then
+    // the key reused with another body.
+    {
+        use axum::routing::post;
+        use oncely::http::{IdempotencyLayer, MemoryStore};
+        let started = Arc::new(tokio::sync::Notify::new());
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (s, r) = (started.clone(), release.clone());
+        let app = axum::Router::new()
+            .route(
+                "/things",
+                post(move |body: String| {
+                    let (s, r) = (s.clone(), r.clone());
+                    async move {
+                        s.notify_one();
+                        r.notified().await;
+                        (http::StatusCode::CREATED, body)
+                    }
+                }),
+            )
+            .layer(IdempotencyLayer::new(MemoryStore::default()));
+        let req = |body: &str| {
+            Request::post("/things")
+                .header("idempotency-key", "metrics-key")
+                .header("authorization", "Bearer t")
+                .body(Body::from(body.to_owned()))
+                .unwrap()
+        };
+        let first = tokio::spawn(app.clone().oneshot(req("a")));
+        tokio::time::timeout(Duration::from_secs(10), started.notified()).await.expect("the first request runs");
+        let dup = app.clone().oneshot(req("a")).await.unwrap();
+        assert_eq!(dup.status(), http::StatusCode::CONFLICT, "a duplicate in flight");
+        release.notify_one();
+        assert_eq!(first.await.unwrap().unwrap().status(), http::StatusCode::CREATED);
+        let replay = app.clone().oneshot(req("a")).await.unwrap();
+        assert_eq!(replay.status(), http::StatusCode::CREATED, "replayed");
+        let reused = app.clone().oneshot(req("b")).await.unwrap();
+        assert!(reused.status().is_client_error(), "the key reused with another body: {}", reused.status());
+    }
     enqueue(pool, NewJob::new(&Good { n: 99 }).unwrap().queue("later").delay(Duration::from_secs(3600))).await.unwrap();
 
     let app = Dashboard::new(pool.clone()).metrics(handle).router();
@@ -104,6 +143,9 @@ async fn metrics_after_a_drain_have_the_right_counts() {
         ("oncely_queue_depth{queue=\"default\",state=\"available\"}", 0.0),
         ("oncely_queue_depth{queue=\"later\",state=\"available\"}", 1.0),
         ("oncely_queue_oldest_available_age_seconds{queue=\"later\"}", 0.0),
+        ("oncely_idempotency_replays_total", 1.0),
+        ("oncely_idempotency_conflicts_total", 1.0),
+        ("oncely_idempotency_in_flight_rejections_total", 1.0),
         ("oncely_step_outcomes_total{namespace=\"idempotency\",outcome=\"recorded\"}", 1.0),
         ("oncely_step_outcomes_total{namespace=\"idempotency\",outcome=\"replayed\"}", 1.0),
         ("oncely_step_outcomes_total{namespace=\"idempotency\",outcome=\"failed\"}", 1.0),
