@@ -150,6 +150,9 @@ fn arguments(name: &str, running: &[i64]) -> String {
         "LEDGER_GET" => "'steps', 'job:4:compute', NULL".into(),
         "LEDGER_COMPLETE" => "'steps', 'job:4:compute', 1, '42', NULL".into(),
         "DELIVERY_RECORD_ATTEMPT" => format!("2, 3, 200, NULL, true, {one}, 1"),
+        "EVENT_PUBLISH" => "'{invoice.paid}', ARRAY['{}'::jsonb], '{NULL}', '{webhooks}', '{8}', \
+                                 'oncely.webhook_delivery', 'oncely.', '{NULL}', '{86400}'"
+            .into(),
         other => panic!("no arguments for hot statement {other}: add them to tests/it/plans.rs"),
     }
 }
@@ -162,6 +165,14 @@ fn intended_indexes(name: &str) -> &'static [&'static str] {
         "JOB_RESCUE_EXPIRED" => &["jobs_lease_idx", "jobs_pkey"],
         n if n.starts_with("JOB_") => &["jobs_pkey"],
         n if n.starts_with("LEDGER_") => &["ledger_pkey"],
+        // Inserts, plus lookups in the small endpoint, subscription and event-key tables (named
+        // without `_MANY`: it inserts a batch, it does not lock existing rows in id order).
+        "EVENT_PUBLISH" => &[
+            "webhook_endpoints_topics_idx",
+            "webhook_endpoints_pkey",
+            "event_keys_pkey",
+            "function_subscriptions_pkey",
+        ],
         "DELIVERY_RECORD_ATTEMPT" => {
             &["webhook_deliveries_pkey", "webhook_deliveries_order_idx", "webhook_endpoints_pkey", "jobs_pkey"]
         }

@@ -74,4 +74,5 @@ pub const HOT_STATEMENTS: &[(&str, &str)] = &[
     ("LEDGER_GET", ledger::sql::LEDGER_GET),
     ("LEDGER_COMPLETE", ledger::sql::LEDGER_COMPLETE),
     ("DELIVERY_RECORD_ATTEMPT", crate::webhook::DELIVERY_RECORD_ATTEMPT),
+    ("EVENT_PUBLISH", outbox::EVENT_PUBLISH_MANY),
 ];

@@ -196,7 +196,7 @@ pub fn message_id(uid: uuid::Uuid) -> String {
 /// endpoint), and one function run per (event, matching function subscription), in one statement.
 /// Events whose idempotency key is held by a live earlier event are not stored: their row answers
 /// with the earlier event (`duplicate`). Returns one row per input event, in input order.
-const EVENT_PUBLISH_MANY: &str = concat!(
+pub(crate) const EVENT_PUBLISH_MANY: &str = concat!(
     r#"
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[], $5::int[], $8::text[], $9::float8[])
