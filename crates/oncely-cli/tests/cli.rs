@@ -20,20 +20,7 @@ struct Run {
 }
 
 fn oncely(url: &str, args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_oncely"))
-        .env_remove("DATABASE_URL")
-        .env_remove("RUST_LOG")
-        .arg("--database-url")
-        .arg(url)
-        .args(args)
-        .output()
-        .expect("the oncely binary runs");
-    Run {
-        ok: out.status.success(),
-        code: out.status.code(),
-        out: String::from_utf8_lossy(&out.stdout).into(),
-        err: String::from_utf8_lossy(&out.stderr).into(),
-    }
+    oncely_with_env(url, &[], args)
 }
 
 async fn state_in_sql(pool: &sqlx::PgPool, id: i64) -> String {

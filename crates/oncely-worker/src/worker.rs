@@ -212,7 +212,14 @@ impl WorkerBuilder {
                 );
             }
         }
-        Ok(Worker {
+        Ok(self.into_worker())
+    }
+}
+
+impl WorkerBuilder {
+    /// The checked builder as a worker.
+    fn into_worker(self) -> Worker {
+        Worker {
             pool: self.pool,
             config: self.config,
             handlers: self.handlers,
@@ -220,11 +227,9 @@ impl WorkerBuilder {
             completion_hook: self.completion_hook,
             functions: self.functions,
             clock: self.clock,
-        })
+        }
     }
-}
 
-impl WorkerBuilder {
     /// Build a worker that claims no jobs and runs only the services: the maintenance leader
     /// election with rescue, pruning and ledger cleanup (`oncely serve` without `--webhooks`).
     /// Refused when handlers or queues were added, or maintenance is switched off.
@@ -236,15 +241,7 @@ impl WorkerBuilder {
             return Err(Error::Config("a maintenance-only worker needs maintenance switched on".into()));
         }
         self.config.validate_services().map_err(Error::Config)?;
-        Ok(Worker {
-            pool: self.pool,
-            config: self.config,
-            handlers: self.handlers,
-            step_hook: self.step_hook,
-            completion_hook: self.completion_hook,
-            functions: self.functions,
-            clock: self.clock,
-        })
+        Ok(self.into_worker())
     }
 }
 
