@@ -14,6 +14,7 @@ mod api;
 mod cancel_safety;
 mod crash;
 mod dashboard;
+mod debounce;
 mod errors;
 mod example_restart;
 mod external;

@@ -24,6 +24,7 @@
 pub mod job;
 mod boundary;
 pub mod bulk;
+pub mod debounce;
 mod effect;
 pub mod error;
 pub mod function;

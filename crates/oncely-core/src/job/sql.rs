@@ -391,6 +391,29 @@ pub(crate) const QUEUE_NOTIFY_MANY: &str =
 pub(crate) const JOB_COUNT_BY_QUEUE_AND_STATE: &str =
     "SELECT queue, state, count(*) AS n FROM oncely.jobs GROUP BY queue, state ORDER BY queue, state";
 
+/// Debounce (`crate::debounce`), under the key's advisory lock: merge into the waiting job with
+/// debounce key `$1` and kind `$2` (available and never started): its arguments become `$3`, and
+/// its `run_at` moves to `$4` seconds from now, but never past its `created_at` plus `$5` seconds
+/// (the maximum wait; `NULL`: none, `least` ignores it). A claim that locked the row first wins: the
+/// row is then running, this updates nothing, and the caller inserts a new job.
+pub(crate) const JOB_DEBOUNCE_MERGE: &str = r#"
+UPDATE oncely.jobs
+SET args = $3,
+    run_at = least(clock_timestamp() + make_interval(secs => $4), created_at + make_interval(secs => $5))
+WHERE debounce_key = $1 AND kind = $2 AND state = 'available' AND attempt = 0
+RETURNING id, run_at
+"#;
+
+/// Debounce, when there is no waiting job to merge into: a job due `$5` seconds from now (or at the
+/// maximum wait `$7`, if that is sooner), carrying debounce key `$8`.
+pub(crate) const JOB_DEBOUNCE_INSERT: &str = r#"
+INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, debounce_key)
+VALUES ($1, $2, $3, $4,
+        least(clock_timestamp() + make_interval(secs => $5), clock_timestamp() + make_interval(secs => $7)),
+        $6, $8)
+RETURNING id, run_at
+"#;
+
 #[cfg(test)]
 mod tests {
     #[test]
