@@ -182,6 +182,32 @@ async fn a_dead_job_goes_back_to_its_queue_with_its_history() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn dismissing_and_deleting_touch_only_the_dead_letter() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let dead = enqueue(pool, NewJob::new(&Noop { n: 1 }).unwrap().max_attempts(1)).await.unwrap().id;
+    let claim = Claim::from(&lease::claim_jobs(pool, "default", 1, "w", Duration::from_secs(30)).await.unwrap()[0]);
+    assert_eq!(lease::fail_job(pool, claim, ErrorKind::Error, "boom", None).await.unwrap(), JobState::Dead);
+    let running = enqueue(pool, NewJob::new(&Noop { n: 2 }).unwrap()).await.unwrap().id;
+    lease::claim_jobs(pool, "default", 1, "w", Duration::from_secs(30)).await.unwrap();
+    let available = enqueue(pool, NewJob::new(&Noop { n: 3 }).unwrap()).await.unwrap().id;
+    let all = [dead, running, available, oncely::JobId(999_999)];
+
+    // Dismiss: only the dead job becomes cancelled; a second dismiss finds nothing to do.
+    assert_eq!(oncely::core::dismiss_dead_jobs(pool, &all).await.unwrap(), vec![dead]);
+    assert_eq!(get_job(pool, dead).await.unwrap().state, JobState::Cancelled);
+    assert_eq!(get_job(pool, running).await.unwrap().state, JobState::Running);
+    assert_eq!(get_job(pool, available).await.unwrap().state, JobState::Available);
+    assert!(oncely::core::dismiss_dead_jobs(pool, &all).await.unwrap().is_empty());
+
+    // Delete: only the dismissed (finished) job goes; live jobs stay.
+    assert_eq!(oncely::core::delete_finished_jobs(pool, &all).await.unwrap(), vec![dead]);
+    assert!(matches!(get_job(pool, dead).await, Err(Error::JobNotFound(_))));
+    assert_eq!(get_job(pool, running).await.unwrap().state, JobState::Running);
+    assert_eq!(get_job(pool, available).await.unwrap().state, JobState::Available);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_refused_with_a_typed_error_and_nothing_is_written() {
     let db = TestDb::new().await;
     let pool = db.pool();

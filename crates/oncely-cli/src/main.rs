@@ -284,12 +284,29 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // `serve`'s configuration file is read first: it may name the database.
+    let (cmd, serving) = match cli.cmd {
+        Cmd::Serve(args) => match args.resolve() {
+            Ok(settings) => (None, Some(settings)),
+            Err(Fail(msg)) => {
+                eprintln!("oncely: {msg}");
+                return ExitCode::from(2);
+            }
+        },
+        cmd => (Some(cmd), None),
+    };
+    let file_url = serving.as_ref().and_then(|s| s.database_url.clone());
     // Clap cannot make a global argument required, so check here, as a usage error.
-    let Some(url) = cli.database_url.clone() else {
+    let Some(url) = cli.database_url.clone().or(file_url) else {
         eprintln!("oncely: the database is required: pass --database-url or set DATABASE_URL");
         return ExitCode::from(2);
     };
-    match runtime.block_on(run(cli.cmd, &url)) {
+    let done = match (cmd, serving) {
+        (_, Some(settings)) => runtime.block_on(serve::run(&url, settings)),
+        (Some(cmd), None) => runtime.block_on(run(cmd, &url)),
+        (None, None) => Err(Fail("no command".into())),
+    };
+    match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(Fail(msg)) => {
             eprintln!("oncely: {msg}");
@@ -354,7 +371,7 @@ async fn run(cmd: Cmd, url: &str) -> Result<(), Fail> {
     }
     let cmd = match cmd {
         Cmd::Bench(args) => return bench::run(url, args).await,
-        Cmd::Serve(args) => return serve::run(url, args).await,
+        Cmd::Serve(_) => return Err(Fail("serve: settings not resolved".into())),
         cmd => cmd,
     };
     // Endpoint secrets at rest are sealed and opened with this key ring, when one is given.

@@ -101,3 +101,57 @@ async fn serve_answers_runs_maintenance_and_stops_on_sigterm() {
         .unwrap_or(0);
     assert_eq!(leaders, 0);
 }
+
+/// `--config FILE`: the file names the database, the address and a token; the environment beats
+/// the file (its token is the one required); an unknown key stops serve with a usage error.
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_reads_a_configuration_file_under_the_environment_and_refuses_unknown_keys() {
+    let db = oncely_testkit::TestDb::new().await;
+    let dir = std::env::temp_dir().join(format!("oncely-serve-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("oncely.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "database-url = \"{}\"\nlisten = \"127.0.0.1:0\"\ntoken = \"from-file\"\npool-size = 3\nno-maintenance = true\n",
+            db.url()
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_oncely"))
+        .env_remove("RUST_LOG")
+        .env_remove("DATABASE_URL")
+        .env("ONCELY_DASHBOARD_TOKEN", "from-env")
+        .args(["serve", "--config"])
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("oncely serve starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("serve prints its address in time")
+        .unwrap()
+        .expect("a line");
+    let addr = first.trim_start_matches("oncely serve: listening on http://").trim_end_matches('/').to_owned();
+    assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":8080"), "the file's address: {addr}");
+    assert_eq!(http_get(&addr, "/readyz", None).await, (200, "ready".to_owned()), "the file's database");
+    assert_eq!(http_get(&addr, "/", Some("from-file")).await.0, 401, "the environment beats the file");
+    assert_eq!(http_get(&addr, "/", Some("from-env")).await.0, 200);
+    let pid = child.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("stops").unwrap();
+    assert!(status.success(), "{status}");
+
+    std::fs::write(&file, "listen = \"127.0.0.1:0\"\nread_only = true\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_oncely"))
+        .args(["--database-url", db.url(), "serve", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("bad configuration file") && stderr.contains("unknown field `read_only`"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

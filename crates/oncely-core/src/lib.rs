@@ -56,7 +56,8 @@ pub use job::{AttemptError, ErrorKind, InsertOpts, Job, JobArgs, JobId, JobState
 pub use lease::Claim;
 pub use migrate::{migrate, migrate_conn, migrate_report, MigrateReport, MigrationError, MIGRATIONS_TABLE, MIGRATOR};
 pub use queue::{
-    cancel_job, count_jobs, enqueue, enqueue_many, get_job, list_jobs, retry_job, Enqueued, JobFilter, QueueCount,
+    cancel_job, count_jobs, delete_finished_jobs, dismiss_dead_jobs, enqueue, enqueue_many, get_job, list_jobs,
+    retry_job, Enqueued, JobFilter, QueueCount,
 };
 
 /// The hot statements by name, for the plan tests (`tests/it/plans.rs`), which `EXPLAIN` each under

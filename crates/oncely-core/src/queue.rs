@@ -342,6 +342,28 @@ where
     })
 }
 
+/// Dismiss dead jobs (the dead letter's "cancel"): each of `ids` that is dead becomes `cancelled`
+/// and leaves the dead letter without running again; ids in any other state, or unknown, are left
+/// alone. Returns the ids dismissed. [`retry_job`] still puts a dismissed job back.
+#[tracing::instrument(skip(executor), err)]
+pub async fn dismiss_dead_jobs<'e>(executor: impl PgExecutor<'e>, ids: &[JobId]) -> Result<Vec<JobId>> {
+    let ids: Vec<i64> = ids.iter().map(|id| id.0).collect();
+    let done: Vec<i64> =
+        sqlx::query_scalar(crate::job::sql::JOB_DISMISS_DEAD_MANY).bind(&ids).fetch_all(executor).await?;
+    Ok(done.into_iter().map(JobId).collect())
+}
+
+/// Delete finished jobs from the dead letter: each of `ids` that is dead or cancelled is deleted
+/// (with its error history); ids in any other state, or unknown, are left alone. Returns the ids
+/// deleted. For deletes by filter, in batches, see [`bulk::delete_jobs`](crate::bulk::delete_jobs).
+#[tracing::instrument(skip(executor), err)]
+pub async fn delete_finished_jobs<'e>(executor: impl PgExecutor<'e>, ids: &[JobId]) -> Result<Vec<JobId>> {
+    let ids: Vec<i64> = ids.iter().map(|id| id.0).collect();
+    let done: Vec<i64> =
+        sqlx::query_scalar(crate::job::sql::JOB_DELETE_FINISHED_MANY).bind(&ids).fetch_all(executor).await?;
+    Ok(done.into_iter().map(JobId).collect())
+}
+
 pub(crate) fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }

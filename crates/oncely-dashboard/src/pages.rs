@@ -219,10 +219,12 @@ async fn dead_letter(s: &State, action: &str, ids: &[i64]) -> Result<Option<Resp
             }
         }
         "cancel" => {
-            sqlx::query(sql::DEAD_CANCEL).bind(ids).execute(s.pool()).await?;
+            let ids: Vec<JobId> = ids.iter().copied().map(JobId).collect();
+            oncely_core::dismiss_dead_jobs(s.pool(), &ids).await?;
         }
         "delete" => {
-            sqlx::query(sql::DEAD_DELETE).bind(ids).execute(s.pool()).await?;
+            let ids: Vec<JobId> = ids.iter().copied().map(JobId).collect();
+            oncely_core::delete_finished_jobs(s.pool(), &ids).await?;
         }
         other => return Ok(Some(bad(format!("unknown action {other:?}")))),
     }

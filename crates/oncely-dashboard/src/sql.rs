@@ -80,12 +80,6 @@ SELECT coalesce(json_agg(d ORDER BY d.event_id DESC, d.endpoint_id), '[]'::json)
   FROM oncely.webhook_deliveries d JOIN oncely.events e ON e.id = d.event_id
   ORDER BY d.event_id DESC LIMIT 100) d";
 
-/// Dead letter: a dead job dismissed without running again.
-pub(crate) const DEAD_CANCEL: &str = "UPDATE oncely.jobs SET state = 'cancelled' WHERE id = ANY($1) AND state = 'dead'";
-
-/// Dead letter: dead (or dismissed) jobs deleted.
-pub(crate) const DEAD_DELETE: &str = "DELETE FROM oncely.jobs WHERE id = ANY($1) AND state IN ('dead', 'cancelled')";
-
 /// Queue depth by queue and state, and the age of the oldest available job per queue: the
 /// metrics endpoint's one query per scrape.
 pub(crate) const DEPTH: &str = "\

@@ -267,6 +267,22 @@ WHERE id = ANY ($1::bigint[]) AND state IN ('available', 'running')
 RETURNING id
 "#;
 
+/// Dismiss the dead jobs among the ids in `$1`: `cancelled`, so they leave the dead letter without
+/// running again. Returns the ids dismissed.
+pub(crate) const JOB_DISMISS_DEAD_MANY: &str = r#"
+UPDATE oncely.jobs
+SET state = 'cancelled', finished_at = coalesce(finished_at, now()), lease_expires_at = NULL
+WHERE id = ANY ($1::bigint[]) AND state = 'dead'
+RETURNING id
+"#;
+
+/// Delete the dead or cancelled jobs among the ids in `$1`. Returns the ids deleted.
+pub(crate) const JOB_DELETE_FINISHED_MANY: &str = r#"
+DELETE FROM oncely.jobs
+WHERE id = ANY ($1::bigint[]) AND state IN ('dead', 'cancelled')
+RETURNING id
+"#;
+
 /// Put a dead or cancelled job back in its queue, with one more attempt allowed.
 pub(crate) const JOB_RETRY_FINISHED: &str = r#"
 UPDATE oncely.jobs
