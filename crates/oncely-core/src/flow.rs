@@ -67,6 +67,9 @@ WHERE f.queue = $1 AND NOT f.idle
   AND (SELECT true FROM oncely.jobs AS a
        WHERE a.state = 'available' AND a.flow_key IS NOT NULL AND a.queue = $1 AND a.flow_key = f.key
          AND a.run_at <= now()
+       -- The index's order: without it, one key's large backlog let the planner pick a sequential
+       -- scan "that stops at the first row" (36 ms behind 100,000 jobs of another key).
+       ORDER BY a.priority DESC, a.run_at
        LIMIT 1)
 ORDER BY f.last_claimed_at, f.key
 LIMIT $2
