@@ -20,6 +20,7 @@ mod example_restart;
 mod external;
 mod fencing;
 mod flow;
+mod flow_keys;
 mod functions;
 mod harness;
 mod http;

@@ -54,6 +54,18 @@ async fn fill(conn: &mut PgConnection, running: i64) {
     .execute(&mut *conn)
     .await
     .unwrap();
+    // Keyed jobs (`flow.rs`): 100 tenants, a tenth of them running; the insert trigger makes the keys.
+    sqlx::query(
+        "INSERT INTO oncely.jobs (kind, queue, state, attempt, lease_expires_at, worker_id, flow_key, flow_limit)
+         SELECT 'noop', 'bench', CASE WHEN g % 10 = 0 THEN 'running' ELSE 'available' END,
+                CASE WHEN g % 10 = 0 THEN 1 ELSE 0 END,
+                CASE WHEN g % 10 = 0 THEN now() + interval '30 seconds' END,
+                CASE WHEN g % 10 = 0 THEN 'w1' END, 'tenant:' || (g % 100), 2
+         FROM generate_series(1, 2000) AS g",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
     sqlx::query(
         "INSERT INTO oncely.ledger (namespace, key, fingerprint, state, attempt, owner, lease_expires_at, output, expires_at)
          SELECT 'steps', 'job:' || g || ':compute', NULL,
@@ -99,7 +111,7 @@ async fn analyze(conn: &mut PgConnection) {
 
 async fn set_up(conn: &mut PgConnection, stats: Stats) {
     sqlx::query(
-        "TRUNCATE oncely.jobs, oncely.ledger, oncely.webhook_deliveries, oncely.events, oncely.webhook_endpoints \
+        "TRUNCATE oncely.jobs, oncely.flow_keys, oncely.ledger, oncely.webhook_deliveries, oncely.events, oncely.webhook_endpoints \
          RESTART IDENTITY",
     )
     .execute(&mut *conn)
@@ -139,7 +151,9 @@ fn arguments(name: &str, running: &[i64]) -> String {
     let attempts = format!("'{{{}}}'", vec!["1"; batch.len()].join(","));
     let one = running[running.len() / 2];
     match name {
-        "JOB_CLAIM" => "'bench', 100, 30, 'w2'".into(),
+        "JOB_CLAIM" => "'bench', 100, 30, 'w2', false".into(),
+        "FLOW_KEYS_LOCK" => "'bench', 100".into(),
+        "FLOW_CLAIM" => "'bench', '{tenant:1,tenant:2,tenant:3}', 100, 30, 'w2', 33".into(),
         "JOB_SET_COMPLETED_IF_RUNNING_MANY" => format!("{ids}, {attempts}"),
         "JOB_EXTEND_LEASE_MANY" => format!("{ids}, {attempts}, 30"),
         "JOB_SET_FAILED_IF_RUNNING" => format!("{one}, 1, true, 5, 'error', 'boom'"),
@@ -161,7 +175,11 @@ fn arguments(name: &str, running: &[i64]) -> String {
 /// fails the test.
 fn intended_indexes(name: &str) -> &'static [&'static str] {
     match name {
-        "JOB_CLAIM" => &["jobs_fetch_idx", "jobs_pkey", "pauses_pkey"],
+        "JOB_CLAIM" => &["jobs_fetch_idx", "jobs_pkey", "pauses_pkey", "queue_limits_pkey"],
+        "FLOW_KEYS_LOCK" => {
+            &["flow_keys_next_idx", "flow_keys_pkey", "jobs_flow_running_idx", "jobs_flow_fetch_idx", "pauses_pkey"]
+        }
+        "FLOW_CLAIM" => &["flow_keys_pkey", "jobs_flow_running_idx", "jobs_flow_fetch_idx", "jobs_pkey", "pauses_pkey"],
         "JOB_RESCUE_EXPIRED" => &["jobs_lease_idx", "jobs_pkey"],
         n if n.starts_with("JOB_") => &["jobs_pkey"],
         n if n.starts_with("LEDGER_") => &["ledger_pkey"],

@@ -78,6 +78,12 @@ pub(crate) struct BenchArgs {
     /// and report both.
     #[arg(long)]
     analyze: bool,
+    /// Run only the flow-control figures (docs/flow-control.md), each as a ratio to a plain drain
+    /// of N jobs measured in the same run: N jobs over 1,000 concurrency keys, N jobs of one hot
+    /// key, N/10 jobs under a rate limit (achieved over configured rate), and the latency of a
+    /// claim behind a 100,000-job backlog of another tenant against one behind a plain backlog.
+    #[arg(long)]
+    flow: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -196,6 +202,18 @@ pub(crate) async fn run(server_url: &str, args: BenchArgs) -> Result<(), Fail> {
     println!("oncely bench: scratch database {name} (dropped at the end)");
     let db = server.clone().database(&name);
 
+    if args.flow {
+        let result = tokio::select! {
+            r = flow_figures(&server, &mut admin, &args) => r,
+            _ = tokio::signal::ctrl_c() => Err(Fail("interrupted".into())),
+        };
+        if let Err(e) =
+            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut admin).await
+        {
+            eprintln!("oncely: could not drop the scratch database {name}: {e}");
+        }
+        return result;
+    }
     let result = tokio::select! {
         r = phases(&db, &args) => r,
         _ = tokio::signal::ctrl_c() => Err(Fail("interrupted".into())),
@@ -477,6 +495,179 @@ async fn drains(server: &PgConnectOptions, admin: &mut PgConnection, a: &BenchAr
         }
     }
     Ok(out)
+}
+
+/// How the jobs of one `--flow` drain are keyed.
+#[derive(Debug, Clone, Copy)]
+enum Keyed {
+    Plain,
+    Keys(usize),
+    HotKey,
+    /// One key with a rate limit of this many starts per second (burst 10).
+    Rate(u32),
+}
+
+/// The `--flow` figures, each drain in a fresh scratch database.
+async fn flow_figures(server: &PgConnectOptions, admin: &mut PgConnection, a: &BenchArgs) -> Result<(), Fail> {
+    let c = a.concurrency;
+    let n = a.jobs;
+    let args = FlowArgs { connections: a.worker_connections, batch: a.fetch_batch.unwrap_or(c), concurrency: c };
+    let mut run = Vec::new();
+    for (keyed, jobs) in
+        [(Keyed::Plain, n), (Keyed::Keys(1000), n), (Keyed::HotKey, n), (Keyed::Rate(FLOW_RATE), (n / 10).max(100))]
+    {
+        let name = scratch(admin).await?;
+        let r = flow_drain(server.clone().database(&name), args, keyed, jobs).await;
+        drop_scratch(admin, &name).await;
+        run.push(r?);
+    }
+    let plain = run[0];
+    println!("[flow] plain drain: {n} jobs at concurrency {c}: {} jobs/s", thousands(plain));
+    println!("[flow] 1,000 concurrency keys (no limit): {} jobs/s = {:.2} x plain", thousands(run[1]), run[1] / plain);
+    println!("[flow] one hot key (no limit): {} jobs/s = {:.2} x plain", thousands(run[2]), run[2] / plain);
+    println!(
+        "[flow] rate limit {FLOW_RATE}/s (burst 10), {} jobs: achieved {:.1} starts/s = {:.3} x configured",
+        (n / 10).max(100),
+        run[3],
+        run[3] / f64::from(FLOW_RATE)
+    );
+    let name = scratch(admin).await?;
+    let r = flow_latency(server.clone().database(&name)).await;
+    drop_scratch(admin, &name).await;
+    let (plain_claim, keyed_claim) = r?;
+    println!(
+        "[flow] claim latency (median of 200 claims of one job): behind a 100,000-job plain backlog {:.3} ms; \
+         a tenant's job behind another tenant's 100,000-job keyed backlog {:.3} ms = {:.2} x plain",
+        ms(plain_claim),
+        ms(keyed_claim),
+        keyed_claim.as_secs_f64() / plain_claim.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The configured rate of the `--flow` rate-limit drain (starts per second).
+const FLOW_RATE: u32 = 500;
+
+#[derive(Debug, Clone, Copy)]
+struct FlowArgs {
+    connections: u32,
+    batch: usize,
+    concurrency: usize,
+}
+
+async fn scratch(admin: &mut PgConnection) -> Result<String, Fail> {
+    let name = format!("oncely_bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut *admin).await?;
+    Ok(name)
+}
+
+async fn drop_scratch(admin: &mut PgConnection, name: &str) {
+    if let Err(e) = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut *admin).await
+    {
+        eprintln!("oncely: could not drop the scratch database {name}: {e}");
+    }
+}
+
+fn flow_job(keyed: Keyed, i: usize) -> Result<NewJob, Fail> {
+    let job = NewJob::new(&BenchNoop {})?.queue(QUEUE);
+    Ok(match keyed {
+        Keyed::Plain => job,
+        Keyed::Keys(k) => job.concurrency_key(format!("tenant:{}", i % k), None),
+        Keyed::HotKey | Keyed::Rate(_) => job.concurrency_key("hot", None),
+    })
+}
+
+/// Enqueue `n` jobs keyed as `keyed` and time one worker draining them: jobs per second (for a
+/// rate-limited drain: starts per second from the first to the last `attempted_at`, the burst
+/// left out).
+async fn flow_drain(db: PgConnectOptions, a: FlowArgs, keyed: Keyed, n: usize) -> Result<f64, Fail> {
+    let pool = PgPoolOptions::new()
+        .max_connections(a.connections)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(db)
+        .await?;
+    oncely_core::migrate(&pool).await?;
+    if let Keyed::Rate(r) = keyed {
+        let rate = oncely_core::flow::RateLimit { count: r, period: Duration::from_secs(1), burst: 10 };
+        oncely_core::flow::set_rate_limit(&pool, QUEUE, "hot", Some(rate)).await?;
+    }
+    let jobs: Vec<NewJob> = (0..n).map(|i| flow_job(keyed, i)).collect::<Result<_, _>>()?;
+    for chunk in jobs.chunks(ENQUEUE_BATCH) {
+        oncely_core::enqueue_many(&pool, chunk).await?;
+    }
+    drop(jobs);
+    let worker = Worker::builder(pool.clone())
+        .register(handler_fn(|_ctx, _args: BenchNoop| async { Ok(()) }))
+        .queue(QUEUE, a.concurrency)
+        .configure(|c| c.fetch_batch = a.batch)
+        .build()?;
+    let t = Instant::now();
+    let handle = worker.start();
+    let drained = wait_completed(&handle, n as u64).await;
+    let elapsed = t.elapsed();
+    handle.shutdown_within(Duration::from_secs(5)).await;
+    drained?;
+    let rate = match keyed {
+        Keyed::Rate(_) => {
+            let span: f64 = sqlx::query_scalar(
+                "SELECT extract(epoch FROM max(attempted_at) - min(attempted_at))::float8 FROM oncely.jobs",
+            )
+            .fetch_one(&pool)
+            .await?;
+            (n as f64 - 10.0) / span
+        }
+        _ => n as f64 / elapsed.as_secs_f64(),
+    };
+    pool.close().await;
+    Ok(rate)
+}
+
+/// Median latency of claiming one job: from a queue with 100,000 plain jobs (the plain claim),
+/// and of tenant B's one job from a queue with 100,000 jobs of tenant A (the flow claim).
+async fn flow_latency(db: PgConnectOptions) -> Result<(Duration, Duration), Fail> {
+    const BACKLOG: usize = 100_000;
+    let pool = PgPoolOptions::new().max_connections(4).connect_with(db).await?;
+    oncely_core::migrate(&pool).await?;
+    let plain: Vec<NewJob> =
+        (0..BACKLOG).map(|_| NewJob::new(&BenchNoop {}).map(|j| j.queue("plain"))).collect::<Result<_, _>>()?;
+    for chunk in plain.chunks(ENQUEUE_BATCH) {
+        oncely_core::enqueue_many(&pool, chunk).await?;
+    }
+    let keyed: Vec<NewJob> = (0..BACKLOG)
+        .map(|_| NewJob::new(&BenchNoop {}).map(|j| j.queue("keyed").concurrency_key("tenant:a", None)))
+        .collect::<Result<_, _>>()?;
+    for chunk in keyed.chunks(ENQUEUE_BATCH) {
+        oncely_core::enqueue_many(&pool, chunk).await?;
+    }
+    sqlx::query("VACUUM ANALYZE oncely.jobs").execute(&pool).await?;
+    let lease = Duration::from_secs(300);
+    let mut plain_times = Vec::new();
+    let mut keyed_times = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        let got = oncely_core::lease::claim_jobs(&pool, "plain", 1, "bench", lease).await?;
+        plain_times.push(t.elapsed());
+        if got.len() != 1 {
+            return Err(Fail("the plain claim found no job".into()));
+        }
+        // Tenant B's job arrives behind tenant A's backlog.
+        let b = NewJob::new(&BenchNoop {})?.queue("keyed").concurrency_key("tenant:b", None);
+        oncely_core::enqueue(&pool, b).await?;
+        let t = Instant::now();
+        let got = oncely_core::flow::claim_jobs(&pool, "keyed", 1, "bench", lease).await?;
+        keyed_times.push(t.elapsed());
+        if got.jobs.len() != 1 {
+            return Err(Fail("the flow claim found no job".into()));
+        }
+        // One of tenant A's, so that the two keys alternate as they would under load.
+        if oncely_core::flow::claim_jobs(&pool, "keyed", 1, "bench", lease).await?.jobs.len() != 1 {
+            return Err(Fail("the flow claim found no job of tenant A".into()));
+        }
+    }
+    pool.close().await;
+    plain_times.sort();
+    keyed_times.sort();
+    Ok((percentile(&plain_times, 0.5), percentile(&keyed_times, 0.5)))
 }
 
 /// Migrate `db`, enqueue N jobs, `VACUUM ANALYZE` when `analyze`, and time one worker at

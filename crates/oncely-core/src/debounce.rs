@@ -109,8 +109,8 @@ pub struct Debounced {
 /// Holds under concurrent enqueues on separate connections: the enqueuers of a key are serialised
 /// by an advisory lock, so they leave one waiting job, with the arguments of the last to commit.
 /// Pass a pool or connection to commit at once, or the caller's transaction (`&mut *tx`) to commit
-/// with it. `job` must not carry a unique key, a `run_at` or a delay (the debounce sets the due
-/// time).
+/// with it. `job` must not carry a unique key, a concurrency key, a `run_at` or a delay (the
+/// debounce sets the due time).
 ///
 /// # Example
 ///
@@ -137,7 +137,7 @@ where
         job.validate()?;
         check_len("debounce key", key, 512)?;
         debounce.validate()?;
-        if job.unique_key.is_some() || job.run_at.is_some() || job.delay.is_some() {
+        if job.unique_key.is_some() || job.run_at.is_some() || job.delay.is_some() || job.flow_key.is_some() {
             return Err(Error::InvalidInput(
                 "a debounced job must not carry a unique key, a run_at or a delay: the debounce decides when it runs"
                     .into(),

@@ -32,7 +32,9 @@ impl From<&Job> for Claim {
 
 /// Claim up to `limit` available jobs of `queue` for `worker_id`, each with a lease of `lease`.
 ///
-/// Uses `FOR UPDATE SKIP LOCKED`, so concurrent claimers never block on or share a job.
+/// Uses `FOR UPDATE SKIP LOCKED`, so concurrent claimers never block on or share a job. Claims
+/// only jobs without a concurrency key, from a queue without a global limit: the worker claims the
+/// others with [`crate::flow::claim_jobs`].
 #[instrument(skip(executor), err)]
 pub async fn claim_jobs<'e>(
     executor: impl PgExecutor<'e>,
@@ -46,6 +48,7 @@ pub async fn claim_jobs<'e>(
         .bind(limit)
         .bind(secs(lease))
         .bind(worker_id)
+        .bind(false)
         .fetch_all(executor)
         .await?;
     let mut jobs = rows_to_jobs(rows)?;

@@ -27,6 +27,7 @@ pub mod bulk;
 pub mod debounce;
 mod effect;
 pub mod error;
+pub mod flow;
 pub mod function;
 mod idempotency;
 pub mod inbox;
@@ -66,6 +67,8 @@ pub use queue::{
 #[doc(hidden)]
 pub const HOT_STATEMENTS: &[(&str, &str)] = &[
     ("JOB_CLAIM", job::sql::JOB_CLAIM),
+    ("FLOW_KEYS_LOCK", flow::FLOW_KEYS_LOCK),
+    ("FLOW_CLAIM", flow::FLOW_CLAIM),
     ("JOB_SET_COMPLETED_IF_RUNNING_MANY", job::sql::JOB_SET_COMPLETED_IF_RUNNING_MANY),
     ("JOB_EXTEND_LEASE_MANY", job::sql::JOB_EXTEND_LEASE_MANY),
     ("JOB_SET_FAILED_IF_RUNNING", job::sql::JOB_SET_FAILED_IF_RUNNING),

@@ -45,9 +45,21 @@ pub struct Enqueued {
 #[instrument(skip_all, fields(job.kind = %job.kind, queue = %job.queue), err)]
 pub async fn enqueue<'e>(executor: impl PgExecutor<'e>, job: NewJob) -> Result<Enqueued> {
     job.validate()?;
-    let sql =
-        if job.unique_key.is_some() { crate::job::sql::JOB_INSERT_ONE_UNIQUE } else { crate::job::sql::JOB_INSERT_ONE };
-    let row = bind_job_columns(sqlx::query(sql), &job).bind(&job.unique_key).fetch_one(executor).await?;
+    let row = if job.flow_key.is_some() {
+        bind_job_columns(sqlx::query(crate::job::sql::JOB_INSERT_ONE_FLOW), &job)
+            .bind(&job.unique_key)
+            .bind(&job.flow_key)
+            .bind(job.flow_limit)
+            .fetch_one(executor)
+            .await?
+    } else {
+        let sql = if job.unique_key.is_some() {
+            crate::job::sql::JOB_INSERT_ONE_UNIQUE
+        } else {
+            crate::job::sql::JOB_INSERT_ONE
+        };
+        bind_job_columns(sqlx::query(sql), &job).bind(&job.unique_key).fetch_one(executor).await?
+    };
     Ok(Enqueued { id: JobId(row.try_get("id")?), existing: row.try_get("existing")? })
 }
 
@@ -99,7 +111,9 @@ where
                 job.validate()?;
             }
             let mut conn = conn.acquire().await?;
-            let simple = jobs.iter().all(|j| j.unique_key.is_none() && j.run_at.is_none() && j.delay.is_none());
+            let simple = jobs
+                .iter()
+                .all(|j| j.unique_key.is_none() && j.flow_key.is_none() && j.run_at.is_none() && j.delay.is_none());
             if simple && jobs.len() >= COPY_THRESHOLD {
                 return enqueue_copy(&mut conn, jobs).await;
             }
@@ -156,6 +170,8 @@ async fn enqueue_unnest(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Resul
     let mut delays: Vec<Option<f64>> = Vec::with_capacity(n);
     let mut max_attempts = Vec::with_capacity(n);
     let mut unique_keys: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut flow_keys: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut flow_limits: Vec<Option<i32>> = Vec::with_capacity(n);
     // For each input: the index of the row that carries it (itself, or an earlier row with its key).
     let mut source = Vec::with_capacity(n);
     let mut seen_keys = std::collections::HashMap::new();
@@ -176,10 +192,18 @@ async fn enqueue_unnest(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Resul
         delays.push(job.delay.map(|d| d.as_secs_f64()));
         max_attempts.push(job.max_attempts);
         unique_keys.push(job.unique_key.as_deref());
+        flow_keys.push(job.flow_key.as_deref());
+        flow_limits.push(job.flow_limit);
     }
-    let sql =
-        if seen_keys.is_empty() { crate::job::sql::JOB_INSERT_MANY } else { crate::job::sql::JOB_INSERT_MANY_UNIQUE };
-    let rows = sqlx::query(sql)
+    let flow = flow_keys.iter().any(Option::is_some);
+    let sql = if flow {
+        crate::job::sql::JOB_INSERT_MANY_FLOW
+    } else if seen_keys.is_empty() {
+        crate::job::sql::JOB_INSERT_MANY
+    } else {
+        crate::job::sql::JOB_INSERT_MANY_UNIQUE
+    };
+    let mut query = sqlx::query(sql)
         .bind(&kinds)
         .bind(&queues)
         .bind(&args)
@@ -187,9 +211,11 @@ async fn enqueue_unnest(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Resul
         .bind(&run_ats)
         .bind(&delays)
         .bind(&max_attempts)
-        .bind(&unique_keys)
-        .fetch_all(&mut *conn)
-        .await?;
+        .bind(&unique_keys);
+    if flow {
+        query = query.bind(&flow_keys).bind(&flow_limits);
+    }
+    let rows = query.fetch_all(&mut *conn).await?;
     // INSERT ... SELECT returns rows in the order it inserts them, which is the order of the input.
     if rows.len() != kinds.len() {
         return Err(Error::InvalidInput(format!(

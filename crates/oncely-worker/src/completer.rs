@@ -15,7 +15,8 @@ use crate::worker::{Shared, WorkerStats};
 pub(crate) const MAX_COMPLETION_BATCH: usize = 1000;
 
 pub(crate) enum CompleterMsg {
-    Complete(Claim),
+    /// A completion, and the queue to NOTIFY once it is written (a queue with a global limit).
+    Complete(Claim, Option<String>),
     /// Reply once everything sent before has been written.
     Flush(oneshot::Sender<()>),
 }
@@ -23,11 +24,12 @@ pub(crate) enum CompleterMsg {
 pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<CompleterMsg>) {
     let mut batch = Vec::with_capacity(MAX_COMPLETION_BATCH);
     let mut flushes = Vec::new();
+    let mut notify = Vec::new();
     while let Some(msg) = rx.recv().await {
-        push(msg, &mut batch, &mut flushes);
+        push(msg, &mut batch, &mut flushes, &mut notify);
         while batch.len() < MAX_COMPLETION_BATCH {
             match rx.try_recv() {
-                Ok(msg) => push(msg, &mut batch, &mut flushes),
+                Ok(msg) => push(msg, &mut batch, &mut flushes, &mut notify),
                 Err(_) => break,
             }
         }
@@ -38,15 +40,29 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Com
             }
             shared.forget(batch.drain(..));
         }
+        if !notify.is_empty() {
+            // Slots of a queue with a global limit are free: wake every worker's fetcher.
+            if let Err(e) = oncely_core::flow::notify_queues(&shared.pool, &notify).await {
+                tracing::warn!(error = %e, "could not wake the workers of limited queues; they claim at their next poll");
+            }
+            notify.clear();
+        }
         for f in flushes.drain(..) {
             let _ = f.send(());
         }
     }
 }
 
-fn push(msg: CompleterMsg, batch: &mut Vec<Claim>, flushes: &mut Vec<oneshot::Sender<()>>) {
+fn push(msg: CompleterMsg, batch: &mut Vec<Claim>, flushes: &mut Vec<oneshot::Sender<()>>, notify: &mut Vec<String>) {
     match msg {
-        CompleterMsg::Complete(c) => batch.push(c),
+        CompleterMsg::Complete(c, queue) => {
+            batch.push(c);
+            if let Some(q) = queue {
+                if !notify.contains(&q) {
+                    notify.push(q);
+                }
+            }
+        }
         CompleterMsg::Flush(tx) => flushes.push(tx),
     }
 }

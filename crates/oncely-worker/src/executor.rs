@@ -103,7 +103,10 @@ async fn run(
     if let Finish::Complete = finish {
         tracing::debug!("job completed");
         crate::metrics::count(crate::metrics::JOBS_COMPLETED, &job.kind);
-        if shared.completions.send(CompleterMsg::Complete(claim)).is_err() {
+        let limited =
+            shared.limited_queues.lock().expect("the limited queues' lock is never poisoned").contains(&job.queue);
+        let notify = limited.then(|| job.queue.clone());
+        if shared.completions.send(CompleterMsg::Complete(claim, notify)).is_err() {
             // The completer is gone only after shutdown finished; the lease will expire and the
             // job will run again (at least once).
             tracing::error!("completer stopped before the completion could be recorded");

@@ -54,6 +54,36 @@ pub(crate) async fn run(
             shared.config.lease,
         )
         .await;
+        // Then what the plain claim leaves: keyed jobs, or a queue with a global limit.
+        let mut retry_in = None;
+        let claimed = match claimed {
+            Ok(mut jobs) if jobs.len() < want => {
+                match oncely_core::flow::claim_jobs(
+                    &shared.pool,
+                    &queue.name,
+                    (want - jobs.len()) as i32,
+                    &shared.config.worker_id,
+                    shared.config.lease,
+                )
+                .await
+                {
+                    Ok(flow) => {
+                        if flow.queue_limited {
+                            shared.limited_queues.lock().expect("never poisoned").insert(queue.name.clone());
+                        }
+                        jobs.extend(flow.jobs);
+                        retry_in = flow.retry_in;
+                        Ok(jobs)
+                    }
+                    Err(e) if jobs.is_empty() => Err(e),
+                    Err(e) => {
+                        tracing::warn!(queue = %queue.name, error = %e, "flow claim failed");
+                        Ok(jobs)
+                    }
+                }
+            }
+            other => other,
+        };
         let claimed = match claimed {
             Ok(jobs) => jobs,
             Err(e) => {
@@ -77,7 +107,8 @@ pub(crate) async fn run(
         if !busy {
             tokio::select! {
                 _ = wake.notified() => {}
-                _ = tokio::time::sleep(shared.config.poll_interval) => {}
+                // A rate limit tells when its next start is allowed: no later than that.
+                _ = tokio::time::sleep(retry_in.map_or(shared.config.poll_interval, |r| r.min(shared.config.poll_interval))) => {}
                 _ = stop.cancelled() => return,
             }
         }

@@ -359,6 +359,9 @@ pub(crate) struct Shared {
     pub(crate) functions: Vec<Function>,
     /// The scheduler's clock; `None`: the database's.
     pub(crate) clock: Option<Clock>,
+    /// Queues seen with a global limit (`oncely_core::flow`): their completions NOTIFY the queue,
+    /// so that every worker's fetcher claims the freed slots at once.
+    pub(crate) limited_queues: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Store `functions`' definitions, dating new schedules by `clock` (else the database clock).
@@ -465,6 +468,7 @@ impl Worker {
             wakers: wakers.clone(),
             functions: self.functions,
             clock: self.clock,
+            limited_queues: Mutex::new(std::collections::HashSet::new()),
         });
         let stop = CancellationToken::new();
         let jobs = TaskTracker::new();

@@ -246,6 +246,8 @@ pub struct NewJob {
     pub(crate) delay: Option<Duration>,
     pub(crate) max_attempts: i32,
     pub(crate) unique_key: Option<String>,
+    pub(crate) flow_key: Option<String>,
+    pub(crate) flow_limit: Option<i32>,
 }
 
 impl NewJob {
@@ -279,6 +281,8 @@ impl NewJob {
             delay: None,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             unique_key: None,
+            flow_key: None,
+            flow_limit: None,
         }
     }
 
@@ -321,6 +325,18 @@ impl NewJob {
         self
     }
 
+    /// A concurrency key (e.g. `format!("tenant:{id}")`) with a fleet-wide limit: at most `limit`
+    /// jobs with this key run at once in the job's queue, across every worker, and claims go
+    /// round-robin across the keys of a queue (fairness). `limit` becomes the key's limit for every
+    /// job of the key (the latest enqueued job's limit wins); `None` keeps the key's current
+    /// limit (none, or one set by [`crate::flow::set_concurrency_limit`]) and still gives the job
+    /// fair, round-robin claims. See `docs/flow-control.md`.
+    pub fn concurrency_key(mut self, key: impl Into<String>, limit: Option<u32>) -> Self {
+        self.flow_key = Some(key.into());
+        self.flow_limit = limit.map(|l| l.min(i32::MAX as u32) as i32);
+        self
+    }
+
     /// The job kind.
     pub fn kind(&self) -> &str {
         &self.kind
@@ -346,6 +362,12 @@ impl NewJob {
         check_delivery(&self.queue, self.max_attempts)?;
         if let Some(key) = &self.unique_key {
             check_len("unique key", key, MAX_UNIQUE_KEY_LEN)?;
+        }
+        if let Some(key) = &self.flow_key {
+            check_len("concurrency key", key, MAX_UNIQUE_KEY_LEN)?;
+        }
+        if self.flow_limit == Some(0) {
+            return Err(Error::InvalidInput("a concurrency limit must be at least 1, got 0".into()));
         }
         Ok(())
     }

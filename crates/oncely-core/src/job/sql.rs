@@ -112,6 +112,31 @@ pub(crate) const JOB_INSERT_ONE: &str = concat!(job_insert_one_head!(), job_inse
 pub(crate) const JOB_INSERT_ONE_UNIQUE: &str =
     concat!(job_insert_one_head!(), job_on_unique_conflict!(), job_insert_returning!("(xmax::text <> '0')"));
 
+/// Insert many jobs, some with concurrency keys (`$9`, limits `$10`) and perhaps unique keys.
+pub(crate) const JOB_INSERT_MANY_FLOW: &str = concat!(
+    r#"
+INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, unique_key, flow_key, flow_limit)
+SELECT kind, queue, args, priority,
+       coalesce(run_at, now() + make_interval(secs => coalesce(delay_secs, 0))),
+       max_attempts, unique_key, flow_key, flow_limit
+FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::smallint[], $5::timestamptz[], $6::float8[], $7::int[], $8::text[],
+            $9::text[], $10::int[])
+     AS t(kind, queue, args, priority, run_at, delay_secs, max_attempts, unique_key, flow_key, flow_limit)
+"#,
+    job_on_unique_conflict!(),
+    job_insert_returning!("(xmax::text <> '0')")
+);
+
+/// Insert one job with a concurrency key (`$9`, limit `$10`), perhaps a unique key.
+pub(crate) const JOB_INSERT_ONE_FLOW: &str = concat!(
+    r#"
+INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, unique_key, flow_key, flow_limit)
+VALUES ($1, $2, $3, $4, coalesce($5, now() + make_interval(secs => coalesce($6, 0))), $7, $8, $9, $10)
+"#,
+    job_on_unique_conflict!(),
+    job_insert_returning!("(xmax::text <> '0')")
+);
+
 /// Reserve `$1` job ids (for a COPY batch).
 pub(crate) const JOB_RESERVE_IDS: &str =
     "SELECT nextval(pg_get_serial_sequence('oncely.jobs', 'id')) FROM generate_series(1, $1)";
@@ -120,7 +145,8 @@ pub(crate) const JOB_RESERVE_IDS: &str =
 pub(crate) const JOB_COPY_IN: &str = "COPY oncely.jobs (id, kind, queue, args, priority, max_attempts) FROM STDIN";
 
 /// Claim up to `$2` due jobs of queue `$1` (skipping paused queues and kinds), highest priority
-/// first, then oldest `run_at`: lease them to worker `$4` for `$3` seconds.
+/// first, then oldest `run_at`: lease them to worker `$4` for `$3` seconds. Only jobs without a
+/// concurrency key, and nothing from a queue with a global limit unless `$5` (see `flow.rs`).
 ///
 /// The scan walks the queue's priorities one by one (a loose index scan over `jobs_fetch_idx`:
 /// each step is one probe for the next lower priority present), and within one priority reads
@@ -131,10 +157,11 @@ pub(crate) const JOB_COPY_IN: &str = "COPY oncely.jobs (id, kind, queue, args, p
 /// docs/benchmarks.md, "Scale").
 pub(crate) const JOB_CLAIM: &str = r#"
 WITH RECURSIVE priorities AS (
-    (SELECT priority FROM oncely.jobs WHERE state = 'available' AND queue = $1 ORDER BY priority DESC LIMIT 1)
+    (SELECT priority FROM oncely.jobs WHERE state = 'available' AND flow_key IS NULL AND queue = $1
+     ORDER BY priority DESC LIMIT 1)
     UNION ALL
     SELECT (SELECT j.priority FROM oncely.jobs AS j
-            WHERE j.state = 'available' AND j.queue = $1 AND j.priority < p.priority
+            WHERE j.state = 'available' AND j.flow_key IS NULL AND j.queue = $1 AND j.priority < p.priority
             ORDER BY j.priority DESC LIMIT 1)
     FROM priorities AS p
     WHERE p.priority IS NOT NULL
@@ -143,7 +170,7 @@ WITH RECURSIVE priorities AS (
     FROM priorities AS p
     CROSS JOIN LATERAL (
         SELECT id FROM oncely.jobs
-        WHERE state = 'available' AND queue = $1 AND priority = p.priority AND run_at <= now()
+        WHERE state = 'available' AND flow_key IS NULL AND queue = $1 AND priority = p.priority AND run_at <= now()
           -- Pauses (`pause.rs`): two init plans over a tiny table, evaluated once per claim. The
           -- kind is compared as `kind || ''` so the planner cannot estimate it from the column's
           -- statistics: with few distinct kinds it took `kind <> ALL (unknown array)` to match no
@@ -151,6 +178,9 @@ WITH RECURSIVE priorities AS (
           -- 200k jobs).
           AND NOT EXISTS (SELECT 1 FROM oncely.pauses WHERE scope = 'queue' AND name = $1)
           AND (kind || '') <> ALL (ARRAY(SELECT name FROM oncely.pauses WHERE scope = 'kind'))
+          -- A queue with a global limit (`flow.rs`) is claimed by the flow claim, which counts its
+          -- running jobs under the limit's row lock; `$5` is true there.
+          AND ($5 OR NOT EXISTS (SELECT 1 FROM oncely.queue_limits WHERE queue = $1))
         ORDER BY run_at, id
         LIMIT $2
         FOR UPDATE SKIP LOCKED
