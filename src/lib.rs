@@ -37,7 +37,9 @@ pub use oncely_testkit as testkit;
 pub use oncely_webhooks as webhooks;
 
 pub use oncely_core::step::{self, OnUnknown};
-pub use oncely_core::{bulk, function, inbox, ledger, outbox, pause, schedule, secrets, unique, webhook, InsertOpts};
+pub use oncely_core::{
+    bulk, function, inbox, ledger, outbox, pause, schedule, secrets, unique, wait, webhook, InsertOpts,
+};
 pub use oncely_core::{
     cancel_job, enqueue, enqueue_many, get_job, idempotent, list_jobs, migrate, migrate_report, retry_job,
     with_idempotency, with_idempotency_transactional, Enqueued, Error, Idempotent, Job, JobArgs, JobFilter, JobId,
