@@ -403,3 +403,87 @@ async fn runs_first(pool: &PgPool) -> JobId {
         sqlx::query_scalar("SELECT min(id) FROM oncely.jobs WHERE kind = 'onboarding'").fetch_one(pool).await.unwrap(),
     )
 }
+
+// ---- the crash harness over a sleep and a wait -----------------------------------------------
+
+fn approval_flow() -> [Function; 2] {
+    [Function::new("flow").on_event("flow.start"), Function::new("approver").on_event("approval.requested")]
+}
+
+async fn line(
+    ctx: &JobContext,
+    step: &str,
+    what: &'static str,
+    publish_after: Option<Event>,
+) -> Result<(), oncely::StepError> {
+    ctx.step(step)
+        .transactional(move |tx| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO lines (what) VALUES ($1)").bind(what).execute(&mut *tx).await?;
+                if let Some(e) = publish_after {
+                    publish(&mut *tx, &e).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                }
+                Ok::<_, sqlx::Error>(())
+            })
+        })
+        .await
+}
+
+async fn flow(ctx: JobContext, trigger: Trigger) -> HandlerResult {
+    let id = trigger.event().map(|e| e.payload["id"].clone()).unwrap_or_default();
+    line(&ctx, "start", "start", None).await?;
+    ctx.sleep("pause", Duration::from_millis(300)).await?;
+    let ask = Event::from_json("approval.requested", serde_json::json!({ "id": id }));
+    line(&ctx, "ask", "asked", Some(ask)).await?;
+    // Crashes may delay this registration past the approval: the look-back counts it.
+    let granted = ctx
+        .wait_for_event("granted", "approval.granted", EventMatch::field("id"), Duration::from_secs(60))
+        .look_back(Duration::from_secs(600))
+        .await?;
+    line(&ctx, "finish", if granted.is_some() { "billed" } else { "expired" }, None).await?;
+    Ok(())
+}
+
+async fn approver(ctx: JobContext, trigger: Trigger) -> HandlerResult {
+    let id = trigger.event().map(|e| e.payload["id"].clone()).unwrap_or_default();
+    let grant = Event::from_json("approval.granted", serde_json::json!({ "id": id }));
+    line(&ctx, "grant", "granted", Some(grant)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_with_a_sleep_and_a_wait_gives_the_same_effects_with_a_crash_at_every_step_boundary() {
+    init_tracing();
+    let report = oncely_testkit::CrashHarness::new()
+        .setup(|pool| async move {
+            sqlx::query("CREATE TABLE lines (what text NOT NULL)").execute(&pool).await.unwrap();
+            let mut conn = pool.acquire().await.unwrap();
+            function::register_functions(&mut conn, &approval_flow(), Utc::now()).await.unwrap();
+            publish(&pool, &Event::from_json("flow.start", serde_json::json!({ "id": 7 }))).await.unwrap();
+        })
+        // One slot: the approver can only run while the flow is suspended in its wait.
+        .register(|w| {
+            let [f, a] = approval_flow();
+            w.function(f, flow).function(a, approver)
+        })
+        .effects(|pool| async move {
+            let rows: Vec<(String, i64)> =
+                sqlx::query_as("SELECT what, count(*) FROM lines GROUP BY what ORDER BY what")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            let woken: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.event_waits WHERE event_id IS NOT NULL")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            serde_json::json!({ "lines": rows, "waits_resolved_by_an_event": woken })
+        })
+        .run()
+        .await;
+    assert_eq!(
+        report.baseline,
+        serde_json::json!({ "lines": [["asked", 1], ["billed", 1], ["granted", 1], ["start", 1]], "waits_resolved_by_an_event": 1 })
+    );
+    assert!(report.boundaries.len() >= 15, "five steps, three boundaries each: {:?}", report.boundaries);
+    report.assert_same_effects();
+}
