@@ -701,16 +701,20 @@ async fn wait_costs(conn: &mut PgConnection, handle: &WorkerHandle, m: usize) ->
     }
     wait_completed(handle, before + m as u64).await?;
     let elapsed = t.elapsed();
-    let suspended: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE kind = $1 AND snoozes = 1")
-        .bind(SLEEP_FUNCTION)
-        .fetch_one(&mut *conn)
-        .await?;
-    if suspended != m as i64 {
-        return Err(Fail(format!("{suspended} of {m} sleeping runs were suspended exactly once")));
+    // A run reaching its check after the wake time (a loaded server) goes on without suspending;
+    // none may suspend twice (it would have woken before its wake time).
+    let (suspended, twice): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE snoozes = 1), count(*) FILTER (WHERE snoozes > 1) FROM oncely.jobs WHERE kind = $1",
+    )
+    .bind(SLEEP_FUNCTION)
+    .fetch_one(&mut *conn)
+    .await?;
+    if twice != 0 {
+        return Err(Fail(format!("{twice} of {m} sleeping runs were suspended more than once")));
     }
     let sleep = m as f64 / elapsed.as_secs_f64();
     println!(
-        "[9] sleep: {m} runs, each suspended {} ms and woken once, in {:.3} s = {} runs/s",
+        "[9] sleep: {m} runs ({suspended} suspended {} ms and woken once, the rest past their wake time already) in {:.3} s = {} runs/s",
         BENCH_SLEEP.as_millis(),
         elapsed.as_secs_f64(),
         thousands(sleep)
