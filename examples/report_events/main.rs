@@ -8,8 +8,11 @@
 //! - Each report request is a business write that publishes `report.requested` in the same
 //!   transaction (with an event key: a request sent twice is published once).
 //! - The function `generate-report` runs on that event: it generates the report (a memoized step),
-//!   counts its tokens into the user's usage once per report (a business-key step), then marks the
-//!   report ready and publishes `report.ready` in one transactional step.
+//!   marks the report ready and publishes `report.ready` in one transactional step, then waits
+//!   (durably, holding no worker slot) for `report.approved` with the same `report_id`, for at most
+//!   3 seconds. An approved report's tokens are counted into the user's usage once per report (a
+//!   business-key step); an unapproved one (every 7th, which this program never approves) expires.
+//! - An approver publishes `report.approved` for each ready report, racing the runs' waits.
 //! - `report.ready` is delivered as a signed webhook to a local receiver.
 //! - The cron function `settle-usage` runs nightly (`0 0 * * *`, UTC) on a clock this program moves
 //!   to midnight once every report is ready, and records the period's total once.
@@ -31,12 +34,18 @@ use oncely::core::webhook::{create_endpoint, NewEndpoint};
 use oncely::function::{Function, Trigger};
 use oncely::outbox::{publish, Event};
 use oncely::step::{Boundary, InjectedCrash};
+use oncely::worker::flow::EventMatch;
 use oncely::{HandlerResult, JobContext, Worker};
 use oncely_webhooks::{DeliveryConfig, HttpTransport, Transport, WebhookDelivery};
 use rand::Rng;
 use sqlx::PgPool;
 
 const PERIOD: &str = "2026-11";
+/// How long a report waits for its approval before it expires unbilled.
+const APPROVAL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Every `UNAPPROVED`-th report is never approved: it expires after [`APPROVAL_TIMEOUT`].
+const UNAPPROVED: i64 = 7;
 
 #[derive(Parser, Debug, Clone)]
 struct Args {
@@ -69,6 +78,42 @@ async fn generate(ctx: JobContext, trigger: Trigger<ReportRequested>) -> Handler
     let ReportRequested { report_id, user_id } = event.payload;
     let tokens: i64 =
         ctx.step("generate").run(|| async move { Ok::<_, std::io::Error>(tokens_for(report_id)) }).await?;
+    ctx.step("mark_ready")
+        .transactional(|tx| {
+            Box::pin(async move {
+                sqlx::query("UPDATE reports SET status = 'ready', tokens = $2 WHERE id = $1")
+                    .bind(report_id)
+                    .bind(tokens)
+                    .execute(&mut *tx)
+                    .await?;
+                let ready = Event::from_json("report.ready", serde_json::json!({ "report_id": report_id }));
+                publish(&mut *tx, &ready).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                Ok::<_, sqlx::Error>(())
+            })
+        })
+        .await?;
+    // Bill only approved reports: the run is suspended (no slot held) until `report.approved` with
+    // this report's id is published, or the timeout passes. The approver may approve as soon as the
+    // report is ready, before this wait is registered (sooner still when a crash delays this
+    // attempt): the look-back counts such approvals too.
+    let approved = ctx
+        .wait_for_event("approval", "report.approved", EventMatch::field("report_id"), APPROVAL_TIMEOUT)
+        .look_back(Duration::from_secs(600))
+        .await?;
+    if approved.is_none() {
+        ctx.step("expire")
+            .transactional(|tx| {
+                Box::pin(async move {
+                    sqlx::query("UPDATE reports SET status = 'expired' WHERE id = $1")
+                        .bind(report_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    Ok::<_, sqlx::Error>(())
+                })
+            })
+            .await?;
+        return Ok(());
+    }
     ctx.step("count_usage")
         .key(format!("usage:report:{report_id}"))
         .transactional(|tx| {
@@ -82,20 +127,10 @@ async fn generate(ctx: JobContext, trigger: Trigger<ReportRequested>) -> Handler
                 .bind(tokens)
                 .execute(&mut *tx)
                 .await?;
-                Ok::<_, sqlx::Error>(())
-            })
-        })
-        .await?;
-    ctx.step("mark_ready")
-        .transactional(|tx| {
-            Box::pin(async move {
-                sqlx::query("UPDATE reports SET status = 'ready', tokens = $2 WHERE id = $1")
+                sqlx::query("UPDATE reports SET status = 'billed' WHERE id = $1")
                     .bind(report_id)
-                    .bind(tokens)
                     .execute(&mut *tx)
                     .await?;
-                let ready = Event::from_json("report.ready", serde_json::json!({ "report_id": report_id }));
-                publish(&mut *tx, &ready).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
                 Ok::<_, sqlx::Error>(())
             })
         })
@@ -247,7 +282,30 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error + Send + Sync
             Ok(())
         }
     };
-    wait("SELECT count(*) FROM reports WHERE status = 'ready'", args.reports).await?;
+    // The approver: approves every ready report but every UNAPPROVED-th, as soon as it is ready.
+    let approver = {
+        let pool = pool.clone();
+        let reports = args.reports;
+        tokio::spawn(async move {
+            let mut approved = HashSet::new();
+            while (approved.len() as i64) < reports - reports / UNAPPROVED {
+                let ready: Vec<i64> =
+                    sqlx::query_scalar("SELECT id FROM reports WHERE status <> 'pending' ORDER BY id")
+                        .fetch_all(&pool)
+                        .await?;
+                for id in ready {
+                    if id % UNAPPROVED != 0 && approved.insert(id) {
+                        let event = Event::from_json("report.approved", serde_json::json!({ "report_id": id }));
+                        publish(&pool, &event).await?;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        })
+    };
+    wait("SELECT count(*) FROM reports WHERE status IN ('billed', 'expired')", args.reports).await?;
+    approver.await??;
     // Midnight: the period closes and the nightly settlement runs once.
     clock_ms.store(Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap().timestamp_millis(), Ordering::SeqCst);
     wait("SELECT count(*) FROM settlements", 1).await?;
@@ -257,7 +315,9 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error + Send + Sync
         w.shutdown().await;
     }
 
-    let expected: i64 = (1..=args.reports).map(tokens_for).sum();
+    let expected: i64 = (1..=args.reports).filter(|id| id % UNAPPROVED != 0).map(tokens_for).sum();
+    let expired = count(&pool, "SELECT count(*) FROM reports WHERE status = 'expired'").await?;
+    let woken = count(&pool, "SELECT count(*) FROM oncely.event_waits WHERE event_id IS NOT NULL").await?;
     let counted = count(&pool, "SELECT coalesce(sum(tokens), 0)::bigint FROM usage").await?;
     let requested = count(&pool, "SELECT count(*) FROM oncely.events WHERE topic = 'report.requested'").await?;
     let runs = count(&pool, "SELECT count(*) FROM oncely.jobs WHERE kind = 'generate-report'").await?;
@@ -278,6 +338,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error + Send + Sync
     println!("report.ready events:       {ready_events}");
     println!("webhooks received:         {webhook_ids} distinct ids in {webhook_posts} requests");
     println!("runs interrupted at least once: {rescued}");
+    println!("approved and billed:       {woken} (expired unapproved: {expired})");
     println!("tokens expected:           {expected}");
     println!("tokens counted:            {counted}");
     println!("nightly settlements:       {} ({:?} tokens)", settlements.len(), settlements.first().map(|s| s.0));
@@ -286,6 +347,8 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error + Send + Sync
         && ready_events == args.reports
         && webhook_ids == args.reports
         && counted == expected
+        && expired == args.reports / UNAPPROVED
+        && woken == args.reports - args.reports / UNAPPROVED
         && settlements == [(expected,)];
     println!("{}", if exact { "EXACT: every count matches" } else { "MISMATCH" });
     Ok(exact)

@@ -45,6 +45,17 @@ const FANOUT_FUNCTIONS: usize = 3;
 const FANOUT_TOPIC: &str = "bench.fanout";
 /// The cron phase's function (every second; ticked by hand with an injected time).
 const CRON_FUNCTION: &str = "bench-cron";
+/// The sleep phase's function: one durable sleep of [`BENCH_SLEEP`] per run.
+const SLEEP_FUNCTION: &str = "bench-sleep";
+/// The sleep phase's topic.
+const SLEEP_TOPIC: &str = "bench.sleep";
+/// How long each run of the sleep phase sleeps.
+const BENCH_SLEEP: Duration = Duration::from_millis(200);
+/// Unresolved waits present while the wait phase publishes matching events.
+const WAITING_RUNS: i64 = 100_000;
+/// The wait phase's awaited topic, and a topic no run waits on.
+const WAIT_TOPIC: &str = "bench.wait";
+const NO_WAIT_TOPIC: &str = "bench.nowait";
 
 /// Options of `oncely bench`.
 #[derive(clap::Args, Debug)]
@@ -135,6 +146,12 @@ struct Report {
     fanout: f64,
     /// Cron runs per second, one `tick_due` transaction each (tick and drain).
     cron: f64,
+    /// Runs per second with one durable sleep each (publish, suspend, wake, finish).
+    sleep: f64,
+    /// One-by-one publishes per second on a topic no run waits on, and on the awaited topic with
+    /// [`WAITING_RUNS`] waits, each publish resolving one.
+    publish_plain: f64,
+    publish_matching: f64,
     /// The `--analyze` drains.
     drains: Vec<Drain>,
 }
@@ -400,6 +417,13 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
         .function(Function::new(CRON_FUNCTION).cron("* * * * * *", "UTC").queue(QUEUE), |_ctx, _t: Trigger| async {
             Ok(())
         })
+        .function(
+            Function::new(SLEEP_FUNCTION).on_event(SLEEP_TOPIC).queue(QUEUE),
+            |ctx: oncely_worker::JobContext, _t: Trigger| async move {
+                ctx.sleep("nap", BENCH_SLEEP).await?;
+                Ok(())
+            },
+        )
         .register(handler_fn(|_ctx, _args: BenchNoop| async { Ok(()) }))
         .register(handler_fn(|ctx, _args: BenchPlainStep| async move {
             let _n: u32 = ctx.step("compute").run(|| async { Ok::<_, std::io::Error>(42) }).await?;
@@ -447,7 +471,8 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
     handle.shutdown_within(Duration::from_secs(5)).await;
     worker_pool.close().await;
     let _ = conn.close().await;
-    let (processing, (p50, p99, max), (plain_step, tx_step), (fanout, cron)) = result?;
+    let (processing, (p50, p99, max), (plain_step, tx_step), (fanout, cron), (sleep, publish_plain, publish_matching)) =
+        result?;
     Ok(Report {
         base_one,
         base_one_paired,
@@ -464,6 +489,9 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
         tx_step,
         fanout,
         cron,
+        sleep,
+        publish_plain,
+        publish_matching,
         drains: Vec::new(),
     })
 }
@@ -731,7 +759,7 @@ async fn after_drain(
     n: usize,
     elapsed: Duration,
     samples: usize,
-) -> Result<(f64, (Duration, Duration, Duration), (f64, f64), (f64, f64)), Fail> {
+) -> Result<(f64, (Duration, Duration, Duration), (f64, f64), (f64, f64), (f64, f64, f64)), Fail> {
     let (completed, total): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE state = 'completed'), count(*) FROM oncely.jobs WHERE queue = $1",
     )
@@ -758,7 +786,8 @@ async fn after_drain(
     );
     let steps = step_costs(conn, handle, n / 2).await?;
     let functions = function_costs(conn, pool, handle, n / 2).await?;
-    Ok((processing, lat, steps, functions))
+    let waits = wait_costs(conn, handle, n / 4).await?;
+    Ok((processing, lat, steps, functions, waits))
 }
 
 /// Phase 7: the same worker drains `m` jobs with one memoized step each, then `m` with one
@@ -844,6 +873,80 @@ async fn function_costs(
         thousands(cron)
     );
     Ok((fanout, cron))
+}
+
+/// Phase 9: `m` runs with one durable sleep of [`BENCH_SLEEP`] each (published in batches, each run
+/// suspended and woken once, then drained); then `m / 2` one-by-one publishes on a topic no run
+/// waits on, and `m / 2` on a topic with [`WAITING_RUNS`] unresolved waits, each resolving one.
+async fn wait_costs(conn: &mut PgConnection, handle: &WorkerHandle, m: usize) -> Result<(f64, f64, f64), Fail> {
+    let m = m.max(2);
+    let batch: Vec<Event> =
+        (0..ENQUEUE_BATCH.min(m)).map(|_| Event::from_json(SLEEP_TOPIC, serde_json::json!({}))).collect();
+    let before = WorkerStats::get(&handle.stats().completed);
+    let t = Instant::now();
+    let mut left = m;
+    while left > 0 {
+        let k = left.min(batch.len());
+        publish_many(&mut *conn, &batch[..k]).await?;
+        left -= k;
+    }
+    wait_completed(handle, before + m as u64).await?;
+    let elapsed = t.elapsed();
+    // A run reaching its check after the wake time (a loaded server) goes on without suspending;
+    // none may suspend twice (it would have woken before its wake time).
+    let (suspended, twice): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE snoozes = 1), count(*) FILTER (WHERE snoozes > 1) FROM oncely.jobs WHERE kind = $1",
+    )
+    .bind(SLEEP_FUNCTION)
+    .fetch_one(&mut *conn)
+    .await?;
+    if twice != 0 {
+        return Err(Fail(format!("{twice} of {m} sleeping runs were suspended more than once")));
+    }
+    let sleep = m as f64 / elapsed.as_secs_f64();
+    println!(
+        "[9] sleep: {m} runs ({suspended} suspended {} ms and woken once, the rest past their wake time already) in {:.3} s = {} runs/s",
+        BENCH_SLEEP.as_millis(),
+        elapsed.as_secs_f64(),
+        thousands(sleep)
+    );
+
+    sqlx::query(
+        "INSERT INTO oncely.event_waits (run_id, step, kind, topic, path, value, since, timeout_at)          SELECT -g, 'bench', 'event', $1, '{order_id}', g::text, now(), now() + interval '1 day'          FROM generate_series(1, $2::bigint) g",
+    )
+    .bind(WAIT_TOPIC)
+    .bind(WAITING_RUNS)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("INSERT INTO oncely.event_wait_paths (topic, path) VALUES ($1, '{order_id}')")
+        .bind(WAIT_TOPIC)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("ANALYZE oncely.event_waits").execute(&mut *conn).await?;
+    let k = (m / 2).min(WAITING_RUNS as usize);
+    let mut rates = Vec::new();
+    for topic in [NO_WAIT_TOPIC, WAIT_TOPIC] {
+        let t = Instant::now();
+        for i in 0..k {
+            let event =
+                Event::from_json(topic, serde_json::json!({ "order_id": i as i64 * (WAITING_RUNS / k as i64) + 1 }));
+            oncely_core::outbox::publish(&mut *conn, &event).await?;
+        }
+        rates.push(k as f64 / t.elapsed().as_secs_f64());
+    }
+    let resolved: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM oncely.event_waits WHERE event_id IS NOT NULL AND run_id < 0")
+            .fetch_one(&mut *conn)
+            .await?;
+    if resolved != k as i64 {
+        return Err(Fail(format!("{k} matching publishes resolved {resolved} waits")));
+    }
+    println!(
+        "[9] publish one by one: no wait on the topic {} events/s; {WAITING_RUNS} waiting, each publish resolving one: {} events/s",
+        thousands(rates[0]),
+        thousands(rates[1])
+    );
+    Ok((sleep, rates[0], rates[1]))
 }
 
 /// Single-row INSERTs, each its own transaction, from `connections` connections at once for
@@ -996,6 +1099,17 @@ fn print_summary(a: &BenchArgs, r: &Report) {
         "cron, 1 tick transaction/run: {:>9} runs/s ({:.2}x no-op jobs)",
         thousands(r.cron),
         r.cron / r.processing
+    );
+    println!(
+        "1 durable sleep per run:      {:>9} runs/s ({:.2}x no-op jobs)",
+        thousands(r.sleep),
+        r.sleep / r.processing
+    );
+    println!(
+        "publish, {WAITING_RUNS} runs waiting, each publish matching one: {:>9} events/s ({:.2}x publish on a topic without waits, {:.2}x no-op jobs)",
+        thousands(r.publish_matching),
+        r.publish_matching / r.publish_plain,
+        r.publish_matching / r.processing
     );
     for c in ANALYZE_CONCURRENCIES {
         let rate = |analyzed| r.drains.iter().find(|d| d.concurrency == c && d.analyzed == analyzed).map(|d| d.rate);

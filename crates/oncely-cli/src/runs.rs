@@ -109,7 +109,11 @@ async fn show(pool: &PgPool, id: i64) -> Result<(), Fail> {
                 s.started_at.format("%Y-%m-%d %H:%M:%S%.3f").to_string(),
                 format!("{} ms", s.duration.num_milliseconds()),
                 s.attempt.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
-                s.output.as_ref().map(|o| cut(&o.to_string())).unwrap_or_default(),
+                match s.output.as_ref().and_then(|o| o.get("sleep_until")) {
+                    // A durable sleep records its wake time.
+                    Some(until) => format!("sleep until {}", until.as_str().unwrap_or_default()),
+                    None => s.output.as_ref().map(|o| cut(&o.to_string())).unwrap_or_default(),
+                },
                 s.error.as_deref().map(cut).unwrap_or_default(),
             ]
         })
@@ -118,6 +122,28 @@ async fn show(pool: &PgPool, id: i64) -> Result<(), Fail> {
         "{}",
         table::render(&["step", "state", "started (UTC)", "duration", "attempt", "output", "error"], &rows, &[3, 4])
     );
+    let fmt = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string();
+    let waits: Vec<Vec<String>> = d
+        .waits
+        .iter()
+        .map(|w| {
+            let outcome = match (w.resolved_at, w.event_id) {
+                (Some(at), Some(event)) => format!("event {event} at {}", fmt(at)),
+                (Some(at), None) => format!("timed out at {}", fmt(at)),
+                (None, _) => "waiting".to_owned(),
+            };
+            vec![
+                w.step.clone(),
+                if w.kind == "cancel" { "cancel_on".to_owned() } else { "wait_for_event".to_owned() },
+                format!("{} where {}", w.topic, w.matching),
+                w.timeout_at.map(fmt).unwrap_or_else(|| "-".into()),
+                outcome,
+            ]
+        })
+        .collect();
+    if !waits.is_empty() {
+        print!("{}", table::render(&["wait", "kind", "awaits", "until (UTC)", "outcome"], &waits, &[]));
+    }
     for e in &d.errors {
         println!("attempt {} failed at {} ({:?}): {}", e.attempt, e.at, e.kind, cut(&e.message));
     }

@@ -43,6 +43,19 @@ pub struct Function {
     schedule: Option<(String, String)>,
     queue: String,
     max_attempts: i32,
+    cancel_on: Vec<CancelOn>,
+}
+
+/// A cancellation rule of a function ([`Function::cancel_on`]): an event on `topic` whose payload
+/// field `event_field` equals the run's trigger payload field `trigger_field` cancels the run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelOn {
+    /// The cancelling topic (exact).
+    pub topic: String,
+    /// The field of the cancelling event's payload (dotted path).
+    pub event_field: String,
+    /// The field of the run's trigger event payload (dotted path).
+    pub trigger_field: String,
 }
 
 /// One event subscription of a function.
@@ -108,7 +121,39 @@ impl Function {
             schedule: None,
             queue: DEFAULT_QUEUE.to_owned(),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            cancel_on: Vec::new(),
         }
+    }
+
+    /// Cancel a run when an event on `topic` is published whose payload field `field` (dotted path)
+    /// equals the same field of the run's trigger event (e.g. `user.deleted` with the same
+    /// `user_id`): Inngest's `cancelOn`. Counted: events published after the run was created. A run
+    /// not running is cancelled by the publishing statement; a running one stops at its next step
+    /// boundary. Its state is then `cancelled`, and its error history names the event.
+    pub fn cancel_on(self, topic: impl Into<String>, field: impl Into<String>) -> Self {
+        let field = field.into();
+        self.cancel_on_fields(topic, field.clone(), field)
+    }
+
+    /// [`cancel_on`](Self::cancel_on) with different fields: the cancelling event's `event_field`
+    /// must equal the trigger's `trigger_field`.
+    pub fn cancel_on_fields(
+        mut self,
+        topic: impl Into<String>,
+        event_field: impl Into<String>,
+        trigger_field: impl Into<String>,
+    ) -> Self {
+        self.cancel_on.push(CancelOn {
+            topic: topic.into(),
+            event_field: event_field.into(),
+            trigger_field: trigger_field.into(),
+        });
+        self
+    }
+
+    /// Its cancellation rules.
+    pub fn cancel_rules(&self) -> &[CancelOn] {
+        &self.cancel_on
     }
 
     /// Run on every event whose topic is `pattern` (or starts with its prefix, for `prefix.*`).
@@ -172,6 +217,15 @@ impl Function {
         }
         for s in &self.subscriptions {
             split_pattern(&s.pattern)?;
+        }
+        for c in &self.cancel_on {
+            crate::outbox::validate_topic(&c.topic)?;
+            if c.topic.contains('*') || c.event_field.is_empty() || c.trigger_field.is_empty() {
+                return Err(Error::InvalidInput(format!(
+                    "function `{}`: cancel_on needs an exact topic and fields, got {c:?}",
+                    self.name
+                )));
+            }
         }
         self.schedule()?;
         Ok(())
@@ -374,6 +428,9 @@ pub struct RunDetail {
     pub steps: Vec<StepRecord>,
     /// Every failed attempt's error, oldest first.
     pub errors: Vec<crate::job::AttemptError>,
+    /// Its waits for events (`wait_for_event`) and cancellation registrations (`cancel_on`),
+    /// oldest first. Sleeps are steps whose output is `{"sleep_until": …}`.
+    pub waits: Vec<crate::wait::WaitRecord>,
 }
 
 const RUN_COLUMNS: &str = "id, kind, state, attempt, args, created_at, finished_at";
@@ -458,7 +515,8 @@ pub async fn run_history(conn: &mut PgConnection, id: JobId) -> Result<RunDetail
             error,
         });
     }
-    Ok(RunDetail { run, steps, errors })
+    let waits = crate::wait::run_waits(&mut *conn, id).await?;
+    Ok(RunDetail { run, steps, errors, waits })
 }
 
 /// What [`rerun_from_step`] did.

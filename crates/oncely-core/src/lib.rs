@@ -44,6 +44,7 @@ pub mod secrets;
 pub mod step;
 pub mod txn;
 pub mod unique;
+pub mod wait;
 pub mod webhook;
 
 pub use effect::StepError;

@@ -276,9 +276,15 @@ WITH input AS (
     r#", queue) IS NULL AS notified
 ), run_counts AS (
     SELECT event_id, count(*) AS n FROM runs GROUP BY event_id
+), waits AS (
+    -- Waiting runs (wait_for_event, cancel_on) matched by these events: resolved and woken or
+    -- cancelled by a volatile function whose lookups see what committed before its locks
+    -- (migrations/20261202000100_event_waits.sql). Without any wait on these topics it takes one
+    -- shared lock per topic and one index lookup.
+    SELECT oncely.resolve_event_waits(array_agg(id), array_agg(topic::text), array_agg(payload)) AS matched FROM fresh
 )
 SELECT r.id, r.uid, r.duplicate, coalesce(c.n, 0) AS deliveries, coalesce(rc.n, 0) AS runs
-FROM resolved r
+FROM resolved r CROSS JOIN waits
 LEFT JOIN counts c ON c.event_id = r.id AND NOT r.duplicate
 LEFT JOIN run_counts rc ON rc.event_id = r.id AND NOT r.duplicate
 ORDER BY r.ord

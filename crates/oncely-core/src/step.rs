@@ -64,6 +64,10 @@ pub const DEFAULT_STEP_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// holder blocks the key, not how long a step may run.
 pub const DEFAULT_STEP_LEASE: Duration = Duration::from_secs(300);
 
+/// A check run before every step of a scope (the worker's cancel-on-event check): an error stops
+/// the step before it claims its key, as [`StepError::Failed`] with that error as its source.
+pub type StepGuard = std::sync::Arc<dyn Fn() -> BoxFuture<'static, Result<(), BoxError>> + Send + Sync>;
+
 /// The steps of one job attempt.
 pub struct StepScope {
     pool: PgPool,
@@ -71,6 +75,7 @@ pub struct StepScope {
     attempt: i32,
     used: Mutex<HashSet<String>>,
     hook: Option<BoundaryHook>,
+    guard: Option<StepGuard>,
 }
 
 impl std::fmt::Debug for StepScope {
@@ -82,7 +87,21 @@ impl std::fmt::Debug for StepScope {
 impl StepScope {
     /// The scope of attempt `attempt` of job `job_id`.
     pub fn new(pool: PgPool, job_id: JobId, attempt: i32) -> Self {
-        StepScope { pool, job_id, attempt, used: Mutex::new(HashSet::new()), hook: None }
+        StepScope { pool, job_id, attempt, used: Mutex::new(HashSet::new()), hook: None, guard: None }
+    }
+
+    /// Run `guard` before every step (see [`StepGuard`]).
+    pub fn with_guard(mut self, guard: Option<StepGuard>) -> Self {
+        self.guard = guard;
+        self
+    }
+
+    /// Run the guard, if any: `Err` stops the step named `name`.
+    async fn check(&self, name: &str) -> Result<(), StepError> {
+        match &self.guard {
+            Some(guard) => guard().await.map_err(|source| StepError::Failed { step: name.to_owned(), source }),
+            None => Ok(()),
+        }
     }
 
     /// Call `hook` at every step boundary (for crash testing).
@@ -194,7 +213,9 @@ impl<'a> Step<'a> {
         Fut: Future<Output = Result<T, E>>,
         E: Into<BoxError>,
     {
+        let scope = self.scope;
         let (mut effect, name) = self.effect()?;
+        scope.check(&name).await?;
         effect.label = &name;
         effect.run(OnUnknown::RetrySameKeyWithin(Duration::MAX), |_| f()).await
     }
@@ -207,7 +228,9 @@ impl<'a> Step<'a> {
         F: for<'c> FnOnce(&'c mut sqlx::PgConnection) -> BoxFuture<'c, Result<T, E>>,
         E: Into<BoxError>,
     {
+        let scope = self.scope;
         let (mut effect, name) = self.effect()?;
+        scope.check(&name).await?;
         effect.label = &name;
         effect.transactional(f).await
     }
@@ -223,7 +246,9 @@ impl<'a> Step<'a> {
         Fut: Future<Output = Result<T, E>>,
         E: Into<BoxError>,
     {
+        let scope = self.scope;
         let (mut effect, name) = self.effect()?;
+        scope.check(&name).await?;
         effect.label = &name;
         effect.run(on_unknown, f).await
     }

@@ -41,6 +41,9 @@ enum Finish {
     /// Whether the handler's own completing transaction committed could not be read back: write
     /// nothing; the lease expires and the job runs again unless it was completed.
     Unsettled,
+    /// The handler suspended the run in its own transaction (`wait_for_event`), which committed:
+    /// nothing to write; it runs again after the delay or when an event wakes it.
+    SuspendedInTx(Duration),
 }
 
 pub(crate) fn spawn(shared: &Arc<Shared>, tracker: &TaskTracker, job: Job, permit: OwnedSemaphorePermit) {
@@ -79,6 +82,7 @@ async fn run(
     drop(permit);
     let finish = match AttemptFlags::get(&flags.completed_in_tx) {
         true => settle_completed_in_tx(&shared, &job, claim, finish).await,
+        false if AttemptFlags::get(&flags.suspended_in_tx) => settle_suspended_in_tx(&shared, claim, finish).await,
         false => finish,
     };
     match finish {
@@ -95,6 +99,13 @@ async fn run(
             return;
         }
         Finish::Unsettled => {
+            shared.forget([claim]);
+            return;
+        }
+        Finish::SuspendedInTx(d) => {
+            WorkerStats::add(&shared.stats.snoozed, 1);
+            shared.wake_after(&job.queue, d);
+            tracing::debug!(delay = ?d, "run suspended in the handler's transaction");
             shared.forget([claim]);
             return;
         }
@@ -129,6 +140,7 @@ async fn attempt(shared: &Arc<Shared>, job: &Job, cancel: CancellationToken, fla
         return Finish::Failed { kind: ErrorKind::UnknownKind, message, retry_in: Some(backoff(shared, job)) };
     };
     let timeout = handler.timeout().unwrap_or(shared.config.job_timeout);
+    let guard = (!handler.cancel_rules().is_empty()).then(|| crate::flow::cancel_guard(shared.pool.clone(), job.id));
     let ctx = JobContext {
         inner: Arc::new(ContextInner {
             id: job.id,
@@ -139,8 +151,12 @@ async fn attempt(shared: &Arc<Shared>, job: &Job, cancel: CancellationToken, fla
             snoozes: job.snoozes,
             pool: shared.pool.clone(),
             cancel: cancel.clone(),
-            steps: StepScope::new(shared.pool.clone(), job.id, job.attempt).with_hook(shared.step_hook.clone()),
+            steps: StepScope::new(shared.pool.clone(), job.id, job.attempt)
+                .with_hook(shared.step_hook.clone())
+                .with_guard(guard.clone()),
             flags: flags.clone(),
+            args: job.args.clone(),
+            guard: crate::handler::GuardSlot(guard),
         }),
     };
     let call = AssertUnwindSafe(handler.call(ctx, job.args.clone())).catch_unwind();
@@ -238,6 +254,27 @@ async fn settle_completed_in_tx(shared: &Arc<Shared>, job: &Job, claim: Claim, f
     }
 }
 
+/// The handler suspended its run in its own transaction (`wait_for_event`): when the claim no
+/// longer runs, that transaction committed and there is nothing to write. If it still runs under
+/// this claim, the suspension did not commit and `finish` (the handler's error) is written.
+async fn settle_suspended_in_tx(shared: &Arc<Shared>, claim: Claim, finish: Finish) -> Finish {
+    if let Finish::Snooze(d) = finish {
+        return Finish::SuspendedInTx(d);
+    }
+    if matches!(finish, Finish::Crash | Finish::Abandoned) {
+        return finish;
+    }
+    let read = (|| oncely_core::get_job(&shared.pool, claim.id)).retry(persist_backoff()).when(|e| e.is_transient());
+    match read.await {
+        Ok(now) if now.state == JobState::Running && now.attempt == claim.attempt => finish,
+        Ok(_) => Finish::SuspendedInTx(Duration::ZERO),
+        Err(e) => {
+            tracing::error!(error = %e, "could not read back whether the run's suspension committed; writing nothing (the lease will expire)");
+            Finish::Unsettled
+        }
+    }
+}
+
 /// The backoff delay after this attempt: snoozes and releases do not count.
 fn backoff(shared: &Shared, job: &Job) -> Duration {
     let counted = (job.attempt - job.snoozes).max(1) as u32;
@@ -263,7 +300,12 @@ async fn record(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) {
                     .await
                     .map(|_| None)
             }
-            Finish::Complete | Finish::Crash | Finish::Abandoned | Finish::CompletedInTx | Finish::Unsettled => {
+            Finish::Complete
+            | Finish::Crash
+            | Finish::Abandoned
+            | Finish::CompletedInTx
+            | Finish::Unsettled
+            | Finish::SuspendedInTx(_) => {
                 unreachable!("completions go to the completer; crashes, abandoned and settled attempts write nothing")
             }
         }
@@ -302,7 +344,15 @@ async fn record(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) {
             WorkerStats::add(&stats.released, 1);
             tracing::info!("job released at shutdown");
         }
-        (Ok(_), Finish::Complete | Finish::Crash | Finish::Abandoned | Finish::CompletedInTx | Finish::Unsettled) => {}
+        (
+            Ok(_),
+            Finish::Complete
+            | Finish::Crash
+            | Finish::Abandoned
+            | Finish::CompletedInTx
+            | Finish::Unsettled
+            | Finish::SuspendedInTx(_),
+        ) => {}
         (Err(e @ oncely_core::Error::LeaseLost { .. }), _) => {
             WorkerStats::add(&stats.lease_lost, 1);
             crate::metrics::lease_lost(1);

@@ -74,12 +74,19 @@ pub(crate) struct Erased<T, H> {
     handler: Arc<H>,
     name: String,
     queue: String,
+    cancel_rules: Arc<[oncely_core::function::CancelOn]>,
     _payload: PhantomData<fn() -> T>,
 }
 
 impl<T, H> Erased<T, H> {
-    pub(crate) fn new(handler: H, name: &str, queue: &str) -> Self {
-        Erased { handler: Arc::new(handler), name: name.to_owned(), queue: queue.to_owned(), _payload: PhantomData }
+    pub(crate) fn new(handler: H, function: &oncely_core::function::Function) -> Self {
+        Erased {
+            handler: Arc::new(handler),
+            name: function.name().to_owned(),
+            queue: function.queue_name().to_owned(),
+            cancel_rules: function.cancel_rules().into(),
+            _payload: PhantomData,
+        }
     }
 }
 
@@ -91,10 +98,14 @@ where
     fn call(&self, ctx: JobContext, args: serde_json::Value) -> BoxFuture<'static, Result<(), CallError>> {
         let handler = self.handler.clone();
         let name = self.name.clone();
+        let rules = self.cancel_rules.clone();
         Box::pin(async move {
             let run: RunArgs<T> = serde_json::from_value(args).map_err(|e| {
                 CallError::InvalidArgs(format!("the trigger does not deserialize for function `{name}`: {e}"))
             })?;
+            if !rules.is_empty() {
+                crate::flow::register_cancels(&ctx, &rules).await.map_err(CallError::Outcome)?;
+            }
             handler.handle(ctx, run.trigger).await.map_err(CallError::Outcome)
         })
     }
@@ -105,6 +116,10 @@ where
 
     fn insert_opts(&self) -> InsertOpts {
         InsertOpts::new().queue(self.queue.clone())
+    }
+
+    fn cancel_rules(&self) -> &[oncely_core::function::CancelOn] {
+        &self.cancel_rules
     }
 }
 

@@ -98,6 +98,12 @@ impl Outcome {
     /// Classify an error by its source chain, outermost first (see the type's docs).
     fn classify<'a>(chain: impl Iterator<Item = &'a (dyn StdError + 'static)>, message: String) -> Self {
         for e in chain {
+            if let Some(outcome) = e.downcast_ref::<crate::flow::FlowError>().and_then(|f| f.outcome()) {
+                return outcome;
+            }
+            if let Some(cancelled) = e.downcast_ref::<crate::flow::RunCancelled>() {
+                return Outcome::Cancel(cancelled.reason.clone());
+            }
             if let Some(step) = e.downcast_ref::<StepError>() {
                 match step {
                     StepError::OutcomeUnknown { .. } | StepError::DuplicateKey(_) | StepError::Mismatch { .. } => {
@@ -244,6 +250,20 @@ pub(crate) struct ContextInner {
     pub(crate) cancel: CancellationToken,
     pub(crate) steps: StepScope,
     pub(crate) flags: Arc<AttemptFlags>,
+    /// The job's arguments (a run's trigger, for `wait_for_event`'s match).
+    pub(crate) args: serde_json::Value,
+    /// The check before every step (a run's cancellation by an event), if any.
+    pub(crate) guard: GuardSlot,
+}
+
+/// A step guard, debuggable.
+#[derive(Clone, Default)]
+pub(crate) struct GuardSlot(pub(crate) Option<oncely_core::step::StepGuard>);
+
+impl fmt::Debug for GuardSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() { "GuardSlot(Some(..))" } else { "GuardSlot(None)" })
+    }
 }
 
 impl JobContext {
@@ -436,6 +456,10 @@ pub(crate) trait ErasedHandler: Send + Sync + 'static {
     fn timeout(&self) -> Option<Duration>;
     /// The kind's declared defaults.
     fn insert_opts(&self) -> InsertOpts;
+    /// A function's cancellation rules (none for other kinds).
+    fn cancel_rules(&self) -> &[oncely_core::function::CancelOn] {
+        &[]
+    }
 }
 
 pub(crate) struct Typed<A, H> {

@@ -23,6 +23,7 @@ pub mod config;
 pub mod error;
 mod executor;
 mod fetcher;
+pub mod flow;
 pub mod function;
 pub mod handler;
 mod heartbeat;

@@ -93,7 +93,7 @@ impl WorkerBuilder {
         T: serde::de::DeserializeOwned + Send + 'static,
         H: FunctionHandler<T>,
     {
-        let erased = crate::function::Erased::<T, H>::new(handler, function.name(), function.queue_name());
+        let erased = crate::function::Erased::<T, H>::new(handler, &function);
         if self.handlers.insert(function.name().to_owned(), Arc::new(erased)).is_some() {
             self.duplicate_kinds.push(function.name().to_owned());
         }
@@ -329,6 +329,9 @@ pub(crate) struct AttemptFlags {
     /// committed is read back once the handler returns. The heartbeat no longer extends the lease:
     /// the job's row is locked by that transaction until it ends.
     pub(crate) completed_in_tx: AtomicBool,
+    /// The handler suspended the run in its own transaction (`wait_for_event`): once that
+    /// committed, the claim is over and the executor writes nothing.
+    pub(crate) suspended_in_tx: AtomicBool,
 }
 
 impl AttemptFlags {
