@@ -38,8 +38,7 @@ pub use oncely_webhooks as webhooks;
 
 pub use oncely_core::step::{self, OnUnknown};
 pub use oncely_core::{
-    bulk, debounce, flow, function, inbox, ledger, outbox, pause, schedule, secrets, unique, wait, webhook,
-    InsertOpts,
+    bulk, debounce, flow, function, inbox, ledger, outbox, pause, schedule, secrets, unique, wait, webhook, InsertOpts,
 };
 pub use oncely_core::{
     cancel_job, enqueue, enqueue_many, get_job, idempotent, list_jobs, migrate, migrate_report, retry_job,
