@@ -624,17 +624,7 @@ async fn flow_drain(db: PgConnectOptions, a: FlowArgs, keyed: Keyed, n: usize) -
         oncely_core::enqueue_many(&pool, chunk).await?;
     }
     drop(jobs);
-    let worker = Worker::builder(pool.clone())
-        .register(handler_fn(|_ctx, _args: BenchNoop| async { Ok(()) }))
-        .queue(QUEUE, a.concurrency)
-        .configure(|c| c.fetch_batch = a.batch)
-        .build()?;
-    let t = Instant::now();
-    let handle = worker.start();
-    let drained = wait_completed(&handle, n as u64).await;
-    let elapsed = t.elapsed();
-    handle.shutdown_within(Duration::from_secs(5)).await;
-    drained?;
+    let elapsed = time_noop_drain(&pool, a.concurrency, a.batch, n).await?;
     let rate = match keyed {
         Keyed::Rate(_) => {
             let span: f64 = sqlx::query_scalar(
@@ -727,17 +717,7 @@ async fn drain_once(
         warm.push(pool.acquire().await?);
     }
     drop(warm);
-    let worker = Worker::builder(pool.clone())
-        .register(handler_fn(|_ctx, _args: BenchNoop| async { Ok(()) }))
-        .queue(QUEUE, concurrency)
-        .configure(|c| c.fetch_batch = a.fetch_batch.unwrap_or(concurrency))
-        .build()?;
-    let t = Instant::now();
-    let handle = worker.start();
-    let drained = wait_completed(&handle, n as u64).await;
-    let elapsed = t.elapsed();
-    handle.shutdown_within(Duration::from_secs(5)).await;
-    drained?;
+    let elapsed = time_noop_drain(&pool, concurrency, a.fetch_batch.unwrap_or(concurrency), n).await?;
     let completed: i64 =
         sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE queue = $1 AND state = 'completed'")
             .bind(QUEUE)
@@ -994,6 +974,23 @@ async fn insert_baseline(db: &PgConnectOptions, connections: usize, time: Durati
 
 /// Poll the worker's completed counter every millisecond until it reaches `n`. Gives up when it
 /// has not moved for a minute.
+/// Time one worker of no-op handlers at `concurrency` (claims of `batch`) draining the `n` jobs
+/// enqueued on [`QUEUE`].
+async fn time_noop_drain(pool: &sqlx::PgPool, concurrency: usize, batch: usize, n: usize) -> Result<Duration, Fail> {
+    let worker = Worker::builder(pool.clone())
+        .register(handler_fn(|_ctx, _args: BenchNoop| async { Ok(()) }))
+        .queue(QUEUE, concurrency)
+        .configure(|c| c.fetch_batch = batch)
+        .build()?;
+    let t = Instant::now();
+    let handle = worker.start();
+    let drained = wait_completed(&handle, n as u64).await;
+    let elapsed = t.elapsed();
+    handle.shutdown_within(Duration::from_secs(5)).await;
+    drained?;
+    Ok(elapsed)
+}
+
 async fn wait_completed(handle: &WorkerHandle, n: u64) -> Result<(), Fail> {
     let mut last = (0, Instant::now());
     loop {
