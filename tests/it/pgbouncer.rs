@@ -96,7 +96,7 @@ impl Bouncer {
         let log = std::fs::File::create(dir.0.join("pgbouncer.log")).unwrap();
         cmd.arg(&ini).stdout(std::process::Stdio::null()).stderr(log);
         // PgBouncer refuses to run as root unless told which user to become.
-        if rustix_is_root() {
+        if running_as_root() {
             cmd.args(["-u", "postgres"]);
         }
         let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
@@ -116,7 +116,7 @@ impl Bouncer {
     }
 }
 
-fn rustix_is_root() -> bool {
+fn running_as_root() -> bool {
     std::process::Command::new("id")
         .arg("-u")
         .output()
