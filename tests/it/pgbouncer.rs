@@ -326,6 +326,13 @@ async fn child_process() {
     assert!(copy.len() >= oncely::core::queue::COPY_THRESHOLD);
     enqueue_many(&pool, &copy).await.unwrap();
 
+    // Publish through the pooler: on the pool, and inside our own transaction.
+    let event = oncely::core::outbox::Event::new("pgb.done", &serde_json::json!({ "n": 1 })).unwrap();
+    oncely::core::outbox::publish(db(&pool), &event).await.unwrap();
+    let mut tx = oncely::core::txn::begin(&pool).await.unwrap();
+    oncely::core::outbox::publish(&mut *tx, &event).await.unwrap();
+    tx.commit().await.unwrap();
+
     eventually(Duration::from_secs(90), "every job finished", || async {
         let pending: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM oncely.jobs WHERE state NOT IN ('completed', 'dead', 'cancelled')",
@@ -352,8 +359,8 @@ async fn child_process() {
 
 /// Parent side: a worker in transaction-pooling mode, through PgBouncer, is killed with SIGKILL
 /// while it holds jobs (its heartbeats having extended their leases through the pooler); a second
-/// one rescues them, enqueues work every way, and drains it all with memoized and transactional
-/// steps, retries, snoozes and follow-up jobs: exact effect counts, nothing logged.
+/// one rescues them, enqueues work every way, publishes, and drains it all with memoized and
+/// transactional steps, retries, snoozes and follow-up jobs: exact effect counts, nothing logged.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_transaction_pooling_worker_drains_and_rescues_through_pgbouncer() {
     init_tracing();
@@ -437,6 +444,11 @@ async fn a_transaction_pooling_worker_drains_and_rescues_through_pgbouncer() {
         ],
         "every effect exactly once per job"
     );
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.events WHERE topic = 'pgb.done'")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 2, "both publishes through the pooler landed");
     let retried: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM oncely.jobs WHERE kind = 'pgb_work' AND jsonb_array_length(errors) = 1",
     )

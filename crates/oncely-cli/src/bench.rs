@@ -720,7 +720,12 @@ async fn pooler_figures(
     let r = drain_once(&server.clone().database(&name), a, c, false).await;
     drop_scratch(admin, &name).await;
     let (direct, elapsed) = r?;
-    println!("[pgbouncer] direct drain: {} jobs at concurrency {c} in {:.3} s = {} jobs/s", a.jobs, elapsed.as_secs_f64(), thousands(direct));
+    println!(
+        "[pgbouncer] direct drain: {} jobs at concurrency {c} in {:.3} s = {} jobs/s",
+        a.jobs,
+        elapsed.as_secs_f64(),
+        thousands(direct)
+    );
     let name = scratch(admin).await?;
     let r = pooled_drain(&server.clone().database(&name), &bouncer.clone().database(&name), a, c).await;
     drop_scratch(admin, &name).await;
