@@ -214,7 +214,10 @@ async fn child_process() {
         .queue("default", 8)
         .queue("keyed", 4);
     if role == "hang" {
+        // LISTEN over a direct connection of its own (the parent looks for it).
+        let listen = std::env::var("ONCELY_PGB_LISTEN_URL").unwrap();
         let _h = builder
+            .listen_url(listen)
             .register(handler_fn(|ctx, _a: Hang| async move {
                 effect(ctx.pool(), ctx.id(), "hang-start").await?;
                 std::future::pending::<()>().await;
@@ -357,10 +360,11 @@ async fn child_process() {
     assert!(unexpected.is_empty(), "logged through the pooler: {unexpected:#?}");
 }
 
-/// Parent side: a worker in transaction-pooling mode, through PgBouncer, is killed with SIGKILL
-/// while it holds jobs (its heartbeats having extended their leases through the pooler); a second
-/// one rescues them, enqueues work every way, publishes, and drains it all with memoized and
-/// transactional steps, retries, snoozes and follow-up jobs: exact effect counts, nothing logged.
+/// Parent side: a worker in transaction-pooling mode, through PgBouncer, listening over a direct
+/// URL, is killed with SIGKILL while it holds jobs (its heartbeats having extended their leases
+/// through the pooler); a second, which does not listen at all (it polls), rescues them, enqueues
+/// work every way, publishes, and drains it all with memoized and transactional steps, retries,
+/// snoozes and follow-up jobs: exact effect counts, nothing logged.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_transaction_pooling_worker_drains_and_rescues_through_pgbouncer() {
     init_tracing();
@@ -375,9 +379,10 @@ async fn a_transaction_pooling_worker_drains_and_rescues_through_pgbouncer() {
     let hung: Vec<NewJob> = (0..HANGING).map(|n| NewJob::new(&Hang { n }).unwrap()).collect();
     let hung: Vec<_> = enqueue_many(pool, &hung).await.unwrap().into_iter().map(|e| e.id).collect();
 
+    let listen_url = format!("{}?application_name=oncely-pgb-listen", tdb.url().split('?').next().unwrap());
     let mut first = spawn_child(
         concat!(module_path!(), "::child_process"),
-        &[("ONCELY_PGB_URL", url.as_str()), ("ONCELY_PGB_ROLE", "hang")],
+        &[("ONCELY_PGB_URL", url.as_str()), ("ONCELY_PGB_ROLE", "hang"), ("ONCELY_PGB_LISTEN_URL", &listen_url)],
     );
     let first_pid = first.id().unwrap() as i32;
     eventually(Duration::from_secs(30), "the first child to start the hanging jobs", || async {
@@ -401,6 +406,18 @@ async fn a_transaction_pooling_worker_drains_and_rescues_through_pgbouncer() {
         .await
         .unwrap();
         (extended == HANGING as i64).then_some(())
+    })
+    .await;
+    // Its listener is on the direct URL, not through PgBouncer.
+    eventually(Duration::from_secs(30), "the first child's LISTEN over the direct URL", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'oncely-pgb-listen' AND query ILIKE 'LISTEN%'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        (n == 1).then_some(())
     })
     .await;
     first.start_kill().unwrap();
