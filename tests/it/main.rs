@@ -28,6 +28,7 @@ mod http_crash;
 mod inbox;
 mod migrate;
 mod outage;
+mod pgbouncer;
 mod pipeline_crash;
 mod plans;
 mod queue;

@@ -10,7 +10,7 @@ use oncely_core::function::{Function, Trigger};
 use oncely_core::outbox::{publish_many, Event};
 use oncely_core::schedule::tick_due;
 use oncely_core::{JobArgs, NewJob};
-use oncely_worker::{handler_fn, Worker, WorkerHandle, WorkerStats};
+use oncely_worker::{handler_fn, Pooler, Worker, WorkerHandle, WorkerStats};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection};
@@ -95,6 +95,12 @@ pub(crate) struct BenchArgs {
     /// claim behind a 100,000-job backlog of another tenant against one behind a plain backlog.
     #[arg(long)]
     flow: bool,
+    /// Run only the PgBouncer figure: drain N jobs at --concurrency directly, then N jobs through
+    /// this PgBouncer (in transaction pooling mode; the URL's database is replaced by a scratch
+    /// one) with the worker in `Pooler::Transaction` mode, each in a fresh scratch database, and
+    /// report the second as a ratio to the first.
+    #[arg(long, value_name = "URL")]
+    pgbouncer_url: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -219,6 +225,14 @@ pub(crate) async fn run(server_url: &str, args: BenchArgs) -> Result<(), Fail> {
     println!("oncely bench: scratch database {name} (dropped at the end)");
     let db = server.clone().database(&name);
 
+    if let Some(bouncer) = &args.pgbouncer_url {
+        let result = tokio::select! {
+            r = pooler_figures(&server, &mut admin, &args, bouncer) => r,
+            _ = tokio::signal::ctrl_c() => Err(Fail("interrupted".into())),
+        };
+        drop_scratch(&mut admin, &name).await;
+        return result;
+    }
     if args.flow {
         let result = tokio::select! {
             r = flow_figures(&server, &mut admin, &args) => r,
@@ -690,6 +704,85 @@ async fn flow_latency(db: PgConnectOptions) -> Result<(Duration, Duration), Fail
 
 /// Migrate `db`, enqueue N jobs, `VACUUM ANALYZE` when `analyze`, and time one worker at
 /// `concurrency` draining them. Returns jobs per second and the drain's wall time.
+/// The `--pgbouncer-url` figure: a direct drain, then one through PgBouncer in transaction pooling
+/// mode, each of N jobs in a fresh scratch database. The direct one runs first: the pooler mode,
+/// once a worker sets it, is process-wide.
+async fn pooler_figures(
+    server: &PgConnectOptions,
+    admin: &mut PgConnection,
+    a: &BenchArgs,
+    bouncer: &str,
+) -> Result<(), Fail> {
+    let bouncer: PgConnectOptions = bouncer.parse().map_err(|e| Fail(format!("bad --pgbouncer-url: {e}")))?;
+    let bouncer = bouncer.disable_statement_logging();
+    let c = a.concurrency;
+    let name = scratch(admin).await?;
+    let r = drain_once(&server.clone().database(&name), a, c, false).await;
+    drop_scratch(admin, &name).await;
+    let (direct, elapsed) = r?;
+    println!(
+        "[pgbouncer] direct drain: {} jobs at concurrency {c} in {:.3} s = {} jobs/s",
+        a.jobs,
+        elapsed.as_secs_f64(),
+        thousands(direct)
+    );
+    let name = scratch(admin).await?;
+    let r = pooled_drain(&server.clone().database(&name), &bouncer.clone().database(&name), a, c).await;
+    drop_scratch(admin, &name).await;
+    let (pooled, elapsed) = r?;
+    println!(
+        "[pgbouncer] through PgBouncer (transaction pooling, Pooler::Transaction): {} jobs in {:.3} s = {} jobs/s \
+         = {:.2} x direct",
+        a.jobs,
+        elapsed.as_secs_f64(),
+        thousands(pooled),
+        pooled / direct
+    );
+    Ok(())
+}
+
+/// Enqueue N jobs directly, then drain them with a worker in `Pooler::Transaction` mode whose pool
+/// goes through `bouncer`.
+async fn pooled_drain(
+    db: &PgConnectOptions,
+    bouncer: &PgConnectOptions,
+    a: &BenchArgs,
+    concurrency: usize,
+) -> Result<(f64, Duration), Fail> {
+    let n = a.jobs;
+    let direct = PgPoolOptions::new().max_connections(2).connect_with(db.clone()).await?;
+    oncely_core::migrate(&direct).await?;
+    let jobs: Vec<NewJob> =
+        (0..n).map(|_| NewJob::new(&BenchNoop {}).map(|j| j.queue(QUEUE))).collect::<Result<_, _>>()?;
+    for chunk in jobs.chunks(ENQUEUE_BATCH) {
+        oncely_core::enqueue_many(&direct, chunk).await?;
+    }
+    drop(jobs);
+    let pool = PgPoolOptions::new()
+        .max_connections(a.worker_connections)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(bouncer.clone())
+        .await?;
+    let mut warm = Vec::new();
+    for _ in 0..a.worker_connections {
+        warm.push(pool.acquire().await?);
+    }
+    drop(warm);
+    let elapsed =
+        time_noop_drain_in(&pool, concurrency, a.fetch_batch.unwrap_or(concurrency), n, Pooler::Transaction).await?;
+    pool.close().await;
+    let completed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE queue = $1 AND state = 'completed'")
+            .bind(QUEUE)
+            .fetch_one(&direct)
+            .await?;
+    direct.close().await;
+    if completed != n as i64 {
+        return Err(Fail(format!("after the drain through PgBouncer {completed} of {n} jobs are completed")));
+    }
+    Ok((n as f64 / elapsed.as_secs_f64(), elapsed))
+}
+
 async fn drain_once(
     db: &PgConnectOptions,
     a: &BenchArgs,
@@ -977,10 +1070,24 @@ async fn insert_baseline(db: &PgConnectOptions, connections: usize, time: Durati
 /// Time one worker of no-op handlers at `concurrency` (claims of `batch`) draining the `n` jobs
 /// enqueued on [`QUEUE`].
 async fn time_noop_drain(pool: &sqlx::PgPool, concurrency: usize, batch: usize, n: usize) -> Result<Duration, Fail> {
+    time_noop_drain_in(pool, concurrency, batch, n, Pooler::Session).await
+}
+
+/// [`time_noop_drain`] with the worker in `pooler` mode.
+async fn time_noop_drain_in(
+    pool: &sqlx::PgPool,
+    concurrency: usize,
+    batch: usize,
+    n: usize,
+    pooler: Pooler,
+) -> Result<Duration, Fail> {
     let worker = Worker::builder(pool.clone())
         .register(handler_fn(|_ctx, _args: BenchNoop| async { Ok(()) }))
         .queue(QUEUE, concurrency)
-        .configure(|c| c.fetch_batch = batch)
+        .configure(|c| {
+            c.fetch_batch = batch;
+            c.pooler = pooler;
+        })
         .build()?;
     let t = Instant::now();
     let handle = worker.start();

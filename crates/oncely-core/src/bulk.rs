@@ -139,7 +139,7 @@ async fn run(conn: &mut PgConnection, filter: &BulkFilter, op: Op) -> Result<Bul
     let mut report = BulkReport::default();
     let mut after = 0i64;
     loop {
-        let row = sqlx::query(op.sql())
+        let row = crate::pooler::query(op.sql())
             .bind(after)
             .bind(&states)
             .bind(&filter.kind)
@@ -159,7 +159,7 @@ async fn run(conn: &mut PgConnection, filter: &BulkFilter, op: Op) -> Result<Bul
         if let Op::Retry = op {
             let queues: Vec<String> = row.try_get("queues")?;
             if !queues.is_empty() {
-                sqlx::query(sql::QUEUE_NOTIFY_MANY).bind(&queues).execute(&mut *conn).await?;
+                crate::pooler::query(sql::QUEUE_NOTIFY_MANY).bind(&queues).execute(&mut *conn).await?;
             }
         }
         match last {

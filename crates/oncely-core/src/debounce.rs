@@ -146,8 +146,8 @@ where
         let period = debounce.period.as_secs_f64();
         let max_wait = debounce.max_wait.map(|d| d.as_secs_f64());
         let mut tx = conn.begin().await?;
-        sqlx::query(DEBOUNCE_LOCK).bind(key).bind(&job.kind).execute(&mut *tx).await?;
-        let merged = sqlx::query(sql::JOB_DEBOUNCE_MERGE)
+        crate::pooler::query(DEBOUNCE_LOCK).bind(key).bind(&job.kind).execute(&mut *tx).await?;
+        let merged = crate::pooler::query(sql::JOB_DEBOUNCE_MERGE)
             .bind(key)
             .bind(&job.kind)
             .bind(&job.args)
@@ -158,7 +158,7 @@ where
         let (row, merged) = match merged {
             Some(row) => (row, true),
             None => {
-                let row = sqlx::query(sql::JOB_DEBOUNCE_INSERT)
+                let row = crate::pooler::query(sql::JOB_DEBOUNCE_INSERT)
                     .bind(&job.kind)
                     .bind(&job.queue)
                     .bind(&job.args)

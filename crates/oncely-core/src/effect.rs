@@ -228,6 +228,13 @@ impl Effect<'_> {
         let mut pause = Duration::from_millis(5);
         let claimed = loop {
             let claimed = async {
+                if crate::pooler::transaction_pooling() {
+                    // Behind a transaction pooler: the claim's statements in a transaction of their own.
+                    let mut tx = crate::txn::begin(self.pool).await?;
+                    let claimed = ledger::claim(&mut tx, &self.key, &self.opts()).await?;
+                    tx.commit().await?;
+                    return Ok(claimed);
+                }
                 let mut conn = self.pool.acquire().await?;
                 ledger::claim(&mut conn, &self.key, &self.opts()).await
             }
@@ -276,7 +283,7 @@ impl Effect<'_> {
                             tracing::info!(step = self.label, %previous, "reconciled: the earlier call did not take effect");
                             // Call only while the claim is still ours: if it lapsed during the
                             // reconciliation, someone else may be calling (or a person settled it).
-                            ledger::extend(self.pool, &self.key, attempt, self.lease)
+                            ledger::extend(crate::pooler::db(self.pool), &self.key, attempt, self.lease)
                                 .await
                                 .map_err(|e| self.ledger_err(e))?;
                         }
@@ -293,7 +300,7 @@ impl Effect<'_> {
             Err(e) => {
                 // The effect did not happen (or may be repeated under the same key): let the next
                 // attempt run it from scratch.
-                if let Err(release) = ledger::release(self.pool, &self.key, attempt).await {
+                if let Err(release) = ledger::release(crate::pooler::db(self.pool), &self.key, attempt).await {
                     tracing::warn!(step = self.label, error = %release, "could not release the step's claim; it expires with its lease");
                 }
                 self.outcome("failed");
@@ -307,7 +314,7 @@ impl Effect<'_> {
     /// claimant parks; were it to expire, a later claim would call again as if nothing happened).
     async fn park(&self, attempt: i32, idempotency_key: String) -> StepError {
         self.outcome("parked");
-        if let Err(e) = ledger::park(self.pool, &self.key, attempt).await {
+        if let Err(e) = ledger::park(crate::pooler::db(self.pool), &self.key, attempt).await {
             tracing::warn!(step = self.label, error = %e, "could not mark the claim parked; its lease ends on its own");
         }
         StepError::OutcomeUnknown { step: self.label.to_owned(), idempotency_key, record: self.key.clone() }
@@ -321,7 +328,7 @@ impl Effect<'_> {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                if let Err(e) = ledger::extend(self.pool, &self.key, attempt, self.lease).await {
+                if let Err(e) = ledger::extend(crate::pooler::db(self.pool), &self.key, attempt, self.lease).await {
                     tracing::warn!(step = self.label, error = %e, "could not extend the step's claim");
                 }
             }
@@ -336,7 +343,9 @@ impl Effect<'_> {
     async fn record<T: Serialize>(&self, attempt: i32, v: T) -> Result<T, StepError> {
         let json = self.encode(&v)?;
         self.at(BoundaryPoint::BeforeRecord);
-        ledger::complete(self.pool, &self.key, attempt, &json, self.ttl).await.map_err(|e| self.ledger_err(e))?;
+        ledger::complete(crate::pooler::db(self.pool), &self.key, attempt, &json, self.ttl)
+            .await
+            .map_err(|e| self.ledger_err(e))?;
         self.outcome("recorded");
         self.at(BoundaryPoint::AfterRecord);
         Ok(v)

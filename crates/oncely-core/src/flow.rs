@@ -166,19 +166,22 @@ pub struct FlowClaim {
 #[instrument(skip(pool), err)]
 pub async fn claim_jobs(pool: &PgPool, queue: &str, limit: i32, worker_id: &str, lease: Duration) -> Result<FlowClaim> {
     let mut out = FlowClaim::default();
-    if limit <= 0 || !sqlx::query_scalar::<_, bool>(FLOW_ANY).bind(queue).fetch_one(pool).await? {
+    if limit <= 0
+        || !crate::pooler::query_scalar::<bool>(FLOW_ANY).bind(queue).fetch_one(crate::pooler::db(pool)).await?
+    {
         return Ok(out);
     }
     let mut tx = pool.begin().await?;
     let mut want = limit;
-    let max_running: Option<i32> = sqlx::query_scalar(QUEUE_LIMIT_LOCK).bind(queue).fetch_optional(&mut *tx).await?;
+    let max_running: Option<i32> =
+        crate::pooler::query_scalar(QUEUE_LIMIT_LOCK).bind(queue).fetch_optional(&mut *tx).await?;
     if let Some(max) = max_running {
         out.queue_limited = true;
         // A new statement after the lock: it sees the claims of the previous holder.
-        let running: i64 = sqlx::query_scalar(QUEUE_RUNNING).bind(queue).fetch_one(&mut *tx).await?;
+        let running: i64 = crate::pooler::query_scalar(QUEUE_RUNNING).bind(queue).fetch_one(&mut *tx).await?;
         want = want.min((i64::from(max) - running).clamp(0, i64::from(i32::MAX)) as i32);
         if want > 0 {
-            let rows: Vec<JobRow> = sqlx::query_as(crate::job::sql::JOB_CLAIM)
+            let rows: Vec<JobRow> = crate::pooler::query_as(crate::job::sql::JOB_CLAIM)
                 .bind(queue)
                 .bind(want)
                 .bind(secs(lease))
@@ -191,10 +194,11 @@ pub async fn claim_jobs(pool: &PgPool, queue: &str, limit: i32, worker_id: &str,
         }
     }
     if want > 0 {
-        let keys: Vec<String> = sqlx::query_scalar(FLOW_KEYS_LOCK).bind(queue).bind(want).fetch_all(&mut *tx).await?;
+        let keys: Vec<String> =
+            crate::pooler::query_scalar(FLOW_KEYS_LOCK).bind(queue).bind(want).fetch_all(&mut *tx).await?;
         if !keys.is_empty() {
             let share = (want / keys.len() as i32).max(1);
-            let rows: Vec<JobRow> = sqlx::query_as(FLOW_CLAIM)
+            let rows: Vec<JobRow> = crate::pooler::query_as(FLOW_CLAIM)
                 .bind(queue)
                 .bind(&keys)
                 .bind(want)
@@ -207,7 +211,7 @@ pub async fn claim_jobs(pool: &PgPool, queue: &str, limit: i32, worker_id: &str,
             out.jobs.extend(rows_to_jobs(rows)?);
         }
         if want > 0 {
-            let wait: Option<f64> = sqlx::query_scalar(FLOW_NEXT_RATE).bind(queue).fetch_one(&mut *tx).await?;
+            let wait: Option<f64> = crate::pooler::query_scalar(FLOW_NEXT_RATE).bind(queue).fetch_one(&mut *tx).await?;
             out.retry_in = wait.filter(|w| w.is_finite()).map(|w| Duration::from_secs_f64(w.max(0.001)));
         }
     }
@@ -233,7 +237,7 @@ pub async fn set_queue_limit<'e>(
     match max_running {
         Some(0) => Err(Error::InvalidInput("a queue limit must be at least 1, got 0".into())),
         Some(n) => {
-            sqlx::query(
+            crate::pooler::query(
                 "WITH s AS (INSERT INTO oncely.queue_limits (queue, max_running) VALUES ($1, $2)
                             ON CONFLICT (queue) DO UPDATE SET max_running = EXCLUDED.max_running)
                  SELECT pg_notify('oncely_jobs', $1)",
@@ -245,7 +249,7 @@ pub async fn set_queue_limit<'e>(
             Ok(())
         }
         None => {
-            sqlx::query(
+            crate::pooler::query(
                 "WITH d AS (DELETE FROM oncely.queue_limits WHERE queue = $1) SELECT pg_notify('oncely_jobs', $1)",
             )
             .bind(queue)
@@ -258,8 +262,9 @@ pub async fn set_queue_limit<'e>(
 
 /// The global queue limits in force: (queue, max running), by queue.
 pub async fn list_queue_limits<'e>(executor: impl sqlx::PgExecutor<'e>) -> Result<Vec<(String, i32)>> {
-    let rows =
-        sqlx::query("SELECT queue, max_running FROM oncely.queue_limits ORDER BY queue").fetch_all(executor).await?;
+    let rows = crate::pooler::query("SELECT queue, max_running FROM oncely.queue_limits ORDER BY queue")
+        .fetch_all(executor)
+        .await?;
     rows.iter().map(|r| Ok((r.try_get("queue")?, r.try_get("max_running")?))).collect()
 }
 
@@ -276,7 +281,7 @@ pub async fn set_concurrency_limit<'e>(
     if limit == Some(0) {
         return Err(Error::InvalidInput("a concurrency limit must be at least 1, got 0".into()));
     }
-    sqlx::query(
+    crate::pooler::query(
         "WITH s AS (INSERT INTO oncely.flow_keys (queue, key, concurrency_limit, idle) VALUES ($1, $2, $3, true)
                     ON CONFLICT (queue, key) DO UPDATE SET concurrency_limit = EXCLUDED.concurrency_limit)
          SELECT pg_notify('oncely_jobs', $1)",
@@ -323,7 +328,7 @@ pub async fn set_rate_limit<'e>(
         }
         None => (None, 1),
     };
-    sqlx::query(
+    crate::pooler::query(
         "WITH s AS (INSERT INTO oncely.flow_keys (queue, key, rate_interval_secs, rate_burst, idle)
                     VALUES ($1, $2, $3, $4, true)
                     ON CONFLICT (queue, key) DO UPDATE
@@ -342,6 +347,6 @@ pub async fn set_rate_limit<'e>(
 /// Wake the workers of `queues` (one NOTIFY each, delivered when the executor's transaction
 /// commits): a worker calls it after completing jobs of a queue with a global limit.
 pub async fn notify_queues<'e>(executor: impl sqlx::PgExecutor<'e>, queues: &[String]) -> Result<()> {
-    sqlx::query(crate::job::sql::QUEUE_NOTIFY_MANY).bind(queues).execute(executor).await?;
+    crate::pooler::query(crate::job::sql::QUEUE_NOTIFY_MANY).bind(queues).execute(executor).await?;
     Ok(())
 }

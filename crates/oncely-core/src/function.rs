@@ -275,14 +275,16 @@ pub async fn register_functions(conn: &mut PgConnection, functions: &[Function],
 async fn store_functions(tx: &mut PgConnection, functions: &[Function], now: DateTime<Utc>) -> Result<()> {
     for f in functions {
         let patterns: Vec<&str> = f.subscriptions.iter().map(|s| s.pattern.as_str()).collect();
-        sqlx::query("DELETE FROM oncely.function_subscriptions WHERE function = $1 AND NOT (pattern = ANY($2))")
-            .bind(&f.name)
-            .bind(&patterns)
-            .execute(&mut *tx)
-            .await?;
+        crate::pooler::query(
+            "DELETE FROM oncely.function_subscriptions WHERE function = $1 AND NOT (pattern = ANY($2))",
+        )
+        .bind(&f.name)
+        .bind(&patterns)
+        .execute(&mut *tx)
+        .await?;
         for s in &f.subscriptions {
             let (topic, prefix) = split_pattern(&s.pattern)?;
-            sqlx::query(
+            crate::pooler::query(
                 "INSERT INTO oncely.function_subscriptions (function, pattern, topic, topic_prefix, filter, queue, max_attempts) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7) \
                  ON CONFLICT (function, pattern) DO UPDATE SET topic = EXCLUDED.topic, topic_prefix = EXCLUDED.topic_prefix, \
@@ -303,7 +305,10 @@ async fn store_functions(tx: &mut PgConnection, functions: &[Function], now: Dat
                 crate::schedule::upsert_schedule(&mut *tx, &f.name, &schedule, &f.queue, f.max_attempts, now).await?
             }
             None => {
-                sqlx::query("DELETE FROM oncely.schedules WHERE function = $1").bind(&f.name).execute(&mut *tx).await?;
+                crate::pooler::query("DELETE FROM oncely.schedules WHERE function = $1")
+                    .bind(&f.name)
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
     }
@@ -461,7 +466,7 @@ pub async fn list_runs<'e>(
     function: Option<&str>,
     limit: i64,
 ) -> Result<Vec<RunSummary>> {
-    let rows = sqlx::query(&format!(
+    let rows = crate::pooler::query(&format!(
         "SELECT {RUN_COLUMNS} FROM oncely.jobs WHERE {IS_RUN} AND ($1::text IS NULL OR kind = $1) \
          ORDER BY id DESC LIMIT $2"
     ))
@@ -475,16 +480,17 @@ pub async fn list_runs<'e>(
 /// One run with its steps (from the effect ledger) and errors: steps keyed by the run
 /// (`job:{id}:…`), and business-key steps last claimed by one of its attempts.
 pub async fn run_history(conn: &mut PgConnection, id: JobId) -> Result<RunDetail> {
-    let row = sqlx::query(&format!("SELECT {RUN_COLUMNS}, errors FROM oncely.jobs WHERE id = $1 AND {IS_RUN}"))
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or(Error::NotFound { what: "run", id: id.0 })?;
+    let row =
+        crate::pooler::query(&format!("SELECT {RUN_COLUMNS}, errors FROM oncely.jobs WHERE id = $1 AND {IS_RUN}"))
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or(Error::NotFound { what: "run", id: id.0 })?;
     let run = run_from_row(&row)?;
     let errors: Vec<crate::job::AttemptError> = serde_json::from_value(row.try_get("errors")?)
         .map_err(|source| Error::InvalidArgs { kind: format!("run {id} errors"), source })?;
     let prefix = format!("job:{id}:");
-    let rows = sqlx::query(
+    let rows = crate::pooler::query(
         "SELECT key, state, created_at, updated_at, owner, output FROM oncely.ledger \
          WHERE namespace = $1 AND (starts_with(key, $2) OR starts_with(owner, $2)) ORDER BY created_at, key",
     )
@@ -552,7 +558,7 @@ pub async fn rerun_from_step(conn: &mut PgConnection, id: JobId, step: &str) -> 
 
 async fn rerun_in(tx: &mut PgConnection, id: JobId, step: &str) -> Result<Rerun> {
     let state: Option<String> =
-        sqlx::query_scalar(&format!("SELECT state FROM oncely.jobs WHERE id = $1 AND {IS_RUN} FOR UPDATE"))
+        crate::pooler::query_scalar(&format!("SELECT state FROM oncely.jobs WHERE id = $1 AND {IS_RUN} FOR UPDATE"))
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
@@ -567,7 +573,7 @@ async fn rerun_in(tx: &mut PgConnection, id: JobId, step: &str) -> Result<Rerun>
     }
     let prefix = format!("job:{id}:");
     let key = format!("{prefix}{step}");
-    let rows = sqlx::query(
+    let rows = crate::pooler::query(
         "DELETE FROM oncely.ledger WHERE namespace = $1 AND starts_with(key, $2) AND created_at >= \
              (SELECT created_at FROM oncely.ledger WHERE namespace = $1 AND key = $3) \
          RETURNING key, created_at",
@@ -587,7 +593,7 @@ async fn rerun_in(tx: &mut PgConnection, id: JobId, step: &str) -> Result<Rerun>
         .map(|r| Ok((r.try_get("created_at")?, r.try_get::<String, _>("key")?[prefix.len()..].to_owned())))
         .collect::<Result<_>>()?;
     invalidated.sort();
-    sqlx::query(
+    crate::pooler::query(
         "UPDATE oncely.jobs SET state = 'available', run_at = now(), finished_at = NULL, \
              max_attempts = greatest(max_attempts, attempt + 1), lease_expires_at = NULL, worker_id = NULL \
          WHERE id = $1",
@@ -601,7 +607,7 @@ async fn rerun_in(tx: &mut PgConnection, id: JobId, step: &str) -> Result<Rerun>
         }
         e => e.into(),
     })?;
-    sqlx::query(concat!("SELECT pg_notify(", jobs_channel!(), ", queue) FROM oncely.jobs WHERE id = $1"))
+    crate::pooler::query(concat!("SELECT pg_notify(", jobs_channel!(), ", queue) FROM oncely.jobs WHERE id = $1"))
         .bind(id)
         .execute(&mut *tx)
         .await?;

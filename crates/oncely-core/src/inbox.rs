@@ -108,14 +108,14 @@ where
 {
     validate(source, event_id, &job)?;
     let mut conn = conn.acquire().await?;
-    let query = sqlx::query(INBOX_ACCEPT).bind(source).bind(event_id).bind(payload);
+    let query = crate::pooler::query(INBOX_ACCEPT).bind(source).bind(event_id).bind(payload);
     let inserted = crate::queue::bind_job_columns(query, &job).fetch_optional(&mut *conn).await?;
     if let Some(row) = inserted {
         let id: i64 = row.try_get("id")?;
         return Ok(Accepted::New { job: JobId(id) });
     }
     // The conflicting row committed before our insert returned, so a new statement sees it.
-    let row = sqlx::query("SELECT job_id FROM oncely.inbox WHERE source = $1 AND event_id = $2")
+    let row = crate::pooler::query("SELECT job_id FROM oncely.inbox WHERE source = $1 AND event_id = $2")
         .bind(source)
         .bind(event_id)
         .fetch_one(&mut *conn)
@@ -160,7 +160,7 @@ pub async fn status<'e>(
     source: &str,
     event_id: &str,
 ) -> Result<Option<InboxEntry>> {
-    let row = sqlx::query(
+    let row = crate::pooler::query(
         "SELECT i.job_id, i.received_at, j.state::text AS state FROM oncely.inbox i \
          LEFT JOIN oncely.jobs j ON j.id = i.job_id WHERE i.source = $1 AND i.event_id = $2",
     )
@@ -189,7 +189,7 @@ pub async fn prune_inbox<'e>(
     older_than: std::time::Duration,
     limit: i64,
 ) -> Result<u64> {
-    let res = sqlx::query(
+    let res = crate::pooler::query(
         "DELETE FROM oncely.inbox WHERE (source, event_id) IN ( \
              SELECT source, event_id FROM oncely.inbox WHERE received_at < now() - make_interval(secs => $1) LIMIT $2)",
     )

@@ -43,7 +43,7 @@ pub async fn claim_jobs<'e>(
     worker_id: &str,
     lease: Duration,
 ) -> Result<Vec<Job>> {
-    let rows: Vec<JobRow> = sqlx::query_as(crate::job::sql::JOB_CLAIM)
+    let rows: Vec<JobRow> = crate::pooler::query_as(crate::job::sql::JOB_CLAIM)
         .bind(queue)
         .bind(limit)
         .bind(secs(lease))
@@ -73,7 +73,7 @@ pub async fn complete_jobs<'e>(executor: impl PgExecutor<'e>, claims: &[Claim]) 
         return Ok(Vec::new());
     }
     let (ids_in, attempts) = split(claims);
-    let rows = sqlx::query(crate::job::sql::JOB_SET_COMPLETED_IF_RUNNING_MANY)
+    let rows = crate::pooler::query(crate::job::sql::JOB_SET_COMPLETED_IF_RUNNING_MANY)
         .bind(&ids_in)
         .bind(&attempts)
         .fetch_all(executor)
@@ -97,7 +97,7 @@ pub async fn extend_leases<'e>(executor: impl PgExecutor<'e>, claims: &[Claim], 
         return Ok(Vec::new());
     }
     let (ids_in, attempts) = split(claims);
-    let rows = sqlx::query(crate::job::sql::JOB_EXTEND_LEASE_MANY)
+    let rows = crate::pooler::query(crate::job::sql::JOB_EXTEND_LEASE_MANY)
         .bind(&ids_in)
         .bind(&attempts)
         .bind(secs(lease))
@@ -138,7 +138,7 @@ pub async fn fail_job<'e>(
     message: &str,
     retry_in: Option<Duration>,
 ) -> Result<JobState> {
-    let row = sqlx::query(crate::job::sql::JOB_SET_FAILED_IF_RUNNING)
+    let row = crate::pooler::query(crate::job::sql::JOB_SET_FAILED_IF_RUNNING)
         .bind(claim.id)
         .bind(claim.attempt)
         .bind(retry_in.is_some())
@@ -175,7 +175,7 @@ async fn set_available<'e>(
     delay: Duration,
     note: Option<(ErrorKind, &str)>,
 ) -> Result<()> {
-    sqlx::query(crate::job::sql::JOB_SET_AVAILABLE_IF_RUNNING)
+    crate::pooler::query(crate::job::sql::JOB_SET_AVAILABLE_IF_RUNNING)
         .bind(claim.id)
         .bind(claim.attempt)
         .bind(secs(delay))
@@ -189,7 +189,7 @@ async fn set_available<'e>(
 
 /// The handler cancelled its own job: it will not run again.
 pub async fn cancel_running_job<'e>(executor: impl PgExecutor<'e>, claim: Claim, reason: &str) -> Result<()> {
-    sqlx::query(crate::job::sql::JOB_SET_CANCELLED_IF_RUNNING)
+    crate::pooler::query(crate::job::sql::JOB_SET_CANCELLED_IF_RUNNING)
         .bind(claim.id)
         .bind(claim.attempt)
         .bind(reason)

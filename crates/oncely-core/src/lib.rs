@@ -37,6 +37,7 @@ pub mod maintenance;
 mod migrate;
 pub mod outbox;
 pub mod pause;
+pub mod pooler;
 pub mod queue;
 pub mod retry;
 pub mod schedule;

@@ -52,7 +52,7 @@ pub struct Rescued {
 /// healthy jobs toward the dead letter. A second expiry in a row counts, so a job that kills its
 /// worker every time still reaches the dead letter, one attempt later than its limit says.
 pub async fn rescue_expired(conn: &mut sqlx::PgConnection, limit: i64) -> Result<Rescued> {
-    let rows = sqlx::query(crate::job::sql::JOB_RESCUE_EXPIRED).bind(limit).fetch_all(&mut *conn).await?;
+    let rows = crate::pooler::query(crate::job::sql::JOB_RESCUE_EXPIRED).bind(limit).fetch_all(&mut *conn).await?;
     let mut out = Rescued::default();
     let mut queues = Vec::new();
     for r in &rows {
@@ -65,7 +65,7 @@ pub async fn rescue_expired(conn: &mut sqlx::PgConnection, limit: i64) -> Result
         }
     }
     if !queues.is_empty() {
-        sqlx::query(crate::job::sql::QUEUE_NOTIFY_MANY).bind(queues).execute(&mut *conn).await?;
+        crate::pooler::query(crate::job::sql::QUEUE_NOTIFY_MANY).bind(queues).execute(&mut *conn).await?;
     }
     Ok(out)
 }
@@ -78,7 +78,7 @@ pub async fn prune_finished<'e>(
     dead_retention: Duration,
     limit: i64,
 ) -> Result<u64> {
-    let res = sqlx::query(crate::job::sql::JOB_DELETE_FINISHED)
+    let res = crate::pooler::query(crate::job::sql::JOB_DELETE_FINISHED)
         .bind(secs(retention))
         .bind(secs(dead_retention))
         .bind(limit)
@@ -95,13 +95,14 @@ pub async fn elect_leader<'e>(
     leader_id: &str,
     ttl: Duration,
 ) -> Result<bool> {
-    let row = sqlx::query(LEADER_ELECT).bind(name).bind(leader_id).bind(secs(ttl)).fetch_optional(executor).await?;
+    let row =
+        crate::pooler::query(LEADER_ELECT).bind(name).bind(leader_id).bind(secs(ttl)).fetch_optional(executor).await?;
     Ok(row.is_some())
 }
 
 /// Give up the leadership `name` if `leader_id` holds it.
 pub async fn resign_leader<'e>(executor: impl PgExecutor<'e>, name: &str, leader_id: &str) -> Result<()> {
-    sqlx::query(LEADER_RESIGN).bind(name).bind(leader_id).execute(executor).await?;
+    crate::pooler::query(LEADER_RESIGN).bind(name).bind(leader_id).execute(executor).await?;
     Ok(())
 }
 
@@ -114,7 +115,7 @@ pub const LEDGER_CLEANUP_TASK: &str = "ledger_cleanup";
 /// started; `None` if none is recorded. Periodic tasks schedule from this rather than from their
 /// process's start, so a fleet that restarts more often than a task's interval still runs it.
 pub async fn last_run_age<'e>(executor: impl PgExecutor<'e>, task: &str) -> Result<Option<Duration>> {
-    let secs: Option<f64> = sqlx::query_scalar(
+    let secs: Option<f64> = crate::pooler::query_scalar(
         // NULL when no run is recorded (not greatest(.., 0), which would turn that into "just now").
         "SELECT extract(epoch FROM now() - max(started_at))::float8 FROM oncely.maintenance_runs WHERE task = $1",
     )
@@ -142,7 +143,7 @@ pub async fn record_run<'e>(
     started: chrono::DateTime<chrono::Utc>,
     deleted: u64,
 ) -> Result<()> {
-    sqlx::query(MAINTENANCE_RUN_INSERT)
+    crate::pooler::query(MAINTENANCE_RUN_INSERT)
         .bind(task)
         .bind(worker_id)
         .bind(started)
@@ -160,7 +161,7 @@ pub async fn prune_runs<'e>(
     older_than: Duration,
     limit: i64,
 ) -> Result<u64> {
-    let res = sqlx::query(
+    let res = crate::pooler::query(
         "DELETE FROM oncely.maintenance_runs WHERE id IN (SELECT id FROM oncely.maintenance_runs \
          WHERE task = $1 AND started_at < now() - make_interval(secs => $2) LIMIT $3)",
     )
@@ -191,28 +192,29 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<u64>>,
 {
-    let wait = due_in(pool, task, interval).await?;
+    let wait = due_in(crate::pooler::db(pool), task, interval).await?;
     if !wait.is_zero() {
         return Ok(wait);
     }
     let mut lock = crate::txn::begin(pool).await?;
     // now(): the lock transaction's start, which is when this run starts.
-    let (locked, started): (bool, chrono::DateTime<chrono::Utc>) =
-        sqlx::query_as("SELECT pg_try_advisory_xact_lock(hashtextextended('oncely.maintenance/' || $1, 0)), now()")
-            .bind(task)
-            .fetch_one(&mut *lock)
-            .await?;
+    let (locked, started): (bool, chrono::DateTime<chrono::Utc>) = crate::pooler::query_as(
+        "SELECT pg_try_advisory_xact_lock(hashtextextended('oncely.maintenance/' || $1, 0)), now()",
+    )
+    .bind(task)
+    .fetch_one(&mut *lock)
+    .await?;
     if !locked {
         // Running elsewhere right now: look again in a while.
         return Ok(interval.min(Duration::from_secs(60)));
     }
     // Someone may have finished a run between the first look and the lock.
-    let wait = due_in(pool, task, interval).await?;
+    let wait = due_in(crate::pooler::db(pool), task, interval).await?;
     if !wait.is_zero() {
         return Ok(wait);
     }
     let deleted = work().await?;
-    record_run(pool, task, worker_id, started, deleted).await?;
+    record_run(crate::pooler::db(pool), task, worker_id, started, deleted).await?;
     lock.rollback().await?;
     Ok(interval)
 }

@@ -141,7 +141,9 @@ pub async fn migrate_conn(conn: &mut PgConnection) -> crate::Result<MigrateRepor
 type Recorded = (i64, Vec<u8>);
 
 fn recorded_versions(conn: &mut PgConnection) -> BoxFuture<'_, sqlx::Result<Vec<Recorded>>> {
-    Box::pin(sqlx::query_as("SELECT version, checksum FROM oncely._migrations ORDER BY version").fetch_all(conn))
+    Box::pin(
+        crate::pooler::query_as("SELECT version, checksum FROM oncely._migrations ORDER BY version").fetch_all(conn),
+    )
 }
 
 /// Run `sql` (several statements) as one simple query, unprepared, as sqlx's own runner does.
@@ -153,7 +155,8 @@ fn simple_query<'c>(conn: &'c mut PgConnection, sql: &'c str) -> BoxFuture<'c, s
 
 fn recorded(conn: &mut PgConnection) -> BoxFuture<'_, crate::Result<usize>> {
     Box::pin(async move {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely._migrations").fetch_one(&mut *conn).await?;
+        let n: i64 =
+            crate::pooler::query_scalar("SELECT count(*) FROM oncely._migrations").fetch_one(&mut *conn).await?;
         Ok(n.try_into().unwrap_or(usize::MAX))
     })
 }
@@ -204,10 +207,11 @@ fn apply<'a>(conn: &'a mut PgConnection, m: &'static sqlx::migrate::Migration) -
         let mut tx = conn.begin().await?;
         lock(&mut tx).await?;
         // Read again under the lock: another process may have applied it since.
-        let done: Option<Vec<u8>> = sqlx::query_scalar("SELECT checksum FROM oncely._migrations WHERE version = $1")
-            .bind(m.version)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let done: Option<Vec<u8>> =
+            crate::pooler::query_scalar("SELECT checksum FROM oncely._migrations WHERE version = $1")
+                .bind(m.version)
+                .fetch_optional(&mut *tx)
+                .await?;
         match done {
             Some(checksum) if *m.checksum == checksum[..] => return Ok(false),
             Some(_) => return Err(mismatch(m).into()),
@@ -220,7 +224,7 @@ fn apply<'a>(conn: &'a mut PgConnection, m: &'static sqlx::migrate::Migration) -
             description: m.description.to_string(),
             source,
         })?;
-        sqlx::query(
+        crate::pooler::query(
             "INSERT INTO oncely._migrations (version, description, checksum, execution_time) VALUES ($1, $2, $3, $4)",
         )
         .bind(m.version)
@@ -237,7 +241,7 @@ fn apply<'a>(conn: &'a mut PgConnection, m: &'static sqlx::migrate::Migration) -
 /// Serializes oncely's migrators (not the application's: sqlx's lock has another key) until the
 /// transaction ends.
 fn lock(tx: &mut PgConnection) -> BoxFuture<'_, sqlx::Result<()>> {
-    let lock = sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('oncely.migrate', 0))");
+    let lock = crate::pooler::query("SELECT pg_advisory_xact_lock(hashtextextended('oncely.migrate', 0))");
     Box::pin(async move { sqlx::Executor::execute(tx, lock).await.map(drop) })
 }
 
@@ -255,13 +259,13 @@ fn adopt_legacy_rows<'a>(
     let versions: Vec<i64> = migrations.iter().map(|m| m.version).collect();
     let checksums: Vec<Vec<u8>> = migrations.iter().map(|m| m.checksum.to_vec()).collect();
     Box::pin(async move {
-        let exists = sqlx::query("SELECT to_regclass('_sqlx_migrations') IS NOT NULL");
+        let exists = crate::pooler::query("SELECT to_regclass('_sqlx_migrations') IS NOT NULL");
         if !sqlx::Executor::fetch_one(&mut *tx, exists).await?.try_get::<bool, _>(0)? {
             return Ok(Vec::new());
         }
         // The application's migrator may be running at the same moment (under its own lock): the
         // row locks of the DELETE make this all or nothing per row.
-        let moved = sqlx::query(
+        let moved = crate::pooler::query(
             "WITH moved AS (
                  DELETE FROM _sqlx_migrations s
                  USING unnest($1::bigint[], $2::bytea[]) AS o(version, checksum)

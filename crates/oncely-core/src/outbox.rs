@@ -343,7 +343,7 @@ pub async fn publish_many<'e>(executor: impl PgExecutor<'e>, events: &[Event]) -
     let max_attempts: Vec<i32> = events.iter().map(|e| e.max_attempts).collect();
     let event_keys: Vec<Option<&str>> = events.iter().map(|e| e.key.as_deref()).collect();
     let windows: Vec<f64> = events.iter().map(|e| e.key_window.as_secs_f64()).collect();
-    let rows = sqlx::query(EVENT_PUBLISH_MANY)
+    let rows = crate::pooler::query(EVENT_PUBLISH_MANY)
         .bind(&topics)
         .bind(&payloads)
         .bind(&keys)
@@ -408,7 +408,7 @@ pub(crate) fn event_from_row(row: &sqlx::postgres::PgRow) -> Result<StoredEvent>
 
 /// Fetch one event.
 pub async fn get_event<'e>(executor: impl PgExecutor<'e>, id: EventId) -> Result<StoredEvent> {
-    let row = sqlx::query(&format!("SELECT {EVENT_COLUMNS} FROM oncely.events e WHERE e.id = $1"))
+    let row = crate::pooler::query(&format!("SELECT {EVENT_COLUMNS} FROM oncely.events e WHERE e.id = $1"))
         .bind(id)
         .fetch_optional(executor)
         .await?
@@ -425,7 +425,7 @@ pub async fn prune_events<'e>(
     older_than: std::time::Duration,
     limit: i64,
 ) -> Result<u64> {
-    let res = sqlx::query(
+    let res = crate::pooler::query(
         "DELETE FROM oncely.events WHERE id IN ( \
              SELECT e.id FROM oncely.events e \
              WHERE e.created_at < now() - make_interval(secs => $1) \

@@ -135,7 +135,7 @@ pub async fn pause<'e>(executor: impl PgExecutor<'e>, target: &PauseTarget, reas
     if reason.is_some_and(|r| r.len() > 1000) {
         return Err(Error::InvalidInput("a pause reason must be at most 1000 bytes long".into()));
     }
-    let row = sqlx::query(PAUSE_INSERT)
+    let row = crate::pooler::query(PAUSE_INSERT)
         .bind(target.scope())
         .bind(target.name())
         .bind(reason)
@@ -148,13 +148,14 @@ pub async fn pause<'e>(executor: impl PgExecutor<'e>, target: &PauseTarget, reas
 #[instrument(skip(executor), fields(target = %target), err)]
 pub async fn resume<'e>(executor: impl PgExecutor<'e>, target: &PauseTarget) -> Result<bool> {
     target.validate()?;
-    let row = sqlx::query(PAUSE_DELETE).bind(target.scope()).bind(target.name()).fetch_optional(executor).await?;
+    let row =
+        crate::pooler::query(PAUSE_DELETE).bind(target.scope()).bind(target.name()).fetch_optional(executor).await?;
     Ok(row.is_some())
 }
 
 /// Every pause in force: queues first, then kinds, by name.
 pub async fn list_pauses<'e>(executor: impl PgExecutor<'e>) -> Result<Vec<Pause>> {
-    let rows = sqlx::query(PAUSE_LIST).fetch_all(executor).await?;
+    let rows = crate::pooler::query(PAUSE_LIST).fetch_all(executor).await?;
     rows.iter()
         .map(|r| {
             let scope: String = r.try_get("scope")?;

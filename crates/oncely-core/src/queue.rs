@@ -46,7 +46,7 @@ pub struct Enqueued {
 pub async fn enqueue<'e>(executor: impl PgExecutor<'e>, job: NewJob) -> Result<Enqueued> {
     job.validate()?;
     let row = if job.flow_key.is_some() {
-        bind_job_columns(sqlx::query(crate::job::sql::JOB_INSERT_ONE_FLOW), &job)
+        bind_job_columns(crate::pooler::query(crate::job::sql::JOB_INSERT_ONE_FLOW), &job)
             .bind(&job.unique_key)
             .bind(&job.flow_key)
             .bind(job.flow_limit)
@@ -58,7 +58,7 @@ pub async fn enqueue<'e>(executor: impl PgExecutor<'e>, job: NewJob) -> Result<E
         } else {
             crate::job::sql::JOB_INSERT_ONE
         };
-        bind_job_columns(sqlx::query(sql), &job).bind(&job.unique_key).fetch_one(executor).await?
+        bind_job_columns(crate::pooler::query(sql), &job).bind(&job.unique_key).fetch_one(executor).await?
     };
     Ok(Enqueued { id: JobId(row.try_get("id")?), existing: row.try_get("existing")? })
 }
@@ -110,10 +110,21 @@ where
             for job in jobs {
                 job.validate()?;
             }
-            let mut conn = conn.acquire().await?;
             let simple = jobs
                 .iter()
                 .all(|j| j.unique_key.is_none() && j.flow_key.is_none() && j.run_at.is_none() && j.delay.is_none());
+            if crate::pooler::transaction_pooling() {
+                // Behind a transaction pooler: every statement inside a transaction (a savepoint in
+                // the caller's own).
+                let mut tx = conn.begin().await?;
+                let enqueued = match simple && jobs.len() >= COPY_THRESHOLD {
+                    true => enqueue_copy(&mut tx, jobs).await?,
+                    false => enqueue_unnest(&mut tx, jobs).await?,
+                };
+                tx.commit().await?;
+                return Ok(enqueued);
+            }
+            let mut conn = conn.acquire().await?;
             if simple && jobs.len() >= COPY_THRESHOLD {
                 return enqueue_copy(&mut conn, jobs).await;
             }
@@ -137,8 +148,10 @@ fn copy_field(out: &mut String, v: &str) {
 }
 
 async fn enqueue_copy(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
-    let ids: Vec<i64> =
-        sqlx::query_scalar(crate::job::sql::JOB_RESERVE_IDS).bind(jobs.len() as i64).fetch_all(&mut *conn).await?;
+    let ids: Vec<i64> = crate::pooler::query_scalar(crate::job::sql::JOB_RESERVE_IDS)
+        .bind(jobs.len() as i64)
+        .fetch_all(&mut *conn)
+        .await?;
     let mut buf = String::with_capacity(jobs.len() * 64);
     for (id, job) in ids.iter().zip(jobs) {
         let args =
@@ -156,7 +169,7 @@ async fn enqueue_copy(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Result<
     let mut queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
     queues.sort_unstable();
     queues.dedup();
-    sqlx::query(crate::job::sql::QUEUE_NOTIFY_MANY).bind(&queues).execute(&mut *conn).await?;
+    crate::pooler::query(crate::job::sql::QUEUE_NOTIFY_MANY).bind(&queues).execute(&mut *conn).await?;
     Ok(ids.into_iter().map(|id| Enqueued { id: JobId(id), existing: false }).collect())
 }
 
@@ -203,7 +216,7 @@ async fn enqueue_unnest(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Resul
     } else {
         crate::job::sql::JOB_INSERT_MANY_UNIQUE
     };
-    let mut query = sqlx::query(sql)
+    let mut query = crate::pooler::query(sql)
         .bind(&kinds)
         .bind(&queues)
         .bind(&args)
@@ -237,7 +250,7 @@ async fn enqueue_unnest(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Resul
 /// Fetch one job.
 pub async fn get_job<'e>(executor: impl PgExecutor<'e>, id: JobId) -> Result<Job> {
     let sql = format!("SELECT {} FROM oncely.jobs WHERE id = $1", crate::job::sql::JOB_COLUMNS);
-    let row: Option<JobRow> = sqlx::query_as(&sql).bind(id).fetch_optional(executor).await?;
+    let row: Option<JobRow> = crate::pooler::query_as(&sql).bind(id).fetch_optional(executor).await?;
     row.ok_or(Error::JobNotFound(id))?.try_into()
 }
 
@@ -265,7 +278,7 @@ pub async fn list_jobs<'e>(executor: impl PgExecutor<'e>, filter: &JobFilter) ->
          ORDER BY id LIMIT $5",
         crate::job::sql::JOB_COLUMNS
     );
-    let rows: Vec<JobRow> = sqlx::query_as(&sql)
+    let rows: Vec<JobRow> = crate::pooler::query_as(&sql)
         .bind(filter.state.map(JobState::as_str))
         .bind(&filter.queue)
         .bind(&filter.kind)
@@ -289,7 +302,7 @@ pub struct QueueCount {
 
 /// Count jobs by queue and state.
 pub async fn count_jobs<'e>(executor: impl PgExecutor<'e>) -> Result<Vec<QueueCount>> {
-    let rows = sqlx::query(crate::job::sql::JOB_COUNT_BY_QUEUE_AND_STATE).fetch_all(executor).await?;
+    let rows = crate::pooler::query(crate::job::sql::JOB_COUNT_BY_QUEUE_AND_STATE).fetch_all(executor).await?;
     rows.iter()
         .map(|r| {
             Ok(QueueCount {
@@ -313,7 +326,7 @@ where
     Box::pin(async move {
         let result: Result<()> = async move {
             let mut conn = db.acquire().await?;
-            if sqlx::query(crate::job::sql::JOB_CANCEL).bind(id).fetch_optional(&mut *conn).await?.is_some() {
+            if crate::pooler::query(crate::job::sql::JOB_CANCEL).bind(id).fetch_optional(&mut *conn).await?.is_some() {
                 return Ok(());
             }
             let job = get_job(&mut *conn, id).await?;
@@ -341,11 +354,15 @@ where
     Box::pin(async move {
         let result: Result<()> = async move {
             let mut conn = db.acquire().await?;
-            let res = sqlx::query(crate::job::sql::JOB_RETRY_FINISHED).bind(id).fetch_optional(&mut *conn).await;
+            let res =
+                crate::pooler::query(crate::job::sql::JOB_RETRY_FINISHED).bind(id).fetch_optional(&mut *conn).await;
             match res {
                 Ok(Some(row)) => {
                     let queue: String = row.try_get("queue")?;
-                    sqlx::query(crate::job::sql::QUEUE_NOTIFY_MANY).bind(vec![queue]).execute(&mut *conn).await?;
+                    crate::pooler::query(crate::job::sql::QUEUE_NOTIFY_MANY)
+                        .bind(vec![queue])
+                        .execute(&mut *conn)
+                        .await?;
                     Ok(())
                 }
                 Ok(None) => {
@@ -375,7 +392,7 @@ where
 pub async fn dismiss_dead_jobs<'e>(executor: impl PgExecutor<'e>, ids: &[JobId]) -> Result<Vec<JobId>> {
     let ids: Vec<i64> = ids.iter().map(|id| id.0).collect();
     let done: Vec<i64> =
-        sqlx::query_scalar(crate::job::sql::JOB_DISMISS_DEAD_MANY).bind(&ids).fetch_all(executor).await?;
+        crate::pooler::query_scalar(crate::job::sql::JOB_DISMISS_DEAD_MANY).bind(&ids).fetch_all(executor).await?;
     Ok(done.into_iter().map(JobId).collect())
 }
 
@@ -386,7 +403,7 @@ pub async fn dismiss_dead_jobs<'e>(executor: impl PgExecutor<'e>, ids: &[JobId])
 pub async fn delete_finished_jobs<'e>(executor: impl PgExecutor<'e>, ids: &[JobId]) -> Result<Vec<JobId>> {
     let ids: Vec<i64> = ids.iter().map(|id| id.0).collect();
     let done: Vec<i64> =
-        sqlx::query_scalar(crate::job::sql::JOB_DELETE_FINISHED_MANY).bind(&ids).fetch_all(executor).await?;
+        crate::pooler::query_scalar(crate::job::sql::JOB_DELETE_FINISHED_MANY).bind(&ids).fetch_all(executor).await?;
     Ok(done.into_iter().map(JobId).collect())
 }
 

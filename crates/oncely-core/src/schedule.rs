@@ -108,7 +108,7 @@ pub(crate) async fn upsert_schedule(
     now: DateTime<Utc>,
 ) -> Result<()> {
     let next = schedule.next_after(now)?;
-    sqlx::query(
+    crate::pooler::query(
         "INSERT INTO oncely.schedules AS s (function, cron, timezone, queue, max_attempts, next_tick) \
          VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (function) DO UPDATE SET \
@@ -147,7 +147,7 @@ pub async fn tick_due(pool: &PgPool, now: Option<DateTime<Utc>>) -> Result<Vec<T
     for _ in 0..MAX_PER_CALL {
         // Never cancel `begin` (see DESIGN.md); this future is only dropped between statements.
         let mut tx = crate::txn::begin(pool).await?;
-        let row = sqlx::query(
+        let row = crate::pooler::query(
             "SELECT function, cron, timezone, queue, max_attempts, next_tick, coalesce($1, now()) AS now \
              FROM oncely.schedules WHERE next_tick <= coalesce($1, now()) \
              ORDER BY next_tick LIMIT 1 FOR UPDATE SKIP LOCKED",
@@ -169,7 +169,7 @@ pub async fn tick_due(pool: &PgPool, now: Option<DateTime<Utc>>) -> Result<Vec<T
         let tick = Tick { at: latest, cron, timezone, missed };
         let args = serde_json::json!({ "trigger": { "cron": tick } });
         let unique_key = format!("cron:{function}:{}", latest.format("%Y-%m-%dT%H:%M:%SZ"));
-        let job_id: i64 = sqlx::query_scalar(concat!(
+        let job_id: i64 = crate::pooler::query_scalar(concat!(
             "INSERT INTO oncely.jobs (kind, queue, args, max_attempts, unique_key) VALUES ($1, $2, $3, $4, $5) ",
             job_on_unique_conflict!(),
             "RETURNING id, pg_notify(",
@@ -184,7 +184,7 @@ pub async fn tick_due(pool: &PgPool, now: Option<DateTime<Utc>>) -> Result<Vec<T
         .fetch_one(&mut *tx)
         .await?;
         let next = schedule.next_after(at)?;
-        sqlx::query(
+        crate::pooler::query(
             "UPDATE oncely.schedules SET next_tick = $2, last_tick = $3, updated_at = now() WHERE function = $1",
         )
         .bind(&function)
@@ -204,7 +204,7 @@ pub async fn tick_due(pool: &PgPool, now: Option<DateTime<Utc>>) -> Result<Vec<T
 
 /// Delete up to `limit` expired event idempotency keys (maintenance). Returns how many.
 pub async fn prune_event_keys<'e>(executor: impl sqlx::PgExecutor<'e>, limit: i64) -> Result<u64> {
-    let res = sqlx::query(
+    let res = crate::pooler::query(
         "DELETE FROM oncely.event_keys WHERE key IN \
          (SELECT key FROM oncely.event_keys WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED)",
     )

@@ -317,16 +317,18 @@ pub async fn reencrypt_endpoint_secrets(pool: &PgPool) -> Result<Reencrypted> {
     let keys = installed_secret_keys()
         .ok_or_else(|| Error::Secret(format!("re-encrypting secrets needs a key ring ({SECRET_KEYS_ENV})")))?;
     let current = format!("{ENCRYPTED_PREFIX}{}:", keys.current);
-    let ids: Vec<i64> =
-        sqlx::query_scalar("SELECT id FROM oncely.webhook_endpoints ORDER BY id").fetch_all(pool).await?;
+    let ids: Vec<i64> = crate::pooler::query_scalar("SELECT id FROM oncely.webhook_endpoints ORDER BY id")
+        .fetch_all(crate::pooler::db(pool))
+        .await?;
     let mut done = Reencrypted::default();
     for id in ids {
         let mut tx = pool.begin().await?;
-        let Some(row) =
-            sqlx::query("SELECT secret, previous_secret FROM oncely.webhook_endpoints WHERE id = $1 FOR UPDATE")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?
+        let Some(row) = crate::pooler::query(
+            "SELECT secret, previous_secret FROM oncely.webhook_endpoints WHERE id = $1 FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
         else {
             continue;
         };
@@ -339,7 +341,7 @@ pub async fn reencrypt_endpoint_secrets(pool: &PgPool) -> Result<Reencrypted> {
         }
         let secret = keys.encrypt(&keys.decrypt(&secret)?);
         let previous = previous.map(|p| keys.decrypt(&p).map(|p| keys.encrypt(&p))).transpose()?;
-        sqlx::query("UPDATE oncely.webhook_endpoints SET secret = $2, previous_secret = $3 WHERE id = $1")
+        crate::pooler::query("UPDATE oncely.webhook_endpoints SET secret = $2, previous_secret = $3 WHERE id = $1")
             .bind(id)
             .bind(&secret)
             .bind(&previous)

@@ -77,15 +77,18 @@ where
             return Err(Error::InvalidInput(format!("a unique period must be at most 100 years, got {period:?}")));
         }
         let mut tx = conn.begin().await?;
-        sqlx::query(UNIQUE_LOCK).bind(key).execute(&mut *tx).await?;
-        let holder: Option<i64> =
-            sqlx::query_scalar(UNIQUE_HOLDER).bind(key).bind(period.as_secs_f64()).fetch_optional(&mut *tx).await?;
+        crate::pooler::query(UNIQUE_LOCK).bind(key).execute(&mut *tx).await?;
+        let holder: Option<i64> = crate::pooler::query_scalar(UNIQUE_HOLDER)
+            .bind(key)
+            .bind(period.as_secs_f64())
+            .fetch_optional(&mut *tx)
+            .await?;
         let enqueued = match holder {
             Some(id) => Enqueued { id: JobId(id), existing: true },
             None => {
                 // The unique-while-live index still decides against a live holder that an enqueue
                 // without this function inserted meanwhile: then the existing job comes back.
-                let row = bind_job_columns(sqlx::query(sql::JOB_INSERT_ONE_UNIQUE), &job)
+                let row = bind_job_columns(crate::pooler::query(sql::JOB_INSERT_ONE_UNIQUE), &job)
                     .bind(&job.unique_key)
                     .fetch_one(&mut *tx)
                     .await?;

@@ -125,20 +125,21 @@ fn value_lock(spec: &WaitSpec) -> String {
 /// Make sure publishers of the topic read this path: committed before any wait on it, after every
 /// publisher that could not see it has committed (the topic's lock, exclusively).
 async fn ensure_path(pool: &PgPool, spec: &WaitSpec) -> Result<()> {
-    let known: Option<i32> = sqlx::query_scalar("SELECT 1 FROM oncely.event_wait_paths WHERE topic = $1 AND path = $2")
-        .bind(&spec.topic)
-        .bind(&spec.path)
-        .fetch_optional(pool)
-        .await?;
+    let known: Option<i32> =
+        crate::pooler::query_scalar("SELECT 1 FROM oncely.event_wait_paths WHERE topic = $1 AND path = $2")
+            .bind(&spec.topic)
+            .bind(&spec.path)
+            .fetch_optional(crate::pooler::db(pool))
+            .await?;
     if known.is_some() {
         return Ok(());
     }
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+    crate::pooler::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(topic_lock(&spec.topic))
         .execute(&mut *tx)
         .await?;
-    sqlx::query("INSERT INTO oncely.event_wait_paths (topic, path) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+    crate::pooler::query("INSERT INTO oncely.event_wait_paths (topic, path) VALUES ($1, $2) ON CONFLICT DO NOTHING")
         .bind(&spec.topic)
         .bind(&spec.path)
         .execute(&mut *tx)
@@ -186,7 +187,7 @@ pub async fn register_cancel(pool: &PgPool, claim: Claim, spec: &WaitSpec) -> Re
 }
 
 async fn settle(tx: &mut PgConnection, claim: Claim, spec: &WaitSpec) -> Result<WaitStatus> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+    crate::pooler::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(value_lock(spec))
         .execute(&mut *tx)
         .await?;
@@ -196,7 +197,7 @@ async fn settle(tx: &mut PgConnection, claim: Claim, spec: &WaitSpec) -> Result<
         WaitKind::Cancel => "(SELECT created_at FROM oncely.jobs WHERE id = $1) - make_interval(secs => $7)",
         WaitKind::Event => "now() - make_interval(secs => $7)",
     };
-    sqlx::query(&format!(
+    crate::pooler::query(&format!(
         "INSERT INTO oncely.event_waits (run_id, step, kind, topic, path, value, since, timeout_at) \
          VALUES ($1, $2, $3, $4, $5, $6, coalesce({since_sql}, now()), now() + make_interval(secs => $8)) \
          ON CONFLICT (run_id, step) DO NOTHING"
@@ -211,7 +212,7 @@ async fn settle(tx: &mut PgConnection, claim: Claim, spec: &WaitSpec) -> Result<
     .bind(spec.timeout.map(|t| t.as_secs_f64()))
     .execute(&mut *tx)
     .await?;
-    let row = sqlx::query(
+    let row = crate::pooler::query(
         "SELECT topic, path, value, since, timeout_at, resolved_at, event_id, now() >= timeout_at AS due \
          FROM oncely.event_waits WHERE run_id = $1 AND step = $2",
     )
@@ -240,7 +241,7 @@ async fn settle(tx: &mut PgConnection, claim: Claim, spec: &WaitSpec) -> Result<
         };
     }
     let since: DateTime<Utc> = row.try_get("since")?;
-    let found = sqlx::query(&format!(
+    let found = crate::pooler::query(&format!(
         "SELECT {EVENT_COLUMNS} FROM oncely.events e \
          WHERE e.topic = $1 AND e.payload #>> $2 = $3 AND e.created_at >= $4 ORDER BY e.id LIMIT 1"
     ))
@@ -252,7 +253,7 @@ async fn settle(tx: &mut PgConnection, claim: Claim, spec: &WaitSpec) -> Result<
     .await?;
     if let Some(row) = found {
         let event = crate::outbox::event_from_row(&row)?;
-        sqlx::query(
+        crate::pooler::query(
             "UPDATE oncely.event_waits SET resolved_at = now(), event_id = $3 \
              WHERE run_id = $1 AND step = $2 AND resolved_at IS NULL",
         )
@@ -264,7 +265,7 @@ async fn settle(tx: &mut PgConnection, claim: Claim, spec: &WaitSpec) -> Result<
         return Ok(WaitStatus::Matched(event));
     }
     if row.try_get::<Option<bool>, _>("due")?.unwrap_or(false) {
-        let resolved = sqlx::query(
+        let resolved = crate::pooler::query(
             "UPDATE oncely.event_waits SET resolved_at = now() WHERE run_id = $1 AND step = $2 AND resolved_at IS NULL",
         )
         .bind(claim.id)
@@ -276,7 +277,7 @@ async fn settle(tx: &mut PgConnection, claim: Claim, spec: &WaitSpec) -> Result<
         }
         // A publisher resolved it meanwhile (it held the row): read what it wrote.
         let id: Option<i64> =
-            sqlx::query_scalar("SELECT event_id FROM oncely.event_waits WHERE run_id = $1 AND step = $2")
+            crate::pooler::query_scalar("SELECT event_id FROM oncely.event_waits WHERE run_id = $1 AND step = $2")
                 .bind(claim.id)
                 .bind(&spec.step)
                 .fetch_one(&mut *tx)
@@ -289,7 +290,7 @@ async fn settle(tx: &mut PgConnection, claim: Claim, spec: &WaitSpec) -> Result<
     if spec.kind == WaitKind::Event {
         // Suspend in this transaction: a publisher resolving the wait after our commit finds the
         // run suspended and wakes it. The run holds no slot meanwhile, and it is not an attempt.
-        let delay: f64 = sqlx::query_scalar("SELECT greatest(extract(epoch FROM $1 - now())::float8, 0)")
+        let delay: f64 = crate::pooler::query_scalar("SELECT greatest(extract(epoch FROM $1 - now())::float8, 0)")
             .bind(timeout_at)
             .fetch_one(&mut *tx)
             .await?;
@@ -300,7 +301,7 @@ async fn settle(tx: &mut PgConnection, claim: Claim, spec: &WaitSpec) -> Result<
 
 /// The resolved cancellation of a run, if any: `(event id, topic)`.
 pub async fn cancellation<'e>(executor: impl sqlx::PgExecutor<'e>, run: crate::JobId) -> Result<Option<(i64, String)>> {
-    let row: Option<(i64, String)> = sqlx::query_as(
+    let row: Option<(i64, String)> = crate::pooler::query_as(
         "SELECT event_id, topic FROM oncely.event_waits \
          WHERE run_id = $1 AND kind = 'cancel' AND event_id IS NOT NULL LIMIT 1",
     )
@@ -333,7 +334,7 @@ pub struct WaitRecord {
 
 /// A run's waits, oldest first.
 pub async fn run_waits<'e>(executor: impl sqlx::PgExecutor<'e>, run: crate::JobId) -> Result<Vec<WaitRecord>> {
-    let rows = sqlx::query(
+    let rows = crate::pooler::query(
         "SELECT step, kind, topic, array_to_string(path, '.') || '=' || value AS matching, registered_at, timeout_at, \
                 resolved_at, event_id \
          FROM oncely.event_waits WHERE run_id = $1 ORDER BY registered_at, step",

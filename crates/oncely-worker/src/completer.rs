@@ -42,7 +42,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Com
         }
         if !notify.is_empty() {
             // Slots of a queue with a global limit are free: wake every worker's fetcher.
-            if let Err(e) = oncely_core::flow::notify_queues(&shared.pool, &notify).await {
+            if let Err(e) = oncely_core::flow::notify_queues(oncely_core::pooler::db(&shared.pool), &notify).await {
                 tracing::warn!(error = %e, "could not wake the workers of limited queues; they claim at their next poll");
             }
             notify.clear();
@@ -68,7 +68,7 @@ fn push(msg: CompleterMsg, batch: &mut Vec<Claim>, flushes: &mut Vec<oneshot::Se
 }
 
 async fn write(shared: &Shared, batch: &[Claim]) {
-    let result = (|| oncely_core::lease::complete_jobs(&shared.pool, batch))
+    let result = (|| oncely_core::lease::complete_jobs(oncely_core::pooler::db(&shared.pool), batch))
         .retry(persist_backoff())
         .when(Error::is_transient)
         .await;

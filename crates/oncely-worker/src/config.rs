@@ -1,5 +1,6 @@
 //! Worker settings, with their defaults as named constants.
 
+use oncely_core::pooler::Pooler;
 use std::time::Duration;
 
 use oncely_core::retry::RetryPolicy;
@@ -101,6 +102,18 @@ pub struct WorkerConfig {
     pub scheduler: bool,
     /// How often the scheduler looks for due ticks. Defaults to [`DEFAULT_SCHEDULER_INTERVAL`].
     pub scheduler_interval: Duration,
+    /// How the worker reaches PostgreSQL: [`Pooler::Session`] (directly, or through a pooler in
+    /// session mode; the default) or [`Pooler::Transaction`] (through PgBouncer or another
+    /// pooler in transaction pooling mode: no named prepared statements, every statement inside
+    /// an explicit transaction, no LISTEN through the pool). The mode is process-wide: starting
+    /// a worker with [`Pooler::Transaction`] sets it for the whole process (see
+    /// [`oncely_core::pooler`]).
+    pub pooler: Pooler,
+    /// With [`Pooler::Transaction`]: a direct (or session-pooled) connection URL for the worker's
+    /// one `LISTEN` connection, for millisecond wake-ups. Without it, the worker does not listen
+    /// and finds work by polling every [`poll_interval`](Self::poll_interval). Ignored in
+    /// [`Pooler::Session`] mode, where the listener uses the pool.
+    pub listen_url: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -126,6 +139,8 @@ impl Default for WorkerConfig {
             inbox_retention: DEFAULT_INBOX_RETENTION,
             scheduler: true,
             scheduler_interval: DEFAULT_SCHEDULER_INTERVAL,
+            pooler: Pooler::Session,
+            listen_url: None,
         }
     }
 }

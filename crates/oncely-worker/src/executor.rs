@@ -225,7 +225,9 @@ async fn settle_completed_in_tx(shared: &Arc<Shared>, job: &Job, claim: Claim, f
     if matches!(finish, Finish::Crash | Finish::Abandoned) {
         return finish;
     }
-    let read = (|| oncely_core::get_job(&shared.pool, claim.id)).retry(persist_backoff()).when(|e| e.is_transient());
+    let read = (|| oncely_core::get_job(oncely_core::pooler::db(&shared.pool), claim.id))
+        .retry(persist_backoff())
+        .when(|e| e.is_transient());
     let now = match read.await {
         Ok(now) => now,
         Err(e) => {
@@ -264,7 +266,9 @@ async fn settle_suspended_in_tx(shared: &Arc<Shared>, claim: Claim, finish: Fini
     if matches!(finish, Finish::Crash | Finish::Abandoned) {
         return finish;
     }
-    let read = (|| oncely_core::get_job(&shared.pool, claim.id)).retry(persist_backoff()).when(|e| e.is_transient());
+    let read = (|| oncely_core::get_job(oncely_core::pooler::db(&shared.pool), claim.id))
+        .retry(persist_backoff())
+        .when(|e| e.is_transient());
     match read.await {
         Ok(now) if now.state == JobState::Running && now.attempt == claim.attempt => finish,
         Ok(_) => Finish::SuspendedInTx(Duration::ZERO),
@@ -284,7 +288,7 @@ fn backoff(shared: &Shared, job: &Job) -> Duration {
 /// Write a non-success outcome, retrying while the database is away; a lost lease is reported,
 /// never retried.
 async fn record(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) {
-    let pool = &shared.pool;
+    let pool = oncely_core::pooler::db(&shared.pool);
     let write = || async {
         match &finish {
             Finish::Failed { kind, message, retry_in } => {

@@ -47,7 +47,7 @@ pub(crate) async fn run(
         }
         let want = permits.len();
         let claimed = oncely_core::lease::claim_jobs(
-            &shared.pool,
+            oncely_core::pooler::db(&shared.pool),
             &queue.name,
             want as i32,
             &shared.config.worker_id,

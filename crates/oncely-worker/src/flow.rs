@@ -236,6 +236,7 @@ impl JobContext {
             .transactional(move |tx| {
                 Box::pin(async move {
                     let until: DateTime<Utc> = sqlx::query_scalar("SELECT now() + make_interval(secs => $1)")
+                        .persistent(oncely_core::pooler::persistent())
                         .bind(secs)
                         .fetch_one(&mut *tx)
                         .await?;
@@ -257,8 +258,9 @@ impl JobContext {
 
     async fn suspend_until(&self, until: DateTime<Utc>) -> Result<(), FlowError> {
         let left: f64 = sqlx::query_scalar("SELECT extract(epoch FROM $1 - clock_timestamp())::float8")
+            .persistent(oncely_core::pooler::persistent())
             .bind(until)
-            .fetch_one(self.pool())
+            .fetch_one(oncely_core::pooler::db(self.pool()))
             .await
             .map_err(oncely_core::Error::from)?;
         if left <= 0.0 {

@@ -24,7 +24,12 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         if claims.is_empty() {
             continue;
         }
-        let extended = oncely_core::lease::extend_leases_batched(&shared.pool, &claims, shared.config.lease).await;
+        let extended = oncely_core::lease::extend_leases_batched(
+            oncely_core::pooler::db(&shared.pool),
+            &claims,
+            shared.config.lease,
+        )
+        .await;
         match extended {
             Ok(lost) => {
                 let running = shared.running.lock().expect("running-jobs lock poisoned by a panic while held");

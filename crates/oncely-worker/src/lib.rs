@@ -36,6 +36,7 @@ pub use config::{QueueConfig, WorkerConfig};
 pub use error::{Error, Result};
 pub use function::{Clock, FunctionHandler};
 pub use handler::{handler_fn, FnHandler, Handler, HandlerResult, JobContext, Outcome, ResultExt};
+pub use oncely_core::pooler::Pooler;
 #[doc(hidden)]
 pub use worker::CompletionHook;
 pub use worker::{Worker, WorkerBuilder, WorkerHandle, WorkerStats};

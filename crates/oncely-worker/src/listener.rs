@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use oncely_core::pooler::Pooler;
 use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +28,10 @@ pub(crate) async fn run(shared: Arc<Shared>, wakers: HashMap<String, Arc<Notify>
     let mut delay = Duration::from_millis(100);
     loop {
         let connected = async {
-            let mut l = PgListener::connect_with(&shared.pool).await?;
+            let mut l = match (shared.config.pooler, &shared.config.listen_url) {
+                (Pooler::Transaction, Some(url)) => PgListener::connect(url).await?,
+                _ => PgListener::connect_with(&shared.pool).await?,
+            };
             l.listen(CHANNEL).await?;
             Ok::<_, sqlx::Error>(l)
         };

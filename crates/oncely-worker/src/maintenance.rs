@@ -42,7 +42,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             _ = tick.tick() => {}
             _ = stop.cancelled() => break,
         }
-        match elect_leader(&shared.pool, LEADER_NAME, me, ttl).await {
+        match elect_leader(oncely_core::pooler::db(&shared.pool), LEADER_NAME, me, ttl).await {
             Ok(now_leader) => {
                 if now_leader != leader {
                     tracing::info!(worker.id = me, leader = now_leader, "maintenance leadership changed");
@@ -74,7 +74,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         }
     }
     if leader {
-        if let Err(e) = resign_leader(&shared.pool, LEADER_NAME, me).await {
+        if let Err(e) = resign_leader(oncely_core::pooler::db(&shared.pool), LEADER_NAME, me).await {
             tracing::warn!(error = %e, "could not resign maintenance leadership; it expires by itself");
         }
     }
@@ -101,9 +101,19 @@ where
 }
 
 async fn rescue(shared: &Shared) -> oncely_core::Result<()> {
+    let pooled = oncely_core::pooler::pooler() == oncely_core::pooler::Pooler::Transaction;
     let mut conn = shared.pool.acquire().await?;
     loop {
-        let r = rescue_expired(&mut conn, RESCUE_BATCH).await?;
+        // Behind a transaction pooler each batch runs in a transaction of its own.
+        let r = match pooled {
+            true => {
+                let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
+                let r = rescue_expired(&mut tx, RESCUE_BATCH).await?;
+                tx.commit().await?;
+                r
+            }
+            false => rescue_expired(&mut conn, RESCUE_BATCH).await?,
+        };
         let n = r.requeued.len() + r.dead.len();
         if n > 0 {
             metrics::counter!(crate::metrics::JOBS_RESCUED).increment(r.requeued.len() as u64);
@@ -119,7 +129,7 @@ async fn rescue(shared: &Shared) -> oncely_core::Result<()> {
 /// Prune finished jobs, events and inbox records past their retention; returns how many rows.
 async fn prune(shared: &Shared) -> oncely_core::Result<u64> {
     let cfg = &shared.config;
-    let pool = &shared.pool;
+    let pool = oncely_core::pooler::db(&shared.pool);
     let jobs =
         in_batches("finished jobs", || prune_finished(pool, cfg.retention, cfg.dead_retention, PRUNE_BATCH)).await?;
     let events =

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use oncely_core::pooler::Pooler;
 use oncely_core::step::BoundaryHook;
 use oncely_core::{Claim, JobArgs, JobId};
 use tokio::sync::{mpsc, Notify};
@@ -158,6 +159,19 @@ impl WorkerBuilder {
         self
     }
 
+    /// See [`WorkerConfig::pooler`]: with [`Pooler::Transaction`], run safely behind PgBouncer (or
+    /// another pooler) in transaction pooling mode. Process-wide once the worker is built.
+    pub fn pooler(mut self, pooler: Pooler) -> Self {
+        self.config.pooler = pooler;
+        self
+    }
+
+    /// See [`WorkerConfig::listen_url`]: a direct connection for LISTEN behind a transaction pooler.
+    pub fn listen_url(mut self, url: impl Into<String>) -> Self {
+        self.config.listen_url = Some(url.into());
+        self
+    }
+
     /// Change settings in place.
     pub fn configure(mut self, f: impl FnOnce(&mut WorkerConfig)) -> Self {
         f(&mut self.config);
@@ -217,8 +231,12 @@ impl WorkerBuilder {
 }
 
 impl WorkerBuilder {
-    /// The checked builder as a worker.
+    /// The checked builder as a worker. A worker configured for a transaction pooler switches the
+    /// process to that mode here, before it sends any statement.
     fn into_worker(self) -> Worker {
+        if self.config.pooler == Pooler::Transaction {
+            oncely_core::pooler::set_pooler(Pooler::Transaction);
+        }
         Worker {
             pool: self.pool,
             config: self.config,
@@ -376,12 +394,18 @@ pub(crate) async fn register_functions(
     if functions.is_empty() {
         return Ok(());
     }
-    let mut conn = pool.acquire().await.map_err(oncely_core::Error::from)?;
+    // One transaction: safe behind a transaction pooler, and the definitions land together.
+    let mut tx = oncely_core::txn::begin(pool).await.map_err(oncely_core::Error::from)?;
     let now = match clock {
         Some(c) => c(),
-        None => sqlx::query_scalar("SELECT now()").fetch_one(&mut *conn).await.map_err(oncely_core::Error::from)?,
+        None => sqlx::query_scalar("SELECT now()")
+            .persistent(oncely_core::pooler::persistent())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(oncely_core::Error::from)?,
     };
-    oncely_core::function::register_functions(&mut conn, functions, now).await?;
+    oncely_core::function::register_functions(&mut tx, functions, now).await?;
+    tx.commit().await.map_err(oncely_core::Error::from)?;
     Ok(())
 }
 
@@ -484,8 +508,13 @@ impl Worker {
         }
         let services_stop = CancellationToken::new();
         let mut services = vec![tokio::spawn(heartbeat::run(shared.clone(), services_stop.clone()))];
-        // A maintenance-only worker has no fetcher to wake: it holds no LISTEN connection.
-        if !wakers.is_empty() {
+        // A maintenance-only worker has no fetcher to wake: it holds no LISTEN connection. Behind a
+        // transaction pooler it listens only over a direct URL of its own, else it polls.
+        let listens = match shared.config.pooler {
+            Pooler::Session => true,
+            Pooler::Transaction => shared.config.listen_url.is_some(),
+        };
+        if !wakers.is_empty() && listens {
             services.push(tokio::spawn(listener::run(shared.clone(), wakers, stop.clone())));
         }
         if shared.config.maintenance {

@@ -135,7 +135,7 @@ pub async fn claim(conn: &mut sqlx::PgConnection, key: &LedgerKey, opts: &ClaimO
     // Fast path: a completed record answers without a write.
     let existing = match opts.read_first {
         true => {
-            sqlx::query(sql::LEDGER_GET)
+            crate::pooler::query(sql::LEDGER_GET)
                 .bind(&key.namespace)
                 .bind(&key.key)
                 .bind(opts.now)
@@ -154,7 +154,7 @@ pub async fn claim(conn: &mut sqlx::PgConnection, key: &LedgerKey, opts: &ClaimO
     }
     // A record can vanish between the two statements (released or deleted): claim again.
     for _ in 0..3 {
-        let row = sqlx::query(sql::LEDGER_CLAIM)
+        let row = crate::pooler::query(sql::LEDGER_CLAIM)
             .bind(&key.namespace)
             .bind(&key.key)
             .bind(opts.fingerprint)
@@ -173,7 +173,7 @@ pub async fn claim(conn: &mut sqlx::PgConnection, key: &LedgerKey, opts: &ClaimO
                 intent_age: Duration::from_secs_f64(row.try_get::<f64, _>("intent_age")?),
             });
         }
-        let Some(row) = sqlx::query(sql::LEDGER_GET)
+        let Some(row) = crate::pooler::query(sql::LEDGER_GET)
             .bind(&key.namespace)
             .bind(&key.key)
             .bind(opts.now)
@@ -218,7 +218,7 @@ pub async fn complete<'e>(
     output: &serde_json::Value,
     ttl: Option<Duration>,
 ) -> Result<()> {
-    sqlx::query(sql::LEDGER_COMPLETE)
+    crate::pooler::query(sql::LEDGER_COMPLETE)
         .bind(&key.namespace)
         .bind(&key.key)
         .bind(attempt)
@@ -234,7 +234,7 @@ pub async fn complete<'e>(
 /// key (a heartbeat). Refused with [`Error::LedgerClaimLost`] when the claim was taken over or
 /// finished.
 pub async fn extend<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt: i32, lease: Duration) -> Result<()> {
-    sqlx::query(sql::LEDGER_EXTEND)
+    crate::pooler::query(sql::LEDGER_EXTEND)
         .bind(&key.namespace)
         .bind(&key.key)
         .bind(attempt)
@@ -249,7 +249,7 @@ pub async fn extend<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt:
 /// lease ends now (nobody works on it) and the record no longer expires, so it can neither be
 /// cleaned up nor claimed afresh before it is settled.
 pub async fn park<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt: i32) -> Result<()> {
-    sqlx::query(
+    crate::pooler::query(
         "UPDATE oncely.ledger SET lease_expires_at = now(), expires_at = NULL, updated_at = now() \
          WHERE namespace = $1 AND key = $2 AND attempt = $3 AND state = 'in_progress' RETURNING attempt",
     )
@@ -265,7 +265,12 @@ pub async fn park<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt: i
 /// Forget claim `attempt` when the effect did not happen (it failed cleanly), so the next claimant
 /// runs it from scratch. A claim already taken over is left alone.
 pub async fn release<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, attempt: i32) -> Result<()> {
-    sqlx::query(sql::LEDGER_RELEASE).bind(&key.namespace).bind(&key.key).bind(attempt).execute(executor).await?;
+    crate::pooler::query(sql::LEDGER_RELEASE)
+        .bind(&key.namespace)
+        .bind(&key.key)
+        .bind(attempt)
+        .execute(executor)
+        .await?;
     Ok(())
 }
 
@@ -289,10 +294,10 @@ pub async fn resolve<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, resolut
     key.validate()?;
     let row = match resolution {
         Resolution::TookEffect(output) => {
-            sqlx::query(sql::LEDGER_RESOLVE_TOOK_EFFECT).bind(&key.namespace).bind(&key.key).bind(output)
+            crate::pooler::query(sql::LEDGER_RESOLVE_TOOK_EFFECT).bind(&key.namespace).bind(&key.key).bind(output)
         }
         Resolution::DidNotTakeEffect => {
-            sqlx::query(sql::LEDGER_RESOLVE_DID_NOT_TAKE_EFFECT).bind(&key.namespace).bind(&key.key)
+            crate::pooler::query(sql::LEDGER_RESOLVE_DID_NOT_TAKE_EFFECT).bind(&key.namespace).bind(&key.key)
         }
     }
     .fetch_one(executor)
@@ -315,15 +320,22 @@ pub async fn resolve<'e>(executor: impl PgExecutor<'e>, key: &LedgerKey, resolut
 
 /// Delete up to `limit` expired records; returns how many.
 pub async fn delete_expired<'e>(executor: impl PgExecutor<'e>, limit: i64) -> Result<u64> {
-    Ok(sqlx::query(sql::LEDGER_DELETE_EXPIRED).bind(limit).execute(executor).await?.rows_affected())
+    Ok(crate::pooler::query(sql::LEDGER_DELETE_EXPIRED).bind(limit).execute(executor).await?.rows_affected())
 }
 
 /// Delete every expired record in batches of `batch`, then write one audit record to
 /// `oncely.maintenance_runs` (task `ledger_cleanup`, with the count). Returns how many.
 pub async fn cleanup_expired(pool: &sqlx::PgPool, batch: i64, worker_id: Option<&str>) -> Result<u64> {
-    let started: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
+    let started: DateTime<Utc> = crate::pooler::query_scalar("SELECT now()").fetch_one(crate::pooler::db(pool)).await?;
     let total = delete_all_expired(pool, batch).await?;
-    crate::maintenance::record_run(pool, crate::maintenance::LEDGER_CLEANUP_TASK, worker_id, started, total).await?;
+    crate::maintenance::record_run(
+        crate::pooler::db(pool),
+        crate::maintenance::LEDGER_CLEANUP_TASK,
+        worker_id,
+        started,
+        total,
+    )
+    .await?;
     Ok(total)
 }
 
@@ -331,7 +343,7 @@ pub async fn cleanup_expired(pool: &sqlx::PgPool, batch: i64, worker_id: Option<
 pub async fn delete_all_expired(pool: &sqlx::PgPool, batch: i64) -> Result<u64> {
     let mut total = 0;
     loop {
-        let n = delete_expired(pool, batch).await?;
+        let n = delete_expired(crate::pooler::db(pool), batch).await?;
         total += n;
         if (n as i64) < batch {
             return Ok(total);

@@ -44,7 +44,7 @@ pub async fn set_dead_reason<'e>(
     event: EventId,
     reason: &str,
 ) -> Result<()> {
-    let row = sqlx::query(
+    let row = crate::pooler::query(
         r#"
 WITH fence AS (
     SELECT id FROM oncely.jobs WHERE id = $3 AND attempt = $4 AND state = 'running' FOR SHARE
@@ -129,7 +129,7 @@ pub struct DeliveryFilter {
 
 /// Deliveries, newest event first.
 pub async fn list_deliveries<'e>(executor: impl PgExecutor<'e>, filter: &DeliveryFilter) -> Result<Vec<Delivery>> {
-    let rows = sqlx::query(
+    let rows = crate::pooler::query(
         "SELECT d.endpoint_id, d.event_id, e.uid, d.job_id, d.attempts, d.last_status, d.last_error, d.dead_reason, \
                 d.last_attempt_at, d.delivered_at, j.state AS job_state \
          FROM oncely.webhook_deliveries d JOIN oncely.events e ON e.id = d.event_id \
@@ -188,7 +188,7 @@ where
     Box::pin(async move {
         let result: Result<JobId> = async move {
             let mut tx = db.begin().await?;
-            let row = sqlx::query(
+            let row = crate::pooler::query(
                 "SELECT d.job_id, j.state, j.queue, j.max_attempts, p.enabled, p.disabled_reason \
                  FROM oncely.webhook_deliveries d JOIN oncely.webhook_endpoints p ON p.id = d.endpoint_id \
                  LEFT JOIN oncely.jobs j ON j.id = d.job_id WHERE d.endpoint_id = $1 AND d.event_id = $2 FOR UPDATE OF d",
@@ -212,7 +212,7 @@ where
             let args = serde_json::json!({ "event_id": event, "endpoint_id": endpoint });
             let job = crate::job::NewJob::from_json(outbox::DELIVERY_KIND, args).queue(queue).max_attempts(max_attempts);
             let id = crate::queue::enqueue(&mut *tx, job).await?.id;
-            sqlx::query(
+            crate::pooler::query(
                 "UPDATE oncely.webhook_deliveries SET job_id = $3, delivered_at = NULL, dead_reason = NULL \
                  WHERE endpoint_id = $1 AND event_id = $2",
             )
@@ -274,7 +274,7 @@ where
                 return Err(Error::InvalidInput("limit must be at least 1".into()));
             }
             let mut conn = db.acquire().await?;
-            let rows = sqlx::query(
+            let rows = crate::pooler::query(
                 "SELECT d.endpoint_id, d.event_id FROM oncely.webhook_deliveries d \
                  JOIN oncely.events e ON e.id = d.event_id JOIN oncely.webhook_endpoints p ON p.id = d.endpoint_id \
                  LEFT JOIN oncely.jobs j ON j.id = d.job_id \
@@ -334,7 +334,7 @@ pub async fn load_delivery<'e>(
          WHERE d.endpoint_id = $1 AND d.event_id = $2",
         outbox::EVENT_COLUMNS
     );
-    let row = sqlx::query(&sql)
+    let row = crate::pooler::query(&sql)
         .bind(endpoint)
         .bind(event)
         .fetch_optional(executor)
@@ -360,7 +360,7 @@ pub async fn delivery_live_predecessor<'e>(
     ordering_key: &str,
     event: EventId,
 ) -> Result<Option<Duration>> {
-    let due_in: Option<f64> = sqlx::query_scalar(
+    let due_in: Option<f64> = crate::pooler::query_scalar(
         "SELECT max(greatest(extract(epoch FROM j.run_at - now()), 0))::float8 \
          FROM oncely.webhook_deliveries d JOIN oncely.jobs j ON j.id = d.job_id \
          WHERE d.endpoint_id = $1 AND d.ordering_key = $2 AND d.event_id < $3 AND d.delivered_at IS NULL \
@@ -453,7 +453,7 @@ pub async fn record_delivery_attempt<'e>(
     event: EventId,
     attempt: &AttemptRecord,
 ) -> Result<AttemptRecorded> {
-    let row = sqlx::query(DELIVERY_RECORD_ATTEMPT)
+    let row = crate::pooler::query(DELIVERY_RECORD_ATTEMPT)
         .bind(endpoint)
         .bind(event)
         .bind(attempt.status)

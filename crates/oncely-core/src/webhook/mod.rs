@@ -180,7 +180,7 @@ pub async fn create_endpoint<'e>(executor: impl PgExecutor<'e>, new: &NewEndpoin
     let sql = format!(
         "INSERT INTO oncely.webhook_endpoints AS p (url, topics, secret, ordered) VALUES ($1, $2, $3, $4) RETURNING {ENDPOINT_COLUMNS}"
     );
-    let row = sqlx::query(&sql)
+    let row = crate::pooler::query(&sql)
         .bind(&new.url)
         .bind(&new.topics)
         .bind(secrets::seal(secret.as_str()))
@@ -193,14 +193,14 @@ pub async fn create_endpoint<'e>(executor: impl PgExecutor<'e>, new: &NewEndpoin
 /// Fetch one endpoint.
 pub async fn get_endpoint<'e>(executor: impl PgExecutor<'e>, id: EndpointId) -> Result<Endpoint> {
     let sql = format!("SELECT {ENDPOINT_COLUMNS} FROM oncely.webhook_endpoints p WHERE id = $1");
-    let row = sqlx::query(&sql).bind(id).fetch_optional(executor).await?;
+    let row = crate::pooler::query(&sql).bind(id).fetch_optional(executor).await?;
     endpoint_from_row(&row.ok_or(Error::NotFound { what: "webhook endpoint", id: id.0 })?)
 }
 
 /// All endpoints, oldest first.
 pub async fn list_endpoints<'e>(executor: impl PgExecutor<'e>) -> Result<Vec<Endpoint>> {
     let sql = format!("SELECT {ENDPOINT_COLUMNS} FROM oncely.webhook_endpoints p ORDER BY id");
-    sqlx::query(&sql).fetch_all(executor).await?.iter().map(endpoint_from_row).collect()
+    crate::pooler::query(&sql).fetch_all(executor).await?.iter().map(endpoint_from_row).collect()
 }
 
 /// Rotate an endpoint's secret: `new` signs from now on, and the current one keeps signing too for
@@ -216,7 +216,7 @@ pub async fn rotate_secret<'e>(
          previous_secret_expires_at = now() + make_interval(secs => $3), updated_at = now() \
          WHERE id = $1 RETURNING {ENDPOINT_COLUMNS}"
     );
-    let row = sqlx::query(&sql)
+    let row = crate::pooler::query(&sql)
         .bind(id)
         .bind(secrets::seal(new.as_str()))
         .bind(overlap.as_secs_f64())
@@ -259,7 +259,8 @@ pub async fn update_endpoint<'e>(
         "UPDATE oncely.webhook_endpoints p SET url = coalesce($2, url), topics = coalesce($3, topics), updated_at = now() \
          WHERE id = $1 RETURNING {ENDPOINT_COLUMNS}"
     );
-    let row = sqlx::query(&sql).bind(id).bind(&update.url).bind(&update.topics).fetch_optional(executor).await?;
+    let row =
+        crate::pooler::query(&sql).bind(id).bind(&update.url).bind(&update.topics).fetch_optional(executor).await?;
     endpoint_from_row(&row.ok_or(Error::NotFound { what: "webhook endpoint", id: id.0 })?)
 }
 
@@ -277,14 +278,19 @@ where
         let result: Result<u64> = async move {
             let mut tx = db.begin().await?;
             let jobs: Vec<i64> =
-                sqlx::query_scalar("SELECT job_id FROM oncely.webhook_deliveries WHERE endpoint_id = $1")
+                crate::pooler::query_scalar("SELECT job_id FROM oncely.webhook_deliveries WHERE endpoint_id = $1")
                     .bind(id)
                     .fetch_all(&mut *tx)
                     .await?;
-            let cancelled =
-                sqlx::query(crate::job::sql::JOB_CANCEL_MANY).bind(&jobs).execute(&mut *tx).await?.rows_affected();
-            let deleted =
-                sqlx::query("DELETE FROM oncely.webhook_endpoints WHERE id = $1").bind(id).execute(&mut *tx).await?;
+            let cancelled = crate::pooler::query(crate::job::sql::JOB_CANCEL_MANY)
+                .bind(&jobs)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            let deleted = crate::pooler::query("DELETE FROM oncely.webhook_endpoints WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
             if deleted.rows_affected() == 0 {
                 return Err(Error::NotFound { what: "webhook endpoint", id: id.0 });
             }
@@ -324,7 +330,7 @@ where
 }
 
 pub(super) async fn disable_in(tx: &mut sqlx::PgConnection, id: EndpointId, reason: &str) -> Result<bool> {
-    let url: Option<String> = sqlx::query_scalar(
+    let url: Option<String> = crate::pooler::query_scalar(
         "UPDATE oncely.webhook_endpoints SET enabled = false, disabled_reason = $2, disabled_at = now(), updated_at = now() \
          WHERE id = $1 AND enabled RETURNING url",
     )
@@ -345,7 +351,7 @@ pub(super) async fn disable_in(tx: &mut sqlx::PgConnection, id: EndpointId, reas
 /// Enable an endpoint again, clearing its failure run. Deliveries that failed while it was disabled
 /// stay in the dead letter until retried ([`redeliver`] or `oncely jobs retry`).
 pub async fn enable_endpoint<'e>(executor: impl PgExecutor<'e>, id: EndpointId) -> Result<()> {
-    let done = sqlx::query(
+    let done = crate::pooler::query(
         "UPDATE oncely.webhook_endpoints SET enabled = true, disabled_reason = NULL, disabled_at = NULL, \
          failing_since = NULL, updated_at = now() WHERE id = $1",
     )
