@@ -17,6 +17,18 @@
 //!
 //! Code outside steps runs again on every attempt.
 //!
+//! # Records on a job's first attempt
+//!
+//! On a job's first attempt no record of its own steps can exist yet, and its lease keeps other
+//! attempts away, so the worker saves the claim ([`StepScope::with_deferred_records`]): a memoized
+//! step under its job-scoped key runs at once and its record is written with the attempt's
+//! outcome (in the completion batch's statement, or before a retry, snooze or suspension is
+//! written); a transactional step inserts its record (with those waiting) at the end of its own
+//! transaction, and the record's primary key still decides against a concurrent later attempt.
+//! The guarantees above are unchanged — a crash before the record is written runs a memoized
+//! step again, as a crash between a step and its record always could. Business keys, external
+//! steps and later attempts claim first.
+//!
 //! # Example
 //!
 //! ```no_run
