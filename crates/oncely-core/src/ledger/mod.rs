@@ -266,7 +266,7 @@ pub async fn record_many<'e>(executor: impl PgExecutor<'e>, records: &[DeferredR
         return Ok(Vec::new());
     }
     let c = DeferredColumns::of(records)?;
-    let rows = sqlx::query(sql::LEDGER_RECORD_MANY)
+    let rows = sqlx::query(sql::LEDGER_RECORD_BATCH)
         .bind(&c.namespaces)
         .bind(&c.keys)
         .bind(&c.owners)
