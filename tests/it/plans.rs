@@ -155,6 +155,10 @@ fn arguments(name: &str, running: &[i64]) -> String {
         "FLOW_KEYS_LOCK" => "'bench', 100".into(),
         "FLOW_CLAIM" => "'bench', '{tenant:1,tenant:2,tenant:3}', 100, 30, 'w2', 33".into(),
         "JOB_SET_COMPLETED_IF_RUNNING_MANY" => format!("{ids}, {attempts}"),
+        "JOB_SET_COMPLETED_IF_RUNNING_MANY_RECORDING" => format!(
+            "{ids}, {attempts}, '{{step,step}}', '{{job:4:b,job:4:a}}', '{{job:4:1,job:4:1}}', \
+             ARRAY['1'::jsonb, '2'::jsonb], '{{NULL,86400}}', '{{2026-12-01 00:00:00+00,2026-12-01 00:00:01+00}}'"
+        ),
         "JOB_EXTEND_LEASE_MANY" => format!("{ids}, {attempts}, 30"),
         "JOB_SET_FAILED_IF_RUNNING" => format!("{one}, 1, true, 5, 'error', 'boom'"),
         "JOB_SET_AVAILABLE_IF_RUNNING" => format!("{one}, 1, 0, 'shutdown', 'worker stopping'"),
@@ -163,6 +167,9 @@ fn arguments(name: &str, running: &[i64]) -> String {
         "LEDGER_CLAIM" => "'steps', 'job:4:compute', NULL, 'job:4:2', 30, 86400, 'job:4:', NULL, 2".into(),
         "LEDGER_GET" => "'steps', 'job:4:compute', NULL".into(),
         "LEDGER_COMPLETE" => "'steps', 'job:4:compute', 1, '42', NULL".into(),
+        "LEDGER_RECORD_BATCH" => "'{steps}', '{job:4:compute}', '{job:4:1}', ARRAY['42'::jsonb], '{NULL}', \
+                                  '{2026-12-01 00:00:00+00}'"
+            .into(),
         "DELIVERY_RECORD_ATTEMPT" => format!("2, 3, 200, NULL, true, {one}, 1"),
         "EVENT_PUBLISH" => "'{invoice.paid}', ARRAY['{}'::jsonb], '{NULL}', '{webhooks}', '{8}', \
                                  'oncely.webhook_delivery', 'oncely.', '{NULL}', '{86400}'"
@@ -181,6 +188,8 @@ fn intended_indexes(name: &str) -> &'static [&'static str] {
         }
         "FLOW_CLAIM" => &["flow_keys_pkey", "jobs_flow_running_idx", "jobs_flow_fetch_idx", "jobs_pkey", "pauses_pkey"],
         "JOB_RESCUE_EXPIRED" => &["jobs_lease_idx", "jobs_pkey"],
+        // The completion, and the deferred step records it writes (conflicts found by the key).
+        "JOB_SET_COMPLETED_IF_RUNNING_MANY_RECORDING" => &["jobs_pkey", "ledger_pkey"],
         n if n.starts_with("JOB_") => &["jobs_pkey"],
         n if n.starts_with("LEDGER_") => &["ledger_pkey"],
         // Inserts, plus lookups in the small endpoint, subscription and event-key tables (named

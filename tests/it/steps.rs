@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use oncely::core::ledger::{self, ClaimOptions, Claimed, LedgerKey};
-use oncely::core::step::StepScope;
+use oncely::core::step::{DeferredRecords, StepScope};
 use oncely::core::{with_idempotency, with_idempotency_transactional, StepError};
 use oncely::{enqueue, enqueue_many, get_job, handler_fn, JobArgs, JobId, JobState, NewJob, Outcome};
 use serde::{Deserialize, Serialize};
@@ -641,4 +641,133 @@ async fn a_step_running_longer_than_its_lease_is_not_taken_over_by_a_duplicate()
     let snoozed: i64 =
         sqlx::query_scalar("SELECT max(snoozes)::bigint FROM oncely.jobs").fetch_one(db.pool()).await.unwrap();
     assert!(snoozed >= 1, "the duplicate waited while the call ran");
+}
+
+// ---- deferred records: a job's first attempt writes its steps' records with its outcome ----------
+
+async fn step_records(pool: &PgPool) -> Vec<(String, Option<serde_json::Value>)> {
+    sqlx::query_as("SELECT key::text, output FROM oncely.ledger WHERE namespace = 'step' ORDER BY created_at, key")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// On a job's first attempt a memoized step runs without a claim and its record waits for the
+/// attempt's outcome: no record exists until it is written, a business-key step still claims first,
+/// and a later attempt replays what was written without calling again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_attempts_memoized_step_is_recorded_with_the_attempts_outcome_and_replayed_after() {
+    let db = TestDb::new().await;
+    let job = JobId(9);
+    let calls = Arc::new(AtomicU32::new(0));
+    let call = |n: u32| {
+        let calls = calls.clone();
+        move || async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(n)
+        }
+    };
+    let deferred = DeferredRecords::default();
+    let first = StepScope::new(db.pool().clone(), job, 1).with_deferred_records(Some(deferred.clone()));
+    assert_eq!(first.step("a").run(call(7)).await.unwrap(), 7);
+    assert!(step_records(db.pool()).await.is_empty(), "deferred: nothing written yet");
+    assert_eq!(deferred.len(), 1);
+    let biz: u32 = first.step("b").key("biz:1").run(call(8)).await.unwrap();
+    assert_eq!(biz, 8);
+    assert_eq!(step_records(db.pool()).await, [("biz:1".to_owned(), Some(serde_json::json!(8)))], "claimed first");
+    assert_eq!(deferred.len(), 1, "a business key is never deferred");
+    deferred.flush(db.pool()).await.unwrap();
+    assert!(deferred.is_empty());
+    let keys: Vec<String> = step_records(db.pool()).await.into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, ["job:9:a", "biz:1"], "ordered by when each step started, not when it was written");
+
+    let second_deferred = DeferredRecords::default();
+    let second = StepScope::new(db.pool().clone(), job, 2).with_deferred_records(Some(second_deferred.clone()));
+    assert_eq!(second.step("a").run(call(99)).await.unwrap(), 7, "replayed");
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "a and b called once each");
+    assert_eq!(second.step("c").run(call(3)).await.unwrap(), 3);
+    assert!(second_deferred.is_empty(), "a later attempt claims and records at once");
+    assert_eq!(step_records(db.pool()).await.len(), 3);
+}
+
+/// A zombie first attempt runs a transactional step without a claim (its record is inserted at
+/// the end of its transaction) next to the attempt that replaced it, in the three orders: the
+/// replacement committed first; the zombie inserts while the replacement's claim is uncommitted
+/// (it waits on the row); the zombie commits first. One effect commits every time, and both
+/// attempts return the output of the one that committed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zombie_first_attempts_unclaimed_transactional_step_never_doubles_its_effect() {
+    let db = TestDb::new().await;
+    sqlx::query("CREATE TABLE effects (job_id bigint NOT NULL, who text NOT NULL)").execute(db.pool()).await.unwrap();
+    type Gate = Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>;
+    async fn charge(scope: &StepScope, job: JobId, who: &'static str, gate: Gate) -> Result<String, StepError> {
+        scope
+            .step("charge")
+            .transactional(move |tx| {
+                Box::pin(async move {
+                    sqlx::query("INSERT INTO effects VALUES ($1, $2)").bind(job).bind(who).execute(&mut *tx).await?;
+                    if let Some((inside, go)) = gate {
+                        inside.notify_one();
+                        go.notified().await;
+                    }
+                    Ok::<_, sqlx::Error>(format!("charged by {who}"))
+                })
+            })
+            .await
+    }
+    for (n, order) in ["current commits first", "zombie waits on current", "zombie commits first"].iter().enumerate() {
+        let job = JobId(100 + n as i64);
+        let zombie =
+            StepScope::new(db.new_pool(2).await, job, 1).with_deferred_records(Some(DeferredRecords::default()));
+        let current = StepScope::new(db.new_pool(2).await, job, 2);
+        let (zombie_out, current_out) = match n {
+            0 => {
+                let c = charge(&current, job, "current", None).await;
+                (charge(&zombie, job, "zombie", None).await, c)
+            }
+            1 => {
+                let (inside, go) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+                let pool = db.pool().clone();
+                let release = async {
+                    // The zombie's insert waits on the current attempt's uncommitted claim.
+                    oncely_testkit::eventually(Duration::from_secs(10), "the zombie waits on the claim", || {
+                        let pool = pool.clone();
+                        async move {
+                            let waiting: i64 = sqlx::query_scalar(
+                                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO oncely.ledger%'",
+                            )
+                            .fetch_one(&pool)
+                            .await
+                            .unwrap();
+                            (waiting > 0).then_some(())
+                        }
+                    })
+                    .await;
+                    go.notify_one();
+                };
+                let current_run = charge(&current, job, "current", Some((inside.clone(), go.clone())));
+                let zombie_run = async {
+                    inside.notified().await;
+                    charge(&zombie, job, "zombie", None).await
+                };
+                let (c, z, ()) = tokio::join!(current_run, zombie_run, release);
+                (z, c)
+            }
+            _ => {
+                let z = charge(&zombie, job, "zombie", None).await;
+                (z, charge(&current, job, "current", None).await)
+            }
+        };
+        let effects: Vec<String> = sqlx::query_scalar("SELECT who FROM effects WHERE job_id = $1")
+            .bind(job)
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(effects.len(), 1, "{order}: one effect, got {effects:?}");
+        let winner = format!("charged by {}", effects[0]);
+        assert_eq!(zombie_out.unwrap(), winner, "{order}");
+        assert_eq!(current_out.unwrap(), winner, "{order}");
+        let expected = if n == 2 { "zombie" } else { "current" };
+        assert_eq!(effects[0], expected, "{order}");
+    }
 }

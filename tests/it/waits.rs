@@ -487,3 +487,55 @@ async fn a_function_with_a_sleep_and_a_wait_gives_the_same_effects_with_a_crash_
     assert!(report.boundaries.len() >= 15, "five steps, three boundaries each: {:?}", report.boundaries);
     report.assert_same_effects();
 }
+
+// ---- deferred step records across a suspension ---------------------------------------------------
+
+static PREPARED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+async fn prepare_then_wait(ctx: JobContext, _trigger: Trigger) -> HandlerResult {
+    // On the first attempt this memoized step's record is deferred: it must be written before the
+    // run suspends in wait_for_event's own transaction, or the resumed run would prepare again.
+    let n: u32 = ctx
+        .step("prepare")
+        .run(|| async { Ok::<_, std::io::Error>(PREPARED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1) })
+        .await?;
+    let paid = ctx.wait_for_event("paid", "order.paid", EventMatch::field("order_id"), Duration::from_secs(60)).await?;
+    ctx.sleep("nap", Duration::from_millis(300)).await?;
+    effect_step(&ctx, "record", format!("prepared {n}, paid {}", paid.is_some())).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memoized_step_before_a_sleep_and_a_wait_is_not_run_again_when_the_run_resumes() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    effects_table(pool).await;
+    let w = builder(db.new_pool(4).await)
+        .function(Function::new("prepare_then_wait").on_event("order.placed"), prepare_then_wait)
+        .queue("default", 4)
+        .build()
+        .unwrap();
+    w.register_functions().await.unwrap();
+    let h = w.start();
+    publish(pool, &Event::from_json("order.placed", serde_json::json!({ "order_id": 5 }))).await.unwrap();
+    oncely_testkit::eventually(Duration::from_secs(30), "the run waits for its event", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.event_waits WHERE resolved_at IS NULL")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    publish(pool, &Event::from_json("order.paid", serde_json::json!({ "order_id": 5 }))).await.unwrap();
+    wait_all_finished(pool, Duration::from_secs(30)).await;
+    h.shutdown().await;
+    let effects: Vec<String> = sqlx::query_scalar("SELECT what FROM effects").fetch_all(pool).await.unwrap();
+    assert_eq!(effects, ["prepared 1, paid true"]);
+    assert_eq!(PREPARED.load(std::sync::atomic::Ordering::SeqCst), 1, "prepared once across the attempts");
+    let attempts: i32 = sqlx::query_scalar("SELECT attempt FROM oncely.jobs WHERE kind = 'prepare_then_wait'")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(attempts >= 3, "the run was resumed after the sleep and after the wait: {attempts} attempts");
+}

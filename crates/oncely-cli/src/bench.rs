@@ -129,6 +129,14 @@ impl JobArgs for BenchTxStep {
     const KIND: &'static str = "bench_tx_step";
 }
 
+/// The report pipeline's three steps: a memoized call, a transactional effect under a business key,
+/// and a transactional effect under the job's own key.
+#[derive(Serialize, Deserialize)]
+struct BenchThreeSteps {}
+impl JobArgs for BenchThreeSteps {
+    const KIND: &'static str = "bench_three_steps";
+}
+
 /// Every figure of one run.
 #[derive(Debug)]
 struct Report {
@@ -148,6 +156,7 @@ struct Report {
     max: Duration,
     plain_step: f64,
     tx_step: f64,
+    three_steps: f64,
     /// Runs per second of events fanned out to [`FANOUT_FUNCTIONS`] no-op functions (publish and drain).
     fanout: f64,
     /// Cron runs per second, one `tick_due` transaction each (tick and drain).
@@ -299,6 +308,10 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
         .execute(&mut conn)
         .await?;
     sqlx::query("CREATE TABLE bench_effects (job_id bigint PRIMARY KEY)").execute(&mut conn).await?;
+    sqlx::query("CREATE TABLE bench_usage (job_id bigint PRIMARY KEY, tokens bigint NOT NULL)")
+        .execute(&mut conn)
+        .await?;
+    sqlx::query("CREATE TABLE bench_ready (job_id bigint PRIMARY KEY)").execute(&mut conn).await?;
 
     // 1. and 2. Raw single-row INSERT commits.
     let (rows, elapsed) = insert_baseline(db, 1, a.baseline_time).await?;
@@ -458,6 +471,31 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
                 .await?;
             Ok(())
         }))
+        .register(handler_fn(|ctx, _args: BenchThreeSteps| async move {
+            let id = ctx.id();
+            let tokens: i64 = ctx.step("generate").run(|| async { Ok::<_, std::io::Error>(1234) }).await?;
+            ctx.step("count_usage")
+                .key(format!("usage:bench:{id}"))
+                .transactional(|tx| {
+                    Box::pin(async move {
+                        sqlx::query("INSERT INTO bench_usage VALUES ($1, $2)")
+                            .bind(id)
+                            .bind(tokens)
+                            .execute(&mut *tx)
+                            .await
+                            .map(|_| ())
+                    })
+                })
+                .await?;
+            ctx.step("mark_ready")
+                .transactional(|tx| {
+                    Box::pin(async move {
+                        sqlx::query("INSERT INTO bench_ready VALUES ($1)").bind(id).execute(&mut *tx).await.map(|_| ())
+                    })
+                })
+                .await?;
+            Ok(())
+        }))
         .register(handler_fn(move |_ctx, args: BenchLatency| {
             let at = Instant::now();
             let tx = started_tx.clone();
@@ -485,8 +523,13 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
     handle.shutdown_within(Duration::from_secs(5)).await;
     worker_pool.close().await;
     let _ = conn.close().await;
-    let (processing, (p50, p99, max), (plain_step, tx_step), (fanout, cron), (sleep, publish_plain, publish_matching)) =
-        result?;
+    let (
+        processing,
+        (p50, p99, max),
+        (plain_step, tx_step, three_steps),
+        (fanout, cron),
+        (sleep, publish_plain, publish_matching),
+    ) = result?;
     Ok(Report {
         base_one,
         base_one_paired,
@@ -501,6 +544,7 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
         max,
         plain_step,
         tx_step,
+        three_steps,
         fanout,
         cron,
         sleep,
@@ -832,7 +876,7 @@ async fn after_drain(
     n: usize,
     elapsed: Duration,
     samples: usize,
-) -> Result<(f64, (Duration, Duration, Duration), (f64, f64), (f64, f64), (f64, f64, f64)), Fail> {
+) -> Result<(f64, (Duration, Duration, Duration), (f64, f64, f64), (f64, f64), (f64, f64, f64)), Fail> {
     let (completed, total): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE state = 'completed'), count(*) FROM oncely.jobs WHERE queue = $1",
     )
@@ -864,12 +908,14 @@ async fn after_drain(
 }
 
 /// Phase 7: the same worker drains `m` jobs with one memoized step each, then `m` with one
-/// transactional step each (its effect: one INSERT).
-async fn step_costs(conn: &mut PgConnection, handle: &WorkerHandle, m: usize) -> Result<(f64, f64), Fail> {
+/// transactional step each (its effect: one INSERT), then `m` with the report pipeline's three steps.
+async fn step_costs(conn: &mut PgConnection, handle: &WorkerHandle, m: usize) -> Result<(f64, f64, f64), Fail> {
     let mut rates = Vec::new();
-    for (what, job) in
-        [("memoized step", NewJob::new(&BenchPlainStep {})?), ("transactional step", NewJob::new(&BenchTxStep {})?)]
-    {
+    for (what, job) in [
+        ("memoized step", NewJob::new(&BenchPlainStep {})?),
+        ("transactional step", NewJob::new(&BenchTxStep {})?),
+        ("pipeline's three steps", NewJob::new(&BenchThreeSteps {})?),
+    ] {
         let jobs = vec![job.queue(QUEUE); m];
         let before = WorkerStats::get(&handle.stats().completed);
         let t = Instant::now();
@@ -879,14 +925,21 @@ async fn step_costs(conn: &mut PgConnection, handle: &WorkerHandle, m: usize) ->
         wait_completed(handle, before + m as u64).await?;
         let elapsed = t.elapsed();
         let rate = m as f64 / elapsed.as_secs_f64();
-        println!("[7/7] 1 {what} per job: {m} jobs in {:.3} s = {} jobs/s", elapsed.as_secs_f64(), thousands(rate));
+        println!("[7/7] {what} per job: {m} jobs in {:.3} s = {} jobs/s", elapsed.as_secs_f64(), thousands(rate));
         rates.push(rate);
     }
     let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_effects").fetch_one(&mut *conn).await?;
     if effects != m as i64 {
         return Err(Fail(format!("the transactional step made {effects} effects for {m} jobs")));
     }
-    Ok((rates[0], rates[1]))
+    let (usage, ready): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM bench_usage), (SELECT count(*) FROM bench_ready)")
+            .fetch_one(&mut *conn)
+            .await?;
+    if (usage, ready) != (m as i64, m as i64) {
+        return Err(Fail(format!("the three-step jobs made {usage} usage and {ready} ready effects for {m} jobs")));
+    }
+    Ok((rates[0], rates[1], rates[2]))
 }
 
 /// Phase 8: about `m` runs from events fanned out to [`FANOUT_FUNCTIONS`] no-op functions (published
@@ -1193,6 +1246,11 @@ fn print_summary(a: &BenchArgs, r: &Report) {
         "1 transactional step per job: {:>9} jobs/s ({:.2}x no-op jobs)",
         thousands(r.tx_step),
         r.tx_step / r.processing
+    );
+    println!(
+        "3 steps per job (pipeline):   {:>9} jobs/s ({:.2}x no-op jobs)",
+        thousands(r.three_steps),
+        r.three_steps / r.processing
     );
     println!(
         "fan-out to {FANOUT_FUNCTIONS} functions:       {:>9} runs/s ({:.2}x no-op jobs)",

@@ -352,6 +352,133 @@ impl Effect<'_> {
     }
 
     /// Claim, run `f` and record in one transaction: exactly once for effects in this database.
+    /// A memoized step on a job's first attempt ([`crate::step::StepScope::with_deferred_records`]):
+    /// no record of it can exist yet and the job's lease keeps other attempts away, so `f` runs at
+    /// once and its record joins the attempt's deferred records, written with the attempt's
+    /// outcome. A crash before that runs `f` again, as a crash between `f` and its record always
+    /// does for a memoized step.
+    pub(crate) async fn run_deferred<T, E, F, Fut>(
+        self,
+        records: &crate::step::DeferredRecords,
+        f: F,
+    ) -> Result<T, StepError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: Into<BoxError>,
+    {
+        self.at(BoundaryPoint::BeforeClaim);
+        let at = records.now();
+        let v = match f().await {
+            Ok(v) => v,
+            Err(e) => {
+                self.outcome("failed");
+                return Err(StepError::Failed { step: self.label.to_owned(), source: e.into() });
+            }
+        };
+        let output = self.encode(&v)?;
+        self.at(BoundaryPoint::BeforeRecord);
+        records.push(ledger::DeferredRecord {
+            key: self.key.clone(),
+            owner: self.owner.clone(),
+            output,
+            ttl: self.ttl,
+            at,
+        });
+        if records.len() >= crate::step::MAX_DEFERRED_RECORDS {
+            records.flush(crate::pooler::db(self.pool)).await.map_err(|e| self.ledger_err(e))?;
+        }
+        self.outcome("recorded");
+        self.at(BoundaryPoint::AfterRecord);
+        Ok(v)
+    }
+
+    /// A transactional step on a job's first attempt: no claim first (no record of it can exist
+    /// yet), just `f` and one `INSERT` of its record, with the attempt's deferred records, in
+    /// the same transaction. The record's primary key still decides between this attempt and a
+    /// later one running concurrently (this one being a zombie): whoever inserts second waits
+    /// for the first and writes nothing, and then rolls back its effect and replays the record.
+    pub(crate) async fn transactional_unclaimed<T, E, F>(
+        self,
+        records: &crate::step::DeferredRecords,
+        f: F,
+    ) -> Result<T, StepError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: for<'c> FnOnce(&'c mut sqlx::PgConnection) -> BoxFuture<'c, Result<T, E>>,
+        E: Into<BoxError>,
+    {
+        self.at(BoundaryPoint::BeforeClaim);
+        let at = records.now();
+        let mut tx = crate::txn::begin(self.pool).await.map_err(|e| self.ledger_err(e.into()))?;
+        let v = match f(&mut tx).await {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                self.outcome("failed");
+                return Err(StepError::Failed { step: self.label.to_owned(), source: e.into() });
+            }
+        };
+        let output = self.encode(&v)?;
+        let mut batch = records.take();
+        batch.push(ledger::DeferredRecord {
+            key: self.key.clone(),
+            owner: self.owner.clone(),
+            output,
+            ttl: self.ttl,
+            at,
+        });
+        let written = match ledger::record_many(&mut *tx, &batch).await {
+            Ok(written) => written,
+            Err(e) => {
+                batch.pop();
+                records.restore(batch);
+                return Err(self.ledger_err(e));
+            }
+        };
+        batch.pop();
+        if !written.contains(&self.key) {
+            // Another attempt recorded this step (or holds its claim): undo ours, take theirs.
+            let _ = tx.rollback().await;
+            records.restore(batch);
+            tracing::warn!(step = self.label, "another attempt recorded this step first; its result stands");
+            // (A rare path: in a transaction of its own, which also suits a transaction pooler.)
+            let existing = async {
+                let mut tx = crate::txn::begin(self.pool).await?;
+                let claimed =
+                    ledger::claim(&mut tx, &self.key, &ClaimOptions { read_first: true, ..self.opts() }).await?;
+                tx.commit().await?;
+                Ok::<_, crate::Error>(claimed)
+            }
+            .await
+            .map_err(|e| self.ledger_err(e))?;
+            return match existing {
+                Claimed::Run { attempt, .. } => {
+                    // It vanished meanwhile: give the claim back, and let the next attempt run the
+                    // step from scratch.
+                    let _ = ledger::release(crate::pooler::db(self.pool), &self.key, attempt).await;
+                    self.outcome("busy");
+                    Err(StepError::Busy {
+                        step: self.label.to_owned(),
+                        key: self.key.to_string(),
+                        retry_after: Duration::from_secs(1),
+                    })
+                }
+                other => self.decode(self.not_run(other)?),
+            };
+        }
+        self.at(BoundaryPoint::BeforeRecord);
+        if let Err(e) = tx.commit().await {
+            // The deferred records were in the rolled-back transaction: keep them for later.
+            records.restore(batch);
+            return Err(self.ledger_err(e.into()));
+        }
+        self.outcome("recorded");
+        self.at(BoundaryPoint::AfterRecord);
+        Ok(v)
+    }
+
     pub(crate) async fn transactional<T, E, F>(self, f: F) -> Result<T, StepError>
     where
         T: Serialize + DeserializeOwned,

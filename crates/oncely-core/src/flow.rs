@@ -108,7 +108,7 @@ WITH k AS MATERIALIZED (
     LIMIT $3
 ), claimed AS (
     UPDATE oncely.jobs AS j
-    SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
+    SET state = 'running', attempt = j.attempt + 1, attempted_at = clock_timestamp(),
         lease_expires_at = now() + make_interval(secs => $4), worker_id = $5
     WHERE j.id = ANY (ARRAY(SELECT id FROM next))
     RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_attempts, j.snoozes,

@@ -82,6 +82,34 @@ pub async fn complete_jobs<'e>(executor: impl PgExecutor<'e>, claims: &[Claim]) 
     Ok(claims.iter().filter(|c| !done.contains(c)).copied().collect())
 }
 
+/// [`complete_jobs`], writing the attempts' deferred step records in the same statement
+/// ([`crate::ledger::DeferredRecord`]). The records are written even for a claim that was lost:
+/// they are results of work that was done, and a key that already has a record keeps it.
+pub async fn complete_jobs_recording<'e>(
+    executor: impl PgExecutor<'e>,
+    claims: &[Claim],
+    records: &[crate::ledger::DeferredRecord],
+) -> Result<Vec<Claim>> {
+    if records.is_empty() {
+        return complete_jobs(executor, claims).await;
+    }
+    let (ids_in, attempts) = split(claims);
+    let c = crate::ledger::DeferredColumns::of(records)?;
+    let rows = crate::pooler::query(crate::job::sql::JOB_SET_COMPLETED_IF_RUNNING_MANY_RECORDING)
+        .bind(&ids_in)
+        .bind(&attempts)
+        .bind(&c.namespaces)
+        .bind(&c.keys)
+        .bind(&c.owners)
+        .bind(&c.outputs)
+        .bind(&c.ttls)
+        .bind(&c.ats)
+        .fetch_all(executor)
+        .await?;
+    let done = claims_of(rows)?;
+    Ok(claims.iter().filter(|c| !done.contains(c)).copied().collect())
+}
+
 /// Complete one claim.
 pub async fn complete_job<'e>(executor: impl PgExecutor<'e>, claim: Claim) -> Result<()> {
     match complete_jobs(executor, &[claim]).await?.as_slice() {

@@ -17,6 +17,18 @@
 //!
 //! Code outside steps runs again on every attempt.
 //!
+//! # Records on a job's first attempt
+//!
+//! On a job's first attempt no record of its own steps can exist yet, and its lease keeps other
+//! attempts away, so the worker saves the claim ([`StepScope::with_deferred_records`]): a memoized
+//! step under its job-scoped key runs at once and its record is written with the attempt's
+//! outcome (in the completion batch's statement, or before a retry, snooze or suspension is
+//! written); a transactional step inserts its record (with those waiting) at the end of its own
+//! transaction, and the record's primary key still decides against a concurrent later attempt.
+//! The guarantees above are unchanged — a crash before the record is written runs a memoized
+//! step again, as a crash between a step and its record always could. Business keys, external
+//! steps and later attempts claim first.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -44,6 +56,7 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use serde::{de::DeserializeOwned, Serialize};
 use sqlx::PgPool;
@@ -52,7 +65,7 @@ pub use crate::boundary::{Boundary, BoundaryHook, BoundaryPoint, InjectedCrash};
 use crate::effect::Effect;
 pub use crate::effect::{BoxError, OnUnknown, Reconciler, StepError, DEFAULT_CALLEE_KEY_WINDOW};
 use crate::job::JobId;
-use crate::ledger::LedgerKey;
+use crate::ledger::{DeferredRecord, LedgerKey};
 
 /// The ledger namespace of job steps.
 pub const STEP_NAMESPACE: &str = "step";
@@ -76,6 +89,7 @@ pub struct StepScope {
     used: Mutex<HashSet<String>>,
     hook: Option<BoundaryHook>,
     guard: Option<StepGuard>,
+    deferred: Option<DeferredRecords>,
 }
 
 impl std::fmt::Debug for StepScope {
@@ -87,7 +101,7 @@ impl std::fmt::Debug for StepScope {
 impl StepScope {
     /// The scope of attempt `attempt` of job `job_id`.
     pub fn new(pool: PgPool, job_id: JobId, attempt: i32) -> Self {
-        StepScope { pool, job_id, attempt, used: Mutex::new(HashSet::new()), hook: None, guard: None }
+        StepScope { pool, job_id, attempt, used: Mutex::new(HashSet::new()), hook: None, guard: None, deferred: None }
     }
 
     /// Run `guard` before every step (see [`StepGuard`]).
@@ -108,6 +122,36 @@ impl StepScope {
     pub fn with_hook(mut self, hook: Option<BoundaryHook>) -> Self {
         self.hook = hook;
         self
+    }
+
+    /// Defer the records of this attempt's steps where that is safe, into `records`, which the
+    /// caller then must write ([`DeferredRecords::flush`], or with the job's completion through
+    /// [`crate::lease::complete_jobs_recording`]) before the job's outcome — the worker does.
+    ///
+    /// Only on a job's first attempt (`attempt == 1`) and only for steps under their default,
+    /// job-scoped key: no record of them can exist yet, so a memoized step runs without a claim
+    /// and its record rides with the attempt's outcome, and a transactional step writes its
+    /// record (and the deferred ones) with one `INSERT` in its transaction instead of a claim and
+    /// an update. The documented guarantee is unchanged: a crash between a memoized step's work
+    /// and its record runs the work again on the next attempt. Later attempts, business keys
+    /// ([`Step::key`]) and external steps always claim first.
+    pub fn with_deferred_records(mut self, records: Option<DeferredRecords>) -> Self {
+        self.deferred = records;
+        self
+    }
+
+    /// The deferred records of this attempt, when the attempt may defer them.
+    fn deferring(&self) -> Option<&DeferredRecords> {
+        self.deferred.as_ref().filter(|_| self.attempt == 1)
+    }
+
+    /// Write this attempt's deferred records now (before the attempt suspends or completes in a
+    /// transaction of its own), on `executor`. Nothing to write: no round trip.
+    pub async fn flush_deferred<'e>(&self, executor: impl sqlx::PgExecutor<'e>) -> Result<(), crate::Error> {
+        match &self.deferred {
+            Some(records) => records.flush(executor).await,
+            None => Ok(()),
+        }
     }
 
     /// A step named `name` (unique within the job unless given an explicit [`key`](Step::key)).
@@ -214,10 +258,14 @@ impl<'a> Step<'a> {
         E: Into<BoxError>,
     {
         let scope = self.scope;
+        let deferred = scope.deferring().filter(|_| self.key.is_none());
         let (mut effect, name) = self.effect()?;
         scope.check(&name).await?;
         effect.label = &name;
-        effect.run(OnUnknown::RetrySameKeyWithin(Duration::MAX), |_| f()).await
+        match deferred {
+            Some(records) => effect.run_deferred(records, f).await,
+            None => effect.run(OnUnknown::RetrySameKeyWithin(Duration::MAX), |_| f()).await,
+        }
     }
 
     /// Run `f` in the transaction that records the step: the effect and the record commit
@@ -229,10 +277,14 @@ impl<'a> Step<'a> {
         E: Into<BoxError>,
     {
         let scope = self.scope;
+        let deferred = scope.deferring().filter(|_| self.key.is_none());
         let (mut effect, name) = self.effect()?;
         scope.check(&name).await?;
         effect.label = &name;
-        effect.transactional(f).await
+        match deferred {
+            Some(records) => effect.transactional_unclaimed(records, f).await,
+            None => effect.transactional(f).await,
+        }
     }
 
     /// Call an external system: the intent is recorded first, `f` gets the stable idempotency key
@@ -251,5 +303,85 @@ impl<'a> Step<'a> {
         scope.check(&name).await?;
         effect.label = &name;
         effect.run(on_unknown, f).await
+    }
+}
+
+/// The step records an attempt deferred ([`StepScope::with_deferred_records`]): shared between
+/// the attempt's steps and the worker that writes them with the attempt's outcome.
+#[derive(Debug, Clone, Default)]
+pub struct DeferredRecords {
+    records: std::sync::Arc<Mutex<Vec<DeferredRecord>>>,
+    clock: Option<(DateTime<Utc>, std::time::Instant)>,
+}
+
+/// Deferred records beyond this many are written at once, so an attempt with many steps does not
+/// build an unbounded statement.
+pub const MAX_DEFERRED_RECORDS: usize = 100;
+
+impl DeferredRecords {
+    /// Records whose times ([`DeferredRecord::at`]) follow the database clock: `at` is a database
+    /// time read at the local instant `since` or just before it (the job's `attempted_at`, which
+    /// the claim takes from `clock_timestamp()`, and the instant its answer arrived), and a step's
+    /// time is `at` plus the time elapsed since `since`. Without a database time the local clock
+    /// is used. Step times order a run's history and decide which steps a re-run from a step
+    /// invalidates, so they must not be skewed against the steps the ledger times itself (with the
+    /// database's `now()`).
+    pub fn with_clock(at: Option<DateTime<Utc>>, since: std::time::Instant) -> Self {
+        DeferredRecords { records: Default::default(), clock: at.map(|at| (at, since)) }
+    }
+
+    /// Now, on the clock of [`with_clock`](Self::with_clock).
+    pub fn now(&self) -> DateTime<Utc> {
+        match self.clock {
+            Some((at, since)) => at + chrono::Duration::from_std(since.elapsed()).unwrap_or_default(),
+            None => Utc::now(),
+        }
+    }
+
+    /// Add a record.
+    pub fn push(&self, record: DeferredRecord) {
+        self.lock().push(record);
+    }
+
+    /// Take the records out (the caller writes them).
+    pub fn take(&self) -> Vec<DeferredRecord> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// Put records taken out back in front (their write was rolled back).
+    pub fn restore(&self, mut records: Vec<DeferredRecord>) {
+        let mut held = self.lock();
+        records.append(&mut held);
+        *held = records;
+    }
+
+    /// How many records wait.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when no record waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Write the waiting records on `executor` (one statement; none when nothing waits). On error
+    /// they are put back.
+    pub async fn flush<'e>(&self, executor: impl sqlx::PgExecutor<'e>) -> Result<(), crate::Error> {
+        let records = self.take();
+        if records.is_empty() {
+            return Ok(());
+        }
+        match crate::ledger::record_many(executor, &records).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.restore(records);
+                Err(e)
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<DeferredRecord>> {
+        self.records.lock().expect("deferred-records lock poisoned by a panic while held")
     }
 }

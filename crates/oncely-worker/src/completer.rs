@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use backon::Retryable;
+use oncely_core::ledger::DeferredRecord;
 use oncely_core::{Claim, Error};
 use tokio::sync::{mpsc, oneshot};
 
@@ -15,8 +16,9 @@ use crate::worker::{Shared, WorkerStats};
 pub(crate) const MAX_COMPLETION_BATCH: usize = 1000;
 
 pub(crate) enum CompleterMsg {
-    /// A completion, and the queue to NOTIFY once it is written (a queue with a global limit).
-    Complete(Claim, Option<String>),
+    /// A completion, the queue to NOTIFY once it is written (a queue with a global limit), and the
+    /// step records the attempt deferred, written in the same statement.
+    Complete(Claim, Option<String>, Vec<DeferredRecord>),
     /// Reply once everything sent before has been written.
     Flush(oneshot::Sender<()>),
 }
@@ -25,16 +27,18 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Com
     let mut batch = Vec::with_capacity(MAX_COMPLETION_BATCH);
     let mut flushes = Vec::new();
     let mut notify = Vec::new();
+    let mut records = Vec::new();
     while let Some(msg) = rx.recv().await {
-        push(msg, &mut batch, &mut flushes, &mut notify);
+        push(msg, &mut batch, &mut flushes, &mut notify, &mut records);
         while batch.len() < MAX_COMPLETION_BATCH {
             match rx.try_recv() {
-                Ok(msg) => push(msg, &mut batch, &mut flushes, &mut notify),
+                Ok(msg) => push(msg, &mut batch, &mut flushes, &mut notify, &mut records),
                 Err(_) => break,
             }
         }
         if !batch.is_empty() {
-            write(&shared, &batch).await;
+            write(&shared, &batch, &records).await;
+            records.clear();
             if let Some(hook) = &shared.completion_hook {
                 hook(batch.clone()).await;
             }
@@ -53,10 +57,17 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Com
     }
 }
 
-fn push(msg: CompleterMsg, batch: &mut Vec<Claim>, flushes: &mut Vec<oneshot::Sender<()>>, notify: &mut Vec<String>) {
+fn push(
+    msg: CompleterMsg,
+    batch: &mut Vec<Claim>,
+    flushes: &mut Vec<oneshot::Sender<()>>,
+    notify: &mut Vec<String>,
+    records: &mut Vec<DeferredRecord>,
+) {
     match msg {
-        CompleterMsg::Complete(c, queue) => {
+        CompleterMsg::Complete(c, queue, mut deferred) => {
             batch.push(c);
+            records.append(&mut deferred);
             if let Some(q) = queue {
                 if !notify.contains(&q) {
                     notify.push(q);
@@ -67,11 +78,12 @@ fn push(msg: CompleterMsg, batch: &mut Vec<Claim>, flushes: &mut Vec<oneshot::Se
     }
 }
 
-async fn write(shared: &Shared, batch: &[Claim]) {
-    let result = (|| oncely_core::lease::complete_jobs(oncely_core::pooler::db(&shared.pool), batch))
-        .retry(persist_backoff())
-        .when(Error::is_transient)
-        .await;
+async fn write(shared: &Shared, batch: &[Claim], records: &[DeferredRecord]) {
+    let result =
+        (|| oncely_core::lease::complete_jobs_recording(oncely_core::pooler::db(&shared.pool), batch, records))
+            .retry(persist_backoff())
+            .when(Error::is_transient)
+            .await;
     match result {
         Ok(lost) => {
             WorkerStats::add(&shared.stats.completed, (batch.len() - lost.len()) as u64);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use futures::FutureExt;
-use oncely_core::step::{InjectedCrash, StepScope};
+use oncely_core::step::{DeferredRecords, InjectedCrash, StepScope};
 use oncely_core::{Claim, ErrorKind, Job, JobState};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +46,14 @@ enum Finish {
     SuspendedInTx(Duration),
 }
 
-pub(crate) fn spawn(shared: &Arc<Shared>, tracker: &TaskTracker, job: Job, permit: OwnedSemaphorePermit) {
+/// `claimed`: when the claim returned (see `DeferredRecords::with_clock`).
+pub(crate) fn spawn(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    job: Job,
+    permit: OwnedSemaphorePermit,
+    claimed: std::time::Instant,
+) {
     let cancel = CancellationToken::new();
     let flags = Arc::new(AttemptFlags::default());
     shared
@@ -61,7 +68,7 @@ pub(crate) fn spawn(shared: &Arc<Shared>, tracker: &TaskTracker, job: Job, permi
         queue = %job.queue,
         attempt = job.attempt,
     );
-    tracker.spawn(run(shared.clone(), job, cancel, flags, permit).instrument(span));
+    tracker.spawn(run(shared.clone(), job, cancel, flags, permit, claimed).instrument(span));
 }
 
 async fn run(
@@ -70,10 +77,12 @@ async fn run(
     cancel: CancellationToken,
     flags: Arc<AttemptFlags>,
     permit: OwnedSemaphorePermit,
+    claimed: std::time::Instant,
 ) {
     let claim = Claim::from(&job);
     let started = std::time::Instant::now();
-    let finish = attempt(&shared, &job, cancel, &flags).await;
+    let deferred = DeferredRecords::with_clock(job.attempted_at, claimed);
+    let finish = attempt(&shared, &job, cancel, &flags, &deferred).await;
     crate::metrics::handler_duration(&job.kind, started.elapsed());
     // From here on the claim ends on purpose: the heartbeat must not take the write below, once
     // committed, for a lost lease (it may still find the job in the running set).
@@ -85,6 +94,14 @@ async fn run(
         false if AttemptFlags::get(&flags.suspended_in_tx) => settle_suspended_in_tx(&shared, claim, finish).await,
         false => finish,
     };
+    // The step records the attempt deferred go with its outcome: a completion takes them to the
+    // completer; any other outcome that is written writes them first (so the next attempt replays
+    // them). A crash, an abandoned or an unsettled attempt writes nothing, as a killed process
+    // would not.
+    match &finish {
+        Finish::Complete | Finish::Crash | Finish::Abandoned | Finish::Unsettled => {}
+        _ => flush_deferred(&shared, &deferred).await,
+    }
     match finish {
         Finish::CompletedInTx => {
             WorkerStats::add(&shared.stats.completed, 1);
@@ -117,7 +134,7 @@ async fn run(
         let limited =
             shared.limited_queues.lock().expect("the limited queues' lock is never poisoned").contains(&job.queue);
         let notify = limited.then(|| job.queue.clone());
-        if shared.completions.send(CompleterMsg::Complete(claim, notify)).is_err() {
+        if shared.completions.send(CompleterMsg::Complete(claim, notify, deferred.take())).is_err() {
             // The completer is gone only after shutdown finished; the lease will expire and the
             // job will run again (at least once).
             tracing::error!("completer stopped before the completion could be recorded");
@@ -130,7 +147,13 @@ async fn run(
     shared.forget([claim]);
 }
 
-async fn attempt(shared: &Arc<Shared>, job: &Job, cancel: CancellationToken, flags: &Arc<AttemptFlags>) -> Finish {
+async fn attempt(
+    shared: &Arc<Shared>,
+    job: &Job,
+    cancel: CancellationToken,
+    flags: &Arc<AttemptFlags>,
+    deferred: &DeferredRecords,
+) -> Finish {
     let Some(handler) = shared.handlers.get(&job.kind) else {
         let message = format!(
             "no handler for job kind `{}` on worker {}; it will be retried (a worker that knows it may take it)",
@@ -153,7 +176,8 @@ async fn attempt(shared: &Arc<Shared>, job: &Job, cancel: CancellationToken, fla
             cancel: cancel.clone(),
             steps: StepScope::new(shared.pool.clone(), job.id, job.attempt)
                 .with_hook(shared.step_hook.clone())
-                .with_guard(guard.clone()),
+                .with_guard(guard.clone())
+                .with_deferred_records(Some(deferred.clone())),
             flags: flags.clone(),
             args: job.args.clone(),
             guard: crate::handler::GuardSlot(guard),
@@ -276,6 +300,18 @@ async fn settle_suspended_in_tx(shared: &Arc<Shared>, claim: Claim, finish: Fini
             tracing::error!(error = %e, "could not read back whether the run's suspension committed; writing nothing (the lease will expire)");
             Finish::Unsettled
         }
+    }
+}
+
+/// Write the step records an attempt deferred, retrying while the database is away. Failing
+/// that, the steps run again on the next attempt (as after a crash between a step and its record).
+async fn flush_deferred(shared: &Arc<Shared>, deferred: &DeferredRecords) {
+    if deferred.is_empty() {
+        return;
+    }
+    let write = || deferred.flush(oncely_core::pooler::db(&shared.pool));
+    if let Err(e) = write.retry(persist_backoff()).when(|e| e.is_transient()).await {
+        tracing::warn!(error = %e, lost = deferred.len(), "could not write the attempt's step records; those steps run again on the next attempt");
     }
 }
 

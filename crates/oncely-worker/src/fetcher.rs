@@ -99,9 +99,13 @@ pub(crate) async fn run(
         busy = claimed.len() == want;
         WorkerStats::add(&shared.stats.claimed, claimed.len() as u64);
         crate::metrics::claimed(&queue.name, &claimed);
+        // After the claim: a job's `attempted_at` (the database clock as the claim wrote the row)
+        // plus the time since now is at most a round trip behind the database clock; the times
+        // of deferred step records are taken so.
+        let received = std::time::Instant::now();
         for job in claimed {
             let permit = permits.pop().expect("one permit was taken per claimed job");
-            executor::spawn(&shared, &jobs, job, permit);
+            executor::spawn(&shared, &jobs, job, permit, received);
         }
         drop(permits);
         if !busy {

@@ -194,6 +194,9 @@ impl WaitForEvent<'_> {
         if let Some(guard) = ctx.guard() {
             guard().await.map_err(|e| FlowError::Cancelled(e.to_string()))?;
         }
+        // The registration may suspend the run in its own transaction: the steps' deferred records
+        // must be written first, or a resumed run would find them missing.
+        ctx.inner.steps.flush_deferred(oncely_core::pooler::db(ctx.pool())).await?;
         let flags = ctx.inner.flags.clone();
         let status = oncely_core::wait::wait_for_event(ctx.pool(), ctx.claim(), &spec, move || {
             // The run's claim ends with this commit: the heartbeat must not take it for a lost lease,

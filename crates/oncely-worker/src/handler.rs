@@ -326,6 +326,8 @@ impl JobContext {
     /// # Ok(()) }
     /// ```
     pub async fn complete_in(&self, tx: &mut sqlx::PgConnection) -> Result<(), oncely_core::Error> {
+        // The steps' deferred records commit with the completion.
+        self.inner.steps.flush_deferred(&mut *tx).await?;
         oncely_core::lease::complete_job(&mut *tx, self.claim()).await?;
         // Before the commit: the heartbeat can only see the job completed once both are set.
         AttemptFlags::set(&self.inner.flags.finishing);

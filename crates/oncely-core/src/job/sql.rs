@@ -189,7 +189,7 @@ WITH RECURSIVE priorities AS (
     LIMIT $2
 )
 UPDATE oncely.jobs AS j
-SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
+SET state = 'running', attempt = j.attempt + 1, attempted_at = clock_timestamp(),
     lease_expires_at = now() + make_interval(secs => $3), worker_id = $4
 WHERE j.id = ANY (ARRAY(SELECT id FROM next))
 RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_attempts, j.snoozes,
@@ -197,9 +197,11 @@ RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_a
           j.unique_key, j.errors
 "#;
 
-/// Complete many claims at once; returns the ids whose claim still held.
-pub(crate) const JOB_SET_COMPLETED_IF_RUNNING_MANY: &str = r#"
-WITH locked AS MATERIALIZED (
+/// Complete many claims at once (`$1` ids, `$2` attempts); returns the ids whose claim still held.
+macro_rules! job_complete_many {
+    () => {
+        r#"
+locked AS MATERIALIZED (
     SELECT j.id, j.attempt, j.state, c.attempt AS claimed
     FROM (SELECT id, attempt FROM unnest($1::bigint[], $2::int[]) AS u(id, attempt) ORDER BY id) AS c
     CROSS JOIN LATERAL (SELECT id, attempt, state FROM oncely.jobs WHERE id = c.id FOR UPDATE) AS j
@@ -210,7 +212,23 @@ UPDATE oncely.jobs
 SET state = 'completed', finished_at = now(), lease_expires_at = NULL
 WHERE id = ANY (ARRAY(SELECT id FROM held))
 RETURNING id, attempt
-"#;
+"#
+    };
+}
+
+/// Complete many claims at once; returns the ids whose claim still held.
+pub(crate) const JOB_SET_COMPLETED_IF_RUNNING_MANY: &str = concat!("WITH", job_complete_many!());
+
+/// [`JOB_SET_COMPLETED_IF_RUNNING_MANY`], writing the attempts' deferred step records (`$3`–`$8`,
+/// see `ledger::sql::ledger_record_many`) in the same statement. The records are written whether
+/// or not the claim still held: they are results of work that was done, and a key that already has
+/// a record keeps it.
+pub(crate) const JOB_SET_COMPLETED_IF_RUNNING_MANY_RECORDING: &str = concat!(
+    "WITH recorded AS (\n",
+    crate::ledger::sql::ledger_record_many!("$3", "$4", "$5", "$6", "$7", "$8"),
+    "\n),",
+    job_complete_many!()
+);
 
 /// Extend the leases of many claims by `$3` seconds; returns the ids whose claim still held.
 pub(crate) const JOB_EXTEND_LEASE_MANY: &str = r#"

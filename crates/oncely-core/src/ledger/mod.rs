@@ -209,6 +209,75 @@ fn owner_attempt(owner: &str, prefix: &str) -> Result<i64> {
         })
 }
 
+/// A step's result recorded without a claim, to be written later together with others (on a
+/// job's first attempt no record of its own steps can exist yet, so the worker runs a memoized
+/// step at once and writes its record with the attempt's outcome; see [`crate::step`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeferredRecord {
+    /// The record's key.
+    pub key: LedgerKey,
+    /// Who made it, e.g. `job:42:1`.
+    pub owner: String,
+    /// The step's output.
+    pub output: serde_json::Value,
+    /// How long the record is kept; `None`: forever.
+    pub ttl: Option<Duration>,
+    /// When the step started (its record's `created_at`, which orders a run's steps).
+    pub at: DateTime<Utc>,
+}
+
+/// The columns of deferred records, as the arrays the statements bind.
+pub(crate) struct DeferredColumns {
+    pub(crate) namespaces: Vec<String>,
+    pub(crate) keys: Vec<String>,
+    pub(crate) owners: Vec<String>,
+    pub(crate) outputs: Vec<serde_json::Value>,
+    pub(crate) ttls: Vec<Option<f64>>,
+    pub(crate) ats: Vec<DateTime<Utc>>,
+}
+
+impl DeferredColumns {
+    pub(crate) fn of(records: &[DeferredRecord]) -> Result<Self> {
+        let mut c = DeferredColumns {
+            namespaces: Vec::with_capacity(records.len()),
+            keys: Vec::with_capacity(records.len()),
+            owners: Vec::with_capacity(records.len()),
+            outputs: Vec::with_capacity(records.len()),
+            ttls: Vec::with_capacity(records.len()),
+            ats: Vec::with_capacity(records.len()),
+        };
+        for r in records {
+            r.key.validate()?;
+            c.namespaces.push(r.key.namespace.clone());
+            c.keys.push(r.key.key.clone());
+            c.owners.push(r.owner.clone());
+            c.outputs.push(r.output.clone());
+            c.ttls.push(r.ttl.map(|d| d.as_secs_f64()));
+            c.ats.push(r.at);
+        }
+        Ok(c)
+    }
+}
+
+/// Write deferred records in one statement. A key that already has a record (a claim or a result
+/// of another attempt) keeps it; returns the keys that were written.
+pub async fn record_many<'e>(executor: impl PgExecutor<'e>, records: &[DeferredRecord]) -> Result<Vec<LedgerKey>> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    let c = DeferredColumns::of(records)?;
+    let rows = crate::pooler::query(sql::LEDGER_RECORD_BATCH)
+        .bind(&c.namespaces)
+        .bind(&c.keys)
+        .bind(&c.owners)
+        .bind(&c.outputs)
+        .bind(&c.ttls)
+        .bind(&c.ats)
+        .fetch_all(executor)
+        .await?;
+    rows.iter().map(|r| Ok(LedgerKey::new(r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?))).collect()
+}
+
 /// Record the output of claim `attempt`; `ttl` restarts the record's expiry from now. Refused with
 /// [`Error::LedgerClaimLost`] when another claimant took the key over meanwhile.
 pub async fn complete<'e>(

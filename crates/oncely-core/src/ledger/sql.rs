@@ -146,3 +146,39 @@ WHERE (namespace, key) IN (
     LIMIT $1
 )
 "#;
+
+/// The `INSERT` that writes deferred step records ([`super::DeferredRecord`]): completed records
+/// made without a claim, on a job's first attempt. The arguments are the placeholders of five
+/// arrays: namespaces, keys, owners, outputs, expiries (seconds from now, NULL: forever) and
+/// start times (`created_at`). Keys are inserted in order, so two batches over the same keys
+/// cannot deadlock. A key
+/// that already has a record (another attempt's claim or result) keeps it.
+macro_rules! ledger_record_many {
+    ($ns:literal, $key:literal, $owner:literal, $output:literal, $ttl:literal, $at:literal) => {
+        concat!(
+            "INSERT INTO oncely.ledger AS l (namespace, key, state, attempt, owner, output, expires_at, created_at, updated_at)
+SELECT r.namespace, r.key, 'completed', 1, r.owner, r.output,
+       CASE WHEN r.ttl IS NULL THEN NULL ELSE now() + make_interval(secs => r.ttl) END, r.at, now()
+FROM unnest(",
+            $ns,
+            "::text[], ",
+            $key,
+            "::text[], ",
+            $owner,
+            "::text[], ",
+            $output,
+            "::jsonb[], ",
+            $ttl,
+            "::float8[], ",
+            $at,
+            "::timestamptz[]) AS r(namespace, key, owner, output, ttl, at)
+ORDER BY r.namespace, r.key
+ON CONFLICT (namespace, key) DO NOTHING"
+        )
+    };
+}
+pub(crate) use ledger_record_many;
+
+/// Write deferred step records (`$1`–`$6`); returns the namespaces and keys written.
+pub(crate) const LEDGER_RECORD_BATCH: &str =
+    concat!(ledger_record_many!("$1", "$2", "$3", "$4", "$5", "$6"), "\nRETURNING l.namespace, l.key");
