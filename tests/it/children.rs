@@ -219,7 +219,12 @@ async fn a_fan_out_of_100_children_through_repeated_sigkills_runs_each_child_onc
     register(pool, &[fan()]).await;
     // The rescuer: maintenance only (it serves a queue nothing uses), so that killed workers'
     // leases expire and their jobs run again.
-    let rescuer = builder(db.new_pool(2).await).queue("nothing", 1).build().unwrap().start();
+    let rescuer = builder(db.new_pool(2).await)
+        .register(oncely::handler_fn(|_ctx, _n: Noop| async { Ok(()) }))
+        .queue("nothing", 1)
+        .build()
+        .unwrap()
+        .start();
     publish(pool, &Event::from_json("fan.start", serde_json::json!({}))).await.unwrap();
     let env = [("ONCELY_FAN_CHILD_URL", db.url())];
     let name = concat!(module_path!(), "::fan_child_worker");
@@ -267,7 +272,7 @@ async fn a_fan_out_of_100_children_through_repeated_sigkills_runs_each_child_onc
     );
     let parent = run_of(pool, "fan").await;
     let (state, attempt, snoozes, lease_expired): (String, i32, i32, i64) = sqlx::query_as(
-        "SELECT state, attempt, snoozes, jsonb_array_length(jsonb_path_query_array(errors, '$[*] ? (@.kind == \"lease_expired\")')) \
+        "SELECT state, attempt, snoozes, jsonb_array_length(jsonb_path_query_array(errors, '$[*] ? (@.kind == \"lease_expired\")'))::bigint \
          FROM oncely.jobs WHERE id = $1",
     )
     .bind(parent)
