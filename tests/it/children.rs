@@ -103,7 +103,9 @@ async fn rows(pool: &PgPool, table: &str) -> Vec<(String, i64)> {
 }
 
 async fn run_of(pool: &PgPool, function: &str) -> JobId {
-    JobId(sqlx::query_scalar("SELECT id FROM oncely.jobs WHERE kind = $1").bind(function).fetch_one(pool).await.unwrap())
+    JobId(
+        sqlx::query_scalar("SELECT id FROM oncely.jobs WHERE kind = $1").bind(function).fetch_one(pool).await.unwrap(),
+    )
 }
 
 // ---- invoke: one child, its result, and a re-executed parent ---------------------------------
@@ -244,8 +246,10 @@ async fn a_fan_out_of_100_children_through_repeated_sigkills_runs_each_child_onc
         kills += 1;
         workers[victim] = spawn_child(name, &env);
     }
-    eventually(Duration::from_secs(120), "every job to finish", || async { (unfinished(pool).await == 0).then_some(()) })
-        .await;
+    eventually(Duration::from_secs(120), "every job to finish", || async {
+        (unfinished(pool).await == 0).then_some(())
+    })
+    .await;
     for mut w in workers {
         w.start_kill().unwrap();
         w.wait().await.unwrap();
@@ -334,10 +338,7 @@ async fn fan_in_returns_the_first_dead_child_once_and_all_settled_returns_every_
     w.shutdown().await;
     assert_eq!(
         rows(pool, "parent_effects").await,
-        vec![
-            ("0,2,4,#3 dead,8".to_owned(), 1),
-            ("failed #3 dead: three is not allowed".to_owned(), 1),
-        ],
+        vec![("0,2,4,#3 dead,8".to_owned(), 1), ("failed #3 dead: three is not allowed".to_owned(), 1),],
         "the parent got the dead child's error once, then every settled result"
     );
     let parent = run_of(pool, "picky-fan").await;
@@ -347,6 +348,11 @@ async fn fan_in_returns_the_first_dead_child_once_and_all_settled_returns_every_
     let picky_jobs: i64 =
         sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE kind = 'picky'").fetch_one(pool).await.unwrap();
     assert_eq!(picky_jobs, 10, "five children per step, started once");
+    // The retention prune deletes the parent's child-run rows with it.
+    let pruned = oncely::core::maintenance::prune_finished(pool, Duration::ZERO, Duration::ZERO, 1000).await.unwrap();
+    assert_eq!(pruned, 11, "the parent and its ten children");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.child_runs").fetch_one(pool).await.unwrap();
+    assert_eq!(rows, 0, "no child-run rows left behind");
 }
 
 /// A parent whose own `?` meets the dead child fails for good (retrying cannot revive it).
@@ -418,12 +424,14 @@ async fn a_suspended_parent_holds_nothing_and_its_last_child_wakes_it_at_once() 
     tables(pool).await;
     register(pool, &[waiting()]).await;
     publish(pool, &Event::from_json("waiting.start", serde_json::json!({}))).await.unwrap();
-    let w = builder(db.new_pool(3).await).function(waiting(), waiting_handler).queue("default", 1).build().unwrap().start();
+    let w =
+        builder(db.new_pool(3).await).function(waiting(), waiting_handler).queue("default", 1).build().unwrap().start();
     let parent = suspended_parent(pool).await;
     assert_eq!(rows(pool, "parent_effects").await, vec![], "not resumed while its children wait");
     // The children's queue gets a worker: the last child's completion wakes the parent, which
     // would otherwise sleep for an hour.
-    let kids = builder(db.new_pool(3).await).register(oncely::handler_fn(late)).queue("late", 1).build().unwrap().start();
+    let kids =
+        builder(db.new_pool(3).await).register(oncely::handler_fn(late)).queue("late", 1).build().unwrap().start();
     wait_all_finished(pool, Duration::from_secs(20)).await;
     kids.shutdown().await;
     w.shutdown().await;
@@ -450,7 +458,8 @@ async fn cancelling_a_parent_cancels_its_children_that_have_not_started() {
     tables(pool).await;
     register(pool, &[waiting()]).await;
     publish(pool, &Event::from_json("waiting.start", serde_json::json!({}))).await.unwrap();
-    let w = builder(db.new_pool(3).await).function(waiting(), waiting_handler).queue("default", 1).build().unwrap().start();
+    let w =
+        builder(db.new_pool(3).await).function(waiting(), waiting_handler).queue("default", 1).build().unwrap().start();
     let parent = suspended_parent(pool).await;
     w.shutdown().await;
     oncely::core::cancel_job(pool, parent).await.unwrap();

@@ -443,8 +443,13 @@ async fn flow(ctx: JobContext, trigger: Trigger) -> HandlerResult {
         .await?;
     // A child run: enqueued with the step's record, its result returned durably.
     let receipt: String = ctx.invoke("receipt", &Receipt { id: id.to_string() }).await?;
-    line(&ctx, "finish", if granted.is_some() && receipt == format!("receipt {id}") { "billed" } else { "expired" }, None)
-        .await?;
+    line(
+        &ctx,
+        "finish",
+        if granted.is_some() && receipt == format!("receipt {id}") { "billed" } else { "expired" },
+        None,
+    )
+    .await?;
     Ok(())
 }
 

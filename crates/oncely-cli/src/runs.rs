@@ -166,7 +166,11 @@ async fn show(pool: &PgPool, id: i64) -> Result<(), Fail> {
     if !children.is_empty() {
         print!(
             "{}",
-            table::render(&["child of step", "#", "job", "kind", "state", "finished (UTC)", "output / error"], &children, &[1, 2])
+            table::render(
+                &["child of step", "#", "job", "kind", "state", "finished (UTC)", "output / error"],
+                &children,
+                &[1, 2]
+            )
         );
     }
     for e in &d.errors {

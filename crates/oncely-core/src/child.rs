@@ -145,11 +145,7 @@ pub async fn settle_children(
         tx.rollback().await?;
         return Err(Error::InvalidInput(format!("run {} has no children in step `{step}`", claim.id)));
     }
-    let first_failed = children
-        .iter()
-        .filter(|c| c.failed())
-        .min_by_key(|c| (c.finished_at, c.index))
-        .cloned();
+    let first_failed = children.iter().filter(|c| c.failed()).min_by_key(|c| (c.finished_at, c.index)).cloned();
     let open = children.iter().filter(|c| c.state == "pending").count();
     let status = match first_failed {
         Some(failed) if fail_fast => ChildrenStatus::Failed(failed),

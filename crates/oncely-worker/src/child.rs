@@ -204,13 +204,19 @@ impl JobContext {
             })
             .await?;
         let flags = self.inner.flags.clone();
-        let status =
-            oncely_core::child::settle_children(self.pool(), self.claim(), &name, fail_fast, CHILD_RECHECK, move || {
+        let status = oncely_core::child::settle_children(
+            self.pool(),
+            self.claim(),
+            &name,
+            fail_fast,
+            CHILD_RECHECK,
+            move || {
                 // The run's claim ends with this commit (see `wait_for_event`).
                 AttemptFlags::set(&flags.finishing);
                 AttemptFlags::set(&flags.suspended_in_tx);
-            })
-            .await?;
+            },
+        )
+        .await?;
         match status {
             ChildrenStatus::Done(children) => {
                 if children.len() != count {
