@@ -1,15 +1,17 @@
-//! Child runs against a real PostgreSQL: `invoke` returns its child's result and a re-executed
-//! parent starts no second child; a fan-out of 100 children through repeated SIGKILLs of worker
+//! Child runs against a real PostgreSQL: `invoke` returns its child's result, and a parent crashed
+//! right after its invoke step, or re-executed after it returned, starts no second child; a fan-out of 100 children through repeated SIGKILLs of worker
 //! processes; fan-in at the first error and all-settled; a suspended parent holds nothing and is
 //! woken by its last child; a cancelled parent cancels its children that have not started.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
 use chrono::{DateTime, Utc};
 use oncely::core::function::{self, Function, Trigger};
 use oncely::core::outbox::{publish, Event};
+use oncely::step::{Boundary, BoundaryPoint, InjectedCrash};
 use oncely::worker::flow::FlowError;
 use oncely::{HandlerResult, InsertOpts, JobArgs, JobContext, JobId, Outcome};
 use rand::Rng;
@@ -127,14 +129,24 @@ async fn single_handler(ctx: JobContext, _t: Trigger) -> HandlerResult {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invoke_returns_the_childs_result_and_a_re_executed_parent_starts_no_second_child() {
+async fn invoke_returns_the_childs_result_and_a_crashed_or_re_executed_parent_starts_no_second_child() {
     init_tracing();
     let db = TestDb::new().await;
     let pool = db.pool();
     tables(pool).await;
     register(pool, &[single()]).await;
     publish(pool, &Event::from_json("single.start", serde_json::json!({}))).await.unwrap();
+    // A crash right after the invoke step's record (the child enqueued with it): the attempt is
+    // abandoned without another write, and the run is rescued when its lease expires.
+    let crashed = Arc::new(AtomicBool::new(false));
+    let hook_crashed = crashed.clone();
+    let hook: oncely::step::BoundaryHook = Arc::new(move |b: &Boundary| {
+        if b.step == "double" && b.point == BoundaryPoint::AfterRecord && !hook_crashed.swap(true, Ordering::SeqCst) {
+            std::panic::panic_any(InjectedCrash(b.clone()));
+        }
+    });
     let w = builder(db.new_pool(4).await)
+        .step_hook(hook)
         .function(single(), single_handler)
         .register(handler_fn_kid())
         .queue("default", 2)
@@ -143,12 +155,13 @@ async fn invoke_returns_the_childs_result_and_a_re_executed_parent_starts_no_sec
         .start();
     wait_all_finished(pool, Duration::from_secs(60)).await;
     w.shutdown().await;
-    assert!(SINGLE_REEXECUTED.load(Ordering::SeqCst), "the parent was re-executed after its invoke");
+    assert!(crashed.load(Ordering::SeqCst), "the parent crashed right after its invoke step's record");
+    assert!(SINGLE_REEXECUTED.load(Ordering::SeqCst), "the parent was re-executed after its invoke returned");
     assert_eq!(rows(pool, "parent_effects").await, vec![("got 42".to_owned(), 1)], "the child's result, once");
     assert_eq!(rows(pool, "kid_effects").await, vec![("21".to_owned(), 1)], "one child ran, once");
     let kids: i64 =
         sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE kind = 'kid'").fetch_one(pool).await.unwrap();
-    assert_eq!(kids, 1, "the re-executed parent started no second child");
+    assert_eq!(kids, 1, "the crashed and re-executed parent started no second child");
     let parent = run_of(pool, "single").await;
     let (state, attempt, snoozes): (String, i32, i32) =
         sqlx::query_as("SELECT state, attempt, snoozes FROM oncely.jobs WHERE id = $1")
