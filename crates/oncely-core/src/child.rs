@@ -81,6 +81,18 @@ fn children_lock(parent: JobId) -> String {
     format!("oncely.children/{}", parent.0)
 }
 
+/// Check that `jobs` can be children: none may have a unique key (a live job holding it would be
+/// taken for the child; a child's identity is its parent, step and index).
+pub fn check_children(step: &str, jobs: &[NewJob]) -> Result<()> {
+    match jobs.iter().find(|j| j.unique_key.is_some()) {
+        Some(j) => Err(Error::InvalidInput(format!(
+            "step `{step}`: a child run cannot have a unique key (kind {}); its identity is (parent, step, index)",
+            j.kind
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Start `jobs` as the children of `parent`'s invoke step `step`, in `tx` (the transaction that
 /// records the step). Returns their ids, by index. A child may not have a unique key (a live job
 /// holding it would be taken for the child).
@@ -91,12 +103,7 @@ pub async fn start_children(
     jobs: &[NewJob],
     fail_fast: bool,
 ) -> Result<Vec<JobId>> {
-    if let Some(j) = jobs.iter().find(|j| j.unique_key.is_some()) {
-        return Err(Error::InvalidInput(format!(
-            "step `{step}`: a child run cannot have a unique key (kind {}); its identity is (parent, step, index)",
-            j.kind
-        )));
-    }
+    check_children(step, jobs)?;
     if jobs.is_empty() {
         return Ok(Vec::new());
     }

@@ -194,6 +194,8 @@ impl JobContext {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
+        // Before the step: bad input fails the run (`InvalidInput`) rather than retrying the step.
+        oncely_core::child::check_children(&name, &jobs)?;
         let parent = self.id();
         let step = name.clone();
         let count = jobs.len();
