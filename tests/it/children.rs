@@ -65,6 +65,8 @@ async fn record(ctx: &JobContext, step: &str, table: &'static str, what: String)
 }
 
 async fn kid(ctx: JobContext, k: Kid) -> HandlerResult {
+    // Some work, so that the workers are killed while children run (not a synchronization).
+    tokio::time::sleep(Duration::from_millis(50)).await;
     record(&ctx, "effect", "kid_effects", k.n.to_string()).await?;
     ctx.set_output(&(k.n * 2)).await?;
     Ok(())
@@ -211,7 +213,7 @@ async fn fan_handler(ctx: JobContext, _t: Trigger) -> HandlerResult {
 async fn fan_child_worker() {
     let Ok(url) = std::env::var("ONCELY_FAN_CHILD_URL") else { return };
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(5).connect(&url).await.unwrap();
-    run_child_worker(builder(pool).function(fan(), fan_handler).register(handler_fn_kid()).queue("default", 4)).await;
+    run_child_worker(builder(pool).function(fan(), fan_handler).register(handler_fn_kid()).queue("default", 2)).await;
 }
 
 async fn unfinished(pool: &PgPool) -> i64 {
