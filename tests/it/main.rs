@@ -12,6 +12,7 @@ mod pipeline;
 
 mod api;
 mod cancel_safety;
+mod children;
 mod crash;
 mod dashboard;
 mod debounce;

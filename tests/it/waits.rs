@@ -1,5 +1,6 @@
 //! Durable waits of function runs against a real PostgreSQL: a sleep across a SIGKILLed worker,
-//! wait_for_event racing its event 1,000 times on separate pools, and cancel_on while a step runs.
+//! wait_for_event racing its event 1,000 times on separate pools, cancel_on while a step runs, and the
+//! crash harness over a function with a sleep, a wait and a child run.
 
 use std::time::Duration;
 
@@ -404,7 +405,7 @@ async fn runs_first(pool: &PgPool) -> JobId {
     )
 }
 
-// ---- the crash harness over a sleep and a wait -----------------------------------------------
+// ---- the crash harness over a sleep, a wait and a child run ------------------------------------
 
 fn approval_flow() -> [Function; 2] {
     [Function::new("flow").on_event("flow.start"), Function::new("approver").on_event("approval.requested")]
@@ -440,7 +441,30 @@ async fn flow(ctx: JobContext, trigger: Trigger) -> HandlerResult {
         .wait_for_event("granted", "approval.granted", EventMatch::field("id"), Duration::from_secs(60))
         .look_back(Duration::from_secs(600))
         .await?;
-    line(&ctx, "finish", if granted.is_some() { "billed" } else { "expired" }, None).await?;
+    // A child run: enqueued with the step's record, its result returned durably.
+    let receipt: String = ctx.invoke("receipt", &Receipt { id: id.to_string() }).await?;
+    line(
+        &ctx,
+        "finish",
+        if granted.is_some() && receipt == format!("receipt {id}") { "billed" } else { "expired" },
+        None,
+    )
+    .await?;
+    Ok(())
+}
+
+/// The flow's child run: one line, and its result.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Receipt {
+    id: String,
+}
+impl oncely::JobArgs for Receipt {
+    const KIND: &'static str = "receipt";
+}
+
+async fn receipt(ctx: JobContext, r: Receipt) -> HandlerResult {
+    line(&ctx, "write", "receipt", None).await?;
+    ctx.set_output(&format!("receipt {}", r.id)).await?;
     Ok(())
 }
 
@@ -452,7 +476,7 @@ async fn approver(ctx: JobContext, trigger: Trigger) -> HandlerResult {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_function_with_a_sleep_and_a_wait_gives_the_same_effects_with_a_crash_at_every_step_boundary() {
+async fn a_function_with_a_sleep_a_wait_and_a_child_run_gives_the_same_effects_with_a_crash_at_every_step_boundary() {
     init_tracing();
     let report = oncely_testkit::CrashHarness::new()
         .setup(|pool| async move {
@@ -464,7 +488,7 @@ async fn a_function_with_a_sleep_and_a_wait_gives_the_same_effects_with_a_crash_
         // One slot: the approver can only run while the flow is suspended in its wait.
         .register(|w| {
             let [f, a] = approval_flow();
-            w.function(f, flow).function(a, approver)
+            w.function(f, flow).function(a, approver).register(oncely::handler_fn(receipt))
         })
         .effects(|pool| async move {
             let rows: Vec<(String, i64)> =
@@ -476,15 +500,23 @@ async fn a_function_with_a_sleep_and_a_wait_gives_the_same_effects_with_a_crash_
                 .fetch_one(&pool)
                 .await
                 .unwrap();
-            serde_json::json!({ "lines": rows, "waits_resolved_by_an_event": woken })
+            let children: (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM oncely.jobs WHERE kind = 'receipt'), \
+                        (SELECT count(*) FROM oncely.child_runs WHERE state = 'completed')",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            serde_json::json!({ "lines": rows, "waits_resolved_by_an_event": woken, "child_jobs_and_completed": children })
         })
         .run()
         .await;
     assert_eq!(
         report.baseline,
-        serde_json::json!({ "lines": [["asked", 1], ["billed", 1], ["granted", 1], ["start", 1]], "waits_resolved_by_an_event": 1 })
+        serde_json::json!({ "lines": [["asked", 1], ["billed", 1], ["granted", 1], ["receipt", 1], ["start", 1]],
+            "waits_resolved_by_an_event": 1, "child_jobs_and_completed": [1, 1] })
     );
-    assert!(report.boundaries.len() >= 15, "five steps, three boundaries each: {:?}", report.boundaries);
+    assert!(report.boundaries.len() >= 21, "seven steps, three boundaries each: {:?}", report.boundaries);
     report.assert_same_effects();
 }
 

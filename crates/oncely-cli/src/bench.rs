@@ -123,6 +123,28 @@ impl JobArgs for BenchPlainStep {
     const KIND: &'static str = "bench_plain_step";
 }
 
+/// Phase 9's parent: fans out to [`FAN_CHILDREN`] children and fans in their outputs.
+#[derive(Serialize, Deserialize)]
+struct BenchFanParent {}
+impl JobArgs for BenchFanParent {
+    const KIND: &'static str = "bench_fan_parent";
+}
+
+/// Phase 9's child: stores its index as its output.
+#[derive(Serialize, Deserialize)]
+struct BenchFanChild {
+    i: u32,
+}
+impl JobArgs for BenchFanChild {
+    const KIND: &'static str = "bench_fan_child";
+    fn insert_opts() -> oncely_core::InsertOpts {
+        oncely_core::InsertOpts::new().queue(QUEUE)
+    }
+}
+
+/// Children per parent in phase 9's child-run fan-out.
+const FAN_CHILDREN: u32 = 100;
+
 #[derive(Serialize, Deserialize)]
 struct BenchTxStep {}
 impl JobArgs for BenchTxStep {
@@ -167,6 +189,9 @@ struct Report {
     /// [`WAITING_RUNS`] waits, each publish resolving one.
     publish_plain: f64,
     publish_matching: f64,
+    /// Child runs per second of fan-outs of [`FAN_CHILDREN`] children (`invoke_all`), each child
+    /// storing an output, each parent woken once by its last child.
+    child_fanout: f64,
     /// The `--analyze` drains.
     drains: Vec<Drain>,
 }
@@ -452,6 +477,18 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
             },
         )
         .register(handler_fn(|_ctx, _args: BenchNoop| async { Ok(()) }))
+        .register(handler_fn(|ctx, _args: BenchFanParent| async move {
+            let outputs: Vec<u32> =
+                ctx.invoke_all("children", (0..FAN_CHILDREN).map(|i| BenchFanChild { i }).collect::<Vec<_>>()).await?;
+            if outputs.iter().copied().ne(0..FAN_CHILDREN) {
+                return Err(oncely_worker::Outcome::fail("the fan-in did not return every child's output in order"));
+            }
+            Ok(())
+        }))
+        .register(handler_fn(|ctx, args: BenchFanChild| async move {
+            ctx.set_output(&args.i).await?;
+            Ok(())
+        }))
         .register(handler_fn(|ctx, _args: BenchPlainStep| async move {
             let _n: u32 = ctx.step("compute").run(|| async { Ok::<_, std::io::Error>(42) }).await?;
             Ok(())
@@ -528,7 +565,7 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
         (p50, p99, max),
         (plain_step, tx_step, three_steps),
         (fanout, cron),
-        (sleep, publish_plain, publish_matching),
+        (sleep, publish_plain, publish_matching, child_fanout),
     ) = result?;
     Ok(Report {
         base_one,
@@ -550,6 +587,7 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
         sleep,
         publish_plain,
         publish_matching,
+        child_fanout,
         drains: Vec::new(),
     })
 }
@@ -876,7 +914,7 @@ async fn after_drain(
     n: usize,
     elapsed: Duration,
     samples: usize,
-) -> Result<(f64, (Duration, Duration, Duration), (f64, f64, f64), (f64, f64), (f64, f64, f64)), Fail> {
+) -> Result<(f64, (Duration, Duration, Duration), (f64, f64, f64), (f64, f64), (f64, f64, f64, f64)), Fail> {
     let (completed, total): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE state = 'completed'), count(*) FROM oncely.jobs WHERE queue = $1",
     )
@@ -903,8 +941,9 @@ async fn after_drain(
     );
     let steps = step_costs(conn, handle, n / 2).await?;
     let functions = function_costs(conn, pool, handle, n / 2).await?;
-    let waits = wait_costs(conn, handle, n / 4).await?;
-    Ok((processing, lat, steps, functions, waits))
+    let (sleep, publish_plain, publish_matching) = wait_costs(conn, handle, n / 4).await?;
+    let child_fanout = child_costs(conn, handle, n / 4).await?;
+    Ok((processing, lat, steps, functions, (sleep, publish_plain, publish_matching, child_fanout)))
 }
 
 /// Phase 7: the same worker drains `m` jobs with one memoized step each, then `m` with one
@@ -1073,6 +1112,38 @@ async fn wait_costs(conn: &mut PgConnection, handle: &WorkerHandle, m: usize) ->
         thousands(rates[1])
     );
     Ok((sleep, rates[0], rates[1]))
+}
+
+/// Phase 9, child runs: `m / FAN_CHILDREN` parents enqueued at once, each fanning out to
+/// [`FAN_CHILDREN`] children (`invoke_all`) that store an output, and fanning in; drained. The rate
+/// counts child runs; the parents' own work (start, suspend, wake, fan-in) is inside the time.
+async fn child_costs(conn: &mut PgConnection, handle: &WorkerHandle, m: usize) -> Result<f64, Fail> {
+    let parents = (m / FAN_CHILDREN as usize).max(1);
+    let children = parents * FAN_CHILDREN as usize;
+    let jobs = vec![NewJob::new(&BenchFanParent {})?.queue(QUEUE); parents];
+    let before = WorkerStats::get(&handle.stats().completed);
+    let t = Instant::now();
+    oncely_core::enqueue_many(&mut *conn, &jobs).await?;
+    wait_completed(handle, before + (parents + children) as u64).await?;
+    let elapsed = t.elapsed();
+    let (done, woken_once): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state = 'completed'), count(*) FILTER (WHERE state = 'completed' AND snoozes <= 1) \
+         FROM oncely.jobs WHERE kind = $1",
+    )
+    .bind(BenchFanParent::KIND)
+    .fetch_one(&mut *conn)
+    .await?;
+    if done != parents as i64 {
+        return Err(Fail(format!("{done} of {parents} fan-out parents completed")));
+    }
+    let rate = children as f64 / elapsed.as_secs_f64();
+    println!(
+        "[9] child runs: {parents} parents x {FAN_CHILDREN} children = {children} child runs ({woken_once} parents \
+         suspended at most once) in {:.3} s = {} child runs/s",
+        elapsed.as_secs_f64(),
+        thousands(rate)
+    );
+    Ok(rate)
 }
 
 /// Single-row INSERTs, each its own transaction, from `connections` connections at once for
@@ -1272,6 +1343,11 @@ fn print_summary(a: &BenchArgs, r: &Report) {
         thousands(r.publish_matching),
         r.publish_matching / r.publish_plain,
         r.publish_matching / r.processing
+    );
+    println!(
+        "child runs, fan-out of {FAN_CHILDREN}: {:>9} child runs/s ({:.2}x no-op jobs)",
+        thousands(r.child_fanout),
+        r.child_fanout / r.processing
     );
     for c in ANALYZE_CONCURRENCIES {
         let rate = |analyzed| r.drains.iter().find(|d| d.concurrency == c && d.analyzed == analyzed).map(|d| d.rate);

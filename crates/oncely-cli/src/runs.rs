@@ -144,6 +144,35 @@ async fn show(pool: &PgPool, id: i64) -> Result<(), Fail> {
     if !waits.is_empty() {
         print!("{}", table::render(&["wait", "kind", "awaits", "until (UTC)", "outcome"], &waits, &[]));
     }
+    let children: Vec<Vec<String>> = d
+        .children
+        .iter()
+        .map(|c| {
+            vec![
+                c.step.clone(),
+                c.index.to_string(),
+                c.child.to_string(),
+                c.kind.clone(),
+                c.state.clone(),
+                c.finished_at.map(fmt).unwrap_or_else(|| "-".into()),
+                match (&c.error, &c.output) {
+                    (Some(e), _) => cut(e),
+                    (None, Some(o)) => cut(&o.to_string()),
+                    (None, None) => String::new(),
+                },
+            ]
+        })
+        .collect();
+    if !children.is_empty() {
+        print!(
+            "{}",
+            table::render(
+                &["child of step", "#", "job", "kind", "state", "finished (UTC)", "output / error"],
+                &children,
+                &[1, 2]
+            )
+        );
+    }
     for e in &d.errors {
         println!("attempt {} failed at {} ({:?}): {}", e.attempt, e.at, e.kind, cut(&e.message));
     }

@@ -436,6 +436,8 @@ pub struct RunDetail {
     /// Its waits for events (`wait_for_event`) and cancellation registrations (`cancel_on`),
     /// oldest first. Sleeps are steps whose output is `{"sleep_until": …}`.
     pub waits: Vec<crate::wait::WaitRecord>,
+    /// Its child runs (`ctx.invoke`, `ctx.invoke_all`), oldest first: id, state, step.
+    pub children: Vec<crate::child::ChildRecord>,
 }
 
 const RUN_COLUMNS: &str = "id, kind, state, attempt, args, created_at, finished_at";
@@ -522,7 +524,8 @@ pub async fn run_history(conn: &mut PgConnection, id: JobId) -> Result<RunDetail
         });
     }
     let waits = crate::wait::run_waits(&mut *conn, id).await?;
-    Ok(RunDetail { run, steps, errors, waits })
+    let children = crate::child::run_children(&mut *conn, id).await?;
+    Ok(RunDetail { run, steps, errors, waits, children })
 }
 
 /// What [`rerun_from_step`] did.
@@ -593,6 +596,13 @@ async fn rerun_in(tx: &mut PgConnection, id: JobId, step: &str) -> Result<Rerun>
         .map(|r| Ok((r.try_get("created_at")?, r.try_get::<String, _>("key")?[prefix.len()..].to_owned())))
         .collect::<Result<_>>()?;
     invalidated.sort();
+    let steps: Vec<&str> = invalidated.iter().map(|(_, k)| k.as_str()).collect();
+    // An invalidated invoke step starts new children when it runs again: forget the old ones.
+    crate::pooler::query("DELETE FROM oncely.child_runs WHERE parent_id = $1 AND step = ANY($2)")
+        .bind(id)
+        .bind(&steps)
+        .execute(&mut *tx)
+        .await?;
     crate::pooler::query(
         "UPDATE oncely.jobs SET state = 'available', run_at = now(), finished_at = NULL, \
              max_attempts = greatest(max_attempts, attempt + 1), lease_expires_at = NULL, worker_id = NULL \

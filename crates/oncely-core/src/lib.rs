@@ -24,6 +24,7 @@
 pub mod job;
 mod boundary;
 pub mod bulk;
+pub mod child;
 pub mod debounce;
 mod effect;
 pub mod error;

@@ -78,13 +78,13 @@ pub async fn prune_finished<'e>(
     dead_retention: Duration,
     limit: i64,
 ) -> Result<u64> {
-    let res = crate::pooler::query(crate::job::sql::JOB_DELETE_FINISHED)
+    let deleted: i64 = crate::pooler::query_scalar(crate::job::sql::JOB_DELETE_FINISHED)
         .bind(secs(retention))
         .bind(secs(dead_retention))
         .bind(limit)
-        .execute(executor)
+        .fetch_one(executor)
         .await?;
-    Ok(res.rows_affected())
+    Ok(deleted as u64)
 }
 
 /// Try to take, or keep, the leadership `name` for `leader_id` during `ttl`. Returns true while

@@ -62,6 +62,20 @@ pub enum FlowError {
     /// The database failed, or the request was invalid.
     #[error("{0}")]
     Database(#[source] oncely_core::Error),
+    /// A child run ([`JobContext::invoke`], [`JobContext::invoke_all`]) is dead or was cancelled.
+    /// `?` fails the parent for good (retrying cannot revive the child).
+    #[error("{0}")]
+    ChildFailed(#[source] crate::child::ChildFailure),
+    /// A child run's output does not deserialize into the type asked for. `?` fails the parent.
+    #[error("child run {child} of step `{step}`: its output does not deserialize: {error}")]
+    ChildOutput {
+        /// The invoke step.
+        step: String,
+        /// The child's job id.
+        child: JobId,
+        /// The deserialization error.
+        error: String,
+    },
 }
 
 impl From<StepError> for FlowError {
@@ -83,6 +97,7 @@ impl FlowError {
             FlowError::Suspended { delay, .. } => Some(Outcome::Snooze(*delay)),
             FlowError::Cancelled(reason) => Some(Outcome::Cancel(reason.clone())),
             FlowError::Database(oncely_core::Error::InvalidInput(m)) => Some(Outcome::Fail(m.clone())),
+            FlowError::ChildFailed(_) | FlowError::ChildOutput { .. } => Some(Outcome::Fail(self.to_string())),
             _ => None,
         }
     }

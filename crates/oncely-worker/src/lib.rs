@@ -18,6 +18,7 @@
 //! steps and the effect ledger are for, and [`JobContext::complete_in`], which completes the job in
 //! the handler's own transaction.
 
+pub mod child;
 mod completer;
 pub mod config;
 pub mod error;

@@ -436,15 +436,21 @@ RETURNING j.id, j.state, j.queue
 "#;
 
 /// Delete up to `$3` finished jobs past their retention (`$1` seconds for completed and cancelled,
-/// `$2` for dead).
+/// `$2` for dead), and the child-run rows of the deleted jobs (as parents). Returns how many jobs.
 pub(crate) const JOB_DELETE_FINISHED: &str = r#"
-DELETE FROM oncely.jobs
-WHERE id IN (
-    SELECT id FROM oncely.jobs
-    WHERE (state IN ('completed', 'cancelled') AND finished_at < now() - make_interval(secs => $1))
-       OR (state = 'dead' AND finished_at < now() - make_interval(secs => $2))
-    LIMIT $3
+WITH gone AS (
+    DELETE FROM oncely.jobs
+    WHERE id IN (
+        SELECT id FROM oncely.jobs
+        WHERE (state IN ('completed', 'cancelled') AND finished_at < now() - make_interval(secs => $1))
+           OR (state = 'dead' AND finished_at < now() - make_interval(secs => $2))
+        LIMIT $3
+    )
+    RETURNING id
+), children AS (
+    DELETE FROM oncely.child_runs WHERE parent_id IN (SELECT id FROM gone)
 )
+SELECT count(*) FROM gone
 "#;
 
 /// Wake workers listening on the queues in `$1`.
