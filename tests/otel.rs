@@ -9,9 +9,9 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use common::*;
+use oncely::{enqueue, enqueue_many, handler_fn, JobArgs, JobId, NewJob};
 use opentelemetry::trace::{SpanId, TraceContextExt, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use oncely::{enqueue, enqueue_many, handler_fn, JobArgs, JobId, NewJob};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -65,13 +65,14 @@ async fn one_trace_runs_from_the_request_through_the_job_and_its_step() {
     drop(request);
     let batch_request = tracing::info_span!("batch_request");
     let batch_trace = batch_request.context().span().span_context().trace_id();
-    let batch: Vec<JobId> = enqueue_many(pool, &[NewJob::new(&Charge { n: 2 }).unwrap(), NewJob::new(&Charge { n: 3 }).unwrap()])
-        .instrument(batch_request.clone())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let batch: Vec<JobId> =
+        enqueue_many(pool, &[NewJob::new(&Charge { n: 2 }).unwrap(), NewJob::new(&Charge { n: 3 }).unwrap()])
+            .instrument(batch_request.clone())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
     drop(batch_request);
     // An enqueue with no span of the caller's around it.
     let untraced = enqueue(pool, NewJob::new(&Charge { n: 4 }).unwrap()).await.unwrap().id;
@@ -95,11 +96,12 @@ async fn one_trace_runs_from_the_request_through_the_job_and_its_step() {
     assert!(![request_trace.to_string(), batch_trace.to_string()].contains(&lone_tp[3..35].to_owned()));
 
     // The worker runs each job with a step.
-    let builder = builder(pool.clone()).register(handler_fn(|ctx, c: Charge| async move {
-        ctx.step("charge_card").run(|| async move { Ok::<_, Infallible>(c.n) }).await?;
-        Ok(())
-    }))
-    .queue("default", 2);
+    let builder = builder(pool.clone())
+        .register(handler_fn(|ctx, c: Charge| async move {
+            ctx.step("charge_card").run(|| async move { Ok::<_, Infallible>(c.n) }).await?;
+            Ok(())
+        }))
+        .queue("default", 2);
     let drained = oncely::testkit::run_until_idle(pool, builder, Duration::from_secs(30)).await;
     assert_eq!(drained.completed, 4);
 
@@ -112,9 +114,11 @@ async fn one_trace_runs_from_the_request_through_the_job_and_its_step() {
     assert_eq!(links, [(request_trace, enqueue_span.span_context.span_id())], "the job's span links the enqueue");
     // The step's span is the job span's child, in the same trace.
     let step = eventually(Duration::from_secs(10), "the step's span is exported", || async {
-        exporter.get_finished_spans().unwrap().into_iter().find(|s| {
-            s.name == "step" && s.parent_span_id == job.span_context.span_id()
-        })
+        exporter
+            .get_finished_spans()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.name == "step" && s.parent_span_id == job.span_context.span_id())
     })
     .await;
     assert_eq!(step.span_context.trace_id(), request_trace);

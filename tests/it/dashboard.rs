@@ -205,9 +205,8 @@ async fn the_jobs_list_pages_by_keyset_and_filters() {
 async fn the_router_mounts_under_a_prefix_with_an_auth_hook() {
     let db = TestDb::new().await;
     let ids = dead_reports(db.pool(), &[4]).await;
-    let hook: oncely::dashboard::AuthHook = std::sync::Arc::new(|parts: &http::request::Parts| {
-        parts.headers.get("x-admin").is_some_and(|v| v == "yes")
-    });
+    let hook: oncely::dashboard::AuthHook =
+        std::sync::Arc::new(|parts: &http::request::Parts| parts.headers.get("x-admin").is_some_and(|v| v == "yes"));
     let ops = Dashboard::new(db.pool().clone()).auth_hook(hook).router();
     // Nested at `/ops/` (axum then matches `/ops/`, not `/ops`, so the relative links resolve), and
     // `/ops` sends the browser there.
@@ -301,6 +300,39 @@ async fn webhook_pages_never_show_secrets_and_stored_responses_only_when_asked()
     assert!(!enabled().await);
     post(&app, "/webhooks/action", &format!("csrf={csrf}&action=enable&endpoint={}", ep.id.0)).await;
     assert!(enabled().await);
+    // Redeliver, by form: an event whose delivery job died gets a new job.
+    let event =
+        oncely::outbox::publish(pool, &oncely::outbox::Event::new("invoice.paid", &serde_json::json!({})).unwrap())
+            .await
+            .unwrap()
+            .id;
+    let delivery_job = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT job_id FROM oncely.webhook_deliveries WHERE endpoint_id = $1 AND event_id = $2",
+        )
+        .bind(ep.id.0)
+        .bind(event.0)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+    let first = delivery_job().await;
+    sqlx::query("UPDATE oncely.jobs SET state = 'dead', finished_at = now() WHERE id = $1")
+        .bind(first)
+        .execute(pool)
+        .await
+        .unwrap();
+    let no_csrf =
+        post(&app, "/webhooks/action", &format!("action=redeliver&endpoint={}&event={}", ep.id.0, event.0)).await;
+    assert_eq!(no_csrf.status, StatusCode::FORBIDDEN);
+    assert_eq!(delivery_job().await, first, "a refused redeliver changed nothing");
+    let res =
+        post(&app, "/webhooks/action", &format!("csrf={csrf}&action=redeliver&endpoint={}&event={}", ep.id.0, event.0))
+            .await;
+    assert_eq!(res.status, StatusCode::SEE_OTHER, "{}", res.body);
+    let again = delivery_job().await;
+    assert_ne!(again, first, "a new delivery job");
+    assert_eq!(state(pool, again).await, "available");
 
     // A stored HTTP response (an idempotency record) is hidden unless the dashboard allows it
     // and the viewer asks.

@@ -54,14 +54,15 @@ async fn a_traceparent_given_at_enqueue_is_stored_and_handed_to_the_handler() {
 
     let seen: Arc<Mutex<HashMap<u32, Option<String>>>> = Arc::default();
     let s = seen.clone();
-    let builder = builder(pool.clone()).register(handler_fn(move |ctx, t: Traced| {
-        let s = s.clone();
-        async move {
-            s.lock().unwrap().insert(t.n, ctx.traceparent().map(|tp| tp.to_string()));
-            Ok(())
-        }
-    }))
-    .queue("default", 2);
+    let builder = builder(pool.clone())
+        .register(handler_fn(move |ctx, t: Traced| {
+            let s = s.clone();
+            async move {
+                s.lock().unwrap().insert(t.n, ctx.traceparent().map(|tp| tp.to_string()));
+                Ok(())
+            }
+        }))
+        .queue("default", 2);
     let drained = oncely::testkit::run_until_idle(pool, builder, Duration::from_secs(30)).await;
     assert_eq!(drained.completed, 3);
     let seen = seen.lock().unwrap().clone();
@@ -168,7 +169,10 @@ async fn the_sql_enqueue_keeps_its_old_calls_and_drops_a_later_versions_extra_fi
         .fetch_one(pool)
         .await
         .unwrap();
-    assert_eq!(stored(pool, JobId(later)).await.as_deref(), Some("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+    assert_eq!(
+        stored(pool, JobId(later)).await.as_deref(),
+        Some("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
     // And the Rust parser agrees.
     let rust = TraceParent::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-abcd").unwrap();
     assert_eq!(Some(rust.as_str().to_owned()), stored(pool, JobId(later)).await);

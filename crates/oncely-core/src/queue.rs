@@ -162,11 +162,7 @@ fn copy_field(out: &mut String, v: &str) {
     }
 }
 
-async fn enqueue_copy(
-    conn: &mut sqlx::PgConnection,
-    jobs: &[NewJob],
-    current: Option<&str>,
-) -> Result<Vec<Enqueued>> {
+async fn enqueue_copy(conn: &mut sqlx::PgConnection, jobs: &[NewJob], current: Option<&str>) -> Result<Vec<Enqueued>> {
     let ids: Vec<i64> =
         sqlx::query_scalar(crate::job::sql::JOB_RESERVE_IDS).bind(jobs.len() as i64).fetch_all(&mut *conn).await?;
     let mut buf = String::with_capacity(jobs.len() * 64);
