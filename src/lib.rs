@@ -20,6 +20,10 @@
 //! - feature `signal`: the worker's signal handling (Tokio's `signal` feature), for binaries.
 //! - feature `dashboard`: the web dashboard, Prometheus `/metrics`, `/healthz` and `/readyz` as an axum
 //!   `Router`, as `oncely::dashboard` (`oncely-dashboard`).
+//! - feature `otel`: tracing across the queue with OpenTelemetry — the enqueue stores the current
+//!   span's trace context and the job's span continues it ([`trace`]; `tracing-opentelemetry`).
+//!   Without it, a `traceparent` set by hand is still stored and shown to the handler, and no
+//!   OpenTelemetry crate is compiled.
 //!
 //! See the repository README for what "exactly once" does and does not mean here.
 
@@ -38,7 +42,8 @@ pub use oncely_webhooks as webhooks;
 
 pub use oncely_core::step::{self, OnUnknown};
 pub use oncely_core::{
-    bulk, debounce, flow, function, inbox, ledger, outbox, pause, schedule, secrets, unique, wait, webhook, InsertOpts,
+    bulk, debounce, flow, function, inbox, ledger, outbox, pause, schedule, secrets, trace, unique, wait, webhook,
+    InsertOpts,
 };
 pub use oncely_core::{
     cancel_job, enqueue, enqueue_many, get_job, idempotent, list_jobs, migrate, migrate_report, retry_job,

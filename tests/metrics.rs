@@ -49,6 +49,17 @@ async fn metrics_after_a_drain_have_the_right_counts() {
     // Two flaky jobs: one fails once then succeeds, one has a single attempt and dies.
     enqueue(pool, NewJob::new(&Flaky { n: 0 }).unwrap().max_attempts(3)).await.unwrap();
     enqueue(pool, NewJob::new(&Flaky { n: 1 }).unwrap().max_attempts(1)).await.unwrap();
+    // A sixth good job, claimed by a worker that died: its lease ran out a minute ago. The
+    // worker's maintenance rescues it (`oncely_jobs_rescued_total`), then it runs.
+    let orphan = enqueue(pool, NewJob::new(&Good { n: 5 }).unwrap()).await.unwrap().id;
+    sqlx::query(
+        "UPDATE oncely.jobs SET state = 'running', attempt = 1, attempted_at = now(), worker_id = 'gone', \
+         lease_expires_at = now() - interval '1 minute' WHERE id = $1",
+    )
+    .bind(orphan)
+    .execute(pool)
+    .await
+    .unwrap();
     let tries = Arc::new(AtomicU32::new(0));
     let t = tries.clone();
     let builder = builder(pool.clone())
@@ -131,14 +142,15 @@ async fn metrics_after_a_drain_have_the_right_counts() {
     let text = String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
 
     let expect = [
-        ("oncely_jobs_completed_total{kind=\"good\"}", 5.0),
+        ("oncely_jobs_completed_total{kind=\"good\"}", 6.0),
+        ("oncely_jobs_rescued_total", 1.0),
         ("oncely_jobs_completed_total{kind=\"flaky\"}", 1.0),
         ("oncely_jobs_failed_total{kind=\"flaky\"}", 2.0),
         ("oncely_jobs_retried_total{kind=\"flaky\"}", 1.0),
         ("oncely_jobs_dead_total{kind=\"flaky\"}", 1.0),
-        ("oncely_handler_duration_seconds_count{kind=\"good\"}", 5.0),
+        ("oncely_handler_duration_seconds_count{kind=\"good\"}", 6.0),
         ("oncely_handler_duration_seconds_count{kind=\"flaky\"}", 3.0),
-        ("oncely_job_start_latency_seconds_count{queue=\"default\"}", 8.0),
+        ("oncely_job_start_latency_seconds_count{queue=\"default\"}", 9.0),
         ("oncely_queue_depth{queue=\"default\",state=\"dead\"}", 1.0),
         ("oncely_queue_depth{queue=\"default\",state=\"available\"}", 0.0),
         ("oncely_queue_depth{queue=\"later\",state=\"available\"}", 1.0),
@@ -156,6 +168,6 @@ async fn metrics_after_a_drain_have_the_right_counts() {
     }
     assert!(text.contains("# TYPE oncely_handler_duration_seconds histogram"), "{text}");
     let batches = sample(&text, "oncely_claim_batch_size_sum{queue=\"default\"}").expect("claim batch sizes");
-    assert_eq!(batches, 8.0, "every claimed attempt is in one batch");
+    assert_eq!(batches, 9.0, "every claimed attempt is in one batch");
     assert_eq!(sample(&text, "oncely_lease_lost_total"), None, "no lease was lost");
 }

@@ -198,6 +198,56 @@ async fn the_jobs_list_pages_by_keyset_and_filters() {
     assert_eq!(get(&app, "/jobs?state=bogus").await.status, StatusCode::INTERNAL_SERVER_ERROR);
 }
 
+/// Mounted in another service's router under a prefix, as docs/operations.md shows: the pages,
+/// their relative links, an action's redirect, the auth hook and health all work there, next to
+/// the service's own routes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_router_mounts_under_a_prefix_with_an_auth_hook() {
+    let db = TestDb::new().await;
+    let ids = dead_reports(db.pool(), &[4]).await;
+    let hook: oncely::dashboard::AuthHook =
+        std::sync::Arc::new(|parts: &http::request::Parts| parts.headers.get("x-admin").is_some_and(|v| v == "yes"));
+    let ops = Dashboard::new(db.pool().clone()).auth_hook(hook).router();
+    // Nested at `/ops/` (axum then matches `/ops/`, not `/ops`, so the relative links resolve), and
+    // `/ops` sends the browser there.
+    let app = axum::Router::new()
+        .route("/api", axum::routing::get(|| async { "the service's own route" }))
+        .route("/ops", axum::routing::get(|| async { axum::response::Redirect::permanent("/ops/") }))
+        .nest("/ops/", ops);
+    let admin = |method: &str, uri: &str, form: Option<String>| {
+        let builder = Request::builder().method(method).uri(uri).header("x-admin", "yes");
+        match form {
+            Some(f) => builder.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(Body::from(f)),
+            None => builder.body(Body::empty()),
+        }
+        .unwrap()
+    };
+    assert_eq!(get(&app, "/api").await.body, "the service's own route");
+    let to_root = get(&app, "/ops").await;
+    assert_eq!(to_root.status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(to_root.headers[header::LOCATION], "/ops/");
+    assert_eq!(get(&app, "/ops/").await.status, StatusCode::UNAUTHORIZED, "the hook says no without the header");
+    assert_eq!(get(&app, "/ops/healthz").await.status, StatusCode::OK, "health stays open");
+
+    let root = call(&app, admin("GET", "/ops/", None)).await;
+    assert_eq!(root.status, StatusCode::OK);
+    // At `/ops/`, `./dead` is `/ops/dead` (the template escapes the slash).
+    assert!(root.body.contains(r#"href=".&#x2f;dead""#), "{}", root.body);
+    let dead = call(&app, admin("GET", "/ops/dead", None)).await;
+    assert_eq!(dead.status, StatusCode::OK);
+    assert!(dead.body.contains(&format!("id=\"job-{}\"", ids[0])));
+    // At `/ops/jobs/ID`, `../dead` is `/ops/dead`; the page is there.
+    let job = call(&app, admin("GET", &format!("/ops/jobs/{}", ids[0]), None)).await;
+    assert_eq!(job.status, StatusCode::OK);
+    assert!(job.body.contains(r#"href="..&#x2f;dead""#), "{}", job.body);
+    // An action: from `/ops/dead/action`, the redirect `../dead` is `/ops/dead`.
+    let form = format!("csrf={}&action=retry&id={}", csrf_of(&dead.body), ids[0]);
+    let done = call(&app, admin("POST", "/ops/dead/action", Some(form))).await;
+    assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
+    assert_eq!(done.headers[header::LOCATION], "../dead");
+    assert_eq!(state(db.pool(), ids[0]).await, "available");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_page_shows_arguments_errors_and_steps_escaped() {
     let db = TestDb::new().await;
@@ -210,6 +260,14 @@ async fn a_job_page_shows_arguments_errors_and_steps_escaped() {
     assert!(page.body.contains("&lt;b&gt;report 7"), "arguments are escaped");
     assert!(!page.body.contains("<b>report"));
     assert_eq!(get(&app, "/jobs/999999").await.status, StatusCode::NOT_FOUND);
+    assert!(page.body.contains(r#"<td colspan="3" id="traceparent">-</td>"#), "no trace stored, none shown");
+    // A job enqueued with a traceparent shows its trace id, to look the trace up.
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced = NewJob::new(&Report { report_id: 8, note: String::new() }).unwrap().traceparent(tp.parse().unwrap());
+    let id = enqueue(db.pool(), traced).await.unwrap().id;
+    let page = get(&app, &format!("/jobs/{id}")).await;
+    assert!(page.body.contains("trace 4bf92f3577b34da6a3ce929d0e0e4736"), "the trace id is shown");
+    assert!(page.body.contains(&format!("<code>{tp}</code>")));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -242,6 +300,39 @@ async fn webhook_pages_never_show_secrets_and_stored_responses_only_when_asked()
     assert!(!enabled().await);
     post(&app, "/webhooks/action", &format!("csrf={csrf}&action=enable&endpoint={}", ep.id.0)).await;
     assert!(enabled().await);
+    // Redeliver, by form: an event whose delivery job died gets a new job.
+    let event =
+        oncely::outbox::publish(pool, &oncely::outbox::Event::new("invoice.paid", &serde_json::json!({})).unwrap())
+            .await
+            .unwrap()
+            .id;
+    let delivery_job = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT job_id FROM oncely.webhook_deliveries WHERE endpoint_id = $1 AND event_id = $2",
+        )
+        .bind(ep.id.0)
+        .bind(event.0)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+    let first = delivery_job().await;
+    sqlx::query("UPDATE oncely.jobs SET state = 'dead', finished_at = now() WHERE id = $1")
+        .bind(first)
+        .execute(pool)
+        .await
+        .unwrap();
+    let no_csrf =
+        post(&app, "/webhooks/action", &format!("action=redeliver&endpoint={}&event={}", ep.id.0, event.0)).await;
+    assert_eq!(no_csrf.status, StatusCode::FORBIDDEN);
+    assert_eq!(delivery_job().await, first, "a refused redeliver changed nothing");
+    let res =
+        post(&app, "/webhooks/action", &format!("csrf={csrf}&action=redeliver&endpoint={}&event={}", ep.id.0, event.0))
+            .await;
+    assert_eq!(res.status, StatusCode::SEE_OTHER, "{}", res.body);
+    let again = delivery_job().await;
+    assert_ne!(again, first, "a new delivery job");
+    assert_eq!(state(pool, again).await, "available");
 
     // A stored HTTP response (an idempotency record) is hidden unless the dashboard allows it
     // and the viewer asks.

@@ -36,6 +36,7 @@ mod queue;
 mod report_events;
 mod sql_api;
 mod steps;
+mod trace;
 mod waits;
 mod webhooks;
 mod webhooks_tls;

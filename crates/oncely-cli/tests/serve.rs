@@ -103,7 +103,8 @@ async fn serve_answers_runs_maintenance_and_stops_on_sigterm() {
 }
 
 /// `--config FILE`: the file names the database, the address and a token; the environment beats
-/// the file (its token is the one required); an unknown key stops serve with a usage error.
+/// the file (its token is the one required); SIGINT stops it cleanly; an unknown key stops serve
+/// with a usage error.
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_reads_a_configuration_file_under_the_environment_and_refuses_unknown_keys() {
     let db = oncely_testkit::TestDb::new().await;
@@ -139,10 +140,11 @@ async fn serve_reads_a_configuration_file_under_the_environment_and_refuses_unkn
     assert_eq!(http_get(&addr, "/readyz", None).await, (200, "ready".to_owned()), "the file's database");
     assert_eq!(http_get(&addr, "/", Some("from-file")).await.0, 401, "the environment beats the file");
     assert_eq!(http_get(&addr, "/", Some("from-env")).await.0, 200);
+    // SIGINT (Ctrl-C) stops it as cleanly as SIGTERM does in the test above.
     let pid = child.id().expect("running").to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("stops").unwrap();
-    assert!(status.success(), "{status}");
+    assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("stops on SIGINT").unwrap();
+    assert!(status.success(), "serve exits cleanly on SIGINT: {status}");
 
     std::fs::write(&file, "listen = \"127.0.0.1:0\"\nread_only = true\n").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_oncely"))

@@ -143,6 +143,8 @@ where
                     .into(),
             ));
         }
+        #[cfg(feature = "otel")]
+        let job = crate::queue::with_current_trace(job);
         let period = debounce.period.as_secs_f64();
         let max_wait = debounce.max_wait.map(|d| d.as_secs_f64());
         let mut tx = conn.begin().await?;
@@ -167,6 +169,7 @@ where
                     .bind(job.max_attempts)
                     .bind(max_wait)
                     .bind(key)
+                    .bind(job.traceparent_column())
                     .fetch_one(&mut *tx)
                     .await?;
                 (row, false)

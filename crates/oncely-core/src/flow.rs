@@ -113,7 +113,7 @@ WITH k AS MATERIALIZED (
     WHERE j.id = ANY (ARRAY(SELECT id FROM next))
     RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_attempts, j.snoozes,
               j.run_at, j.created_at, j.attempted_at, j.finished_at, j.lease_expires_at, j.worker_id,
-              j.unique_key, j.errors
+              j.unique_key, j.errors, j.traceparent
 ), keys AS (
     UPDATE oncely.flow_keys AS f
     SET last_claimed_at = CASE WHEN n.claimed > 0 THEN clock_timestamp() ELSE f.last_claimed_at END,

@@ -44,6 +44,7 @@ pub mod retry;
 pub mod schedule;
 pub mod secrets;
 pub mod step;
+pub mod trace;
 pub mod txn;
 pub mod unique;
 pub mod wait;

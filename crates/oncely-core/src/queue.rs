@@ -45,9 +45,12 @@ pub struct Enqueued {
 #[instrument(skip_all, fields(job.kind = %job.kind, queue = %job.queue), err)]
 pub async fn enqueue<'e>(executor: impl PgExecutor<'e>, job: NewJob) -> Result<Enqueued> {
     job.validate()?;
+    #[cfg(feature = "otel")]
+    let job = with_current_trace(job);
     let row = if job.flow_key.is_some() {
         bind_job_columns(crate::pooler::query(crate::job::sql::JOB_INSERT_ONE_FLOW), &job)
             .bind(&job.unique_key)
+            .bind(job.traceparent_column())
             .bind(&job.flow_key)
             .bind(job.flow_limit)
             .fetch_one(executor)
@@ -58,9 +61,23 @@ pub async fn enqueue<'e>(executor: impl PgExecutor<'e>, job: NewJob) -> Result<E
         } else {
             crate::job::sql::JOB_INSERT_ONE
         };
-        bind_job_columns(crate::pooler::query(sql), &job).bind(&job.unique_key).fetch_one(executor).await?
+        bind_job_columns(crate::pooler::query(sql), &job)
+            .bind(&job.unique_key)
+            .bind(job.traceparent_column())
+            .fetch_one(executor)
+            .await?
     };
     Ok(Enqueued { id: JobId(row.try_get("id")?), existing: row.try_get("existing")? })
+}
+
+/// With the feature `otel`: a job without a `traceparent` takes the current span's (the enqueue's
+/// own span, a child of the caller's), when an OpenTelemetry layer gives it one.
+#[cfg(feature = "otel")]
+pub(crate) fn with_current_trace(mut job: NewJob) -> NewJob {
+    if job.traceparent.is_none() {
+        job.traceparent = crate::trace::TraceParent::from_current_span();
+    }
+    job
 }
 
 /// Bind a job's kind, queue, args, priority, run_at, delay (seconds) and max attempts, in that
@@ -101,8 +118,10 @@ pub fn enqueue_many<'a, A>(conn: A, jobs: &'a [NewJob]) -> BoxFuture<'a, Result<
 where
     A: Acquire<'a, Database = Postgres> + Send + 'a,
 {
-    let span = tracing::info_span!("enqueue_many", count = jobs.len());
-    Box::pin(
+    Box::pin(async move {
+        // Made at the first poll, as an `async fn`'s span is: a child of the span the caller awaits
+        // in (what `otel` stores as the jobs' traceparent), not of the one it was called in.
+        let span = tracing::info_span!("enqueue_many", count = jobs.len());
         async move {
             if jobs.is_empty() {
                 return Ok(Vec::new());
@@ -110,6 +129,12 @@ where
             for job in jobs {
                 job.validate()?;
             }
+            // The traceparent of jobs that carry none: the current span's, with the feature `otel`.
+            #[cfg(feature = "otel")]
+            let current = crate::trace::TraceParent::from_current_span();
+            #[cfg(not(feature = "otel"))]
+            let current: Option<crate::trace::TraceParent> = None;
+            let current = current.as_ref().map(crate::trace::TraceParent::as_str);
             let simple = jobs
                 .iter()
                 .all(|j| j.unique_key.is_none() && j.flow_key.is_none() && j.run_at.is_none() && j.delay.is_none());
@@ -118,20 +143,21 @@ where
                 // the caller's own).
                 let mut tx = conn.begin().await?;
                 let enqueued = match simple && jobs.len() >= COPY_THRESHOLD {
-                    true => enqueue_copy(&mut tx, jobs).await?,
-                    false => enqueue_unnest(&mut tx, jobs).await?,
+                    true => enqueue_copy(&mut tx, jobs, current).await?,
+                    false => enqueue_unnest(&mut tx, jobs, current).await?,
                 };
                 tx.commit().await?;
                 return Ok(enqueued);
             }
             let mut conn = conn.acquire().await?;
             if simple && jobs.len() >= COPY_THRESHOLD {
-                return enqueue_copy(&mut conn, jobs).await;
+                return enqueue_copy(&mut conn, jobs, current).await;
             }
-            enqueue_unnest(&mut conn, jobs).await
+            enqueue_unnest(&mut conn, jobs, current).await
         }
-        .instrument(span),
-    )
+        .instrument(span)
+        .await
+    })
 }
 
 /// One field of a COPY text row: `\N` for NULL, backslash escapes for the rest.
@@ -147,7 +173,7 @@ fn copy_field(out: &mut String, v: &str) {
     }
 }
 
-async fn enqueue_copy(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
+async fn enqueue_copy(conn: &mut sqlx::PgConnection, jobs: &[NewJob], current: Option<&str>) -> Result<Vec<Enqueued>> {
     let ids: Vec<i64> = crate::pooler::query_scalar(crate::job::sql::JOB_RESERVE_IDS)
         .bind(jobs.len() as i64)
         .fetch_all(&mut *conn)
@@ -161,7 +187,10 @@ async fn enqueue_copy(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Result<
             buf.push('\t');
             copy_field(&mut buf, field);
         }
-        buf.push_str(&format!("\t{}\t{}\n", job.priority, job.max_attempts));
+        buf.push_str(&format!("\t{}\t{}\t", job.priority, job.max_attempts));
+        // A traceparent is lowercase hex and dashes (parsed): nothing to escape.
+        buf.push_str(job.traceparent_column().or(current).unwrap_or("\\N"));
+        buf.push('\n');
     }
     let mut copy = conn.copy_in_raw(crate::job::sql::JOB_COPY_IN).await?;
     copy.send(buf.into_bytes()).await?;
@@ -173,7 +202,11 @@ async fn enqueue_copy(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Result<
     Ok(ids.into_iter().map(|id| Enqueued { id: JobId(id), existing: false }).collect())
 }
 
-async fn enqueue_unnest(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
+async fn enqueue_unnest(
+    conn: &mut sqlx::PgConnection,
+    jobs: &[NewJob],
+    current: Option<&str>,
+) -> Result<Vec<Enqueued>> {
     let n = jobs.len();
     let mut kinds = Vec::with_capacity(n);
     let mut queues = Vec::with_capacity(n);
@@ -185,6 +218,7 @@ async fn enqueue_unnest(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Resul
     let mut unique_keys: Vec<Option<&str>> = Vec::with_capacity(n);
     let mut flow_keys: Vec<Option<&str>> = Vec::with_capacity(n);
     let mut flow_limits: Vec<Option<i32>> = Vec::with_capacity(n);
+    let mut traceparents: Vec<Option<&str>> = Vec::with_capacity(n);
     // For each input: the index of the row that carries it (itself, or an earlier row with its key).
     let mut source = Vec::with_capacity(n);
     let mut seen_keys = std::collections::HashMap::new();
@@ -207,6 +241,7 @@ async fn enqueue_unnest(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Resul
         unique_keys.push(job.unique_key.as_deref());
         flow_keys.push(job.flow_key.as_deref());
         flow_limits.push(job.flow_limit);
+        traceparents.push(job.traceparent_column().or(current));
     }
     let flow = flow_keys.iter().any(Option::is_some);
     let sql = if flow {
@@ -224,7 +259,8 @@ async fn enqueue_unnest(conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Resul
         .bind(&run_ats)
         .bind(&delays)
         .bind(&max_attempts)
-        .bind(&unique_keys);
+        .bind(&unique_keys)
+        .bind(&traceparents);
     if flow {
         query = query.bind(&flow_keys).bind(&flow_limits);
     }

@@ -60,6 +60,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use serde::{de::DeserializeOwned, Serialize};
 use sqlx::PgPool;
+use tracing::Instrument;
 
 pub use crate::boundary::{Boundary, BoundaryHook, BoundaryPoint, InjectedCrash};
 use crate::effect::Effect;
@@ -257,15 +258,20 @@ impl<'a> Step<'a> {
         Fut: Future<Output = Result<T, E>>,
         E: Into<BoxError>,
     {
-        let scope = self.scope;
-        let deferred = scope.deferring().filter(|_| self.key.is_none());
-        let (mut effect, name) = self.effect()?;
-        scope.check(&name).await?;
-        effect.label = &name;
-        match deferred {
-            Some(records) => effect.run_deferred(records, f).await,
-            None => effect.run(OnUnknown::RetrySameKeyWithin(Duration::MAX), |_| f()).await,
+        let span = self.span();
+        async move {
+            let scope = self.scope;
+            let deferred = scope.deferring().filter(|_| self.key.is_none());
+            let (mut effect, name) = self.effect()?;
+            scope.check(&name).await?;
+            effect.label = &name;
+            match deferred {
+                Some(records) => effect.run_deferred(records, f).await,
+                None => effect.run(OnUnknown::RetrySameKeyWithin(Duration::MAX), |_| f()).await,
+            }
         }
+        .instrument(span)
+        .await
     }
 
     /// Run `f` in the transaction that records the step: the effect and the record commit
@@ -276,15 +282,20 @@ impl<'a> Step<'a> {
         F: for<'c> FnOnce(&'c mut sqlx::PgConnection) -> BoxFuture<'c, Result<T, E>>,
         E: Into<BoxError>,
     {
-        let scope = self.scope;
-        let deferred = scope.deferring().filter(|_| self.key.is_none());
-        let (mut effect, name) = self.effect()?;
-        scope.check(&name).await?;
-        effect.label = &name;
-        match deferred {
-            Some(records) => effect.transactional_unclaimed(records, f).await,
-            None => effect.transactional(f).await,
+        let span = self.span();
+        async move {
+            let scope = self.scope;
+            let deferred = scope.deferring().filter(|_| self.key.is_none());
+            let (mut effect, name) = self.effect()?;
+            scope.check(&name).await?;
+            effect.label = &name;
+            match deferred {
+                Some(records) => effect.transactional_unclaimed(records, f).await,
+                None => effect.transactional(f).await,
+            }
         }
+        .instrument(span)
+        .await
     }
 
     /// Call an external system: the intent is recorded first, `f` gets the stable idempotency key
@@ -298,11 +309,22 @@ impl<'a> Step<'a> {
         Fut: Future<Output = Result<T, E>>,
         E: Into<BoxError>,
     {
-        let scope = self.scope;
-        let (mut effect, name) = self.effect()?;
-        scope.check(&name).await?;
-        effect.label = &name;
-        effect.run(on_unknown, f).await
+        let span = self.span();
+        async move {
+            let scope = self.scope;
+            let (mut effect, name) = self.effect()?;
+            scope.check(&name).await?;
+            effect.label = &name;
+            effect.run(on_unknown, f).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The step's span (`step`, with its name), a child of the job's: a trace of the job shows
+    /// each step, replayed or run, and what its closure calls.
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!("step", step = %self.name)
     }
 }
 

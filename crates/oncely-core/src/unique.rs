@@ -73,6 +73,8 @@ where
         }
         let job = job.unique_key(key);
         job.validate()?;
+        #[cfg(feature = "otel")]
+        let job = crate::queue::with_current_trace(job);
         if period > Duration::from_secs(100 * 365 * 24 * 3600) {
             return Err(Error::InvalidInput(format!("a unique period must be at most 100 years, got {period:?}")));
         }
@@ -90,6 +92,7 @@ where
                 // without this function inserted meanwhile: then the existing job comes back.
                 let row = bind_job_columns(crate::pooler::query(sql::JOB_INSERT_ONE_UNIQUE), &job)
                     .bind(&job.unique_key)
+                    .bind(job.traceparent_column())
                     .fetch_one(&mut *tx)
                     .await?;
                 Enqueued { id: JobId(row.try_get("id")?), existing: row.try_get("existing")? }

@@ -9,7 +9,12 @@
 //!     .token("a long random token")
 //!     .read_only(true)
 //!     .router();
-//! let app: axum::Router = axum::Router::new().nest("/oncely", ops);
+//! // With the trailing slash: axum then serves the root page at `/oncely/`, where the
+//! // dashboard's relative links resolve (nested at `/oncely`, it would be at `/oncely`, and
+//! // `./jobs` there is `/jobs`). `/oncely` itself sends the browser on.
+//! let app: axum::Router = axum::Router::new()
+//!     .nest("/oncely/", ops)
+//!     .route("/oncely", axum::routing::get(|| async { axum::response::Redirect::permanent("/oncely/") }));
 //! # }
 //! ```
 //!

@@ -34,7 +34,7 @@ SELECT coalesce(json_agg(j ORDER BY j.id DESC), '[]'::json) FROM (
 pub(crate) const JOB: &str = "\
 SELECT to_json(j) FROM (
   SELECT id, kind, queue, state, priority, attempt, max_attempts, snoozes, run_at, created_at, attempted_at,
-         finished_at, lease_expires_at, worker_id, unique_key, jsonb_pretty(args) AS args, errors
+         finished_at, lease_expires_at, worker_id, unique_key, jsonb_pretty(args) AS args, errors, traceparent
   FROM oncely.jobs WHERE id = $1) j";
 
 /// A job's steps: effect records of the `step` namespace keyed or owned by the job, in order.

@@ -67,8 +67,32 @@ pub(crate) fn spawn(
         job.kind = %job.kind,
         queue = %job.queue,
         attempt = job.attempt,
+        traceparent = tracing::field::Empty,
     );
+    if let Some(tp) = &job.traceparent {
+        span.record("traceparent", tp.as_str());
+        #[cfg(feature = "otel")]
+        continue_trace(&span, tp);
+    }
     tracker.spawn(run(shared.clone(), job, cancel, flags, permit, claimed).instrument(span));
+}
+
+/// With the feature `otel`: the job's span becomes a child of the enqueuing span and is linked to
+/// it. The child makes one trace run from the request through the job and its steps (what a trace
+/// view shows); the link is what OpenTelemetry's messaging conventions ask of a consumer span, for
+/// backends that draw producer and consumer apart. It must happen before the span is first entered
+/// (`tracing-opentelemetry` builds the span then; a later parent is refused).
+#[cfg(feature = "otel")]
+fn continue_trace(span: &tracing::Span, tp: &oncely_core::trace::TraceParent) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let remote = tp.to_span_context();
+    if let Err(e) = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote.clone())) {
+        // No OpenTelemetry layer, or the span is disabled: nothing to continue.
+        tracing::trace!(error = %e, "job span not parented to its enqueuing span");
+        return;
+    }
+    span.add_link(remote);
 }
 
 async fn run(
@@ -181,6 +205,7 @@ async fn attempt(
             flags: flags.clone(),
             args: job.args.clone(),
             guard: crate::handler::GuardSlot(guard),
+            traceparent: job.traceparent.clone(),
         }),
     };
     let call = AssertUnwindSafe(handler.call(ctx, job.args.clone())).catch_unwind();

@@ -254,6 +254,8 @@ pub(crate) struct ContextInner {
     pub(crate) args: serde_json::Value,
     /// The check before every step (a run's cancellation by an event), if any.
     pub(crate) guard: GuardSlot,
+    /// The enqueuing span's W3C trace context, if stored with the job.
+    pub(crate) traceparent: Option<oncely_core::trace::TraceParent>,
 }
 
 /// A step guard, debuggable.
@@ -278,6 +280,12 @@ impl JobContext {
     /// The job's queue.
     pub fn queue(&self) -> &str {
         &self.inner.queue
+    }
+    /// The W3C `traceparent` of the span that enqueued the job, if one was stored with it (see
+    /// `oncely_core::trace`): to pass on to another system, e.g. as the `traceparent` header of an
+    /// HTTP call. The job's span already continues this trace with the feature `otel`.
+    pub fn traceparent(&self) -> Option<&oncely_core::trace::TraceParent> {
+        self.inner.traceparent.as_ref()
     }
     /// This attempt's number (1 for the first claim; snoozes and releases count here too): the
     /// claim's fencing token. [`JobContext::counted_attempt`] leaves out the claims given back.

@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::trace::TraceParent;
 
 /// Defaults to `"default"`: the queue a job goes to unless told otherwise.
 pub const DEFAULT_QUEUE: &str = "default";
@@ -248,6 +249,7 @@ pub struct NewJob {
     pub(crate) unique_key: Option<String>,
     pub(crate) flow_key: Option<String>,
     pub(crate) flow_limit: Option<i32>,
+    pub(crate) traceparent: Option<TraceParent>,
 }
 
 impl NewJob {
@@ -283,6 +285,7 @@ impl NewJob {
             unique_key: None,
             flow_key: None,
             flow_limit: None,
+            traceparent: None,
         }
     }
 
@@ -335,6 +338,36 @@ impl NewJob {
         self.flow_key = Some(key.into());
         self.flow_limit = limit.map(|l| l.min(i32::MAX as u32) as i32);
         self
+    }
+
+    /// The W3C `traceparent` of the span that enqueued the job, stored with it (see
+    /// [`crate::trace`]): the worker's span for the job continues that trace. Unset, and with the
+    /// cargo feature `otel`, the enqueue takes the current span's; without `otel` the job has none.
+    /// A malformed header is refused when it is parsed ([`TraceParent::parse`]), so a job cannot
+    /// carry one.
+    ///
+    /// ```
+    /// # use oncely_core::NewJob;
+    /// use oncely_core::trace::TraceParent;
+    /// // e.g. the `traceparent` header of the HTTP request that asked for the job
+    /// let tp: TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse()?;
+    /// let job = NewJob::from_json("send_email", serde_json::json!({})).traceparent(tp);
+    /// assert_eq!(job.traceparent_value().unwrap().trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    /// # Ok::<(), oncely_core::Error>(())
+    /// ```
+    pub fn traceparent(mut self, traceparent: TraceParent) -> Self {
+        self.traceparent = Some(traceparent);
+        self
+    }
+
+    /// The `traceparent` set with [`NewJob::traceparent`], if any.
+    pub fn traceparent_value(&self) -> Option<&TraceParent> {
+        self.traceparent.as_ref()
+    }
+
+    /// The `traceparent` column's value.
+    pub(crate) fn traceparent_column(&self) -> Option<&str> {
+        self.traceparent.as_ref().map(TraceParent::as_str)
     }
 
     /// The job kind.
@@ -429,6 +462,8 @@ pub struct Job {
     pub unique_key: Option<String>,
     /// Every failed attempt, oldest first.
     pub errors: Vec<AttemptError>,
+    /// The W3C `traceparent` of the span that enqueued it, if one was stored (see [`crate::trace`]).
+    pub traceparent: Option<TraceParent>,
 }
 
 impl Job {
@@ -463,6 +498,7 @@ pub(crate) struct JobRow {
     worker_id: Option<String>,
     unique_key: Option<String>,
     errors: sqlx::types::Json<Vec<AttemptError>>,
+    traceparent: Option<String>,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -486,6 +522,7 @@ impl TryFrom<JobRow> for Job {
             worker_id: r.worker_id,
             unique_key: r.unique_key,
             errors: r.errors.0,
+            traceparent: TraceParent::from_column(r.traceparent),
         })
     }
 }

@@ -34,7 +34,8 @@
 
 /// Columns of a job row, in `SELECT` lists.
 pub(crate) const JOB_COLUMNS: &str = "id, kind, queue, args, priority, state, attempt, max_attempts, \
-    snoozes, run_at, created_at, attempted_at, finished_at, lease_expires_at, worker_id, unique_key, errors";
+    snoozes, run_at, created_at, attempted_at, finished_at, lease_expires_at, worker_id, unique_key, errors, \
+    traceparent";
 
 /// The channel every statement that makes work available notifies, with the queue name as payload.
 pub const JOBS_CHANNEL: &str = "oncely_jobs";
@@ -67,12 +68,13 @@ macro_rules! job_insert_returning {
 macro_rules! job_insert_many_head {
     () => {
         r#"
-INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, unique_key)
+INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, unique_key, traceparent)
 SELECT kind, queue, args, priority,
        coalesce(run_at, now() + make_interval(secs => coalesce(delay_secs, 0))),
-       max_attempts, unique_key
-FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::smallint[], $5::timestamptz[], $6::float8[], $7::int[], $8::text[])
-     AS t(kind, queue, args, priority, run_at, delay_secs, max_attempts, unique_key)
+       max_attempts, unique_key, traceparent
+FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::smallint[], $5::timestamptz[], $6::float8[], $7::int[], $8::text[],
+            $9::text[])
+     AS t(kind, queue, args, priority, run_at, delay_secs, max_attempts, unique_key, traceparent)
 "#
     };
 }
@@ -99,8 +101,8 @@ pub(crate) const JOB_INSERT_MANY_UNIQUE: &str =
 macro_rules! job_insert_one_head {
     () => {
         r#"
-INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, unique_key)
-VALUES ($1, $2, $3, $4, coalesce($5, now() + make_interval(secs => coalesce($6, 0))), $7, $8)
+INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, unique_key, traceparent)
+VALUES ($1, $2, $3, $4, coalesce($5, now() + make_interval(secs => coalesce($6, 0))), $7, $8, $9)
 "#
     };
 }
@@ -112,26 +114,26 @@ pub(crate) const JOB_INSERT_ONE: &str = concat!(job_insert_one_head!(), job_inse
 pub(crate) const JOB_INSERT_ONE_UNIQUE: &str =
     concat!(job_insert_one_head!(), job_on_unique_conflict!(), job_insert_returning!("(xmax::text <> '0')"));
 
-/// Insert many jobs, some with concurrency keys (`$9`, limits `$10`) and perhaps unique keys.
+/// Insert many jobs, some with concurrency keys (`$10`, limits `$11`) and perhaps unique keys.
 pub(crate) const JOB_INSERT_MANY_FLOW: &str = concat!(
     r#"
-INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, unique_key, flow_key, flow_limit)
+INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, unique_key, traceparent, flow_key, flow_limit)
 SELECT kind, queue, args, priority,
        coalesce(run_at, now() + make_interval(secs => coalesce(delay_secs, 0))),
-       max_attempts, unique_key, flow_key, flow_limit
+       max_attempts, unique_key, traceparent, flow_key, flow_limit
 FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::smallint[], $5::timestamptz[], $6::float8[], $7::int[], $8::text[],
-            $9::text[], $10::int[])
-     AS t(kind, queue, args, priority, run_at, delay_secs, max_attempts, unique_key, flow_key, flow_limit)
+            $9::text[], $10::text[], $11::int[])
+     AS t(kind, queue, args, priority, run_at, delay_secs, max_attempts, unique_key, traceparent, flow_key, flow_limit)
 "#,
     job_on_unique_conflict!(),
     job_insert_returning!("(xmax::text <> '0')")
 );
 
-/// Insert one job with a concurrency key (`$9`, limit `$10`), perhaps a unique key.
+/// Insert one job with a concurrency key (`$10`, limit `$11`), perhaps a unique key.
 pub(crate) const JOB_INSERT_ONE_FLOW: &str = concat!(
     r#"
-INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, unique_key, flow_key, flow_limit)
-VALUES ($1, $2, $3, $4, coalesce($5, now() + make_interval(secs => coalesce($6, 0))), $7, $8, $9, $10)
+INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, unique_key, traceparent, flow_key, flow_limit)
+VALUES ($1, $2, $3, $4, coalesce($5, now() + make_interval(secs => coalesce($6, 0))), $7, $8, $9, $10, $11)
 "#,
     job_on_unique_conflict!(),
     job_insert_returning!("(xmax::text <> '0')")
@@ -142,7 +144,8 @@ pub(crate) const JOB_RESERVE_IDS: &str =
     "SELECT nextval(pg_get_serial_sequence('oncely.jobs', 'id')) FROM generate_series(1, $1)";
 
 /// COPY a batch of due jobs with reserved ids (text format; see `queue::copy_row`).
-pub(crate) const JOB_COPY_IN: &str = "COPY oncely.jobs (id, kind, queue, args, priority, max_attempts) FROM STDIN";
+pub(crate) const JOB_COPY_IN: &str =
+    "COPY oncely.jobs (id, kind, queue, args, priority, max_attempts, traceparent) FROM STDIN";
 
 /// Claim up to `$2` due jobs of queue `$1` (skipping paused queues and kinds), highest priority
 /// first, then oldest `run_at`: lease them to worker `$4` for `$3` seconds. Only jobs without a
@@ -194,7 +197,7 @@ SET state = 'running', attempt = j.attempt + 1, attempted_at = clock_timestamp()
 WHERE j.id = ANY (ARRAY(SELECT id FROM next))
 RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_attempts, j.snoozes,
           j.run_at, j.created_at, j.attempted_at, j.finished_at, j.lease_expires_at, j.worker_id,
-          j.unique_key, j.errors
+          j.unique_key, j.errors, j.traceparent
 "#;
 
 /// Complete many claims at once (`$1` ids, `$2` attempts); returns the ids whose claim still held.
@@ -475,12 +478,12 @@ RETURNING id, run_at
 "#;
 
 /// Debounce, when there is no waiting job to merge into: a job due `$5` seconds from now (or at the
-/// maximum wait `$7`, if that is sooner), carrying debounce key `$8`.
+/// maximum wait `$7`, if that is sooner), carrying debounce key `$8` and traceparent `$9`.
 pub(crate) const JOB_DEBOUNCE_INSERT: &str = r#"
-INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, debounce_key)
+INSERT INTO oncely.jobs (kind, queue, args, priority, run_at, max_attempts, debounce_key, traceparent)
 VALUES ($1, $2, $3, $4,
         least(clock_timestamp() + make_interval(secs => $5), clock_timestamp() + make_interval(secs => $7)),
-        $6, $8)
+        $6, $8, $9)
 RETURNING id, run_at
 "#;
 
