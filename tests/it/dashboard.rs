@@ -110,7 +110,8 @@ async fn a_dead_letter_action_without_the_csrf_token_is_refused() {
     // A job's page action needs the token as well.
     let refused = post(&app, &format!("/jobs/{}/action", ids[0]), "action=cancel").await;
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
-    let forged = post(&app, &format!("/jobs/{}/action", ids[0]), &format!("csrf={}&action=cancel", "0".repeat(64))).await;
+    let forged =
+        post(&app, &format!("/jobs/{}/action", ids[0]), &format!("csrf={}&action=cancel", "0".repeat(64))).await;
     assert_eq!(forged.status, StatusCode::FORBIDDEN, "a forged token is refused on a job's page");
     assert_eq!(state(db.pool(), ids[0]).await, "available");
 }

@@ -249,9 +249,10 @@ async fn serve_with_webhooks_delivers_a_published_event_once_signed_and_stops_on
         .unwrap();
     assert!(status.success(), "serve with --webhooks exits cleanly on SIGTERM: {status}");
     assert_eq!(received.lock().unwrap().len(), 1, "nothing sent again on the way out");
-    let delivered: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.webhook_deliveries WHERE delivered_at IS NOT NULL")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let delivered: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM oncely.webhook_deliveries WHERE delivered_at IS NOT NULL")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
     assert_eq!(delivered, 1, "the delivery is recorded as delivered");
 }
