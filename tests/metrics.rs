@@ -1,5 +1,6 @@
-//! `/metrics` after a drain: the worker's counters and histograms, the queue gauges, step outcomes
-//! and the Idempotency-Key layer's counters, in Prometheus text. One test in this binary: the recorder is process-wide.
+//! `/metrics` after a drain: the worker's counters and histograms, the queue gauges, step outcomes,
+//! webhook deliveries and endpoint disables, a lost lease, and the Idempotency-Key layer's
+//! counters, in Prometheus text. One test in this binary: the recorder is process-wide.
 
 mod common;
 
@@ -8,11 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use common::receiver::{Receiver, Reply};
 use common::*;
 use http::Request;
 use http_body_util::BodyExt;
+use oncely::core::outbox::{publish, Event, DEFAULT_DELIVERY_QUEUE};
+use oncely::core::webhook::{create_endpoint, get_endpoint, EndpointPolicy, NewEndpoint};
 use oncely::dashboard::{telemetry, Dashboard};
 use oncely::{enqueue, handler_fn, JobArgs, NewJob, Outcome};
+use oncely_webhooks::{DeliveryConfig, HttpTransport, RetrySchedule, WebhookDelivery};
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
@@ -30,6 +35,12 @@ struct Flaky {
 }
 impl JobArgs for Flaky {
     const KIND: &'static str = "flaky";
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Held;
+impl JobArgs for Held {
+    const KIND: &'static str = "held";
 }
 
 /// The value of the sample named exactly `series` (name and labels as rendered).
@@ -62,7 +73,7 @@ async fn metrics_after_a_drain_have_the_right_counts() {
     .unwrap();
     let tries = Arc::new(AtomicU32::new(0));
     let t = tries.clone();
-    let builder = builder(pool.clone())
+    let drain = builder(pool.clone())
         .register(handler_fn(|_ctx, _g: Good| async { Ok(()) }))
         .register(handler_fn(move |ctx, f: Flaky| {
             let t = t.clone();
@@ -75,7 +86,7 @@ async fn metrics_after_a_drain_have_the_right_counts() {
             }
         }))
         .queue("default", 2);
-    oncely::testkit::run_until_idle(pool, builder, Duration::from_secs(60)).await;
+    oncely::testkit::run_until_idle(pool, drain, Duration::from_secs(60)).await;
     assert_eq!(tries.load(Ordering::SeqCst), 3);
     // Due in an hour: after the drain: available, not yet due.
     // Step outcomes, outside any job (the idempotency namespace) and of a job's parked step.
@@ -134,6 +145,62 @@ async fn metrics_after_a_drain_have_the_right_counts() {
         let reused = app.clone().oneshot(req("b")).await.unwrap();
         assert!(reused.status().is_client_error(), "the key reused with another body: {}", reused.status());
     }
+    // Webhook deliveries: endpoint "ok" answers 200; "flaky" answers 500 once, then 200 (retried);
+    // "gone" answers 410 and is disabled.
+    let rx = Receiver::start(|hit| match (hit.endpoint.as_str(), hit.nth) {
+        ("ok", _) | ("flaky", 2..) => Reply::Status(200),
+        ("flaky", _) => Reply::Status(500),
+        _ => Reply::Status(410),
+    })
+    .await;
+    let mut endpoints = Vec::new();
+    for name in ["ok", "flaky", "gone"] {
+        let new = NewEndpoint::new(rx.url(name), [format!("metrics.{name}")])
+            .policy(EndpointPolicy::default().allow_private_networks(true));
+        endpoints.push(create_endpoint(pool, &new).await.unwrap().id);
+        publish(pool, &Event::new(format!("metrics.{name}"), &serde_json::json!({"to": name})).unwrap()).await.unwrap();
+    }
+    let delivery = WebhookDelivery::with_transport(
+        DeliveryConfig {
+            request_timeout: Duration::from_secs(5),
+            schedule: RetrySchedule { delays: vec![Duration::from_millis(20)], jitter: 0.0 },
+            ..DeliveryConfig::default()
+        },
+        HttpTransport::new().allow_private_networks(),
+    );
+    let deliveries = builder(pool.clone()).register(delivery).queue(DEFAULT_DELIVERY_QUEUE, 4);
+    oncely::testkit::run_until_idle(pool, deliveries, Duration::from_secs(60)).await;
+    let answered: Vec<(String, u16)> = rx.hits().into_iter().map(|h| (h.endpoint, h.status)).collect();
+    assert_eq!(answered.len(), 4, "{answered:?}");
+    assert!(!get_endpoint(pool, endpoints[2]).await.unwrap().enabled, "410 disabled the endpoint");
+    assert!(get_endpoint(pool, endpoints[1]).await.unwrap().enabled, "a 5xx does not disable it");
+
+    // A lost lease: a person cancels a job while its handler runs. The heartbeat tells the handler
+    // to stop (one), and the completion it then returns is refused (two).
+    let started = Arc::new(tokio::sync::Notify::new());
+    let stopped = Arc::new(tokio::sync::Notify::new());
+    let (s, st) = (started.clone(), stopped.clone());
+    let held = builder(pool.clone())
+        .register(handler_fn(move |ctx, _h: Held| {
+            let (s, st) = (s.clone(), st.clone());
+            async move {
+                s.notify_one();
+                ctx.cancelled().await;
+                st.notify_one();
+                Ok(())
+            }
+        }))
+        .queue("held", 1)
+        .build()
+        .unwrap()
+        .start();
+    let held_id = enqueue(pool, NewJob::new(&Held).unwrap().queue("held")).await.unwrap().id;
+    tokio::time::timeout(Duration::from_secs(20), started.notified()).await.expect("the held job runs");
+    oncely::cancel_job(&mut pool.acquire().await.unwrap(), held_id).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), stopped.notified()).await.expect("the heartbeat stops the handler");
+    held.shutdown().await;
+    assert_eq!(oncely::get_job(pool, held_id).await.unwrap().state, oncely::JobState::Cancelled);
+
     enqueue(pool, NewJob::new(&Good { n: 99 }).unwrap().queue("later").delay(Duration::from_secs(3600))).await.unwrap();
 
     let app = Dashboard::new(pool.clone()).metrics(handle).router();
@@ -162,6 +229,11 @@ async fn metrics_after_a_drain_have_the_right_counts() {
         ("oncely_step_outcomes_total{namespace=\"idempotency\",outcome=\"replayed\"}", 1.0),
         ("oncely_step_outcomes_total{namespace=\"idempotency\",outcome=\"failed\"}", 1.0),
         ("oncely_step_outcomes_total{namespace=\"step\",outcome=\"parked\"}", 1.0),
+        ("oncely_webhook_deliveries_total{status_class=\"2xx\"}", 2.0),
+        ("oncely_webhook_deliveries_total{status_class=\"5xx\"}", 1.0),
+        ("oncely_webhook_deliveries_total{status_class=\"4xx\"}", 1.0),
+        ("oncely_webhook_endpoint_disables_total", 1.0),
+        ("oncely_lease_lost_total", 2.0),
     ];
     for (series, value) in expect {
         assert_eq!(sample(&text, series), Some(value), "{series} in:\n{text}");
@@ -169,5 +241,5 @@ async fn metrics_after_a_drain_have_the_right_counts() {
     assert!(text.contains("# TYPE oncely_handler_duration_seconds histogram"), "{text}");
     let batches = sample(&text, "oncely_claim_batch_size_sum{queue=\"default\"}").expect("claim batch sizes");
     assert_eq!(batches, 9.0, "every claimed attempt is in one batch");
-    assert_eq!(sample(&text, "oncely_lease_lost_total"), None, "no lease was lost");
+    assert_eq!(sample(&text, "oncely_webhook_deliveries_total{status_class=\"error\"}"), None, "no transport error");
 }

@@ -110,6 +110,9 @@ async fn a_dead_letter_action_without_the_csrf_token_is_refused() {
     // A job's page action needs the token as well.
     let refused = post(&app, &format!("/jobs/{}/action", ids[0]), "action=cancel").await;
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    let forged =
+        post(&app, &format!("/jobs/{}/action", ids[0]), &format!("csrf={}&action=cancel", "0".repeat(64))).await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN, "a forged token is refused on a job's page");
     assert_eq!(state(db.pool(), ids[0]).await, "available");
 }
 
@@ -377,9 +380,18 @@ async fn a_parked_step_is_resolved_from_its_record_page() {
     let page = get(&app, "/ledger?namespace=step&key=charge%3Aorder%3A9").await;
     assert!(page.body.contains("Took effect"), "{}", page.body);
     let csrf = csrf_of(&page.body);
-    let form = format!(
-        "csrf={csrf}&namespace=step&key=charge%3Aorder%3A9&resolution=took_effect&output=%7B%22charge%22%3A%22ch_1%22%7D"
-    );
+    let fields = "namespace=step&key=charge%3Aorder%3A9&resolution=took_effect&output=%7B%22charge%22%3A%22ch_1%22%7D";
+    // Without the page's token, or with a forged one, the resolution is refused and changes nothing.
+    assert_eq!(post(&app, "/ledger/resolve", fields).await.status, StatusCode::FORBIDDEN);
+    let forged = post(&app, "/ledger/resolve", &format!("csrf={}&{fields}", "0".repeat(64))).await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let unresolved: String =
+        sqlx::query_scalar("SELECT state FROM oncely.ledger WHERE namespace = 'step' AND key = 'charge:order:9'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_ne!(unresolved, "completed", "a refused resolution changed nothing");
+    let form = format!("csrf={csrf}&{fields}");
     let res = post(&app, "/ledger/resolve", &form).await;
     assert_eq!(res.status, StatusCode::SEE_OTHER, "{}", res.body);
     let (state, output): (String, serde_json::Value) =

@@ -157,3 +157,102 @@ async fn serve_reads_a_configuration_file_under_the_environment_and_refuses_unkn
     assert!(stderr.contains("bad configuration file") && stderr.contains("unknown field `read_only`"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every request the test's webhook receiver got: its headers and body.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, axum::body::Bytes)>>>;
+
+/// A webhook receiver on a loopback port that answers 204 and records each request; the URL.
+async fn start_receiver(received: Received) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let received = received.clone();
+            async move {
+                received.lock().unwrap().push((headers, body));
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+/// `oncely serve --webhooks`: the serve process delivers a published event to an endpoint once,
+/// signed with the Standard Webhooks headers, and still stops cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_with_webhooks_delivers_a_published_event_once_signed_and_stops_on_sigterm() {
+    use oncely_core::outbox::{publish, Event, DELIVERY_KIND};
+    use oncely_core::webhook::{create_endpoint, EndpointPolicy, NewEndpoint};
+    use oncely_webhooks::signature::{verify_headers, DEFAULT_TOLERANCE};
+
+    let db = oncely_testkit::TestDb::new().await;
+    let received = Received::default();
+    let url = start_receiver(received.clone()).await;
+    let endpoint = create_endpoint(
+        db.pool(),
+        &NewEndpoint::new(url, ["order.paid"]).policy(EndpointPolicy::default().allow_private_networks(true)),
+    )
+    .await
+    .unwrap();
+
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_oncely"))
+        .env_remove("RUST_LOG")
+        .env_remove("ONCELY_DASHBOARD_TOKEN")
+        .args(["--database-url", db.url(), "serve", "--listen", "127.0.0.1:0", "--pool-size", "4"])
+        .args(["--webhooks", "--webhook-allow-private-networks", "--webhook-concurrency", "2"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("oncely serve starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("serve prints its address in time")
+        .unwrap()
+        .expect("a line");
+    assert!(first.starts_with("oncely serve: listening on http://"), "{first}");
+
+    let published =
+        publish(db.pool(), &Event::new("order.paid", &serde_json::json!({"order": 42})).unwrap()).await.unwrap();
+    assert_eq!(published.deliveries, 1);
+    let job_completed = || async {
+        let state: Option<String> = sqlx::query_scalar("SELECT state::text FROM oncely.jobs WHERE kind = $1")
+            .bind(DELIVERY_KIND)
+            .fetch_optional(db.pool())
+            .await
+            .ok()?;
+        (state.as_deref() == Some("completed")).then_some(())
+    };
+    oncely_testkit::eventually(Duration::from_secs(30), "serve delivers the webhook", job_completed).await;
+
+    {
+        let hits = received.lock().unwrap();
+        assert_eq!(hits.len(), 1, "delivered once: {hits:?}");
+        let (headers, body) = &hits[0];
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        assert_eq!(header("webhook-id"), published.message_id);
+        assert!(header("webhook-timestamp").parse::<i64>().is_ok(), "{headers:?}");
+        assert!(header("webhook-signature").starts_with("v1,"), "{headers:?}");
+        assert_eq!(header("content-type"), "application/json");
+        verify_headers(&endpoint.secret, headers, body, DEFAULT_TOLERANCE).expect("signed with the endpoint's secret");
+        let body: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!((body["type"].as_str(), &body["data"]), (Some("order.paid"), &serde_json::json!({"order": 42})));
+    }
+
+    let pid = child.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("serve stops within 30 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "serve with --webhooks exits cleanly on SIGTERM: {status}");
+    assert_eq!(received.lock().unwrap().len(), 1, "nothing sent again on the way out");
+    let delivered: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM oncely.webhook_deliveries WHERE delivered_at IS NOT NULL")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(delivered, 1, "the delivery is recorded as delivered");
+}
