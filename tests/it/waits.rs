@@ -570,4 +570,11 @@ async fn a_memoized_step_before_a_sleep_and_a_wait_is_not_run_again_when_the_run
         .await
         .unwrap();
     assert!(attempts >= 3, "the run was resumed after the sleep and after the wait: {attempts} attempts");
+    // The retention prune deletes the finished run's wait rows with it.
+    let waits: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.event_waits").fetch_one(pool).await.unwrap();
+    assert_eq!(waits, 1, "the resolved wait is kept while its run is");
+    let pruned = oncely::core::maintenance::prune_finished(pool, Duration::ZERO, Duration::ZERO, 1000).await.unwrap();
+    assert_eq!(pruned, 1);
+    let waits: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.event_waits").fetch_one(pool).await.unwrap();
+    assert_eq!(waits, 0, "no wait rows left behind");
 }

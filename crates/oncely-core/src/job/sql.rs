@@ -439,7 +439,8 @@ RETURNING j.id, j.state, j.queue
 "#;
 
 /// Delete up to `$3` finished jobs past their retention (`$1` seconds for completed and cancelled,
-/// `$2` for dead), and the child-run rows of the deleted jobs (as parents). Returns how many jobs.
+/// `$2` for dead), with the child-run rows (as parents) and the event-wait rows of the deleted
+/// jobs. Returns how many jobs.
 pub(crate) const JOB_DELETE_FINISHED: &str = r#"
 WITH gone AS (
     DELETE FROM oncely.jobs
@@ -452,6 +453,8 @@ WITH gone AS (
     RETURNING id
 ), children AS (
     DELETE FROM oncely.child_runs WHERE parent_id IN (SELECT id FROM gone)
+), waits AS (
+    DELETE FROM oncely.event_waits WHERE run_id IN (SELECT id FROM gone)
 )
 SELECT count(*) FROM gone
 "#;
