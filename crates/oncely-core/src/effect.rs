@@ -411,15 +411,8 @@ impl Effect<'_> {
     {
         self.at(BoundaryPoint::BeforeClaim);
         let at = records.now();
-        let mut tx = crate::txn::begin(self.pool).await.map_err(|e| self.ledger_err(e.into()))?;
-        let v = match f(&mut tx).await {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = tx.rollback().await;
-                self.outcome("failed");
-                return Err(StepError::Failed { step: self.label.to_owned(), source: e.into() });
-            }
-        };
+        let tx = crate::txn::begin(self.pool).await.map_err(|e| self.ledger_err(e.into()))?;
+        let (mut tx, v) = self.run_in(tx, f).await?;
         let output = self.encode(&v)?;
         let mut batch = records.take();
         batch.push(ledger::DeferredRecord {
@@ -479,6 +472,26 @@ impl Effect<'_> {
         Ok(v)
     }
 
+    /// Run the effect `f` in `tx`. An error rolls the transaction back and fails the step.
+    async fn run_in<T, E, F>(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        f: F,
+    ) -> Result<(sqlx::Transaction<'static, sqlx::Postgres>, T), StepError>
+    where
+        F: for<'c> FnOnce(&'c mut sqlx::PgConnection) -> BoxFuture<'c, Result<T, E>>,
+        E: Into<BoxError>,
+    {
+        match f(&mut tx).await {
+            Ok(v) => Ok((tx, v)),
+            Err(e) => {
+                let _ = tx.rollback().await;
+                self.outcome("failed");
+                Err(StepError::Failed { step: self.label.to_owned(), source: e.into() })
+            }
+        }
+    }
+
     pub(crate) async fn transactional<T, E, F>(self, f: F) -> Result<T, StepError>
     where
         T: Serialize + DeserializeOwned,
@@ -495,14 +508,7 @@ impl Effect<'_> {
                 return self.decode(self.not_run(other)?);
             }
         };
-        let v = match f(&mut tx).await {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = tx.rollback().await;
-                self.outcome("failed");
-                return Err(StepError::Failed { step: self.label.to_owned(), source: e.into() });
-            }
-        };
+        let (mut tx, v) = self.run_in(tx, f).await?;
         let json = self.encode(&v)?;
         ledger::complete(&mut *tx, &self.key, attempt, &json, self.ttl).await.map_err(|e| self.ledger_err(e))?;
         self.at(BoundaryPoint::BeforeRecord);

@@ -95,17 +95,10 @@ pub async fn complete_jobs_recording<'e>(
     }
     let (ids_in, attempts) = split(claims);
     let c = crate::ledger::DeferredColumns::of(records)?;
-    let rows = crate::pooler::query(crate::job::sql::JOB_SET_COMPLETED_IF_RUNNING_MANY_RECORDING)
+    let query = crate::pooler::query(crate::job::sql::JOB_SET_COMPLETED_IF_RUNNING_MANY_RECORDING)
         .bind(&ids_in)
-        .bind(&attempts)
-        .bind(&c.namespaces)
-        .bind(&c.keys)
-        .bind(&c.owners)
-        .bind(&c.outputs)
-        .bind(&c.ttls)
-        .bind(&c.ats)
-        .fetch_all(executor)
-        .await?;
+        .bind(&attempts);
+    let rows = c.bind(query).fetch_all(executor).await?;
     let done = claims_of(rows)?;
     Ok(claims.iter().filter(|c| !done.contains(c)).copied().collect())
 }

@@ -224,6 +224,12 @@ impl<'a> Step<'a> {
         self.ledger_key().idempotency_key()
     }
 
+    /// Where this step's record waits, when it may be deferred: on a job's first attempt, under the
+    /// step's own job-scoped key (see [`StepScope::with_deferred_records`]).
+    fn deferred(&self) -> Option<&'a DeferredRecords> {
+        self.scope.deferring().filter(|_| self.key.is_none())
+    }
+
     fn effect(self) -> Result<(Effect<'a>, String), StepError> {
         let key = self.ledger_key();
         let fresh =
@@ -261,7 +267,7 @@ impl<'a> Step<'a> {
         let span = self.span();
         async move {
             let scope = self.scope;
-            let deferred = scope.deferring().filter(|_| self.key.is_none());
+            let deferred = self.deferred();
             let (mut effect, name) = self.effect()?;
             scope.check(&name).await?;
             effect.label = &name;
@@ -285,7 +291,7 @@ impl<'a> Step<'a> {
         let span = self.span();
         async move {
             let scope = self.scope;
-            let deferred = scope.deferring().filter(|_| self.key.is_none());
+            let deferred = self.deferred();
             let (mut effect, name) = self.effect()?;
             scope.check(&name).await?;
             effect.label = &name;

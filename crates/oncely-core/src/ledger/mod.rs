@@ -237,6 +237,19 @@ pub(crate) struct DeferredColumns {
 }
 
 impl DeferredColumns {
+    /// Bind the six arrays, in the order of `sql::ledger_record_many!`'s placeholders.
+    pub(crate) fn bind<'q>(
+        &'q self,
+        q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        q.bind(&self.namespaces)
+            .bind(&self.keys)
+            .bind(&self.owners)
+            .bind(&self.outputs)
+            .bind(&self.ttls)
+            .bind(&self.ats)
+    }
+
     pub(crate) fn of(records: &[DeferredRecord]) -> Result<Self> {
         let mut c = DeferredColumns {
             namespaces: Vec::with_capacity(records.len()),
@@ -266,15 +279,7 @@ pub async fn record_many<'e>(executor: impl PgExecutor<'e>, records: &[DeferredR
         return Ok(Vec::new());
     }
     let c = DeferredColumns::of(records)?;
-    let rows = crate::pooler::query(sql::LEDGER_RECORD_BATCH)
-        .bind(&c.namespaces)
-        .bind(&c.keys)
-        .bind(&c.owners)
-        .bind(&c.outputs)
-        .bind(&c.ttls)
-        .bind(&c.ats)
-        .fetch_all(executor)
-        .await?;
+    let rows = c.bind(crate::pooler::query(sql::LEDGER_RECORD_BATCH)).fetch_all(executor).await?;
     rows.iter().map(|r| Ok(LedgerKey::new(r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?))).collect()
 }
 
