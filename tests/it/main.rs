@@ -13,6 +13,7 @@ mod pipeline;
 mod api;
 mod cancel_safety;
 mod children;
+mod claim_window;
 mod crash;
 mod dashboard;
 mod debounce;

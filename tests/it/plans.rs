@@ -152,6 +152,9 @@ fn arguments(name: &str, running: &[i64]) -> String {
     let one = running[running.len() / 2];
     match name {
         "JOB_CLAIM" => "'bench', 100, 30, 'w2', false".into(),
+        "JOB_CLAIM_WINDOWED" => {
+            "'bench', 100, 30, 'w2', '{5,0}', ARRAY[now() - interval '2 seconds', now() - interval '1 hour']".into()
+        }
         "FLOW_KEYS_LOCK" => "'bench', 100".into(),
         "FLOW_CLAIM" => "'bench', '{tenant:1,tenant:2,tenant:3}', 100, 30, 'w2', 33".into(),
         "JOB_SET_COMPLETED_IF_RUNNING_MANY" => format!("{ids}, {attempts}"),
@@ -182,7 +185,7 @@ fn arguments(name: &str, running: &[i64]) -> String {
 /// fails the test.
 fn intended_indexes(name: &str) -> &'static [&'static str] {
     match name {
-        "JOB_CLAIM" => &["jobs_fetch_idx", "jobs_pkey", "pauses_pkey", "queue_limits_pkey"],
+        "JOB_CLAIM" | "JOB_CLAIM_WINDOWED" => &["jobs_fetch_idx", "jobs_pkey", "pauses_pkey", "queue_limits_pkey"],
         "FLOW_KEYS_LOCK" => {
             &["flow_keys_next_idx", "flow_keys_pkey", "jobs_flow_running_idx", "jobs_flow_fetch_idx", "pauses_pkey"]
         }

@@ -51,10 +51,147 @@ pub async fn claim_jobs<'e>(
         .bind(false)
         .fetch_all(executor)
         .await?;
+    in_claim_order(rows)
+}
+
+/// The jobs of a claim's rows, in claim order: the update returns its rows in primary-key order.
+fn in_claim_order(rows: Vec<JobRow>) -> Result<Vec<Job>> {
     let mut jobs = rows_to_jobs(rows)?;
-    // The update returns rows in primary-key order; hand them out in claim order.
     jobs.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.run_at.cmp(&b.run_at)).then(a.id.0.cmp(&b.id.0)));
     Ok(jobs)
+}
+
+/// Where one claimer's claims of one queue start reading: a floor per priority, so that a claim
+/// steps over none of the index entries of jobs claimed long ago. [`ClaimWindow::claim_jobs`]
+/// claims what [`claim_jobs`] would, in the same order, in time bounded by the recent claim rate
+/// instead of by the age of the oldest open snapshot.
+///
+/// **Why.** A claim sets a job `running`; the job's entry in the claim index stays until vacuum
+/// removes it, and vacuum cannot while any snapshot older than the claim is open (a session idle in
+/// a transaction, an hour-long report, a repeatable-read reader). Those entries sit at the head of
+/// the index, so a claim that starts at the head reads all of them, and their heap tuples, every
+/// time: with a snapshot held for 45 s at 800 jobs/s that is 36,000 entries, 23–28 ms per claim in
+/// a measurement with 50,000 (docs/benchmarks.md). The window starts each priority's read at a
+/// floor instead: the `run_at` of the last job this claimer took there, less [`CLAIM_WINDOW_SLACK`].
+///
+/// **What a window cannot see**, and how it is found anyway: a job with a `run_at` older than the
+/// floor when it becomes claimable — an enqueue whose transaction commits more than the slack after
+/// it began, a job enqueued with a `run_at` in the past, the jobs of a kind that was just
+/// unpaused — and a job of a priority this claimer has not met. Every so often a claim reads the
+/// whole index instead ([`claim_jobs`]), which finds them all: at least every
+/// [`FULL_CLAIM_MIN_INTERVAL`], and otherwise when [`FULL_CLAIM_COST_FACTOR`] times the last full
+/// claim's duration has passed, so that full claims take at most about 5% of the claimer's time
+/// however slow the index has made them (never less often than [`FULL_CLAIM_MAX_INTERVAL`]).
+/// Such jobs wait for the next full claim; all others are claimed as soon as they are due, in
+/// priority then `run_at` order, as before. Retries, snoozes and rescued jobs get a `run_at` of
+/// now or later, so the window sees them.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimWindow {
+    /// The floor of each priority met, highest priority first.
+    floors: std::collections::BTreeMap<std::cmp::Reverse<i16>, chrono::DateTime<chrono::Utc>>,
+    /// When the next claim reads the whole index (`None`: the next claim does).
+    next_full: Option<std::time::Instant>,
+    /// The shortest time between two full claims (`None`: [`FULL_CLAIM_MIN_INTERVAL`]).
+    min_interval: Option<Duration>,
+}
+
+/// How far behind the last claimed job a window's floor stays: an enqueue that commits within this
+/// long of its start is always in the window.
+pub const CLAIM_WINDOW_SLACK: Duration = Duration::from_secs(2);
+/// The shortest time between two full claims of one window.
+pub const FULL_CLAIM_MIN_INTERVAL: Duration = Duration::from_millis(250);
+/// The longest time between two full claims of one window, however slow they are.
+pub const FULL_CLAIM_MAX_INTERVAL: Duration = Duration::from_secs(60);
+/// The time between two full claims is at least this many times the last one's duration.
+pub const FULL_CLAIM_COST_FACTOR: u32 = 20;
+/// A window keeps floors for at most this many priorities (the highest); lower ones are claimed by
+/// full claims only.
+const MAX_WINDOW_PRIORITIES: usize = 32;
+
+impl ClaimWindow {
+    /// A window that has met no job yet: its first claim is a full one.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Full claims no more often than every `interval` (instead of [`FULL_CLAIM_MIN_INTERVAL`]);
+    /// the cost rule still applies, and [`FULL_CLAIM_MAX_INTERVAL`] yields to a longer `interval`.
+    pub fn full_claims_every(mut self, interval: Duration) -> Self {
+        self.min_interval = Some(interval);
+        self
+    }
+
+    /// Make the next claim a full one: after something put jobs behind the window at once (a kind
+    /// unpaused, jobs enqueued with an old `run_at`), so that they need not wait for the next
+    /// scheduled full claim.
+    pub fn read_all_next(&mut self) {
+        self.next_full = None;
+    }
+
+    /// Claim up to `limit` available jobs of `queue`, as [`claim_jobs`] does, reading only the
+    /// window when it can (see [`ClaimWindow`]).
+    #[instrument(skip(self, executor), err)]
+    pub async fn claim_jobs<'e>(
+        &mut self,
+        executor: impl PgExecutor<'e>,
+        queue: &str,
+        limit: i32,
+        worker_id: &str,
+        lease: Duration,
+    ) -> Result<Vec<Job>> {
+        let started = std::time::Instant::now();
+        let full = self.floors.is_empty() || self.next_full.is_none_or(|at| started >= at);
+        let jobs = if full {
+            let jobs = claim_jobs(executor, queue, limit, worker_id, lease).await?;
+            let cost = started.elapsed();
+            let min = self.min_interval.unwrap_or(FULL_CLAIM_MIN_INTERVAL);
+            let wait = (cost * FULL_CLAIM_COST_FACTOR).clamp(min, FULL_CLAIM_MAX_INTERVAL.max(min));
+            self.next_full = Some(std::time::Instant::now() + wait);
+            jobs
+        } else {
+            let (priorities, floors): (Vec<i16>, Vec<_>) = self.floors.iter().map(|(p, f)| (p.0, *f)).unzip();
+            let rows: Vec<JobRow> = crate::pooler::query_as(crate::job::sql::JOB_CLAIM_WINDOWED)
+                .bind(queue)
+                .bind(limit)
+                .bind(secs(lease))
+                .bind(worker_id)
+                .bind(priorities)
+                .bind(floors)
+                .fetch_all(executor)
+                .await?;
+            in_claim_order(rows)?
+        };
+        self.learn(&jobs, jobs.len() < usize::try_from(limit).unwrap_or(0));
+        Ok(jobs)
+    }
+
+    /// Move the floors after a claim. `short`: the claim took fewer jobs than it asked for, so it
+    /// took every due job it could see at the priorities it read.
+    fn learn(&mut self, jobs: &[Job], short: bool) {
+        let slack = chrono::Duration::from_std(CLAIM_WINDOW_SLACK).expect("a small constant");
+        for job in jobs {
+            let floor = job.run_at - slack;
+            self.floors.entry(std::cmp::Reverse(job.priority)).and_modify(|f| *f = (*f).max(floor)).or_insert(floor);
+        }
+        // After a short claim nothing due was left behind at any priority it read (every known
+        // one, or all of them): every floor can move up to the claim's own time, the database
+        // clock as it wrote `attempted_at`.
+        if short {
+            if let Some(at) = jobs.iter().filter_map(|j| j.attempted_at).min() {
+                for floor in self.floors.values_mut() {
+                    *floor = (*floor).max(at - slack);
+                }
+            }
+        }
+        while self.floors.len() > MAX_WINDOW_PRIORITIES {
+            self.floors.pop_last();
+        }
+    }
+
+    /// The floor of `priority`, if this window has met it (for tests and diagnostics).
+    pub fn floor(&self, priority: i16) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.floors.get(&std::cmp::Reverse(priority)).copied()
+    }
 }
 
 fn split(claims: &[Claim]) -> (Vec<i64>, Vec<i32>) {

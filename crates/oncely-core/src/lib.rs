@@ -71,6 +71,7 @@ pub use queue::{
 #[doc(hidden)]
 pub const HOT_STATEMENTS: &[(&str, &str)] = &[
     ("JOB_CLAIM", job::sql::JOB_CLAIM),
+    ("JOB_CLAIM_WINDOWED", job::sql::JOB_CLAIM_WINDOWED),
     ("FLOW_KEYS_LOCK", flow::FLOW_KEYS_LOCK),
     ("FLOW_CLAIM", flow::FLOW_CLAIM),
     ("JOB_SET_COMPLETED_IF_RUNNING_MANY", job::sql::JOB_SET_COMPLETED_IF_RUNNING_MANY),

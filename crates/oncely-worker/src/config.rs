@@ -114,6 +114,13 @@ pub struct WorkerConfig {
     /// and finds work by polling every [`poll_interval`](Self::poll_interval). Ignored in
     /// [`Pooler::Session`] mode, where the listener uses the pool.
     pub listen_url: Option<String>,
+    /// Claim through a [`ClaimWindow`](oncely_core::lease::ClaimWindow): each claim starts reading
+    /// the claim index where this worker's last claim of the queue left off (less two seconds),
+    /// instead of at its head, so that the entries of jobs claimed since the oldest open snapshot
+    /// began (a session idle in a transaction, a long report) cost nothing; a full claim every so
+    /// often finds the jobs a window cannot see. Defaults to true; false claims from the head of
+    /// the index every time.
+    pub windowed_claims: bool,
 }
 
 impl Default for WorkerConfig {
@@ -141,6 +148,7 @@ impl Default for WorkerConfig {
             scheduler_interval: DEFAULT_SCHEDULER_INTERVAL,
             pooler: Pooler::Session,
             listen_url: None,
+            windowed_claims: true,
         }
     }
 }

@@ -25,6 +25,7 @@ pub(crate) async fn run(
     let slots = Arc::new(Semaphore::new(queue.concurrency));
     let batch = shared.config.fetch_batch.min(queue.concurrency);
     let mut busy = false;
+    let mut window = oncely_core::lease::ClaimWindow::new();
     loop {
         // Wait for one free slot, then take every other free slot up to a batch.
         let first = tokio::select! {
@@ -46,14 +47,13 @@ pub(crate) async fn run(
             }
         }
         let want = permits.len();
-        let claimed = oncely_core::lease::claim_jobs(
-            oncely_core::pooler::db(&shared.pool),
-            &queue.name,
-            want as i32,
-            &shared.config.worker_id,
-            shared.config.lease,
-        )
-        .await;
+        let db = oncely_core::pooler::db(&shared.pool);
+        let (worker_id, lease) = (&shared.config.worker_id, shared.config.lease);
+        let claimed = if shared.config.windowed_claims {
+            window.claim_jobs(db, &queue.name, want as i32, worker_id, lease).await
+        } else {
+            oncely_core::lease::claim_jobs(db, &queue.name, want as i32, worker_id, lease).await
+        };
         // Then what the plain claim leaves: keyed jobs, or a queue with a global limit.
         let mut retry_in = None;
         let claimed = match claimed {

@@ -200,6 +200,43 @@ RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_a
           j.unique_key, j.errors, j.traceparent
 "#;
 
+/// [`JOB_CLAIM`] within a window: for each priority in `$5` (highest first), only jobs with
+/// `run_at >= ` the matching floor in `$6`, read as a range of `jobs_fetch_idx`. No `$5` flag: the
+/// flow claim uses [`JOB_CLAIM`].
+///
+/// The index entries of jobs claimed since the oldest open snapshot began cannot be removed, or even
+/// marked dead, until that snapshot ends (an idle-in-transaction session, a long report, a
+/// repeatable-read reader). They sit at the head of each priority's range, and [`JOB_CLAIM`] starts
+/// there: with a snapshot held for an hour at 800 jobs/s it would step over ~3 million entries and
+/// their heap tuples on every claim. The floor skips them; `lease::ClaimWindow` keeps the floors and
+/// runs [`JOB_CLAIM`] now and then to find what a window cannot see.
+pub(crate) const JOB_CLAIM_WINDOWED: &str = r#"
+WITH next AS MATERIALIZED (
+    SELECT c.id
+    FROM unnest($5::smallint[], $6::timestamptz[]) AS w(priority, floor)
+    CROSS JOIN LATERAL (
+        SELECT id FROM oncely.jobs
+        WHERE state = 'available' AND flow_key IS NULL AND queue = $1 AND priority = w.priority
+          AND run_at >= w.floor AND run_at <= now()
+          -- As in JOB_CLAIM.
+          AND NOT EXISTS (SELECT 1 FROM oncely.pauses WHERE scope = 'queue' AND name = $1)
+          AND (kind || '') <> ALL (ARRAY(SELECT name FROM oncely.pauses WHERE scope = 'kind'))
+          AND NOT EXISTS (SELECT 1 FROM oncely.queue_limits WHERE queue = $1)
+        ORDER BY run_at, id
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    LIMIT $2
+)
+UPDATE oncely.jobs AS j
+SET state = 'running', attempt = j.attempt + 1, attempted_at = clock_timestamp(),
+    lease_expires_at = now() + make_interval(secs => $3), worker_id = $4
+WHERE j.id = ANY (ARRAY(SELECT id FROM next))
+RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_attempts, j.snoozes,
+          j.run_at, j.created_at, j.attempted_at, j.finished_at, j.lease_expires_at, j.worker_id,
+          j.unique_key, j.errors, j.traceparent
+"#;
+
 /// Complete many claims at once (`$1` ids, `$2` attempts); returns the ids whose claim still held.
 macro_rules! job_complete_many {
     () => {
