@@ -101,6 +101,18 @@ pub(crate) struct BenchArgs {
     /// report the second as a ratio to the first.
     #[arg(long, value_name = "URL")]
     pgbouncer_url: Option<String>,
+    /// Workers claim from the head of the claim index every time (`WorkerConfig::windowed_claims`
+    /// off), as oncely did before windowed claims: to compare the two in back-to-back runs.
+    #[arg(long)]
+    head_claims: bool,
+}
+
+/// `--head-claims`, for every worker the bench builds.
+static HEAD_CLAIMS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A bench worker's claim setting (`--head-claims`).
+fn claims(c: &mut oncely_worker::WorkerConfig) {
+    c.windowed_claims = !HEAD_CLAIMS.load(std::sync::atomic::Ordering::Relaxed);
 }
 
 #[derive(Serialize, Deserialize)]
@@ -247,6 +259,7 @@ pub(crate) async fn run(server_url: &str, args: BenchArgs) -> Result<(), Fail> {
                 .into(),
         ));
     }
+    HEAD_CLAIMS.store(args.head_claims, std::sync::atomic::Ordering::Relaxed);
     if args.fetch_batch == Some(0) {
         return Err(Fail("--fetch-batch must be at least 1".into()));
     }
@@ -458,7 +471,7 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
     }
     drop(warm);
     let (started_tx, mut started_rx) = mpsc::unbounded_channel::<(u64, Instant)>();
-    let mut builder = Worker::builder(worker_pool.clone());
+    let mut builder = Worker::builder(worker_pool.clone()).configure(claims);
     for i in 0..FANOUT_FUNCTIONS {
         builder = builder.function(
             Function::new(format!("bench-fanout-{i}")).on_event(FANOUT_TOPIC).queue(QUEUE),
@@ -1206,6 +1219,7 @@ async fn time_noop_drain_in(
     pooler: Pooler,
 ) -> Result<Duration, Fail> {
     let worker = Worker::builder(pool.clone())
+        .configure(claims)
         .register(handler_fn(|_ctx, _args: BenchNoop| async { Ok(()) }))
         .queue(QUEUE, concurrency)
         .configure(|c| {
@@ -1281,6 +1295,14 @@ fn print_summary(a: &BenchArgs, r: &Report) {
     let line = |figure: String, target: &str, ok: bool| println!("{figure:<68}{target:<32}{}", verdict(ok));
     println!();
     println!("summary");
+    println!(
+        "claims: {}",
+        if HEAD_CLAIMS.load(std::sync::atomic::Ordering::Relaxed) {
+            "from the head of the index (--head-claims)"
+        } else {
+            "windowed (the default)"
+        }
+    );
     println!("baseline insert commits/s: 1 conn {}  {k} conn {}", thousands(r.base_one), thousands(r.base_many));
     line(
         format!("enqueue one-by-one:     {:>9} jobs/s ({one_ratio:.2}x interleaved 1-conn)", thousands(r.one_by_one)),
