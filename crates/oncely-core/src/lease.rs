@@ -129,7 +129,8 @@ impl ClaimWindow {
     }
 
     /// Claim up to `limit` available jobs of `queue`, as [`claim_jobs`] does, reading only the
-    /// window when it can (see [`ClaimWindow`]).
+    /// window when it can (see [`ClaimWindow`]): a full claim when one is due
+    /// ([`full_claim_due`](Self::full_claim_due)), else [`claim_in_window`](Self::claim_in_window).
     #[instrument(skip(self, executor), err)]
     pub async fn claim_jobs<'e>(
         &mut self,
@@ -139,30 +140,71 @@ impl ClaimWindow {
         worker_id: &str,
         lease: Duration,
     ) -> Result<Vec<Job>> {
+        if !self.full_claim_due() {
+            return self.claim_in_window(executor, queue, limit, worker_id, lease).await;
+        }
         let started = std::time::Instant::now();
-        let full = self.floors.is_empty() || self.next_full.is_none_or(|at| started >= at);
-        let jobs = if full {
-            let jobs = claim_jobs(executor, queue, limit, worker_id, lease).await?;
-            let cost = started.elapsed();
-            let min = self.min_interval.unwrap_or(FULL_CLAIM_MIN_INTERVAL);
-            let wait = (cost * FULL_CLAIM_COST_FACTOR).clamp(min, FULL_CLAIM_MAX_INTERVAL.max(min));
-            self.next_full = Some(std::time::Instant::now() + wait);
-            jobs
-        } else {
-            let (priorities, floors): (Vec<i16>, Vec<_>) = self.floors.iter().map(|(p, f)| (p.0, *f)).unzip();
-            let rows: Vec<JobRow> = crate::pooler::query_as(crate::job::sql::JOB_CLAIM_WINDOWED)
-                .bind(queue)
-                .bind(limit)
-                .bind(secs(lease))
-                .bind(worker_id)
-                .bind(priorities)
-                .bind(floors)
-                .fetch_all(executor)
-                .await?;
-            in_claim_order(rows)?
-        };
+        let jobs = claim_jobs(executor, queue, limit, worker_id, lease).await?;
+        self.full_claim_done(&jobs, limit, started.elapsed());
+        Ok(jobs)
+    }
+
+    /// Claim up to `limit` jobs of `queue` within the window only; nothing before this window has
+    /// met a job. A caller that runs its full claims elsewhere (the worker runs them beside its
+    /// windowed claims, on slots of their own) pairs this with [`full_claim_due`](Self::full_claim_due),
+    /// [`full_claim_started`](Self::full_claim_started) and [`full_claim_done`](Self::full_claim_done).
+    #[instrument(skip(self, executor), err)]
+    pub async fn claim_in_window<'e>(
+        &mut self,
+        executor: impl PgExecutor<'e>,
+        queue: &str,
+        limit: i32,
+        worker_id: &str,
+        lease: Duration,
+    ) -> Result<Vec<Job>> {
+        if self.floors.is_empty() || limit <= 0 {
+            return Ok(Vec::new());
+        }
+        let (priorities, floors): (Vec<i16>, Vec<_>) = self.floors.iter().map(|(p, f)| (p.0, *f)).unzip();
+        let rows: Vec<JobRow> = crate::pooler::query_as(crate::job::sql::JOB_CLAIM_WINDOWED)
+            .bind(queue)
+            .bind(limit)
+            .bind(secs(lease))
+            .bind(worker_id)
+            .bind(priorities)
+            .bind(floors)
+            .fetch_all(executor)
+            .await?;
+        let jobs = in_claim_order(rows)?;
         self.learn(&jobs, jobs.len() < usize::try_from(limit).unwrap_or(0));
         Ok(jobs)
+    }
+
+    /// Whether the next claim should be a full one ([`claim_jobs`]): the window has met no job yet,
+    /// or the time for the next full claim has come.
+    pub fn full_claim_due(&self) -> bool {
+        self.floors.is_empty() || self.next_full.is_none_or(|at| std::time::Instant::now() >= at)
+    }
+
+    /// Whether this window has met any job (without one it can read nothing).
+    pub fn has_floors(&self) -> bool {
+        !self.floors.is_empty()
+    }
+
+    /// A full claim has started elsewhere: no other is due until it reports with
+    /// [`full_claim_done`](Self::full_claim_done) (or [`FULL_CLAIM_MAX_INTERVAL`] has passed).
+    pub fn full_claim_started(&mut self) {
+        let min = self.min_interval.unwrap_or(FULL_CLAIM_MIN_INTERVAL);
+        self.next_full = Some(std::time::Instant::now() + FULL_CLAIM_MAX_INTERVAL.max(min));
+    }
+
+    /// A full claim of up to `limit` jobs took `jobs` in `cost`: learn from it, and schedule the
+    /// next one.
+    pub fn full_claim_done(&mut self, jobs: &[Job], limit: i32, cost: Duration) {
+        let min = self.min_interval.unwrap_or(FULL_CLAIM_MIN_INTERVAL);
+        let wait = (cost * FULL_CLAIM_COST_FACTOR).clamp(min, FULL_CLAIM_MAX_INTERVAL.max(min));
+        self.next_full = Some(std::time::Instant::now() + wait);
+        self.learn(jobs, jobs.len() < usize::try_from(limit).unwrap_or(0));
     }
 
     /// Move the floors after a claim. `short`: the claim took fewer jobs than it asked for, so it

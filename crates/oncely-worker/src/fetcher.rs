@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use oncely_core::lease::ClaimWindow;
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -25,7 +26,9 @@ pub(crate) async fn run(
     let slots = Arc::new(Semaphore::new(queue.concurrency));
     let batch = shared.config.fetch_batch.min(queue.concurrency);
     let mut busy = false;
-    let mut window = oncely_core::lease::ClaimWindow::new();
+    let mut window = ClaimWindow::new();
+    // The full claim running beside the windowed ones, if any: it reports what it claimed.
+    let mut sweep: Option<oneshot::Receiver<Sweep>> = None;
     loop {
         // Wait for one free slot, then take every other free slot up to a batch.
         let first = tokio::select! {
@@ -46,14 +49,37 @@ pub(crate) async fn run(
                 take_free(&slots, &mut permits, batch);
             }
         }
-        let want = permits.len();
+        if let Some(rx) = sweep.as_mut() {
+            match rx.try_recv() {
+                Ok(done) => {
+                    window.full_claim_done(&done.jobs, done.limit, done.cost);
+                    sweep = None;
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    window.read_all_next();
+                    sweep = None;
+                }
+            }
+        }
         let db = oncely_core::pooler::db(&shared.pool);
         let (worker_id, lease) = (&shared.config.worker_id, shared.config.lease);
-        let claimed = if shared.config.windowed_claims {
-            window.claim_jobs(db, &queue.name, want as i32, worker_id, lease).await
+        let claimed = if !shared.config.windowed_claims {
+            oncely_core::lease::claim_jobs(db, &queue.name, permits.len() as i32, worker_id, lease).await
+        } else if window.has_floors() && window.full_claim_due() && sweep.is_none() && permits.len() >= 2 {
+            // A full claim reads the whole claim index, which a held snapshot can make slow: it
+            // runs beside this windowed claim on half of the free slots, so that the jobs the
+            // window sees do not wait for it.
+            let half = permits.split_off(permits.len() / 2);
+            window.full_claim_started();
+            sweep = Some(spawn_sweep(&shared, &jobs, &queue.name, half, &wake));
+            window.claim_in_window(db, &queue.name, permits.len() as i32, worker_id, lease).await
+        } else if sweep.is_some() {
+            window.claim_in_window(db, &queue.name, permits.len() as i32, worker_id, lease).await
         } else {
-            oncely_core::lease::claim_jobs(db, &queue.name, want as i32, worker_id, lease).await
+            window.claim_jobs(db, &queue.name, permits.len() as i32, worker_id, lease).await
         };
+        let want = permits.len();
         // Then what the plain claim leaves: keyed jobs, or a queue with a global limit.
         let mut retry_in = None;
         let claimed = match claimed {
@@ -117,6 +143,49 @@ pub(crate) async fn run(
             }
         }
     }
+}
+
+/// What a full claim beside the windowed ones took, for the fetcher's window.
+struct Sweep {
+    jobs: Vec<oncely_core::Job>,
+    limit: i32,
+    cost: Duration,
+}
+
+/// Run a full claim (from the head of the claim index) on `permits`, hand what it claims to the
+/// executor, report it, and wake the fetcher.
+fn spawn_sweep(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    queue: &str,
+    mut permits: Vec<OwnedSemaphorePermit>,
+    wake: &Arc<Notify>,
+) -> oneshot::Receiver<Sweep> {
+    let (tx, rx) = oneshot::channel();
+    let (shared, jobs, queue, wake) = (shared.clone(), tracker.clone(), queue.to_owned(), wake.clone());
+    tracker.spawn(async move {
+        let limit = permits.len() as i32;
+        let started = std::time::Instant::now();
+        let db = oncely_core::pooler::db(&shared.pool);
+        let claimed =
+            oncely_core::lease::claim_jobs(db, &queue, limit, &shared.config.worker_id, shared.config.lease).await;
+        let cost = started.elapsed();
+        let claimed = claimed.unwrap_or_else(|e| {
+            tracing::warn!(queue = %queue, error = %e, "full claim failed");
+            Vec::new()
+        });
+        WorkerStats::add(&shared.stats.claimed, claimed.len() as u64);
+        crate::metrics::claimed(&queue, &claimed);
+        let _ = tx.send(Sweep { jobs: claimed.clone(), limit, cost });
+        let received = std::time::Instant::now();
+        for job in claimed {
+            let permit = permits.pop().expect("one permit was taken per claimed job");
+            executor::spawn(&shared, &jobs, job, permit, received);
+        }
+        drop(permits);
+        wake.notify_one();
+    });
+    rx
 }
 
 fn take_free(slots: &Arc<Semaphore>, permits: &mut Vec<OwnedSemaphorePermit>, batch: usize) {
