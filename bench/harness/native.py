@@ -3,7 +3,8 @@
 The harness drives PostgreSQL through `docker compose` (start, stop -> fresh volume, the
 postgres-restart chaos phase). This shim imports the harness unchanged and swaps only those
 functions for a local cluster managed with pg_ctl, points the harness at that cluster's port,
-and registers two native adapters: `oncely` (bench/harness/oncely-bench) and `awa`
+and registers three native adapters: `oncely` (bench/harness/oncely-bench), `oncely-headclaim` (the
+same binary with windowed claims off, see oncely-bench-headclaim/README.md) and `awa`
 (bench/harness/awa-bench, the harness's awa adapter built against the published awa crates).
 
 Usage: python native.py <harness checkout> run <bench.py run arguments...>
@@ -146,7 +147,7 @@ if os.environ.get("PGJQB_RESULTS"):
     orchestrator.RESULTS_ROOT = Path(os.environ["PGJQB_RESULTS"])
 
 
-def _prebuilt(target: Path, name: str):
+def _prebuilt(target: Path, name: str, extra_env: dict | None = None):
     binary = target / "release" / name
 
     def build(skip: bool) -> None:
@@ -155,17 +156,21 @@ def _prebuilt(target: Path, name: str):
             raise RuntimeError(f"{binary} missing: build it first (see bench/harness/run.sh)")
 
     def launch(manifest, overrides):
-        return adapters.LaunchSpec(argv=[str(binary)], env=adapters._base_env(manifest, overrides))
+        env = adapters._base_env(manifest, overrides)
+        env.update(extra_env or {})
+        return adapters.LaunchSpec(argv=[str(binary)], env=env)
 
     return build, launch
 
 
-for system, bench_dir, target, binary in (
-    ("oncely", HERE / "oncely-bench", TARGET, "oncely-bench"),
+for system, bench_dir, target, binary, extra_env in (
+    ("oncely", HERE / "oncely-bench", TARGET, "oncely-bench", {}),
+    # The same binary claiming from the head of the index every time (oncely before windowed claims).
+    ("oncely-headclaim", HERE / "oncely-bench-headclaim", TARGET, "oncely-bench", {"ONCELY_WINDOWED_CLAIMS": "0"}),
     # awa-bench builds in a nested target dir so both builds can run at once (separate locks).
-    ("awa", HERE / "awa-bench", TARGET / "awa", "awa-bench"),
+    ("awa", HERE / "awa-bench", TARGET / "awa", "awa-bench", {}),
 ):
-    build, launch = _prebuilt(target, binary)
+    build, launch = _prebuilt(target, binary, extra_env)
     adapters.ADAPTERS[system] = adapters.AdapterEntry(bench_dir=bench_dir, builder=build, launcher=launch)
 orchestrator.ADAPTERS = adapters.ADAPTERS
 
@@ -173,6 +178,7 @@ orchestrator.ADAPTERS = adapters.ADAPTERS
 # left in the database by state, so "lost" can be told apart from "still queued".
 FINAL_STATE_SQL = {
     "oncely": "SELECT state, count(*)::bigint FROM oncely.jobs GROUP BY state ORDER BY state",
+    "oncely-headclaim": "SELECT state, count(*)::bigint FROM oncely.jobs GROUP BY state ORDER BY state",
     # Same shape as awa-bench's count_by_state (queue_storage tables of schema awa). NOT a job-state
     # count on awa 0.6.9: there ready_entries keeps claimed rows (a lane cursor marks them claimed)
     # and completions live in receipt batches, so its numbers are not reported (summarize.py).

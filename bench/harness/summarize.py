@@ -25,6 +25,7 @@ RAW_GZ_LIMIT = 600_000  # bytes; larger raw files stay out of the commit
 KEY_PHASE = {
     "clean": ("clean_1", None),
     "idle_in_tx_saturation": ("idle_1", "recovery_1"),
+    "idle_in_tx_180s": ("idle_1", "recovery_1"),
     "active_readers": ("readers_1", "recovery_1"),
     "sustained_high_load": ("pressure_1", "recovery_1"),
     "chaos_crash_recovery": ("kill", "recovery"),
@@ -32,7 +33,8 @@ KEY_PHASE = {
     "chaos_pool_exhaustion": ("exhaustion", "recovery"),
     "chaos_postgres_restart": ("restart", "recovery"),
 }
-BASELINE = {"clean": "clean_1", "idle_in_tx_saturation": "clean_1", "active_readers": "clean_1",
+BASELINE = {"clean": "clean_1", "idle_in_tx_saturation": "clean_1", "idle_in_tx_180s": "clean_1",
+            "active_readers": "clean_1",
             "sustained_high_load": "clean_1"}
 
 
@@ -102,7 +104,7 @@ def main() -> None:
             ap = phases.get(after or "", {})
             bp = phases.get(BASELINE.get(scenario, "baseline"), {})
             # Only oncely's count is a job-state count; see native.py on awa's.
-            states = (final.get(system) or {}).get("jobs_by_state") if system == "oncely" else None
+            states = (final.get(system) or {}).get("jobs_by_state") if system.startswith("oncely") else None
             table.append([
                 scenario, system,
                 fmt(bp.get("median_throughput_per_s")),

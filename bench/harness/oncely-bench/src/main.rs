@@ -24,7 +24,20 @@ use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
-const SYSTEM: &str = "oncely";
+/// The system name in every record: `oncely`, or `oncely-headclaim` for the variant that claims
+/// from the head of the index every time (`ONCELY_WINDOWED_CLAIMS=0`).
+fn system() -> &'static str {
+    if windowed_claims() {
+        "oncely"
+    } else {
+        "oncely-headclaim"
+    }
+}
+
+/// `ONCELY_WINDOWED_CLAIMS=0` turns off oncely's windowed claims (`WorkerConfig::windowed_claims`).
+fn windowed_claims() -> bool {
+    std::env::var("ONCELY_WINDOWED_CLAIMS").map_or(true, |v| v.trim() != "0")
+}
 const QUEUE: &str = "oncely_longhorizon_bench";
 
 /// The benchmark job: when it was produced (for pickup latency) and a padding string sized by
@@ -274,7 +287,7 @@ async fn sampler(shared: Arc<Shared>, stats_completed: impl Fn() -> u64, every_s
         let t = now_iso_ms();
         let rec = |metric: &str, value: f64, window: f64, subject: &str| {
             emit(json!({
-                "t": t, "system": SYSTEM, "instance_id": instance, "kind": "adapter",
+                "t": t, "system": system(), "instance_id": instance, "kind": "adapter",
                 "subject_kind": "adapter", "subject": subject, "metric": metric,
                 "value": value, "window_s": window,
             }));
@@ -304,11 +317,11 @@ async fn sampler(shared: Arc<Shared>, stats_completed: impl Fn() -> u64, every_s
         rec("handler_return_rate", handled.saturating_sub(last_handled) as f64 / dt, w, "");
         let depth = shared.queue_depth.load(Ordering::Relaxed) as f64;
         let running = shared.running_depth.load(Ordering::Relaxed) as f64;
-        rec("queue_depth", depth, 0.0, SYSTEM);
-        rec("running_depth", running, 0.0, SYSTEM);
-        rec("total_backlog", depth + running, 0.0, SYSTEM);
-        rec("producer_target_rate", shared.target_rate.load(Ordering::Relaxed) as f64, 0.0, SYSTEM);
-        rec("enqueue_error_count", shared.enqueue_errors.load(Ordering::Relaxed) as f64, 0.0, SYSTEM);
+        rec("queue_depth", depth, 0.0, system());
+        rec("running_depth", running, 0.0, system());
+        rec("total_backlog", depth + running, 0.0, system());
+        rec("producer_target_rate", shared.target_rate.load(Ordering::Relaxed) as f64, 0.0, system());
+        rec("enqueue_error_count", shared.enqueue_errors.load(Ordering::Relaxed) as f64, 0.0, system());
         last_enq = enq;
         last_cmp = cmp;
         last_handled = handled;
@@ -353,7 +366,7 @@ async fn main() {
         sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations").fetch_one(&pool).await.ok().flatten();
     emit(json!({
         "kind": "descriptor",
-        "system": SYSTEM,
+        "system": system(),
         "event_tables": ["oncely.jobs"],
         "event_indexes": ["oncely.jobs_fetch_idx", "oncely.jobs_lease_idx", "oncely.jobs_finished_idx"],
         "extensions": [],
@@ -379,7 +392,8 @@ async fn main() {
         producer_call: Mutex::new(RollingHdr::new(window)),
     });
 
-    // The worker, with oncely's default configuration apart from the queue's concurrency.
+    // The worker, with oncely's default configuration apart from the queue's concurrency (and the
+    // windowed claims, with ONCELY_WINDOWED_CLAIMS=0).
     let h = Arc::clone(&shared);
     let worker = Worker::builder(pool.clone())
         .register(handler_fn(move |_ctx, args: BenchJob| {
@@ -396,6 +410,7 @@ async fn main() {
             }
         }))
         .queue(QUEUE, worker_count as usize)
+        .configure(|c| c.windowed_claims = windowed_claims())
         .build()
         .expect("worker config");
     let handle = Arc::new(worker.start());
