@@ -107,8 +107,12 @@ WITH k AS MATERIALIZED (
     ) AS c
     LIMIT $3
 ), claimed AS (
+    -- `attempted_at` is the time the rate limit admitted the start (`now()`, this transaction's
+    -- start), not `clock_timestamp()` as in the plain claim: with the later clock, a claim that
+    -- waited inside its transaction recorded starts that looked over the rate (56 in a second of a
+    -- 50/s limit with a burst of 5, flow_keys::a_rate_limit_of_50…, on a loaded machine).
     UPDATE oncely.jobs AS j
-    SET state = 'running', attempt = j.attempt + 1, attempted_at = clock_timestamp(),
+    SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
         lease_expires_at = now() + make_interval(secs => $4), worker_id = $5
     WHERE j.id = ANY (ARRAY(SELECT id FROM next))
     RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_attempts, j.snoozes,
