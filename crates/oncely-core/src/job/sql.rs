@@ -147,6 +147,21 @@ pub(crate) const JOB_RESERVE_IDS: &str =
 pub(crate) const JOB_COPY_IN: &str =
     "COPY oncely.jobs (id, kind, queue, args, priority, max_attempts, traceparent) FROM STDIN";
 
+/// The end of both claims: lease the ids of the CTE `next` to worker `$4` for `$3` seconds.
+macro_rules! job_claim_update {
+    () => {
+        r#"
+UPDATE oncely.jobs AS j
+SET state = 'running', attempt = j.attempt + 1, attempted_at = clock_timestamp(),
+    lease_expires_at = now() + make_interval(secs => $3), worker_id = $4
+WHERE j.id = ANY (ARRAY(SELECT id FROM next))
+RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_attempts, j.snoozes,
+          j.run_at, j.created_at, j.attempted_at, j.finished_at, j.lease_expires_at, j.worker_id,
+          j.unique_key, j.errors, j.traceparent
+"#
+    };
+}
+
 /// Claim up to `$2` due jobs of queue `$1` (skipping paused queues and kinds), highest priority
 /// first, then oldest `run_at`: lease them to worker `$4` for `$3` seconds. Only jobs without a
 /// concurrency key, and nothing from a queue with a global limit unless `$5` (see `flow.rs`).
@@ -158,7 +173,8 @@ pub(crate) const JOB_COPY_IN: &str =
 /// and `run_at` in the index, `run_at <= now()` was only a filter, and a claim that found fewer due
 /// jobs than `$2` read every job scheduled for later (11 ms per claim with 100,000 scheduled; see
 /// docs/benchmarks.md, "Scale").
-pub(crate) const JOB_CLAIM: &str = r#"
+pub(crate) const JOB_CLAIM: &str = concat!(
+    r#"
 WITH RECURSIVE priorities AS (
     (SELECT priority FROM oncely.jobs WHERE state = 'available' AND flow_key IS NULL AND queue = $1
      ORDER BY priority DESC LIMIT 1)
@@ -191,14 +207,9 @@ WITH RECURSIVE priorities AS (
     WHERE p.priority IS NOT NULL
     LIMIT $2
 )
-UPDATE oncely.jobs AS j
-SET state = 'running', attempt = j.attempt + 1, attempted_at = clock_timestamp(),
-    lease_expires_at = now() + make_interval(secs => $3), worker_id = $4
-WHERE j.id = ANY (ARRAY(SELECT id FROM next))
-RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_attempts, j.snoozes,
-          j.run_at, j.created_at, j.attempted_at, j.finished_at, j.lease_expires_at, j.worker_id,
-          j.unique_key, j.errors, j.traceparent
-"#;
+"#,
+    job_claim_update!()
+);
 
 /// [`JOB_CLAIM`] within a window: for each priority in `$5` (highest first), only jobs with
 /// `run_at >= ` the matching floor in `$6`, read as a range of `jobs_fetch_idx`. No `$5` flag: the
@@ -210,7 +221,8 @@ RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_a
 /// there: with a snapshot held for an hour at 800 jobs/s it would step over ~3 million entries and
 /// their heap tuples on every claim. The floor skips them; `lease::ClaimWindow` keeps the floors and
 /// runs [`JOB_CLAIM`] now and then to find what a window cannot see.
-pub(crate) const JOB_CLAIM_WINDOWED: &str = r#"
+pub(crate) const JOB_CLAIM_WINDOWED: &str = concat!(
+    r#"
 WITH next AS MATERIALIZED (
     SELECT c.id
     FROM unnest($5::smallint[], $6::timestamptz[]) AS w(priority, floor)
@@ -228,14 +240,9 @@ WITH next AS MATERIALIZED (
     ) AS c
     LIMIT $2
 )
-UPDATE oncely.jobs AS j
-SET state = 'running', attempt = j.attempt + 1, attempted_at = clock_timestamp(),
-    lease_expires_at = now() + make_interval(secs => $3), worker_id = $4
-WHERE j.id = ANY (ARRAY(SELECT id FROM next))
-RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_attempts, j.snoozes,
-          j.run_at, j.created_at, j.attempted_at, j.finished_at, j.lease_expires_at, j.worker_id,
-          j.unique_key, j.errors, j.traceparent
-"#;
+"#,
+    job_claim_update!()
+);
 
 /// Complete many claims at once (`$1` ids, `$2` attempts); returns the ids whose claim still held.
 macro_rules! job_complete_many {
