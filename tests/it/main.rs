@@ -33,6 +33,7 @@ mod outage;
 mod pgbouncer;
 mod pipeline_crash;
 mod plans;
+mod prefetch;
 mod queue;
 mod report_events;
 mod sql_api;

@@ -66,7 +66,7 @@ pub(crate) struct BenchArgs {
     /// Worker slots (jobs running at once) on the benchmark queue.
     #[arg(long, default_value_t = 100)]
     concurrency: usize,
-    /// Most jobs per claim. Defaults to --concurrency.
+    /// Most jobs per claim. Defaults to --concurrency plus --prefetch.
     #[arg(long)]
     fetch_batch: Option<usize>,
     /// Samples of the latency phase.
@@ -105,14 +105,30 @@ pub(crate) struct BenchArgs {
     /// off), as oncely did before windowed claims: to compare the two in back-to-back runs.
     #[arg(long)]
     head_claims: bool,
+    /// Jobs each bench worker may hold claimed beyond its concurrency, waiting for a free slot
+    /// (`WorkerConfig::prefetch`). Defaults to 0, the worker's default.
+    #[arg(long, default_value_t = 0)]
+    prefetch: usize,
+}
+
+impl BenchArgs {
+    /// Jobs per claim at `concurrency`: --fetch-batch, else the claim slots (concurrency plus
+    /// prefetch).
+    fn batch(&self, concurrency: usize) -> usize {
+        self.fetch_batch.unwrap_or(concurrency + self.prefetch)
+    }
 }
 
 /// `--head-claims`, for every worker the bench builds.
 static HEAD_CLAIMS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// A bench worker's claim setting (`--head-claims`).
+/// `--prefetch`, for every worker the bench builds.
+static PREFETCH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A bench worker's claim settings (`--head-claims`, `--prefetch`).
 fn claims(c: &mut oncely_worker::WorkerConfig) {
     c.windowed_claims = !HEAD_CLAIMS.load(std::sync::atomic::Ordering::Relaxed);
+    c.prefetch = PREFETCH.load(std::sync::atomic::Ordering::Relaxed);
 }
 
 #[derive(Serialize, Deserialize)]
@@ -260,6 +276,7 @@ pub(crate) async fn run(server_url: &str, args: BenchArgs) -> Result<(), Fail> {
         ));
     }
     HEAD_CLAIMS.store(args.head_claims, std::sync::atomic::Ordering::Relaxed);
+    PREFETCH.store(args.prefetch, std::sync::atomic::Ordering::Relaxed);
     if args.fetch_batch == Some(0) {
         return Err(Fail("--fetch-batch must be at least 1".into()));
     }
@@ -327,7 +344,7 @@ pub(crate) async fn run(server_url: &str, args: BenchArgs) -> Result<(), Fail> {
 async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
     let n = a.jobs;
     let quarter = n / 4;
-    let fetch_batch = a.fetch_batch.unwrap_or(a.concurrency);
+    let fetch_batch = a.batch(a.concurrency);
     println!(
         "jobs {n}, one-by-one jobs {quarter}, concurrency {}, fetch batch {fetch_batch}, baseline connections {}, \
          baseline time {:.1} s, worker connections {}, latency samples {}",
@@ -648,7 +665,7 @@ enum Keyed {
 async fn flow_figures(server: &PgConnectOptions, admin: &mut PgConnection, a: &BenchArgs) -> Result<(), Fail> {
     let c = a.concurrency;
     let n = a.jobs;
-    let args = FlowArgs { connections: a.worker_connections, batch: a.fetch_batch.unwrap_or(c), concurrency: c };
+    let args = FlowArgs { connections: a.worker_connections, batch: a.batch(c), concurrency: c };
     let mut run = Vec::new();
     for (keyed, jobs) in
         [(Keyed::Plain, n), (Keyed::Keys(1000), n), (Keyed::HotKey, n), (Keyed::Rate(FLOW_RATE), (n / 10).max(100))]
@@ -863,8 +880,7 @@ async fn pooled_drain(
         warm.push(pool.acquire().await?);
     }
     drop(warm);
-    let elapsed =
-        time_noop_drain_in(&pool, concurrency, a.fetch_batch.unwrap_or(concurrency), n, Pooler::Transaction).await?;
+    let elapsed = time_noop_drain_in(&pool, concurrency, a.batch(concurrency), n, Pooler::Transaction).await?;
     pool.close().await;
     let completed: i64 =
         sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE queue = $1 AND state = 'completed'")
@@ -905,7 +921,7 @@ async fn drain_once(
         warm.push(pool.acquire().await?);
     }
     drop(warm);
-    let elapsed = time_noop_drain(&pool, concurrency, a.fetch_batch.unwrap_or(concurrency), n).await?;
+    let elapsed = time_noop_drain(&pool, concurrency, a.batch(concurrency), n).await?;
     let completed: i64 =
         sqlx::query_scalar("SELECT count(*) FROM oncely.jobs WHERE queue = $1 AND state = 'completed'")
             .bind(QUEUE)
@@ -1303,6 +1319,7 @@ fn print_summary(a: &BenchArgs, r: &Report) {
             "windowed (the default)"
         }
     );
+    println!("prefetch: {} jobs per queue beyond its concurrency", a.prefetch);
     println!("baseline insert commits/s: 1 conn {}  {k} conn {}", thousands(r.base_one), thousands(r.base_many));
     line(
         format!("enqueue one-by-one:     {:>9} jobs/s ({one_ratio:.2}x interleaved 1-conn)", thousands(r.one_by_one)),

@@ -121,6 +121,14 @@ pub struct WorkerConfig {
     /// often finds the jobs a window cannot see. Defaults to true; false claims from the head of
     /// the index every time.
     pub windowed_claims: bool,
+    /// Jobs each queue's fetcher may hold claimed beyond the queue's concurrency, waiting on this
+    /// worker for a free slot (a local buffer). With it a claim runs while the queue's slots are
+    /// busy, so short jobs do not leave slots idle for a claim's round trip, and claims are
+    /// larger. The jobs waiting are leased and heartbeated like running ones; at shutdown they
+    /// are released at once, not run; one whose lease is lost while it waits is dropped without
+    /// running. The cost: a job waiting here waits for this worker's slots even when another
+    /// worker is idle, so keep it small for long jobs. Defaults to 0 (claim only for free slots).
+    pub prefetch: usize,
 }
 
 impl Default for WorkerConfig {
@@ -149,6 +157,7 @@ impl Default for WorkerConfig {
             pooler: Pooler::Session,
             listen_url: None,
             windowed_claims: true,
+            prefetch: 0,
         }
     }
 }

@@ -9,7 +9,7 @@ use backon::{ExponentialBuilder, Retryable};
 use futures::FutureExt;
 use oncely_core::step::{DeferredRecords, InjectedCrash, StepScope};
 use oncely_core::{Claim, ErrorKind, Job, JobState};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -46,12 +46,24 @@ enum Finish {
     SuspendedInTx(Duration),
 }
 
-/// `claimed`: when the claim returned (see `DeferredRecords::with_clock`).
+/// With prefetch (`WorkerConfig::prefetch`): a claimed job waits for one of its queue's run slots
+/// before its handler starts; if the worker stops first, it is released without running.
+#[derive(Clone)]
+pub(crate) struct RunGate {
+    /// The queue's run slots: its concurrency.
+    pub(crate) slots: Arc<Semaphore>,
+    /// The worker's stop (no more claims): a job still waiting is given back.
+    pub(crate) stop: CancellationToken,
+}
+
+/// `permit`: the claim slot, held until the handler is done. `gate`: the run slot to wait for, with
+/// prefetch. `claimed`: when the claim returned (see `DeferredRecords::with_clock`).
 pub(crate) fn spawn(
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
     job: Job,
     permit: OwnedSemaphorePermit,
+    gate: Option<RunGate>,
     claimed: std::time::Instant,
 ) {
     let cancel = CancellationToken::new();
@@ -74,7 +86,7 @@ pub(crate) fn spawn(
         #[cfg(feature = "otel")]
         continue_trace(&span, tp);
     }
-    tracker.spawn(run(shared.clone(), job, cancel, flags, permit, claimed).instrument(span));
+    tracker.spawn(run(shared.clone(), job, cancel, flags, permit, gate, claimed).instrument(span));
 }
 
 /// With the feature `otel`: the job's span becomes a child of the enqueuing span and is linked to
@@ -101,9 +113,35 @@ async fn run(
     cancel: CancellationToken,
     flags: Arc<AttemptFlags>,
     permit: OwnedSemaphorePermit,
+    gate: Option<RunGate>,
     claimed: std::time::Instant,
 ) {
     let claim = Claim::from(&job);
+    // With prefetch, wait for a run slot; held, with the claim slot, until the handler is done.
+    let run_permit = match gate {
+        None => None,
+        Some(gate) => tokio::select! {
+            biased;
+            _ = gate.stop.cancelled() => {
+                // Claimed ahead and never started: give it back now rather than run it during
+                // the shutdown grace period. It does not count as an attempt.
+                AttemptFlags::set(&flags.finishing);
+                drop(permit);
+                record(&shared, &job, claim, Finish::Release).await;
+                shared.forget([claim]);
+                return;
+            }
+            _ = cancel.cancelled() => {
+                // The heartbeat found the lease lost (the job was cancelled or rescued) before
+                // the job started: it is no longer this attempt's. Nothing ran; nothing to write.
+                tracing::info!("lease lost while the job waited for a slot: not running it");
+                WorkerStats::add(&shared.stats.abandoned, 1);
+                shared.forget([claim]);
+                return;
+            }
+            p = gate.slots.acquire_owned() => Some(p.expect("a queue's run slots are never closed")),
+        },
+    };
     let started = std::time::Instant::now();
     let deferred = DeferredRecords::with_clock(job.attempted_at, claimed);
     let finish = attempt(&shared, &job, cancel, &flags, &deferred).await;
@@ -112,6 +150,7 @@ async fn run(
     // committed, for a lost lease (it may still find the job in the running set).
     AttemptFlags::set(&flags.finishing);
     // The slot is free as soon as the handler is done; the write below does not hold it.
+    drop(run_permit);
     drop(permit);
     let finish = match AttemptFlags::get(&flags.completed_in_tx) {
         true => settle_completed_in_tx(&shared, &job, claim, finish).await,

@@ -23,8 +23,13 @@ pub(crate) async fn run(
     stop: CancellationToken,
     jobs: TaskTracker,
 ) {
-    let slots = Arc::new(Semaphore::new(queue.concurrency));
-    let batch = shared.config.fetch_batch.min(queue.concurrency);
+    // Claim slots: the queue's concurrency plus the jobs it may hold waiting for one of its run
+    // slots (`WorkerConfig::prefetch`). Without prefetch a claim slot is a run slot.
+    let prefetch = shared.config.prefetch;
+    let slots = Arc::new(Semaphore::new(queue.concurrency + prefetch));
+    let gate = (prefetch > 0)
+        .then(|| executor::RunGate { slots: Arc::new(Semaphore::new(queue.concurrency)), stop: stop.clone() });
+    let batch = shared.config.fetch_batch.min(queue.concurrency + prefetch);
     let mut busy = false;
     let mut window = ClaimWindow::new();
     // The full claim running beside the windowed ones, if any: it reports what it claimed.
@@ -72,7 +77,7 @@ pub(crate) async fn run(
             // window sees do not wait for it.
             let half = permits.split_off(permits.len() / 2);
             window.full_claim_started();
-            sweep = Some(spawn_sweep(&shared, &jobs, &queue.name, half, &wake));
+            sweep = Some(spawn_sweep(&shared, &jobs, &queue.name, half, &wake, gate.clone()));
             window.claim_in_window(db, &queue.name, permits.len() as i32, worker_id, lease).await
         } else if sweep.is_some() {
             window.claim_in_window(db, &queue.name, permits.len() as i32, worker_id, lease).await
@@ -131,7 +136,7 @@ pub(crate) async fn run(
         let received = std::time::Instant::now();
         for job in claimed {
             let permit = permits.pop().expect("one permit was taken per claimed job");
-            executor::spawn(&shared, &jobs, job, permit, received);
+            executor::spawn(&shared, &jobs, job, permit, gate.clone(), received);
         }
         drop(permits);
         if !busy {
@@ -160,6 +165,7 @@ fn spawn_sweep(
     queue: &str,
     mut permits: Vec<OwnedSemaphorePermit>,
     wake: &Arc<Notify>,
+    gate: Option<executor::RunGate>,
 ) -> oneshot::Receiver<Sweep> {
     let (tx, rx) = oneshot::channel();
     let (shared, jobs, queue, wake) = (shared.clone(), tracker.clone(), queue.to_owned(), wake.clone());
@@ -180,7 +186,7 @@ fn spawn_sweep(
         let received = std::time::Instant::now();
         for job in claimed {
             let permit = permits.pop().expect("one permit was taken per claimed job");
-            executor::spawn(&shared, &jobs, job, permit, received);
+            executor::spawn(&shared, &jobs, job, permit, gate.clone(), received);
         }
         drop(permits);
         wake.notify_one();

@@ -115,6 +115,13 @@ impl WorkerBuilder {
         self
     }
 
+    /// See [`WorkerConfig::prefetch`]: jobs each queue may hold claimed beyond its concurrency,
+    /// waiting for a free slot. Defaults to 0.
+    pub fn prefetch(mut self, jobs: usize) -> Self {
+        self.config.prefetch = jobs;
+        self
+    }
+
     /// See [`WorkerConfig::lease`]. Defaults to [`DEFAULT_LEASE`](crate::config::DEFAULT_LEASE).
     pub fn lease(mut self, lease: Duration) -> Self {
         self.config.lease = lease;

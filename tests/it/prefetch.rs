@@ -1,0 +1,173 @@
+//! Prefetch (`WorkerConfig::prefetch`): a queue's fetcher holds jobs claimed beyond its
+//! concurrency, waiting for a slot. They never run beyond the concurrency, a stop gives them back
+//! without running them, and one whose lease is lost while it waits never runs.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::common::*;
+use oncely::worker::WorkerStats;
+use oncely::{cancel_job, enqueue_many, handler_fn, JobArgs, JobId, JobState, NewJob};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Gated {
+    n: u64,
+}
+impl JobArgs for Gated {
+    const KIND: &'static str = "gated";
+}
+
+/// What the handlers saw: how many are inside at once (and the most ever), and how often each job
+/// ran. A handler waits for one permit of `gate`, which the test hands out.
+#[derive(Default)]
+struct Probe {
+    inside: AtomicUsize,
+    most_inside: AtomicUsize,
+    runs: Mutex<HashMap<u64, u32>>,
+}
+
+impl Probe {
+    fn started(&self) -> usize {
+        self.runs.lock().unwrap().values().map(|&n| n as usize).sum()
+    }
+}
+
+fn gated(probe: Arc<Probe>, gate: Arc<Semaphore>) -> impl oncely::Handler<Gated> {
+    handler_fn(move |_ctx, a: Gated| {
+        let (probe, gate) = (probe.clone(), gate.clone());
+        async move {
+            *probe.runs.lock().unwrap().entry(a.n).or_default() += 1;
+            let now = probe.inside.fetch_add(1, Ordering::SeqCst) + 1;
+            probe.most_inside.fetch_max(now, Ordering::SeqCst);
+            gate.acquire().await.expect("the test never closes the gate").forget();
+            probe.inside.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+    })
+}
+
+async fn enqueue_gated(pool: &PgPool, n: u64) -> Vec<JobId> {
+    let jobs: Vec<_> = (0..n).map(|n| NewJob::new(&Gated { n }).unwrap()).collect();
+    enqueue_many(pool, &jobs).await.unwrap().iter().map(|j| j.id).collect()
+}
+
+async fn wait_running(pool: &PgPool, n: i64, probe: &Probe, started: usize) {
+    eventually(Duration::from_secs(20), "the jobs claimed ahead", || async {
+        (count(pool, JobState::Running).await == n && probe.started() == started).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefetched_jobs_are_claimed_ahead_but_never_run_beyond_the_concurrency() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    enqueue_gated(pool, 12).await;
+    let (probe, gate) = (Arc::new(Probe::default()), Arc::new(Semaphore::new(0)));
+    let h = builder(db.new_pool(5).await)
+        .register(gated(probe.clone(), gate.clone()))
+        .queue("default", 2)
+        .prefetch(3)
+        .build()
+        .unwrap()
+        .start();
+
+    // Five claimed (two slots and three ahead), two started.
+    wait_running(pool, 5, &probe, 2).await;
+    assert_eq!(WorkerStats::get(&h.stats().claimed), 5, "the worker claimed its slots and three ahead");
+    gate.add_permits(12);
+    wait_all_finished(pool, Duration::from_secs(30)).await;
+    h.shutdown().await;
+
+    assert_eq!(count(pool, JobState::Completed).await, 12);
+    let runs = probe.runs.lock().unwrap();
+    assert_eq!(runs.len(), 12, "every job ran");
+    assert!(runs.values().all(|&n| n == 1), "no job ran twice: {runs:?}");
+    assert_eq!(probe.most_inside.load(Ordering::SeqCst), 2, "never more handlers at once than the concurrency");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_gives_prefetched_jobs_back_at_once_without_running_them() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    enqueue_gated(pool, 4).await;
+    let (probe, gate) = (Arc::new(Probe::default()), Arc::new(Semaphore::new(0)));
+    let h = builder(db.new_pool(5).await)
+        .register(gated(probe.clone(), gate.clone()))
+        .queue("default", 1)
+        .prefetch(3)
+        .build()
+        .unwrap()
+        .start();
+    wait_running(pool, 4, &probe, 1).await;
+
+    // A long grace period: the running job may use it; the three waiting must not.
+    let stopping = tokio::spawn({
+        let h = h.clone();
+        async move { h.shutdown_within(Duration::from_secs(60)).await }
+    });
+    eventually(Duration::from_secs(20), "the three waiting jobs given back", || async {
+        (count(pool, JobState::Available).await == 3).then_some(())
+    })
+    .await;
+    assert_eq!(probe.started(), 1, "the waiting jobs were given back, not run");
+    let released: Vec<(i32, i32)> = sqlx::query_as(
+        "SELECT attempt, snoozes FROM oncely.jobs WHERE state = 'available' AND errors @> '[{\"kind\":\"shutdown\"}]'",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(released.len(), 3, "each carries a shutdown note");
+    assert!(released.iter().all(|&(a, s)| a - s == 0), "a job given back did not use an attempt: {released:?}");
+
+    // The running job finishes within the grace period and is recorded.
+    gate.add_permits(1);
+    tokio::time::timeout(Duration::from_secs(30), stopping).await.expect("shutdown returns").unwrap();
+    assert_eq!(count(pool, JobState::Completed).await, 1);
+    assert_eq!(count(pool, JobState::Available).await, 3);
+    assert_eq!(WorkerStats::get(&h.stats().released), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prefetched_job_cancelled_while_it_waits_never_runs() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let ids = enqueue_gated(pool, 2).await;
+    let (probe, gate) = (Arc::new(Probe::default()), Arc::new(Semaphore::new(0)));
+    let h = builder(db.new_pool(5).await)
+        .register(gated(probe.clone(), gate.clone()))
+        .queue("default", 1)
+        .prefetch(1)
+        .build()
+        .unwrap()
+        .start();
+    wait_running(pool, 2, &probe, 1).await;
+
+    // Cancel the one that waits (the other one's handler holds the only slot).
+    let waiting = {
+        let runs = probe.runs.lock().unwrap();
+        let started = *runs.keys().next().unwrap();
+        ids[if started == 0 { 1 } else { 0 }]
+    };
+    cancel_job(pool, waiting).await.unwrap();
+    // The heartbeat (a third of the 2 s lease) finds its lease gone and drops it.
+    eventually(Duration::from_secs(20), "the cancelled job dropped by its worker", || async {
+        (WorkerStats::get(&h.stats().abandoned) == 1).then_some(())
+    })
+    .await;
+    gate.add_permits(2);
+    wait_all_finished(pool, Duration::from_secs(20)).await;
+    h.shutdown().await;
+
+    assert_eq!(probe.started(), 1, "the cancelled job never ran");
+    assert_eq!(count(pool, JobState::Completed).await, 1);
+    assert_eq!(oncely::get_job(pool, waiting).await.unwrap().state, JobState::Cancelled);
+}
