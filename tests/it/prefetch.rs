@@ -1,6 +1,7 @@
 //! Prefetch (`WorkerConfig::prefetch`): a queue's fetcher holds jobs claimed beyond its
-//! concurrency, waiting for a slot. They never run beyond the concurrency, a stop gives them back
-//! without running them, and one whose lease is lost while it waits never runs.
+//! concurrency, waiting for a slot. They never run beyond the concurrency, their leases are kept
+//! while they wait, a stop gives them back without running them, one whose lease is lost while it
+//! waits never runs, and jobs under flow control are not claimed ahead.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -81,6 +82,15 @@ async fn prefetched_jobs_are_claimed_ahead_but_never_run_beyond_the_concurrency(
     // Five claimed (two slots and three ahead), two started.
     wait_running(pool, 5, &probe, 2).await;
     assert_eq!(WorkerStats::get(&h.stats().claimed), 5, "the worker claimed its slots and three ahead");
+    // The waiting jobs outlive their first lease (2 s; maintenance rescues every 200 ms): the
+    // heartbeat must extend theirs too.
+    let beats = WorkerStats::get(&h.stats().heartbeats);
+    eventually(Duration::from_secs(20), "four heartbeats (more than a lease)", || async {
+        (WorkerStats::get(&h.stats().heartbeats) >= beats + 4).then_some(())
+    })
+    .await;
+    assert_eq!(count(pool, JobState::Running).await, 5, "no lease lapsed while the jobs waited");
+    assert_eq!(WorkerStats::get(&h.stats().lost_while_running), 0);
     gate.add_permits(12);
     wait_all_finished(pool, Duration::from_secs(30)).await;
     h.shutdown().await;
@@ -170,4 +180,73 @@ async fn a_prefetched_job_cancelled_while_it_waits_never_runs() {
     assert_eq!(probe.started(), 1, "the cancelled job never ran");
     assert_eq!(count(pool, JobState::Completed).await, 1);
     assert_eq!(oncely::get_job(pool, waiting).await.unwrap().state, JobState::Cancelled);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_under_flow_control_are_not_claimed_ahead() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    // Four keyed jobs, each its own key (no key limit holds them back): only the one that can
+    // start is claimed; a plain queue would claim all four.
+    let jobs: Vec<_> =
+        (0..4u64).map(|n| NewJob::new(&Gated { n }).unwrap().concurrency_key(format!("tenant:{n}"), Some(1))).collect();
+    enqueue_many(pool, &jobs).await.unwrap();
+    let (probe, gate) = (Arc::new(Probe::default()), Arc::new(Semaphore::new(0)));
+    let h = builder(db.new_pool(5).await)
+        .register(gated(probe.clone(), gate.clone()))
+        .queue("default", 1)
+        .prefetch(3)
+        .build()
+        .unwrap()
+        .start();
+    // The first claim had four claim slots and one run slot: it took one keyed job, not four.
+    wait_running(pool, 1, &probe, 1).await;
+    assert_eq!(count(pool, JobState::Running).await, 1, "no keyed job was claimed ahead");
+    assert_eq!(WorkerStats::get(&h.stats().claimed), 1);
+
+    gate.add_permits(4);
+    wait_all_finished(pool, Duration::from_secs(20)).await;
+    h.shutdown().await;
+    assert_eq!(count(pool, JobState::Completed).await, 4);
+    assert_eq!(probe.most_inside.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_claimed_again_while_its_earlier_attempt_waits_runs_once() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let ids = enqueue_gated(pool, 2).await;
+    let (probe, gate) = (Arc::new(Probe::default()), Arc::new(Semaphore::new(0)));
+    // A long lease: no heartbeat comes between the cancel and the new claim below.
+    let h = builder(db.new_pool(5).await)
+        .register(gated(probe.clone(), gate.clone()))
+        .queue("default", 1)
+        .prefetch(2)
+        .lease(Duration::from_secs(60))
+        .build()
+        .unwrap()
+        .start();
+    wait_running(pool, 2, &probe, 1).await;
+    let waiting = {
+        let runs = probe.runs.lock().unwrap();
+        ids[if runs.contains_key(&0) { 1 } else { 0 }]
+    };
+    // Cancel the waiting job and retry it: this worker, with a claim slot free, claims it again
+    // while the earlier attempt still waits for the run slot.
+    cancel_job(pool, waiting).await.unwrap();
+    oncely::retry_job(pool, waiting).await.unwrap();
+    eventually(Duration::from_secs(20), "the job claimed again", || async {
+        let j = oncely::get_job(pool, waiting).await.unwrap();
+        (j.state == JobState::Running && j.attempt == 2).then_some(())
+    })
+    .await;
+    gate.add_permits(3);
+    wait_all_finished(pool, Duration::from_secs(20)).await;
+    h.shutdown().await;
+
+    let runs = probe.runs.lock().unwrap();
+    assert_eq!(runs.values().sum::<u32>(), 2, "each job ran once: the earlier attempt did not run: {runs:?}");
+    assert_eq!(count(pool, JobState::Completed).await, 2);
 }

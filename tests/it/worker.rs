@@ -456,6 +456,12 @@ async fn the_builder_refuses_bad_configurations() {
     let zero =
         oncely::Worker::builder(db.pool().clone()).register(seen_handler(Default::default())).queue("q", 0).build();
     assert!(matches!(zero, Err(oncely::worker::Error::Config(m)) if m.contains("concurrency 0")));
+    let huge = oncely::Worker::builder(db.pool().clone())
+        .register(seen_handler(Default::default()))
+        .queue("q", 1)
+        .prefetch(usize::MAX)
+        .build();
+    assert!(matches!(huge, Err(oncely::worker::Error::Config(m)) if m.contains("prefetch")));
 }
 
 /// A retry or snooze shorter than the poll interval runs on time: the worker wakes its own fetcher

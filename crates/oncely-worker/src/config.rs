@@ -12,6 +12,8 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Defaults to 100: the most jobs one claim takes.
 pub const DEFAULT_FETCH_BATCH: usize = 100;
+/// The most jobs [`WorkerConfig::prefetch`] may hold per queue.
+pub const MAX_PREFETCH: usize = 10_000;
 /// Defaults to 2 ms: while a queue is busy, how long the fetcher waits for more free slots so that
 /// one claim fills several of them.
 pub const DEFAULT_FETCH_COOLDOWN: Duration = Duration::from_millis(2);
@@ -122,12 +124,16 @@ pub struct WorkerConfig {
     /// the index every time.
     pub windowed_claims: bool,
     /// Jobs each queue's fetcher may hold claimed beyond the queue's concurrency, waiting on this
-    /// worker for a free slot (a local buffer). With it a claim runs while the queue's slots are
-    /// busy, so short jobs do not leave slots idle for a claim's round trip, and claims are
-    /// larger. The jobs waiting are leased and heartbeated like running ones; at shutdown they
-    /// are released at once, not run; one whose lease is lost while it waits is dropped without
-    /// running. The cost: a job waiting here waits for this worker's slots even when another
-    /// worker is idle, so keep it small for long jobs. Defaults to 0 (claim only for free slots).
+    /// worker for a free slot (a local buffer; at most [`MAX_PREFETCH`]). With it a claim runs
+    /// while the queue's slots are busy, so short jobs do not leave slots idle for a claim's
+    /// round trip, and claims can be larger (up to [`fetch_batch`](Self::fetch_batch)). The jobs
+    /// waiting are leased and heartbeated like running ones. At shutdown they are released at
+    /// once, not run. One whose lease is lost while it waits is dropped without running, and one
+    /// whose lease this worker has not confirmed for two thirds of the lease (heartbeats failing)
+    /// is confirmed with a lease extension before it starts. Jobs under flow control (keys,
+    /// global limits, rate limits) are not claimed ahead. The cost: a job waiting here waits for
+    /// this worker's slots even when another worker is idle, so keep it small for long jobs.
+    /// Defaults to 0 (claim only for free slots).
     pub prefetch: usize,
 }
 
@@ -194,6 +200,9 @@ impl WorkerConfig {
         }
         if self.fetch_batch == 0 {
             return Err("fetch_batch must be at least 1".into());
+        }
+        if self.prefetch > MAX_PREFETCH {
+            return Err(format!("prefetch {} is too large (at most {MAX_PREFETCH})", self.prefetch));
         }
         for (what, d) in [
             ("poll_interval", self.poll_interval),

@@ -30,7 +30,8 @@ enum Finish {
     /// Cut short by a lost database connection: given back after the delay, not counted.
     Interrupted(String, Duration),
     Cancel(String),
-    Release,
+    /// Given back without counting an attempt: at shutdown, or claimed ahead and never started.
+    Release(&'static str),
     /// A crash injected at a step boundary: write nothing, stop heartbeating, let the lease expire.
     Crash,
     /// The lease was lost and the handler kept running past the grace period: it was dropped.
@@ -68,11 +69,17 @@ pub(crate) fn spawn(
 ) {
     let cancel = CancellationToken::new();
     let flags = Arc::new(AttemptFlags::default());
-    shared
+    let earlier = shared
         .running
         .lock()
         .expect("running-jobs lock poisoned by a panic while held")
         .insert(job.id, RunningJob { attempt: job.attempt, cancel: cancel.clone(), flags: flags.clone() });
+    if let Some(earlier) = earlier.filter(|e| e.attempt != job.attempt) {
+        // This worker claimed the job again (it was cancelled and retried, or rescued, while an
+        // earlier attempt was still here): that attempt's lease is gone, and with the entry
+        // replaced no heartbeat would tell it so. Tell it now.
+        earlier.cancel.cancel();
+    }
     let span = tracing::info_span!(
         "job",
         job.id = %job.id,
@@ -120,27 +127,35 @@ async fn run(
     // With prefetch, wait for a run slot; held, with the claim slot, until the handler is done.
     let run_permit = match gate {
         None => None,
-        Some(gate) => tokio::select! {
-            biased;
-            _ = gate.stop.cancelled() => {
-                // Claimed ahead and never started: give it back now rather than run it during
-                // the shutdown grace period. It does not count as an attempt.
-                AttemptFlags::set(&flags.finishing);
-                drop(permit);
-                record(&shared, &job, claim, Finish::Release).await;
-                shared.forget([claim]);
-                return;
+        Some(gate) => {
+            let waited = tokio::select! {
+                biased;
+                // A lost lease first: a job that is no longer this attempt's has nothing to give back.
+                _ = cancel.cancelled() => None,
+                _ = gate.stop.cancelled() => {
+                    // Claimed ahead and never started: give it back now rather than run it during
+                    // the shutdown grace period. It does not count as an attempt.
+                    AttemptFlags::set(&flags.finishing);
+                    drop(permit);
+                    record(&shared, &job, claim, Finish::Release("worker shut down before the job started")).await;
+                    shared.forget([claim]);
+                    return;
+                }
+                p = gate.slots.acquire_owned() => Some(p.expect("a queue's run slots are never closed")),
+            };
+            match waited {
+                Some(p) if lease_still_held(&shared, claim, claimed, &cancel).await => Some(p),
+                _ => {
+                    // The heartbeat found the lease lost (the job was cancelled or rescued), or it
+                    // could not be confirmed: the job may be another attempt's by now. Nothing
+                    // ran; nothing to write (an unconfirmed lease expires and the job is rescued).
+                    tracing::info!("the lease was lost or unconfirmed while the job waited for a slot: not running it");
+                    WorkerStats::add(&shared.stats.abandoned, 1);
+                    shared.forget([claim]);
+                    return;
+                }
             }
-            _ = cancel.cancelled() => {
-                // The heartbeat found the lease lost (the job was cancelled or rescued) before
-                // the job started: it is no longer this attempt's. Nothing ran; nothing to write.
-                tracing::info!("lease lost while the job waited for a slot: not running it");
-                WorkerStats::add(&shared.stats.abandoned, 1);
-                shared.forget([claim]);
-                return;
-            }
-            p = gate.slots.acquire_owned() => Some(p.expect("a queue's run slots are never closed")),
-        },
+        }
     };
     let started = std::time::Instant::now();
     let deferred = DeferredRecords::with_clock(job.attempted_at, claimed);
@@ -210,6 +225,33 @@ async fn run(
     shared.forget([claim]);
 }
 
+/// Whether a job claimed ahead (claim returned at `claimed`) still holds its lease as it is about
+/// to start. A heartbeat that extended every lease since the claim (or the claim itself) less than
+/// two thirds of a lease ago says so; if heartbeats have been failing for longer, the lease is
+/// extended now, and a lease that cannot be extended is not taken as held.
+async fn lease_still_held(
+    shared: &Arc<Shared>,
+    claim: Claim,
+    claimed: std::time::Instant,
+    cancel: &CancellationToken,
+) -> bool {
+    if cancel.is_cancelled() {
+        return false;
+    }
+    let confirmed = shared.leases_confirmed.lock().expect("never poisoned").map_or(claimed, |c| c.max(claimed));
+    if confirmed.elapsed() < shared.config.lease * 2 / 3 {
+        return true;
+    }
+    let db = oncely_core::pooler::db(&shared.pool);
+    match oncely_core::lease::extend_leases_batched(db, &[claim], shared.config.lease).await {
+        Ok(lost) => lost.is_empty() && !cancel.is_cancelled(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not confirm the lease of a job claimed ahead");
+            false
+        }
+    }
+}
+
 async fn attempt(
     shared: &Arc<Shared>,
     job: &Job,
@@ -259,7 +301,7 @@ async fn attempt(
         r = tokio::time::timeout(timeout, call) => r,
         _ = shared.hard_stop.cancelled() => {
             cancel.cancel();
-            return Finish::Release;
+            return Finish::Release("worker shut down before the attempt finished");
         }
         _ = lost => {
             tracing::warn!(?grace, "the lease was lost and the handler did not stop within the grace period: dropping it");
@@ -399,11 +441,7 @@ async fn record(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) {
                 oncely_core::lease::interrupt_job(pool, claim, *d, message).await.map(|_| None)
             }
             Finish::Cancel(reason) => oncely_core::lease::cancel_running_job(pool, claim, reason).await.map(|_| None),
-            Finish::Release => {
-                oncely_core::lease::release_job(pool, claim, "worker shut down before the attempt finished")
-                    .await
-                    .map(|_| None)
-            }
+            Finish::Release(why) => oncely_core::lease::release_job(pool, claim, why).await.map(|_| None),
             Finish::Complete
             | Finish::Crash
             | Finish::Abandoned
@@ -444,7 +482,7 @@ async fn record(shared: &Arc<Shared>, job: &Job, claim: Claim, finish: Finish) {
             WorkerStats::add(&stats.cancelled, 1);
             tracing::info!(%reason, "job cancelled by its handler");
         }
-        (Ok(_), Finish::Release) => {
+        (Ok(_), Finish::Release(_)) => {
             WorkerStats::add(&stats.released, 1);
             tracing::info!("job released at shutdown");
         }

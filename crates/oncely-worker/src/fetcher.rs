@@ -36,9 +36,12 @@ pub(crate) async fn run(
     let mut sweep: Option<oneshot::Receiver<Sweep>> = None;
     loop {
         // Wait for one free slot, then take every other free slot up to a batch.
+        // A stop first: jobs given back at a stop free claim slots at the same moment, and must not
+        // be claimed again.
         let first = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("the fetcher's semaphore is never closed"),
+            biased;
             _ = stop.cancelled() => return,
+            p = slots.clone().acquire_owned() => p.expect("the fetcher's semaphore is never closed"),
         };
         let mut permits = vec![first];
         take_free(&slots, &mut permits, batch);
@@ -47,9 +50,10 @@ pub(crate) async fn run(
             let until = tokio::time::Instant::now() + shared.config.fetch_cooldown;
             while permits.len() < batch {
                 tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return,
                     p = slots.clone().acquire_owned() => permits.push(p.expect("the fetcher's semaphore is never closed")),
                     _ = tokio::time::sleep_until(until) => break,
-                    _ = stop.cancelled() => return,
                 }
                 take_free(&slots, &mut permits, batch);
             }
@@ -66,6 +70,9 @@ pub(crate) async fn run(
                     sweep = None;
                 }
             }
+        }
+        if stop.is_cancelled() {
+            return;
         }
         let db = oncely_core::pooler::db(&shared.pool);
         let (worker_id, lease) = (&shared.config.worker_id, shared.config.lease);
@@ -87,12 +94,20 @@ pub(crate) async fn run(
         let want = permits.len();
         // Then what the plain claim leaves: keyed jobs, or a queue with a global limit.
         let mut retry_in = None;
+        // Jobs under flow control are not claimed ahead (`WorkerConfig::prefetch`): a rate limit
+        // admits a start when it admits the claim, and a key's or a queue's slot is taken from
+        // the whole fleet while the job waits. With prefetch, only as many as will start at once.
+        let flow_room = |claimed: usize| match &gate {
+            None => want - claimed,
+            Some(g) => (want - claimed).min(g.slots.available_permits().saturating_sub(claimed)),
+        };
+        let room = claimed.as_ref().map_or(0, |jobs| flow_room(jobs.len()));
         let claimed = match claimed {
-            Ok(mut jobs) if jobs.len() < want => {
+            Ok(mut jobs) if room > 0 => {
                 match oncely_core::flow::claim_jobs(
                     &shared.pool,
                     &queue.name,
-                    (want - jobs.len()) as i32,
+                    room as i32,
                     &shared.config.worker_id,
                     shared.config.lease,
                 )

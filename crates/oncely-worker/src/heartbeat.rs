@@ -20,6 +20,8 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
+        // Before the running set is read: a job claimed later holds its lease from its claim.
+        let began = std::time::Instant::now();
         let claims = shared.running_claims();
         if claims.is_empty() {
             continue;
@@ -32,6 +34,9 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         .await;
         match extended {
             Ok(lost) => {
+                // Every claim read above that is not in `lost` now holds its lease until at least
+                // `began` plus the lease; jobs claimed since hold theirs from their claim.
+                *shared.leases_confirmed.lock().expect("never poisoned") = Some(began);
                 let running = shared.running.lock().expect("running-jobs lock poisoned by a panic while held");
                 for c in &lost {
                     let Some(r) = running.get(&c.id).filter(|r| r.attempt == c.attempt) else { continue };

@@ -308,7 +308,8 @@ pub struct WorkerStats {
     pub snoozed: AtomicU64,
     /// Jobs cancelled by their handler.
     pub cancelled: AtomicU64,
-    /// Jobs released at shutdown.
+    /// Jobs released at shutdown (with [`WorkerConfig::prefetch`], jobs claimed ahead and not
+    /// started count here too).
     pub released: AtomicU64,
     /// Writes refused because the lease was lost.
     pub lease_lost: AtomicU64,
@@ -322,7 +323,8 @@ pub struct WorkerStats {
     pub heartbeats: AtomicU64,
     /// Handlers dropped because they kept running for the grace period
     /// ([`WorkerConfig::lease_lost_grace`](crate::WorkerConfig::lease_lost_grace)) after their lease
-    /// was lost.
+    /// was lost; with [`WorkerConfig::prefetch`], also jobs claimed ahead that were dropped unrun
+    /// because their lease was lost (or could not be confirmed) before they started.
     pub abandoned: AtomicU64,
 }
 
@@ -390,6 +392,9 @@ pub(crate) struct Shared {
     /// Queues seen with a global limit (`oncely_core::flow`): their completions NOTIFY the queue,
     /// so that every worker's fetcher claims the freed slots at once.
     pub(crate) limited_queues: Mutex<std::collections::HashSet<String>>,
+    /// When the last heartbeat that extended every lease this worker held began (`None`: none
+    /// yet): a job claimed before then holds its lease until at least then plus the lease.
+    pub(crate) leases_confirmed: Mutex<Option<std::time::Instant>>,
 }
 
 /// Store `functions`' definitions, dating new schedules by `clock` (else the database clock).
@@ -503,6 +508,7 @@ impl Worker {
             functions: self.functions,
             clock: self.clock,
             limited_queues: Mutex::new(std::collections::HashSet::new()),
+            leases_confirmed: Mutex::new(None),
         });
         let stop = CancellationToken::new();
         let jobs = TaskTracker::new();
