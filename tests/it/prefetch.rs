@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::*;
-use oncely::worker::WorkerStats;
+use oncely::worker::{WorkerHandle, WorkerStats};
 use oncely::{cancel_job, enqueue_many, handler_fn, JobArgs, JobId, JobState, NewJob};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -57,6 +57,26 @@ async fn enqueue_gated(pool: &PgPool, n: u64) -> Vec<JobId> {
     enqueue_many(pool, &jobs).await.unwrap().iter().map(|j| j.id).collect()
 }
 
+/// A worker serving `default` with `concurrency` slots and `prefetch`, its handlers behind a gate
+/// the test opens; `lease` overrides the tests' short one.
+async fn start(
+    db: &TestDb,
+    concurrency: usize,
+    prefetch: usize,
+    lease: Option<Duration>,
+) -> (Arc<Probe>, Arc<Semaphore>, WorkerHandle) {
+    init_tracing();
+    let (probe, gate) = (Arc::new(Probe::default()), Arc::new(Semaphore::new(0)));
+    let mut b = builder(db.new_pool(5).await)
+        .register(gated(probe.clone(), gate.clone()))
+        .queue("default", concurrency)
+        .prefetch(prefetch);
+    if let Some(lease) = lease {
+        b = b.lease(lease);
+    }
+    (probe, gate, b.build().unwrap().start())
+}
+
 async fn wait_running(pool: &PgPool, n: i64, probe: &Probe, started: usize) {
     eventually(Duration::from_secs(20), "the jobs claimed ahead", || async {
         (count(pool, JobState::Running).await == n && probe.started() == started).then_some(())
@@ -66,18 +86,10 @@ async fn wait_running(pool: &PgPool, n: i64, probe: &Probe, started: usize) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn prefetched_jobs_are_claimed_ahead_but_never_run_beyond_the_concurrency() {
-    init_tracing();
     let db = TestDb::new().await;
     let pool = db.pool();
     enqueue_gated(pool, 12).await;
-    let (probe, gate) = (Arc::new(Probe::default()), Arc::new(Semaphore::new(0)));
-    let h = builder(db.new_pool(5).await)
-        .register(gated(probe.clone(), gate.clone()))
-        .queue("default", 2)
-        .prefetch(3)
-        .build()
-        .unwrap()
-        .start();
+    let (probe, gate, h) = start(&db, 2, 3, None).await;
 
     // Five claimed (two slots and three ahead), two started.
     wait_running(pool, 5, &probe, 2).await;
@@ -104,18 +116,10 @@ async fn prefetched_jobs_are_claimed_ahead_but_never_run_beyond_the_concurrency(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stop_gives_prefetched_jobs_back_at_once_without_running_them() {
-    init_tracing();
     let db = TestDb::new().await;
     let pool = db.pool();
     enqueue_gated(pool, 4).await;
-    let (probe, gate) = (Arc::new(Probe::default()), Arc::new(Semaphore::new(0)));
-    let h = builder(db.new_pool(5).await)
-        .register(gated(probe.clone(), gate.clone()))
-        .queue("default", 1)
-        .prefetch(3)
-        .build()
-        .unwrap()
-        .start();
+    let (probe, gate, h) = start(&db, 1, 3, None).await;
     wait_running(pool, 4, &probe, 1).await;
 
     // A long grace period: the running job may use it; the three waiting must not.
@@ -147,18 +151,10 @@ async fn a_stop_gives_prefetched_jobs_back_at_once_without_running_them() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_prefetched_job_cancelled_while_it_waits_never_runs() {
-    init_tracing();
     let db = TestDb::new().await;
     let pool = db.pool();
     let ids = enqueue_gated(pool, 2).await;
-    let (probe, gate) = (Arc::new(Probe::default()), Arc::new(Semaphore::new(0)));
-    let h = builder(db.new_pool(5).await)
-        .register(gated(probe.clone(), gate.clone()))
-        .queue("default", 1)
-        .prefetch(1)
-        .build()
-        .unwrap()
-        .start();
+    let (probe, gate, h) = start(&db, 1, 1, None).await;
     wait_running(pool, 2, &probe, 1).await;
 
     // Cancel the one that waits (the other one's handler holds the only slot).
@@ -184,7 +180,6 @@ async fn a_prefetched_job_cancelled_while_it_waits_never_runs() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn jobs_under_flow_control_are_not_claimed_ahead() {
-    init_tracing();
     let db = TestDb::new().await;
     let pool = db.pool();
     // Four keyed jobs, each its own key (no key limit holds them back): only the one that can
@@ -192,14 +187,7 @@ async fn jobs_under_flow_control_are_not_claimed_ahead() {
     let jobs: Vec<_> =
         (0..4u64).map(|n| NewJob::new(&Gated { n }).unwrap().concurrency_key(format!("tenant:{n}"), Some(1))).collect();
     enqueue_many(pool, &jobs).await.unwrap();
-    let (probe, gate) = (Arc::new(Probe::default()), Arc::new(Semaphore::new(0)));
-    let h = builder(db.new_pool(5).await)
-        .register(gated(probe.clone(), gate.clone()))
-        .queue("default", 1)
-        .prefetch(3)
-        .build()
-        .unwrap()
-        .start();
+    let (probe, gate, h) = start(&db, 1, 3, None).await;
     // The first claim had four claim slots and one run slot: it took one keyed job, not four.
     wait_running(pool, 1, &probe, 1).await;
     assert_eq!(count(pool, JobState::Running).await, 1, "no keyed job was claimed ahead");
@@ -214,20 +202,11 @@ async fn jobs_under_flow_control_are_not_claimed_ahead() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_claimed_again_while_its_earlier_attempt_waits_runs_once() {
-    init_tracing();
     let db = TestDb::new().await;
     let pool = db.pool();
     let ids = enqueue_gated(pool, 2).await;
-    let (probe, gate) = (Arc::new(Probe::default()), Arc::new(Semaphore::new(0)));
     // A long lease: no heartbeat comes between the cancel and the new claim below.
-    let h = builder(db.new_pool(5).await)
-        .register(gated(probe.clone(), gate.clone()))
-        .queue("default", 1)
-        .prefetch(2)
-        .lease(Duration::from_secs(60))
-        .build()
-        .unwrap()
-        .start();
+    let (probe, gate, h) = start(&db, 1, 2, Some(Duration::from_secs(60))).await;
     wait_running(pool, 2, &probe, 1).await;
     let waiting = {
         let runs = probe.runs.lock().unwrap();
@@ -246,7 +225,7 @@ async fn a_job_claimed_again_while_its_earlier_attempt_waits_runs_once() {
     wait_all_finished(pool, Duration::from_secs(20)).await;
     h.shutdown().await;
 
+    assert_eq!(count(pool, JobState::Completed).await, 2);
     let runs = probe.runs.lock().unwrap();
     assert_eq!(runs.values().sum::<u32>(), 2, "each job ran once: the earlier attempt did not run: {runs:?}");
-    assert_eq!(count(pool, JobState::Completed).await, 2);
 }
