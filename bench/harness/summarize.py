@@ -26,6 +26,7 @@ KEY_PHASE = {
     "clean": ("clean_1", None),
     "idle_in_tx_saturation": ("idle_1", "recovery_1"),
     "idle_in_tx_180s": ("idle_1", "recovery_1"),
+    "idle_in_tx_long": ("idle_1", "recovery_1"),
     "active_readers": ("readers_1", "recovery_1"),
     "sustained_high_load": ("pressure_1", "recovery_1"),
     "chaos_crash_recovery": ("kill", "recovery"),
@@ -34,7 +35,7 @@ KEY_PHASE = {
     "chaos_postgres_restart": ("restart", "recovery"),
 }
 BASELINE = {"clean": "clean_1", "idle_in_tx_saturation": "clean_1", "idle_in_tx_180s": "clean_1",
-            "active_readers": "clean_1",
+            "idle_in_tx_long": "clean_1", "active_readers": "clean_1",
             "sustained_high_load": "clean_1"}
 
 
