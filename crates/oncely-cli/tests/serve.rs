@@ -2,7 +2,7 @@
 //! maintenance services (a job whose lease expired is rescued), and stops on SIGTERM.
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use oncely_core::{JobArgs, NewJob};
 use serde::{Deserialize, Serialize};
@@ -65,19 +65,15 @@ async fn serve_answers_runs_maintenance_and_stops_on_sigterm() {
     assert!(page.contains("Queues"), "{page}");
 
     // Maintenance rescues the job.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    oncely_testkit::eventually(Duration::from_secs(30), "serve's maintenance to rescue the job", || async {
         let state: String = sqlx::query_scalar("SELECT state FROM oncely.jobs WHERE id = $1")
             .bind(id)
             .fetch_one(db.pool())
             .await
             .unwrap();
-        if state == "available" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "serve's maintenance did not rescue the job (state {state})");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (state == "available").then_some(())
+    })
+    .await;
     let (status, metrics) = http_get(&addr, "/metrics", None).await;
     assert_eq!(status, 200);
     assert!(
