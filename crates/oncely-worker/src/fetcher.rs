@@ -97,11 +97,11 @@ pub(crate) async fn run(
         // Jobs under flow control are not claimed ahead (`WorkerConfig::prefetch`): a rate limit
         // admits a start when it admits the claim, and a key's or a queue's slot is taken from
         // the whole fleet while the job waits. With prefetch, only as many as will start at once.
-        let flow_room = |claimed: usize| match &gate {
-            None => want - claimed,
-            Some(g) => (want - claimed).min(g.slots.available_permits().saturating_sub(claimed)),
+        let room = match (&claimed, &gate) {
+            (Err(_), _) => 0,
+            (Ok(jobs), None) => want - jobs.len(),
+            (Ok(jobs), Some(g)) => (want - jobs.len()).min(g.slots.available_permits().saturating_sub(jobs.len())),
         };
-        let room = claimed.as_ref().map_or(0, |jobs| flow_room(jobs.len()));
         let claimed = match claimed {
             Ok(mut jobs) if room > 0 => {
                 match oncely_core::flow::claim_jobs(
