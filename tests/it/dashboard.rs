@@ -492,6 +492,13 @@ mod browser {
             .submit()
             .await
             .unwrap();
+        // The login's redirect to the queues page must land before the next navigation, or it
+        // can land after it and replace the dead letter.
+        eventually(Duration::from_secs(20), "the login to land on the queues page", || async {
+            let heading = client.find(Locator::Css("h1")).await.ok()?.text().await.ok()?;
+            (heading == "Queues").then_some(())
+        })
+        .await;
         client.goto(&format!("{base}dead")).await.unwrap();
         let heading = client.find(Locator::Css("h1")).await.unwrap().text().await.unwrap();
         assert_eq!(heading, "Dead letter");
