@@ -289,52 +289,6 @@ async fn explain(conn: &mut PgConnection, name: &str, sql: &str, args: &str) -> 
     explained.0[0]["Plan"].clone()
 }
 
-/// The claim functions (migration `20261204000100_claim_functions.sql`) and the hot statement whose
-/// arguments and intended indexes their queries share: `JOB_CLAIM` and `JOB_CLAIM_WINDOWED` only
-/// call them.
-pub(crate) const CLAIM_FUNCTIONS: [(&str, &str); 2] =
-    [("oncely.claim_from_head", "JOB_CLAIM"), ("oncely.claim_windowed", "JOB_CLAIM_WINDOWED")];
-
-/// The query claim function `function` runs, read back from `pg_proc`, with its arguments as `$1`,
-/// `$2`, …: a statement to prepare and explain like the others.
-pub(crate) async fn function_query(conn: &mut PgConnection, function: &str) -> String {
-    let (source, names): (String, Vec<String>) =
-        sqlx::query_as("SELECT prosrc, proargnames FROM pg_proc WHERE oid = $1::regproc")
-            .bind(function)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap_or_else(|e| panic!("{function} is not installed: {e}"));
-    let start = source.find("RETURN QUERY").unwrap_or_else(|| panic!("{function} has no RETURN QUERY")) + 12;
-    let end = source.rfind(';').unwrap_or_else(|| panic!("{function}'s query has no end"));
-    let mut query = source[start..end].to_string();
-    // Longer names first, so that no name is replaced inside a longer one.
-    let mut numbered: Vec<(usize, &String)> = names.iter().enumerate().collect();
-    numbered.sort_by_key(|(_, name)| std::cmp::Reverse(name.len()));
-    for (position, name) in numbered {
-        query = query.replace(name.as_str(), &format!("${}", position + 1));
-    }
-    query
-}
-
-/// A claim function plans its query once per connection only if it forces the generic plan (by
-/// its estimates PostgreSQL prefers custom plans for the claims, made anew on every execution).
-#[tokio::test(flavor = "multi_thread")]
-async fn the_claim_functions_run_generic_plans() {
-    init_tracing();
-    let db = TestDb::new().await;
-    for (function, _) in CLAIM_FUNCTIONS {
-        let config: Option<Vec<String>> = sqlx::query_scalar("SELECT proconfig FROM pg_proc WHERE oid = $1::regproc")
-            .bind(function)
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
-        let config = config.unwrap_or_default();
-        assert!(config.iter().any(|c| c == "plan_cache_mode=force_generic_plan"), "{function}: {config:?}");
-        // And a fixed search path: the function runs on the host's connections.
-        assert!(config.iter().any(|c| c == "search_path=pg_catalog, pg_temp"), "{function}: {config:?}");
-    }
-}
-
 /// Every plan line, for the failure message.
 fn render(plan: &Value, depth: usize, out: &mut String) {
     let mut line = format!("{:indent$}-> {}", "", plan["Node Type"].as_str().unwrap_or("?"), indent = depth * 2);
@@ -366,14 +320,7 @@ async fn hot_statements_use_the_primary_key_or_their_index_whatever_the_statisti
         assert!(running.len() as i64 >= BATCH, "{stats:?}: {} running jobs", running.len());
         for mode in ["auto", "force_generic_plan"] {
             sqlx::query(&format!("SET plan_cache_mode = {mode}")).execute(&mut conn).await.unwrap();
-            let mut statements: Vec<(&str, String)> =
-                oncely::core::HOT_STATEMENTS.iter().map(|&(name, sql)| (name, sql.to_string())).collect();
-            // The claims call functions: check the query each one runs, as installed.
-            for (function, name) in CLAIM_FUNCTIONS {
-                statements.push((name, function_query(&mut conn, function).await));
-            }
-            for (name, sql) in &statements {
-                let (name, sql) = (*name, sql.as_str());
+            for &(name, sql) in oncely::core::HOT_STATEMENTS {
                 let plan = explain(&mut conn, name, sql, &arguments(name, &running)).await;
                 checked += 1;
                 let found = problems(name, &plan);
@@ -386,7 +333,7 @@ async fn hot_statements_use_the_primary_key_or_their_index_whatever_the_statisti
         }
         sqlx::query("RESET plan_cache_mode").execute(&mut conn).await.unwrap();
     }
-    assert_eq!(checked, 3 * 2 * (oncely::core::HOT_STATEMENTS.len() + CLAIM_FUNCTIONS.len()));
+    assert_eq!(checked, 3 * 2 * oncely::core::HOT_STATEMENTS.len());
     assert!(failures.is_empty(), "{} plans went wrong:\n\n{}", failures.len(), failures.join("\n"));
 }
 

@@ -147,23 +147,24 @@ pub(crate) const JOB_RESERVE_IDS: &str =
 pub(crate) const JOB_COPY_IN: &str =
     "COPY oncely.jobs (id, kind, queue, args, priority, max_attempts, traceparent) FROM STDIN";
 
-/// The columns of a claimed job, from the claim functions' whole rows.
-macro_rules! job_claim_columns {
+/// The end of both claims: lease the ids of the CTE `next` to worker `$4` for `$3` seconds.
+macro_rules! job_claim_update {
     () => {
-        "SELECT id, kind, queue, args, priority, state, attempt, max_attempts, snoozes, run_at, created_at, \
-         attempted_at, finished_at, lease_expires_at, worker_id, unique_key, errors, traceparent"
+        r#"
+UPDATE oncely.jobs AS j
+SET state = 'running', attempt = j.attempt + 1, attempted_at = clock_timestamp(),
+    lease_expires_at = now() + make_interval(secs => $3), worker_id = $4
+WHERE j.id = ANY (ARRAY(SELECT id FROM next))
+RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_attempts, j.snoozes,
+          j.run_at, j.created_at, j.attempted_at, j.finished_at, j.lease_expires_at, j.worker_id,
+          j.unique_key, j.errors, j.traceparent
+"#
     };
 }
 
 /// Claim up to `$2` due jobs of queue `$1` (skipping paused queues and kinds), highest priority
 /// first, then oldest `run_at`: lease them to worker `$4` for `$3` seconds. Only jobs without a
 /// concurrency key, and nothing from a queue with a global limit unless `$5` (see `flow.rs`).
-///
-/// The statement is the function `oncely.claim_from_head` (migration
-/// `20261204000100_claim_functions.sql`), so that it is planned once per connection: sent as a
-/// prepared statement it was planned again on every claim (the plan cache preferred custom plans by
-/// their estimates; 0.14–0.25 ms of planning per claim). The function runs its query with
-/// `plan_cache_mode = force_generic_plan`, set for the function's duration only.
 ///
 /// The scan walks the queue's priorities one by one (a loose index scan over `jobs_fetch_idx`:
 /// each step is one probe for the next lower priority present), and within one priority reads
@@ -172,12 +173,47 @@ macro_rules! job_claim_columns {
 /// and `run_at` in the index, `run_at <= now()` was only a filter, and a claim that found fewer due
 /// jobs than `$2` read every job scheduled for later (11 ms per claim with 100,000 scheduled; see
 /// docs/benchmarks.md, "Scale").
-pub(crate) const JOB_CLAIM: &str = concat!(job_claim_columns!(), " FROM oncely.claim_from_head($1, $2, $3, $4, $5)");
+pub(crate) const JOB_CLAIM: &str = concat!(
+    r#"
+WITH RECURSIVE priorities AS (
+    (SELECT priority FROM oncely.jobs WHERE state = 'available' AND flow_key IS NULL AND queue = $1
+     ORDER BY priority DESC LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.priority FROM oncely.jobs AS j
+            WHERE j.state = 'available' AND j.flow_key IS NULL AND j.queue = $1 AND j.priority < p.priority
+            ORDER BY j.priority DESC LIMIT 1)
+    FROM priorities AS p
+    WHERE p.priority IS NOT NULL
+), next AS MATERIALIZED (
+    SELECT c.id
+    FROM priorities AS p
+    CROSS JOIN LATERAL (
+        SELECT id FROM oncely.jobs
+        WHERE state = 'available' AND flow_key IS NULL AND queue = $1 AND priority = p.priority AND run_at <= now()
+          -- Pauses (`pause.rs`): two init plans over a tiny table, evaluated once per claim. The
+          -- kind is compared as `kind || ''` so the planner cannot estimate it from the column's
+          -- statistics: with few distinct kinds it took `kind <> ALL (unknown array)` to match no
+          -- row and chose a sequential scan and sort of the whole queue (0.25 s per claim over
+          -- 200k jobs).
+          AND NOT EXISTS (SELECT 1 FROM oncely.pauses WHERE scope = 'queue' AND name = $1)
+          AND (kind || '') <> ALL (ARRAY(SELECT name FROM oncely.pauses WHERE scope = 'kind'))
+          -- A queue with a global limit (`flow.rs`) is claimed by the flow claim, which counts its
+          -- running jobs under the limit's row lock; `$5` is true there.
+          AND ($5 OR NOT EXISTS (SELECT 1 FROM oncely.queue_limits WHERE queue = $1))
+        ORDER BY run_at, id
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    WHERE p.priority IS NOT NULL
+    LIMIT $2
+)
+"#,
+    job_claim_update!()
+);
 
 /// [`JOB_CLAIM`] within a window: for each priority in `$5` (highest first), only jobs with
 /// `run_at >= ` the matching floor in `$6`, read as a range of `jobs_fetch_idx`. No `$5` flag: the
-/// flow claim uses [`JOB_CLAIM`]. The function `oncely.claim_windowed`, for the reason given at
-/// [`JOB_CLAIM`].
+/// flow claim uses [`JOB_CLAIM`].
 ///
 /// The index entries of jobs claimed since the oldest open snapshot began cannot be removed, or even
 /// marked dead, until that snapshot ends (an idle-in-transaction session, a long report, a
@@ -185,8 +221,28 @@ pub(crate) const JOB_CLAIM: &str = concat!(job_claim_columns!(), " FROM oncely.c
 /// there: with a snapshot held for an hour at 800 jobs/s it would step over ~3 million entries and
 /// their heap tuples on every claim. The floor skips them; `lease::ClaimWindow` keeps the floors and
 /// runs [`JOB_CLAIM`] now and then to find what a window cannot see.
-pub(crate) const JOB_CLAIM_WINDOWED: &str =
-    concat!(job_claim_columns!(), " FROM oncely.claim_windowed($1, $2, $3, $4, $5, $6)");
+pub(crate) const JOB_CLAIM_WINDOWED: &str = concat!(
+    r#"
+WITH next AS MATERIALIZED (
+    SELECT c.id
+    FROM unnest($5::smallint[], $6::timestamptz[]) AS w(priority, floor)
+    CROSS JOIN LATERAL (
+        SELECT id FROM oncely.jobs
+        WHERE state = 'available' AND flow_key IS NULL AND queue = $1 AND priority = w.priority
+          AND run_at >= w.floor AND run_at <= now()
+          -- As in JOB_CLAIM.
+          AND NOT EXISTS (SELECT 1 FROM oncely.pauses WHERE scope = 'queue' AND name = $1)
+          AND (kind || '') <> ALL (ARRAY(SELECT name FROM oncely.pauses WHERE scope = 'kind'))
+          AND NOT EXISTS (SELECT 1 FROM oncely.queue_limits WHERE queue = $1)
+        ORDER BY run_at, id
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    LIMIT $2
+)
+"#,
+    job_claim_update!()
+);
 
 /// Complete many claims at once (`$1` ids, `$2` attempts); returns the ids whose claim still held.
 macro_rules! job_complete_many {
