@@ -37,6 +37,15 @@ impl JobArgs for Flaky {
     const KIND: &'static str = "flaky";
 }
 
+/// The jobs of the claim-timing worker (a kind of their own, so the counts above stay as they are).
+#[derive(Debug, Serialize, Deserialize)]
+struct Timed {
+    n: u32,
+}
+impl JobArgs for Timed {
+    const KIND: &'static str = "timed";
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Held;
 impl JobArgs for Held {
@@ -203,6 +212,28 @@ async fn metrics_after_a_drain_have_the_right_counts() {
 
     enqueue(pool, NewJob::new(&Good { n: 99 }).unwrap().queue("later").delay(Duration::from_secs(3600))).await.unwrap();
 
+    // Claim timing: a worker of its own on queue "timed", so that its stats and the histogram's
+    // series for that queue count the same claim statements.
+    let timed = builder(pool.clone())
+        .register(handler_fn(|_ctx, _t: Timed| async { Ok(()) }))
+        .queue("timed", 4)
+        .build()
+        .unwrap()
+        .start();
+    for n in 0..10 {
+        enqueue(pool, NewJob::new(&Timed { n }).unwrap().queue("timed")).await.unwrap();
+    }
+    eventually(Duration::from_secs(30), "the timed queue drained", || async {
+        (oncely::worker::WorkerStats::get(&timed.stats().completed) == 10).then_some(())
+    })
+    .await;
+    timed.shutdown().await;
+    let (claims, claim_micros) = (
+        oncely::worker::WorkerStats::get(&timed.stats().claims),
+        oncely::worker::WorkerStats::get(&timed.stats().claim_micros),
+    );
+    assert!(claims >= 1 && claim_micros >= claims, "{claims} claims took {claim_micros} µs in all");
+
     let app = Dashboard::new(pool.clone()).metrics(handle).router();
     let res = app.oneshot(Request::get("/metrics").body(Body::empty()).unwrap()).await.unwrap();
     assert_eq!(res.status(), 200);
@@ -242,4 +273,25 @@ async fn metrics_after_a_drain_have_the_right_counts() {
     let batches = sample(&text, "oncely_claim_batch_size_sum{queue=\"default\"}").expect("claim batch sizes");
     assert_eq!(batches, 9.0, "every claimed attempt is in one batch");
     assert_eq!(sample(&text, "oncely_webhook_deliveries_total{status_class=\"error\"}"), None, "no transport error");
+
+    // Every claim statement of the timed worker is in the histogram, under its kind; its first
+    // claim is a full one (a new window has no floors).
+    let timed_series = |kind: &str| {
+        sample(&text, &format!("oncely_claim_duration_seconds_count{{queue=\"timed\",claim=\"{kind}\"}}"))
+            .unwrap_or(0.0)
+    };
+    let by_kind = ["window", "full", "flow"].map(timed_series);
+    assert!(by_kind[1] >= 1.0, "a full claim first: {by_kind:?}\n{text}");
+    assert_eq!(by_kind.iter().sum::<f64>(), claims as f64, "{by_kind:?} against the worker's {claims} claims");
+    let timed_seconds = ["window", "full", "flow"]
+        .map(|kind| {
+            sample(&text, &format!("oncely_claim_duration_seconds_sum{{queue=\"timed\",claim=\"{kind}\"}}"))
+                .unwrap_or(0.0)
+        })
+        .iter()
+        .sum::<f64>();
+    assert!(
+        (timed_seconds * 1e6 - claim_micros as f64).abs() <= claims as f64,
+        "the histogram's {timed_seconds} s against the stats' {claim_micros} µs"
+    );
 }

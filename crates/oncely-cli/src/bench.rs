@@ -583,6 +583,7 @@ async fn phases(db: &PgConnectOptions, a: &BenchArgs) -> Result<Report, Fail> {
     let handle = worker.start();
     let drained = wait_completed(&handle, n as u64).await;
     let elapsed = t.elapsed();
+    print_claims("[5/7]", &handle, n);
     let result = match drained {
         Ok(()) => after_drain(&mut conn, &worker_pool, &handle, &mut started_rx, n, elapsed, a.latency_samples).await,
         Err(e) => Err(e),
@@ -1247,9 +1248,25 @@ async fn time_noop_drain_in(
     let handle = worker.start();
     let drained = wait_completed(&handle, n as u64).await;
     let elapsed = t.elapsed();
+    print_claims("  ", &handle, n);
     handle.shutdown_within(Duration::from_secs(5)).await;
     drained?;
     Ok(elapsed)
+}
+
+/// The claim statements of a drain of `n` jobs, as the worker counted and timed them
+/// (`WorkerStats::claims`, `claim_micros`): how many, how long each took on average, and how many
+/// jobs each brought.
+fn print_claims(prefix: &str, handle: &WorkerHandle, n: usize) {
+    let claims = WorkerStats::get(&handle.stats().claims);
+    let micros = WorkerStats::get(&handle.stats().claim_micros);
+    if claims > 0 {
+        println!(
+            "{prefix} claims during the drain: {claims}, {:.3} ms each on average as the worker saw them, {:.1} jobs per claim",
+            micros as f64 / 1000.0 / claims as f64,
+            n as f64 / claims as f64
+        );
+    }
 }
 
 async fn wait_completed(handle: &WorkerHandle, n: u64) -> Result<(), Fail> {

@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::QueueConfig;
 use crate::executor;
+use crate::metrics::ClaimKind;
 use crate::worker::{Shared, WorkerStats};
 
 /// How long to back off after a failed claim (the database is away).
@@ -76,6 +77,16 @@ pub(crate) async fn run(
         }
         let db = oncely_core::pooler::db(&shared.pool);
         let (worker_id, lease) = (&shared.config.worker_id, shared.config.lease);
+        let started = std::time::Instant::now();
+        // Which statement the branches below run in the foreground (a full claim beside a windowed
+        // one is timed where it runs, in `spawn_sweep`).
+        let kind = if !shared.config.windowed_claims {
+            ClaimKind::Full
+        } else if sweep.is_none() && window.full_claim_due() && !(window.has_floors() && permits.len() >= 2) {
+            ClaimKind::Full
+        } else {
+            ClaimKind::Window
+        };
         let claimed = if !shared.config.windowed_claims {
             oncely_core::lease::claim_jobs(db, &queue.name, permits.len() as i32, worker_id, lease).await
         } else if window.has_floors() && window.full_claim_due() && sweep.is_none() && permits.len() >= 2 {
@@ -91,6 +102,7 @@ pub(crate) async fn run(
         } else {
             window.claim_jobs(db, &queue.name, permits.len() as i32, worker_id, lease).await
         };
+        crate::metrics::claim_timed(&shared.stats, &queue.name, kind, started.elapsed());
         let want = permits.len();
         // Then what the plain claim leaves: keyed jobs, or a queue with a global limit.
         let mut retry_in = None;
@@ -104,15 +116,17 @@ pub(crate) async fn run(
         };
         let claimed = match claimed {
             Ok(mut jobs) if room > 0 => {
-                match oncely_core::flow::claim_jobs(
+                let started = std::time::Instant::now();
+                let flow = oncely_core::flow::claim_jobs(
                     &shared.pool,
                     &queue.name,
                     room as i32,
                     &shared.config.worker_id,
                     shared.config.lease,
                 )
-                .await
-                {
+                .await;
+                crate::metrics::claim_timed(&shared.stats, &queue.name, ClaimKind::Flow, started.elapsed());
+                match flow {
                     Ok(flow) => {
                         if flow.queue_limited {
                             shared.limited_queues.lock().expect("never poisoned").insert(queue.name.clone());
@@ -191,6 +205,7 @@ fn spawn_sweep(
         let claimed =
             oncely_core::lease::claim_jobs(db, &queue, limit, &shared.config.worker_id, shared.config.lease).await;
         let cost = started.elapsed();
+        crate::metrics::claim_timed(&shared.stats, &queue, ClaimKind::Full, cost);
         let claimed = claimed.unwrap_or_else(|e| {
             tracing::warn!(queue = %queue, error = %e, "full claim failed");
             Vec::new()

@@ -24,6 +24,39 @@ pub const HANDLER_DURATION: &str = "oncely_handler_duration_seconds";
 pub const START_LATENCY: &str = "oncely_job_start_latency_seconds";
 /// Jobs per claim statement that claimed any, by queue.
 pub const CLAIM_BATCH: &str = "oncely_claim_batch_size";
+/// Wall time of each claim statement as the worker saw it, seconds, by queue and `claim`
+/// (`window`, `full`, `flow`; see [`ClaimKind`]).
+pub const CLAIM_DURATION: &str = "oncely_claim_duration_seconds";
+
+/// Which claim statement a fetcher ran, for [`CLAIM_DURATION`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClaimKind {
+    /// Within the claim window (`oncely_core::lease::ClaimWindow`).
+    Window,
+    /// From the head of the claim index (windowed claims off, or the window's periodic full claim).
+    Full,
+    /// The flow-control claim (keyed jobs, queues with a global limit).
+    Flow,
+}
+
+impl ClaimKind {
+    fn label(self) -> &'static str {
+        match self {
+            ClaimKind::Window => "window",
+            ClaimKind::Full => "full",
+            ClaimKind::Flow => "flow",
+        }
+    }
+}
+
+/// Count one claim statement of `kind` on `queue` that took `took`, in the worker's stats and
+/// [`CLAIM_DURATION`].
+pub(crate) fn claim_timed(stats: &crate::WorkerStats, queue: &str, kind: ClaimKind, took: Duration) {
+    crate::WorkerStats::add(&stats.claims, 1);
+    crate::WorkerStats::add(&stats.claim_micros, u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+    metrics::histogram!(CLAIM_DURATION, "queue" => queue.to_owned(), "claim" => kind.label())
+        .record(took.as_secs_f64());
+}
 
 pub(crate) fn count(name: &'static str, kind: &str) {
     metrics::counter!(name, "kind" => kind.to_owned()).increment(1);

@@ -326,6 +326,13 @@ pub struct WorkerStats {
     /// was lost; with [`WorkerConfig::prefetch`], also jobs claimed ahead that were dropped unrun
     /// because their lease was lost (or could not be confirmed) before they started.
     pub abandoned: AtomicU64,
+    /// Claim statements the fetchers ran (windowed, full and flow-control claims, including those
+    /// that found nothing or failed).
+    pub claims: AtomicU64,
+    /// Their total wall time as the fetchers saw it (the round trip and waiting for a pooled
+    /// connection included), in microseconds. With [`claims`](Self::claims): the mean time of a
+    /// claim, which a held snapshot or a bloated claim index makes grow.
+    pub claim_micros: AtomicU64,
 }
 
 impl WorkerStats {
