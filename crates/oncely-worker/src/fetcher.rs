@@ -80,9 +80,9 @@ pub(crate) async fn run(
         let started = std::time::Instant::now();
         // Which statement the branches below run in the foreground (a full claim beside a windowed
         // one is timed where it runs, in `spawn_sweep`).
-        let kind = if !shared.config.windowed_claims {
-            ClaimKind::Full
-        } else if sweep.is_none() && window.full_claim_due() && !(window.has_floors() && permits.len() >= 2) {
+        let kind = if !shared.config.windowed_claims
+            || (sweep.is_none() && window.full_claim_due() && !(window.has_floors() && permits.len() >= 2))
+        {
             ClaimKind::Full
         } else {
             ClaimKind::Window
