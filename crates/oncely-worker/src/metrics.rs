@@ -24,8 +24,9 @@ pub const HANDLER_DURATION: &str = "oncely_handler_duration_seconds";
 pub const START_LATENCY: &str = "oncely_job_start_latency_seconds";
 /// Jobs per claim statement that claimed any, by queue.
 pub const CLAIM_BATCH: &str = "oncely_claim_batch_size";
-/// Wall time of each claim statement as the worker saw it, seconds, by queue and `claim`
-/// (`window`, `full`, `flow`; see [`ClaimKind`]).
+/// Wall time of each claim statement as the worker saw it, seconds, by queue and `claim`:
+/// `window` (within the claim window), `full` (from the head of the claim index) or `flow` (the
+/// flow-control claim).
 pub const CLAIM_DURATION: &str = "oncely_claim_duration_seconds";
 
 /// Which claim statement a fetcher ran, for [`CLAIM_DURATION`].
