@@ -460,3 +460,46 @@ async fn fencing_a_heartbeat_between_a_completion_and_its_removal_reports_nothin
         "a job that completed is not a lost lease"
     );
 }
+
+/// A claim's commit is durable even in a session that commits asynchronously. With
+/// `synchronous_commit = off`, a claim lost in a database crash would put its job back at the
+/// previous attempt number and the next claim would hand that number (the fencing token) out
+/// again, so the worker that started the job before the crash could write over the second
+/// worker's claim. Each claim statement sets `on` for its own transaction when the session has
+/// `off`, and leaves a stronger or local setting as it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_claim_commits_durably_even_in_a_session_that_commits_asynchronously() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    enqueue_many(pool, &[NewJob::new(&Noop { n: 1 }).unwrap(), NewJob::new(&Noop { n: 2 }).unwrap()]).await.unwrap();
+    let claims = [
+        ("JOB_CLAIM", "'default', 1, 30, 'w', false"),
+        ("JOB_CLAIM_WINDOWED", "'default', 1, 30, 'w', '{0}', ARRAY[now() - interval '1 hour']"),
+        // No key has jobs: the statement claims nothing, and its commit is still made durable.
+        ("FLOW_CLAIM", "'default', '{tenant:1}', 1, 30, 'w', 1"),
+    ];
+    let mut conn = sqlx::Connection::connect(db.url()).await.unwrap();
+    let conn: &mut sqlx::PgConnection = &mut conn;
+    for (name, args) in claims {
+        let sql = oncely::core::HOT_STATEMENTS.iter().find(|(n, _)| *n == name).map(|(_, sql)| *sql).unwrap();
+        for (session, at_commit) in [("off", "on"), ("local", "local"), ("remote_write", "remote_write"), ("on", "on")]
+        {
+            sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+            sqlx::query(&format!("SET LOCAL synchronous_commit = {session}")).execute(&mut *conn).await.unwrap();
+            sqlx::query(&format!("PREPARE claim AS {sql}")).execute(&mut *conn).await.unwrap();
+            let claimed = sqlx::query(&format!("EXECUTE claim({args})")).fetch_all(&mut *conn).await.unwrap().len();
+            let shown: String = sqlx::query_scalar("SHOW synchronous_commit").fetch_one(&mut *conn).await.unwrap();
+            sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+            sqlx::query("DEALLOCATE claim").execute(&mut *conn).await.unwrap();
+            assert_eq!(shown, at_commit, "{name} in a session with synchronous_commit = {session}");
+            assert_eq!(claimed, usize::from(name != "FLOW_CLAIM"), "{name} claimed {claimed}");
+        }
+    }
+    // And through the Rust API, on a transaction of the caller's.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await.unwrap();
+    let jobs = oncely::core::lease::claim_jobs(&mut *tx, "default", 2, "w", Duration::from_secs(30)).await.unwrap();
+    let shown: String = sqlx::query_scalar("SHOW synchronous_commit").fetch_one(&mut *tx).await.unwrap();
+    assert_eq!((jobs.len(), shown.as_str()), (2, "on"));
+}

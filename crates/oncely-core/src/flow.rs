@@ -80,7 +80,8 @@ FOR NO KEY UPDATE OF f SKIP LOCKED
 /// `$3` jobs in all and `$6` per key, within each key's free slots and rate; lease them to worker
 /// `$5` for `$4` seconds. Marks each key's round-robin position, rate state, and whether it has
 /// available jobs left.
-pub(crate) const FLOW_CLAIM: &str = r#"
+pub(crate) const FLOW_CLAIM: &str = concat!(
+    r#"
 WITH k AS MATERIALIZED (
     SELECT f.key, f.last_claimed_at, f.rate_interval_secs AS ri,
            greatest(coalesce(f.tat, now()), now()) AS t0,
@@ -115,6 +116,10 @@ WITH k AS MATERIALIZED (
     SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
         lease_expires_at = now() + make_interval(secs => $4), worker_id = $5
     WHERE j.id = ANY (ARRAY(SELECT id FROM next))
+      -- The claim's commit is durable whatever the session's setting (`job/sql.rs`).
+      AND "#,
+    crate::job::sql::claim_commit_durable!(),
+    r#"
     RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_attempts, j.snoozes,
               j.run_at, j.created_at, j.attempted_at, j.finished_at, j.lease_expires_at, j.worker_id,
               j.unique_key, j.errors, j.traceparent
@@ -130,7 +135,8 @@ WITH k AS MATERIALIZED (
     WHERE f.queue = $1 AND f.key = k.key
 )
 SELECT * FROM claimed
-"#;
+"#
+);
 
 /// Whether queue `$1` has anything for [`claim_jobs`]: a global limit, or a key that is not idle
 /// (one probe of each table's index). A queue with neither costs the worker's short claims this one

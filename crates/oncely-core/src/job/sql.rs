@@ -147,18 +147,39 @@ pub(crate) const JOB_RESERVE_IDS: &str =
 pub(crate) const JOB_COPY_IN: &str =
     "COPY oncely.jobs (id, kind, queue, args, priority, max_attempts, traceparent) FROM STDIN";
 
+/// Make a claim's commit durable even where the session commits asynchronously: a one-time
+/// condition (evaluated once per statement) that sets `synchronous_commit` to `on` for the claim's
+/// own transaction when it is `off`, and leaves every other value (`local`, `remote_write`,
+/// `remote_apply`, `on`) as it is.
+///
+/// Why: a claim lost in a database crash puts its job back at the previous attempt number, and the
+/// next claim hands the same number out again; the attempt is the fencing token, so the worker that
+/// started the job before the crash could then complete or extend the second worker's claim.
+/// `docs/operations.md`, "Durability settings".
+macro_rules! claim_commit_durable {
+    () => {
+        "(SELECT current_setting('synchronous_commit') <> 'off' OR set_config('synchronous_commit', 'on', true) = 'on')"
+    };
+}
+pub(crate) use claim_commit_durable;
+
 /// The end of both claims: lease the ids of the CTE `next` to worker `$4` for `$3` seconds.
 macro_rules! job_claim_update {
     () => {
-        r#"
+        concat!(
+            r#"
 UPDATE oncely.jobs AS j
 SET state = 'running', attempt = j.attempt + 1, attempted_at = clock_timestamp(),
     lease_expires_at = now() + make_interval(secs => $3), worker_id = $4
 WHERE j.id = ANY (ARRAY(SELECT id FROM next))
+  AND "#,
+            claim_commit_durable!(),
+            r#"
 RETURNING j.id, j.kind, j.queue, j.args, j.priority, j.state, j.attempt, j.max_attempts, j.snoozes,
           j.run_at, j.created_at, j.attempted_at, j.finished_at, j.lease_expires_at, j.worker_id,
           j.unique_key, j.errors, j.traceparent
 "#
+        )
     };
 }
 
