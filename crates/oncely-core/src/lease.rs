@@ -35,6 +35,11 @@ impl From<&Job> for Claim {
 /// Uses `FOR UPDATE SKIP LOCKED`, so concurrent claimers never block on or share a job. Claims
 /// only jobs without a concurrency key, from a queue without a global limit: the worker claims the
 /// others with [`crate::flow::claim_jobs`].
+///
+/// The claim's commit is made durable: if `executor`'s transaction has `synchronous_commit = off`,
+/// the claim sets it to `on` for the rest of that transaction (a claim lost in a crash would hand
+/// its attempt number, the fencing token, out twice; `docs/operations.md`, "Durability settings").
+/// The windowed and flow-control claims do the same.
 #[instrument(skip(executor), err)]
 pub async fn claim_jobs<'e>(
     executor: impl PgExecutor<'e>,
