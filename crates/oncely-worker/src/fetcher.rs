@@ -78,17 +78,13 @@ pub(crate) async fn run(
         let db = oncely_core::pooler::db(&shared.pool);
         let (worker_id, lease) = (&shared.config.worker_id, shared.config.lease);
         let started = std::time::Instant::now();
-        // Which statement the branches below run in the foreground (a full claim beside a windowed
-        // one is timed where it runs, in `spawn_sweep`).
-        let kind = if !shared.config.windowed_claims
-            || (sweep.is_none() && window.full_claim_due() && !(window.has_floors() && permits.len() >= 2))
-        {
-            ClaimKind::Full
-        } else {
-            ClaimKind::Window
-        };
-        let claimed = if !shared.config.windowed_claims {
-            oncely_core::lease::claim_jobs(db, &queue.name, permits.len() as i32, worker_id, lease).await
+        // Each branch says which statement it ran in the foreground (a full claim beside a
+        // windowed one is timed where it runs, in `spawn_sweep`).
+        let (kind, claimed) = if !shared.config.windowed_claims {
+            (
+                ClaimKind::Full,
+                oncely_core::lease::claim_jobs(db, &queue.name, permits.len() as i32, worker_id, lease).await,
+            )
         } else if window.has_floors() && window.full_claim_due() && sweep.is_none() && permits.len() >= 2 {
             // A full claim reads the whole claim index, which a held snapshot can make slow: it
             // runs beside this windowed claim on half of the free slots, so that the jobs the
@@ -96,11 +92,12 @@ pub(crate) async fn run(
             let half = permits.split_off(permits.len() / 2);
             window.full_claim_started();
             sweep = Some(spawn_sweep(&shared, &jobs, &queue.name, half, &wake, gate.clone()));
-            window.claim_in_window(db, &queue.name, permits.len() as i32, worker_id, lease).await
+            (ClaimKind::Window, window.claim_in_window(db, &queue.name, permits.len() as i32, worker_id, lease).await)
         } else if sweep.is_some() {
-            window.claim_in_window(db, &queue.name, permits.len() as i32, worker_id, lease).await
+            (ClaimKind::Window, window.claim_in_window(db, &queue.name, permits.len() as i32, worker_id, lease).await)
         } else {
-            window.claim_jobs(db, &queue.name, permits.len() as i32, worker_id, lease).await
+            let kind = if window.full_claim_due() { ClaimKind::Full } else { ClaimKind::Window };
+            (kind, window.claim_jobs(db, &queue.name, permits.len() as i32, worker_id, lease).await)
         };
         crate::metrics::claim_timed(&shared.stats, &queue.name, kind, started.elapsed());
         let want = permits.len();
