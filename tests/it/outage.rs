@@ -4,15 +4,17 @@
 
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::*;
+use oncely::worker::WorkerStats;
 use oncely::{enqueue_many, handler_fn, JobState, NewJob};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::ConnectOptions;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// A TCP proxy to PostgreSQL that can be cut (all connections dropped, new ones closed at once)
@@ -76,6 +78,25 @@ impl Drop for Proxy {
     }
 }
 
+/// A proxy to `db`'s server and a pool of six connections through it (2 s to get one).
+async fn through_proxy(db: &TestDb) -> (Proxy, sqlx::PgPool) {
+    let direct = PgConnectOptions::from_str(db.url()).unwrap();
+    let upstream: SocketAddr = tokio::net::lookup_host((direct.get_host(), direct.get_port()))
+        .await
+        .unwrap()
+        .next()
+        .expect("the database host resolves");
+    let proxy = Proxy::start(upstream).await;
+    let opts = direct.host(&proxy.addr.ip().to_string()).port(proxy.addr.port()).disable_statement_logging();
+    let pool = PgPoolOptions::new()
+        .max_connections(6)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_with(opts)
+        .await
+        .unwrap();
+    (proxy, pool)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_twenty_second_outage_burns_no_attempt_and_dead_letters_nothing() {
     init_tracing();
@@ -87,20 +108,7 @@ async fn a_twenty_second_outage_burns_no_attempt_and_dead_letters_nothing() {
     enqueue_many(pool, &jobs).await.unwrap();
 
     // The worker's pool goes through the proxy; the test's own pool does not.
-    let direct = PgConnectOptions::from_str(db.url()).unwrap();
-    let upstream: SocketAddr = tokio::net::lookup_host((direct.get_host(), direct.get_port()))
-        .await
-        .unwrap()
-        .next()
-        .expect("the database host resolves");
-    let proxy = Proxy::start(upstream).await;
-    let opts = direct.host(&proxy.addr.ip().to_string()).port(proxy.addr.port()).disable_statement_logging();
-    let worker_pool = PgPoolOptions::new()
-        .max_connections(6)
-        .acquire_timeout(Duration::from_secs(2))
-        .connect_with(opts)
-        .await
-        .unwrap();
+    let (proxy, worker_pool) = through_proxy(&db).await;
 
     // Handlers use the database before and after a pause, so some are mid-query at the cut.
     let handler = handler_fn(|ctx, args: Noop| async move {
@@ -144,4 +152,67 @@ async fn a_twenty_second_outage_burns_no_attempt_and_dead_letters_nothing() {
         assert_eq!(attempt - snoozes, 1, "job {id}: the outage counted an attempt: {errors}");
         assert_eq!(*max_attempts, 3, "job {id}: the budget is not raised by claims given back");
     }
+}
+
+/// With prefetch, a job claimed ahead waits on the worker for a free slot. If the database is
+/// unreachable meanwhile, the heartbeat cannot extend its lease, and by the time a slot frees the
+/// lease may have expired and the job may be running elsewhere. Before it starts, a job whose lease
+/// no heartbeat confirmed for two thirds of a lease is confirmed with a lease extension; here that
+/// extension fails (the database is still away), so the job is dropped unrun, not started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_claimed_ahead_does_not_start_on_a_lease_the_worker_could_not_confirm() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    enqueue_many(pool, &[NewJob::new(&Noop { n: 1 }).unwrap(), NewJob::new(&Noop { n: 2 }).unwrap()]).await.unwrap();
+    let (proxy, worker_pool) = through_proxy(&db).await;
+
+    // One slot and one job claimed ahead: whichever job starts first holds the slot until released;
+    // a second start would be the other job's.
+    let (first, release, later) =
+        (Arc::new(AtomicBool::new(false)), Arc::new(Notify::new()), Arc::new(AtomicU32::new(0)));
+    let (f, r, l) = (first.clone(), release.clone(), later.clone());
+    let handler = handler_fn(move |_ctx, _args: Noop| {
+        let (f, r, l) = (f.clone(), r.clone(), l.clone());
+        async move {
+            if f.swap(true, Ordering::SeqCst) {
+                l.fetch_add(1, Ordering::SeqCst);
+            } else {
+                r.notified().await;
+            }
+            Ok(())
+        }
+    });
+    let h = builder(worker_pool)
+        .register(handler)
+        .queue("default", 1)
+        .prefetch(1)
+        .configure(|c| c.lease = Duration::from_secs(3))
+        .build()
+        .unwrap()
+        .start();
+    eventually(Duration::from_secs(30), "both jobs claimed, one of them started", || async {
+        (count(pool, JobState::Running).await == 2 && first.load(Ordering::SeqCst)).then_some(())
+    })
+    .await;
+
+    proxy.cut();
+    // Three heartbeat rounds (a third of the lease apart) after the cut: the last one that reached
+    // the database began more than two thirds of a lease ago.
+    let beats = WorkerStats::get(&h.stats().heartbeats);
+    eventually(Duration::from_secs(30), "three heartbeat rounds during the cut", || async {
+        (WorkerStats::get(&h.stats().heartbeats) >= beats + 3).then_some(())
+    })
+    .await;
+    release.notify_one();
+    eventually(Duration::from_secs(30), "the job claimed ahead dropped or started", || async {
+        (WorkerStats::get(&h.stats().abandoned) == 1 || later.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    assert_eq!(later.load(Ordering::SeqCst), 0, "the job claimed ahead started on an unconfirmed lease");
+    assert_eq!(WorkerStats::get(&h.stats().abandoned), 1);
+
+    proxy.restore();
+    h.shutdown().await;
+    assert_eq!(later.load(Ordering::SeqCst), 0);
 }
