@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use oncely::flow::{self, RateLimit};
-use oncely::{enqueue_many, handler_fn, JobArgs, JobState, NewJob};
+use oncely::{enqueue, enqueue_many, handler_fn, JobArgs, JobState, NewJob};
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Work {
@@ -457,4 +457,66 @@ async fn a_big_backlog_does_not_starve_a_small_tenant() {
     // Two workers, batches of at most 10 (their slots): one claim each at most in flight.
     assert!(before_first <= 40, "{before_first} claims of the big tenant passed first");
     assert!(before_last <= 200, "{before_last} claims of the big tenant passed before the small tenant finished");
+}
+
+/// A plain job starts without waiting for the flow claim that follows a short plain claim: with
+/// `oncely.flow_keys` locked from another connection, that flow claim cannot proceed, and the
+/// job claimed by the plain claim just before it must still run and complete. (The fetcher used
+/// to hand a claim's plain jobs out only after the flow claim, a round trip later on a healthy
+/// database, and never while the flow claim waited.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_job_starts_before_the_flow_claim_beside_it_returns() {
+    init_tracing();
+    let db = TestDb::new().await;
+    let ran = Arc::new(AtomicU64::new(0));
+    let counted = ran.clone();
+    let worker = builder(db.new_pool(6).await)
+        .configure(|c| {
+            c.maintenance = false;
+            c.scheduler = false;
+        })
+        .register(handler_fn(move |_ctx, _n: Noop| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }))
+        .queue("default", 4)
+        .build()
+        .unwrap();
+    let handle = worker.start();
+    // The fetcher's first claims (plain, then flow) find the queue empty.
+    let stats = handle.stats();
+    eventually(Duration::from_secs(10), "the fetcher's first plain and flow claims", || async {
+        (oncely::worker::WorkerStats::get(&stats.claims) >= 2).then_some(())
+    })
+    .await;
+
+    let mut locker = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE oncely.flow_keys IN ACCESS EXCLUSIVE MODE").execute(&mut locker).await.unwrap();
+    let id = enqueue(db.pool(), NewJob::new(&Noop { n: 1 }).unwrap()).await.unwrap().id;
+    eventually(Duration::from_secs(10), "the plain job completed while the flow claim waits", || async {
+        let state: String = sqlx::query_scalar("SELECT state::text FROM oncely.jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(db.pool())
+            .await
+            .ok()?;
+        (state == "completed").then_some(())
+    })
+    .await;
+    assert_eq!(ran.load(Ordering::SeqCst), 1, "the job ran once");
+    // The flow claim is still waiting on the lock: the plain job did not wait for it.
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+         WHERE c.relname = 'flow_keys' AND NOT l.granted \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(waiting, 1, "the worker's flow claim waits for oncely.flow_keys");
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    handle.shutdown_within(Duration::from_secs(5)).await;
 }

@@ -101,69 +101,62 @@ pub(crate) async fn run(
         };
         crate::metrics::claim_timed(&shared.stats, &queue.name, kind, started.elapsed());
         let want = permits.len();
-        // Then what the plain claim leaves: keyed jobs, or a queue with a global limit.
-        let mut retry_in = None;
-        // Jobs under flow control are not claimed ahead (`WorkerConfig::prefetch`): a rate limit
-        // admits a start when it admits the claim, and a key's or a queue's slot is taken from
-        // the whole fleet while the job waits. With prefetch, only as many as will start at once.
-        let room = match (&claimed, &gate) {
-            (Err(_), _) => 0,
-            (Ok(jobs), None) => want - jobs.len(),
-            (Ok(jobs), Some(g)) => (want - jobs.len()).min(g.slots.available_permits().saturating_sub(jobs.len())),
-        };
-        let claimed = match claimed {
-            Ok(mut jobs) if room > 0 => {
-                let started = std::time::Instant::now();
-                let flow = oncely_core::flow::claim_jobs(
-                    &shared.pool,
-                    &queue.name,
-                    room as i32,
-                    &shared.config.worker_id,
-                    shared.config.lease,
-                )
-                .await;
-                crate::metrics::claim_timed(&shared.stats, &queue.name, ClaimKind::Flow, started.elapsed());
-                match flow {
-                    Ok(flow) => {
-                        if flow.queue_limited {
-                            shared.limited_queues.lock().expect("never poisoned").insert(queue.name.clone());
-                        }
-                        jobs.extend(flow.jobs);
-                        retry_in = flow.retry_in;
-                        Ok(jobs)
-                    }
-                    Err(e) if jobs.is_empty() => Err(e),
-                    Err(e) => {
-                        tracing::warn!(queue = %queue.name, error = %e, "flow claim failed");
-                        Ok(jobs)
-                    }
-                }
-            }
-            other => other,
-        };
-        let claimed = match claimed {
-            Ok(jobs) => jobs,
+        let plain = match claimed {
+            Ok(plain) => plain,
             Err(e) => {
                 tracing::warn!(queue = %queue.name, error = %e, "claim failed; backing off");
                 drop(permits);
-                tokio::select! {
-                    _ = tokio::time::sleep(CLAIM_ERROR_BACKOFF) => {}
-                    _ = stop.cancelled() => return,
+                if !back_off(&stop).await {
+                    return;
                 }
                 continue;
             }
         };
-        busy = claimed.len() == want;
-        WorkerStats::add(&shared.stats.claimed, claimed.len() as u64);
-        crate::metrics::claimed(&queue.name, &claimed);
-        // After the claim: a job's `attempted_at` (the database clock as the claim wrote the row)
-        // plus the time since now is at most a round trip behind the database clock; the times
-        // of deferred step records are taken so.
-        let received = std::time::Instant::now();
-        for job in claimed {
-            let permit = permits.pop().expect("one permit was taken per claimed job");
-            executor::spawn(&shared, &jobs, job, permit, gate.clone(), received);
+        // Then what the plain claim leaves: keyed jobs, or a queue with a global limit. Jobs under
+        // flow control are not claimed ahead (`WorkerConfig::prefetch`): a rate limit admits a
+        // start when it admits the claim, and a key's or a queue's slot is taken from the whole
+        // fleet while the job waits. With prefetch, only as many as will start at once (counted
+        // before the plain jobs are handed out and take run slots).
+        let room = match &gate {
+            None => want - plain.len(),
+            Some(g) => (want - plain.len()).min(g.slots.available_permits().saturating_sub(plain.len())),
+        };
+        let mut got = plain.len();
+        // The plain jobs start now: they do not wait for the flow claim's round trip.
+        hand_out(&shared, &jobs, &queue.name, plain, &mut permits, &gate);
+        let mut retry_in = None;
+        if room > 0 {
+            let started = std::time::Instant::now();
+            let flow = oncely_core::flow::claim_jobs(
+                &shared.pool,
+                &queue.name,
+                room as i32,
+                &shared.config.worker_id,
+                shared.config.lease,
+            )
+            .await;
+            crate::metrics::claim_timed(&shared.stats, &queue.name, ClaimKind::Flow, started.elapsed());
+            match flow {
+                Ok(flow) => {
+                    if flow.queue_limited {
+                        shared.limited_queues.lock().expect("never poisoned").insert(queue.name.clone());
+                    }
+                    retry_in = flow.retry_in;
+                    got += flow.jobs.len();
+                    hand_out(&shared, &jobs, &queue.name, flow.jobs, &mut permits, &gate);
+                }
+                Err(e) if got == 0 => {
+                    tracing::warn!(queue = %queue.name, error = %e, "claim failed; backing off");
+                    drop(permits);
+                    if !back_off(&stop).await {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => tracing::warn!(queue = %queue.name, error = %e, "flow claim failed"),
+            }
         }
+        busy = got == want;
         drop(permits);
         if !busy {
             tokio::select! {
@@ -207,18 +200,40 @@ fn spawn_sweep(
             tracing::warn!(queue = %queue, error = %e, "full claim failed");
             Vec::new()
         });
-        WorkerStats::add(&shared.stats.claimed, claimed.len() as u64);
-        crate::metrics::claimed(&queue, &claimed);
         let _ = tx.send(Sweep { jobs: claimed.clone(), limit, cost });
-        let received = std::time::Instant::now();
-        for job in claimed {
-            let permit = permits.pop().expect("one permit was taken per claimed job");
-            executor::spawn(&shared, &jobs, job, permit, gate.clone(), received);
-        }
+        hand_out(&shared, &jobs, &queue, claimed, &mut permits, &gate);
         drop(permits);
         wake.notify_one();
     });
     rx
+}
+
+/// Wait [`CLAIM_ERROR_BACKOFF`] after a failed claim; false when the worker stops meanwhile.
+async fn back_off(stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(CLAIM_ERROR_BACKOFF) => true,
+        _ = stop.cancelled() => false,
+    }
+}
+
+/// Count `claimed` and hand each job to the executor on one of `permits`. A job's `attempted_at`
+/// (the database clock as the claim wrote the row) plus the time since now is at most a round
+/// trip behind the database clock; the times of deferred step records are taken so.
+fn hand_out(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    queue: &str,
+    claimed: Vec<oncely_core::Job>,
+    permits: &mut Vec<OwnedSemaphorePermit>,
+    gate: &Option<executor::RunGate>,
+) {
+    WorkerStats::add(&shared.stats.claimed, claimed.len() as u64);
+    crate::metrics::claimed(queue, &claimed);
+    let received = std::time::Instant::now();
+    for job in claimed {
+        let permit = permits.pop().expect("one permit was taken per claimed job");
+        executor::spawn(shared, tracker, job, permit, gate.clone(), received);
+    }
 }
 
 fn take_free(slots: &Arc<Semaphore>, permits: &mut Vec<OwnedSemaphorePermit>, batch: usize) {
