@@ -229,3 +229,68 @@ async fn a_job_claimed_again_while_its_earlier_attempt_waits_runs_once() {
     let runs = probe.runs.lock().unwrap();
     assert_eq!(runs.values().sum::<u32>(), 2, "each job ran once: the earlier attempt did not run: {runs:?}");
 }
+
+/// A worker serving `default` with `concurrency` slots and an adaptive prefetch of up to 64, whose
+/// handlers each take `time` (their own duration, not a synchronisation) and are counted.
+async fn start_adaptive(db: &TestDb, concurrency: usize, time: Duration) -> (Arc<Probe>, WorkerHandle) {
+    init_tracing();
+    let probe = Arc::new(Probe::default());
+    let seen = probe.clone();
+    let h = builder(db.new_pool(5).await)
+        .register(handler_fn(move |_ctx, a: Noop| {
+            let probe = seen.clone();
+            async move {
+                *probe.runs.lock().unwrap().entry(a.n).or_default() += 1;
+                let now = probe.inside.fetch_add(1, Ordering::SeqCst) + 1;
+                probe.most_inside.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(time).await;
+                probe.inside.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }))
+        .queue("default", concurrency)
+        .adaptive_prefetch(64)
+        .build()
+        .unwrap()
+        .start();
+    (probe, h)
+}
+
+async fn drain_adaptive(db: &TestDb, jobs: u64, concurrency: usize, time: Duration) -> (Arc<Probe>, u64) {
+    let pool = db.pool();
+    let news: Vec<_> = (0..jobs).map(|n| NewJob::new(&Noop { n }).unwrap()).collect();
+    enqueue_many(pool, &news).await.unwrap();
+    let (probe, h) = start_adaptive(db, concurrency, time).await;
+    wait_all_finished(pool, Duration::from_secs(60)).await;
+    let ahead = WorkerStats::get(&h.stats().claimed_ahead);
+    h.shutdown().await;
+    assert_eq!(count(pool, JobState::Completed).await, jobs as i64);
+    let runs = probe.runs.lock().unwrap();
+    assert_eq!(runs.len() as u64, jobs, "every job ran");
+    assert!(runs.values().all(|&n| n == 1), "no job ran twice");
+    drop(runs);
+    assert!(
+        probe.most_inside.load(Ordering::SeqCst) <= concurrency,
+        "never more handlers at once than the concurrency"
+    );
+    (probe, ahead)
+}
+
+/// The default, adaptive prefetch claims short jobs ahead: a handler of microseconds next to a
+/// claim of a millisecond or more, so jobs wait claimed ahead for the two slots (and still never
+/// run beyond them, each once).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_adaptive_prefetch_claims_short_jobs_ahead() {
+    let db = TestDb::new().await;
+    let (_, ahead) = drain_adaptive(&db, 2000, 2, Duration::ZERO).await;
+    assert!(ahead > 0, "no job was claimed ahead of the two slots");
+}
+
+/// ... and claims no long job ahead: with handlers of half a second, what two slots start within
+/// one claim's time rounds down to none, so no job ever waits on this worker for a slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_adaptive_prefetch_claims_no_long_job_ahead() {
+    let db = TestDb::new().await;
+    let (_, ahead) = drain_adaptive(&db, 8, 2, Duration::from_millis(500)).await;
+    assert_eq!(ahead, 0, "jobs of half a second were claimed ahead");
+}

@@ -105,30 +105,36 @@ pub(crate) struct BenchArgs {
     /// off), as oncely did before windowed claims: to compare the two in back-to-back runs.
     #[arg(long)]
     head_claims: bool,
-    /// Jobs each bench worker may hold claimed beyond its concurrency, waiting for a free slot
-    /// (`WorkerConfig::prefetch`). Defaults to 0, the worker's default.
-    #[arg(long, default_value_t = 0)]
-    prefetch: usize,
+    /// A fixed prefetch: jobs each bench worker holds claimed beyond its concurrency, waiting for
+    /// a free slot, whatever the jobs' length (`WorkerConfig::prefetch` with
+    /// `adaptive_prefetch` off; 0 claims only for free slots). Without it, the worker's default:
+    /// an adaptive prefetch of up to 64 jobs.
+    #[arg(long)]
+    prefetch: Option<usize>,
 }
 
 impl BenchArgs {
     /// Jobs per claim at `concurrency`: --fetch-batch, else the claim slots (concurrency plus
     /// prefetch).
     fn batch(&self, concurrency: usize) -> usize {
-        self.fetch_batch.unwrap_or(concurrency + self.prefetch)
+        self.fetch_batch.unwrap_or(concurrency + self.prefetch.unwrap_or(oncely_worker::config::DEFAULT_PREFETCH))
     }
 }
 
 /// `--head-claims`, for every worker the bench builds.
 static HEAD_CLAIMS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// `--prefetch`, for every worker the bench builds.
-static PREFETCH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// `--prefetch`, for every worker the bench builds (`usize::MAX`: the worker's default).
+static PREFETCH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
 
 /// A bench worker's claim settings (`--head-claims`, `--prefetch`).
 fn claims(c: &mut oncely_worker::WorkerConfig) {
     c.windowed_claims = !HEAD_CLAIMS.load(std::sync::atomic::Ordering::Relaxed);
-    c.prefetch = PREFETCH.load(std::sync::atomic::Ordering::Relaxed);
+    let fixed = PREFETCH.load(std::sync::atomic::Ordering::Relaxed);
+    if fixed != usize::MAX {
+        c.prefetch = fixed;
+        c.adaptive_prefetch = false;
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -276,7 +282,7 @@ pub(crate) async fn run(server_url: &str, args: BenchArgs) -> Result<(), Fail> {
         ));
     }
     HEAD_CLAIMS.store(args.head_claims, std::sync::atomic::Ordering::Relaxed);
-    PREFETCH.store(args.prefetch, std::sync::atomic::Ordering::Relaxed);
+    PREFETCH.store(args.prefetch.unwrap_or(usize::MAX), std::sync::atomic::Ordering::Relaxed);
     if args.fetch_batch == Some(0) {
         return Err(Fail("--fetch-batch must be at least 1".into()));
     }
@@ -1336,7 +1342,13 @@ fn print_summary(a: &BenchArgs, r: &Report) {
             "windowed (the default)"
         }
     );
-    println!("prefetch: {} jobs per queue beyond its concurrency", a.prefetch);
+    match a.prefetch {
+        Some(n) => println!("prefetch: fixed, {n} jobs per queue beyond its concurrency (--prefetch)"),
+        None => println!(
+            "prefetch: adaptive (the default), up to {} jobs per queue beyond its concurrency",
+            oncely_worker::config::DEFAULT_PREFETCH
+        ),
+    }
     println!("baseline insert commits/s: 1 conn {}  {k} conn {}", thousands(r.base_one), thousands(r.base_many));
     line(
         format!("enqueue one-by-one:     {:>9} jobs/s ({one_ratio:.2}x interleaved 1-conn)", thousands(r.one_by_one)),

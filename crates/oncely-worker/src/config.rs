@@ -14,6 +14,10 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_FETCH_BATCH: usize = 100;
 /// The most jobs [`WorkerConfig::prefetch`] may hold per queue.
 pub const MAX_PREFETCH: usize = 10_000;
+/// Defaults to 64: the most jobs each queue's fetcher may hold claimed ahead
+/// ([`WorkerConfig::prefetch`]); with [`WorkerConfig::adaptive_prefetch`] (the default) it holds
+/// only as many as its slots start within one claim's time, up to this.
+pub const DEFAULT_PREFETCH: usize = 64;
 /// Defaults to 2 ms: while a queue is busy, how long the fetcher waits for more free slots so that
 /// one claim fills several of them.
 pub const DEFAULT_FETCH_COOLDOWN: Duration = Duration::from_millis(2);
@@ -132,9 +136,21 @@ pub struct WorkerConfig {
     /// whose lease this worker has not confirmed for two thirds of the lease (heartbeats failing)
     /// is confirmed with a lease extension before it starts. Jobs under flow control (keys,
     /// global limits, rate limits) are not claimed ahead. The cost: a job waiting here waits for
-    /// this worker's slots even when another worker is idle, so keep it small for long jobs.
-    /// Defaults to 0 (claim only for free slots).
+    /// this worker's slots even when another worker is idle.
+    ///
+    /// With [`adaptive_prefetch`](Self::adaptive_prefetch) (the default) this is a ceiling, and
+    /// the fetcher holds only what its slots would start within one claim's time; without it, it
+    /// holds up to this many whatever the jobs' length, so keep it small for long jobs. 0 claims
+    /// only for free slots. Defaults to [`DEFAULT_PREFETCH`].
     pub prefetch: usize,
+    /// Hold claimed ahead only as many jobs as the queue's slots start within one claim's time,
+    /// measured on this worker: the queue's concurrency times the mean claim time over the mean
+    /// time a handler holds a slot (both moving averages), rounded down, at most
+    /// [`prefetch`](Self::prefetch). Before a job of the queue has finished it holds none. Jobs
+    /// that take a millisecond or more next to a millisecond's claim are not claimed ahead (or
+    /// a few); jobs of microseconds are claimed up to the ceiling, so that a claim is never
+    /// waited for by idle slots. Defaults to true; false makes `prefetch` a fixed buffer.
+    pub adaptive_prefetch: bool,
 }
 
 impl Default for WorkerConfig {
@@ -163,7 +179,8 @@ impl Default for WorkerConfig {
             pooler: Pooler::Session,
             listen_url: None,
             windowed_claims: true,
-            prefetch: 0,
+            prefetch: DEFAULT_PREFETCH,
+            adaptive_prefetch: true,
         }
     }
 }

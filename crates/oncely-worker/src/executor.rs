@@ -2,6 +2,7 @@
 //! the outcome with a fenced write (completions go to the batching completer).
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +56,49 @@ pub(crate) struct RunGate {
     pub(crate) slots: Arc<Semaphore>,
     /// The worker's stop (no more claims): a job still waiting is given back.
     pub(crate) stop: CancellationToken,
+    /// How long the queue's handlers hold a run slot, for an adaptive prefetch.
+    pub(crate) pace: Arc<Pace>,
+}
+
+/// The measured pace of one queue on this worker, for an adaptive prefetch
+/// (`WorkerConfig::adaptive_prefetch`): moving averages of how long a handler holds a run slot and
+/// how long a claim takes, in nanoseconds (0: nothing measured yet).
+#[derive(Debug, Default)]
+pub(crate) struct Pace {
+    run: AtomicU64,
+    claim: AtomicU64,
+}
+
+impl Pace {
+    /// A handler held a run slot for `took`.
+    pub(crate) fn job_ran(&self, took: Duration) {
+        Self::average(&self.run, took);
+    }
+
+    /// A claim took `took`.
+    pub(crate) fn claimed(&self, took: Duration) {
+        Self::average(&self.claim, took);
+    }
+
+    /// Jobs to hold claimed ahead: what `concurrency` slots start within one claim's time (the
+    /// concurrency times the claim time over the run time), rounded down, at most `max`; none
+    /// before both times are measured.
+    pub(crate) fn ahead(&self, concurrency: usize, max: usize) -> usize {
+        let (run, claim) = (self.run.load(Ordering::Relaxed), self.claim.load(Ordering::Relaxed));
+        if run == 0 || claim == 0 {
+            return 0;
+        }
+        let jobs = concurrency as u128 * u128::from(claim) / u128::from(run);
+        jobs.min(max as u128) as usize
+    }
+
+    /// A moving average weighing the newest sample 1/8.
+    fn average(cell: &AtomicU64, sample: Duration) {
+        let sample = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+            Some(if old == 0 { sample } else { old - old / 8 + sample / 8 })
+        });
+    }
 }
 
 /// `permit`: the claim slot, held until the handler is done. `gate`: the run slot to wait for, with
@@ -124,10 +168,14 @@ async fn run(
     claimed: std::time::Instant,
 ) {
     let claim = Claim::from(&job);
+    let pace = gate.as_ref().map(|g| g.pace.clone());
     // With prefetch, wait for a run slot; held, with the claim slot, until the handler is done.
     let run_permit = match gate {
         None => None,
         Some(gate) => {
+            if gate.slots.available_permits() == 0 {
+                WorkerStats::add(&shared.stats.claimed_ahead, 1);
+            }
             let waited = tokio::select! {
                 biased;
                 // A lost lease first: a job that is no longer this attempt's has nothing to give back.
@@ -160,7 +208,11 @@ async fn run(
     let started = std::time::Instant::now();
     let deferred = DeferredRecords::with_clock(job.attempted_at, claimed);
     let finish = attempt(&shared, &job, cancel, &flags, &deferred).await;
-    crate::metrics::handler_duration(&job.kind, started.elapsed());
+    let took = started.elapsed();
+    crate::metrics::handler_duration(&job.kind, took);
+    if let Some(pace) = &pace {
+        pace.job_ran(took);
+    }
     // From here on the claim ends on purpose: the heartbeat must not take the write below, once
     // committed, for a lost lease (it may still find the job in the running set).
     AttemptFlags::set(&flags.finishing);

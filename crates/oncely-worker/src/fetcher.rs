@@ -28,14 +28,30 @@ pub(crate) async fn run(
     // slots (`WorkerConfig::prefetch`). Without prefetch a claim slot is a run slot.
     let prefetch = shared.config.prefetch;
     let slots = Arc::new(Semaphore::new(queue.concurrency + prefetch));
-    let gate = (prefetch > 0)
-        .then(|| executor::RunGate { slots: Arc::new(Semaphore::new(queue.concurrency)), stop: stop.clone() });
-    let batch = shared.config.fetch_batch.min(queue.concurrency + prefetch);
+    let pace = Arc::new(executor::Pace::default());
+    let gate = (prefetch > 0).then(|| executor::RunGate {
+        slots: Arc::new(Semaphore::new(queue.concurrency)),
+        stop: stop.clone(),
+        pace: pace.clone(),
+    });
+    // With an adaptive prefetch, the claim slots beyond what may wait claimed ahead now are held
+    // back here.
+    let mut held_back: Vec<OwnedSemaphorePermit> = Vec::new();
     let mut busy = false;
     let mut window = ClaimWindow::new();
     // The full claim running beside the windowed ones, if any: it reports what it claimed.
     let mut sweep: Option<oneshot::Receiver<Sweep>> = None;
     loop {
+        // How many jobs may wait claimed ahead now: with an adaptive prefetch, what the queue's
+        // slots start within one claim's time.
+        let ahead = match shared.config.adaptive_prefetch {
+            true => pace.ahead(queue.concurrency, prefetch),
+            false => prefetch,
+        };
+        let hold = prefetch - ahead;
+        held_back.truncate(hold);
+        take_free(&slots, &mut held_back, hold);
+        let batch = shared.config.fetch_batch.min(queue.concurrency + ahead);
         // Wait for one free slot, then take every other free slot up to a batch.
         // A stop first: jobs given back at a stop free claim slots at the same moment, and must not
         // be claimed again.
@@ -44,6 +60,11 @@ pub(crate) async fn run(
             _ = stop.cancelled() => return,
             p = slots.clone().acquire_owned() => p.expect("the fetcher's semaphore is never closed"),
         };
+        if held_back.len() < hold {
+            // A slot the prefetch may not use now.
+            held_back.push(first);
+            continue;
+        }
         let mut permits = vec![first];
         take_free(&slots, &mut permits, batch);
         if busy && permits.len() < batch.div_ceil(2) {
@@ -99,7 +120,9 @@ pub(crate) async fn run(
             let kind = if window.full_claim_due() { ClaimKind::Full } else { ClaimKind::Window };
             (kind, window.claim_jobs(db, &queue.name, permits.len() as i32, worker_id, lease).await)
         };
-        crate::metrics::claim_timed(&shared.stats, &queue.name, kind, started.elapsed());
+        let took = started.elapsed();
+        crate::metrics::claim_timed(&shared.stats, &queue.name, kind, took);
+        pace.claimed(took);
         let want = permits.len();
         let plain = match claimed {
             Ok(plain) => plain,

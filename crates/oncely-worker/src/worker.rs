@@ -115,10 +115,23 @@ impl WorkerBuilder {
         self
     }
 
-    /// See [`WorkerConfig::prefetch`]: jobs each queue may hold claimed beyond its concurrency,
-    /// waiting for a free slot. Defaults to 0.
+    /// A fixed prefetch (see [`WorkerConfig::prefetch`]): each queue holds up to `jobs` claimed
+    /// beyond its concurrency, waiting for a free slot, whatever its jobs' length
+    /// ([`WorkerConfig::adaptive_prefetch`] off). `prefetch(0)` claims only for free slots. The
+    /// default is an adaptive prefetch of up to
+    /// [`DEFAULT_PREFETCH`](crate::config::DEFAULT_PREFETCH).
     pub fn prefetch(mut self, jobs: usize) -> Self {
         self.config.prefetch = jobs;
+        self.config.adaptive_prefetch = false;
+        self
+    }
+
+    /// An adaptive prefetch of up to `max` jobs per queue (see
+    /// [`WorkerConfig::adaptive_prefetch`]): as many as the queue's slots start within one
+    /// claim's time.
+    pub fn adaptive_prefetch(mut self, max: usize) -> Self {
+        self.config.prefetch = max;
+        self.config.adaptive_prefetch = true;
         self
     }
 
@@ -333,6 +346,9 @@ pub struct WorkerStats {
     /// connection included), in microseconds. With [`claims`](Self::claims): the mean time of a
     /// claim, which a held snapshot or a bloated claim index makes grow.
     pub claim_micros: AtomicU64,
+    /// Jobs that found every run slot of their queue taken when their claim handed them out, and
+    /// so waited on this worker, claimed ahead ([`WorkerConfig::prefetch`]).
+    pub claimed_ahead: AtomicU64,
 }
 
 impl WorkerStats {
