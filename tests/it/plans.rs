@@ -151,12 +151,12 @@ fn arguments(name: &str, running: &[i64]) -> String {
     let attempts = format!("'{{{}}}'", vec!["1"; batch.len()].join(","));
     let one = running[running.len() / 2];
     match name {
-        "JOB_CLAIM" => "'bench', 100, 30, 'w2', false".into(),
+        "JOB_CLAIM" => "'bench', 256, 30, 'w2', false".into(),
         "JOB_CLAIM_WINDOWED" => {
-            "'bench', 100, 30, 'w2', '{5,0}', ARRAY[now() - interval '2 seconds', now() - interval '1 hour']".into()
+            "'bench', 256, 30, 'w2', '{5,0}', ARRAY[now() - interval '2 seconds', now() - interval '1 hour']".into()
         }
-        "FLOW_KEYS_LOCK" => "'bench', 100".into(),
-        "FLOW_CLAIM" => "'bench', '{tenant:1,tenant:2,tenant:3}', 100, 30, 'w2', 33".into(),
+        "FLOW_KEYS_LOCK" => "'bench', 256".into(),
+        "FLOW_CLAIM" => "'bench', '{tenant:1,tenant:2,tenant:3}', 256, 30, 'w2', 85".into(),
         "JOB_SET_COMPLETED_IF_RUNNING_MANY" => format!("{ids}, {attempts}"),
         "JOB_SET_COMPLETED_IF_RUNNING_MANY_RECORDING" => format!(
             "{ids}, {attempts}, '{{step,step}}', '{{job:4:b,job:4:a}}', '{{job:4:1,job:4:1}}', \

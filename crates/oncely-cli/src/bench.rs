@@ -66,7 +66,8 @@ pub(crate) struct BenchArgs {
     /// Worker slots (jobs running at once) on the benchmark queue.
     #[arg(long, default_value_t = 100)]
     concurrency: usize,
-    /// Most jobs per claim. Defaults to --concurrency plus --prefetch.
+    /// Most jobs per claim. Defaults to what a worker with default settings takes: the claim
+    /// slots (--concurrency plus the prefetch), at most the worker's default fetch batch (256).
     #[arg(long)]
     fetch_batch: Option<usize>,
     /// Samples of the latency phase.
@@ -108,16 +109,17 @@ pub(crate) struct BenchArgs {
     /// A fixed prefetch: jobs each bench worker holds claimed beyond its concurrency, waiting for
     /// a free slot, whatever the jobs' length (`WorkerConfig::prefetch` with
     /// `adaptive_prefetch` off; 0 claims only for free slots). Without it, the worker's default:
-    /// an adaptive prefetch of up to 64 jobs.
+    /// an adaptive prefetch of up to 256 jobs.
     #[arg(long)]
     prefetch: Option<usize>,
 }
 
 impl BenchArgs {
     /// Jobs per claim at `concurrency`: --fetch-batch, else the claim slots (concurrency plus
-    /// prefetch).
+    /// prefetch), at most the worker's default fetch batch.
     fn batch(&self, concurrency: usize) -> usize {
-        self.fetch_batch.unwrap_or(concurrency + self.prefetch.unwrap_or(oncely_worker::config::DEFAULT_PREFETCH))
+        use oncely_worker::config::{DEFAULT_FETCH_BATCH, DEFAULT_PREFETCH};
+        self.fetch_batch.unwrap_or(DEFAULT_FETCH_BATCH.min(concurrency + self.prefetch.unwrap_or(DEFAULT_PREFETCH)))
     }
 }
 

@@ -10,14 +10,16 @@ use oncely_core::retry::RetryPolicy;
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// Defaults to 1 s: how often an idle queue is polled when no NOTIFY arrives.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
-/// Defaults to 100: the most jobs one claim takes.
-pub const DEFAULT_FETCH_BATCH: usize = 100;
+/// Defaults to 256: the most jobs one claim takes. A claim of 256 took about 4.5 ms on the
+/// benchmark machine and a claim of 16 about 1 ms, so large claims are what make short jobs fast
+/// (docs/benchmarks.md, "Adaptive prefetch, on by default").
+pub const DEFAULT_FETCH_BATCH: usize = 256;
 /// The most jobs [`WorkerConfig::prefetch`] may hold per queue.
 pub const MAX_PREFETCH: usize = 10_000;
-/// Defaults to 64: the most jobs each queue's fetcher may hold claimed ahead
+/// Defaults to 256: the most jobs each queue's fetcher may hold claimed ahead
 /// ([`WorkerConfig::prefetch`]); with [`WorkerConfig::adaptive_prefetch`] (the default) it holds
 /// only as many as its slots start within one claim's time, up to this.
-pub const DEFAULT_PREFETCH: usize = 64;
+pub const DEFAULT_PREFETCH: usize = 256;
 /// Defaults to 2 ms: while a queue is busy, how long the fetcher waits for more free slots so that
 /// one claim fills several of them.
 pub const DEFAULT_FETCH_COOLDOWN: Duration = Duration::from_millis(2);
