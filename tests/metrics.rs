@@ -215,7 +215,12 @@ async fn metrics_after_a_drain_have_the_right_counts() {
     // Claim timing: a worker of its own on queue "timed", so that its stats and the histogram's
     // series for that queue count the same claim statements.
     let timed = builder(pool.clone())
-        .register(handler_fn(|_ctx, _t: Timed| async { Ok(()) }))
+        // Each handler yields once, so that jobs handed out together overlap (without it each
+        // runs to its end before the next is polled, and none ever waits for a slot).
+        .register(handler_fn(|_ctx, _t: Timed| async {
+            tokio::task::yield_now().await;
+            Ok(())
+        }))
         .queue("timed", 4)
         .build()
         .unwrap()
@@ -223,11 +228,21 @@ async fn metrics_after_a_drain_have_the_right_counts() {
     for n in 0..10 {
         enqueue(pool, NewJob::new(&Timed { n }).unwrap().queue("timed")).await.unwrap();
     }
-    eventually(Duration::from_secs(30), "the timed queue drained", || async {
+    eventually(Duration::from_secs(30), "the first ten timed jobs done", || async {
         (oncely::worker::WorkerStats::get(&timed.stats().completed) == 10).then_some(())
     })
     .await;
+    // Then 500 at once: with jobs of no work measured, the adaptive prefetch claims ahead of the
+    // four slots, and jobs wait for one.
+    let more: Vec<NewJob> = (10..510).map(|n| NewJob::new(&Timed { n }).unwrap().queue("timed")).collect();
+    oncely::enqueue_many(pool, &more).await.unwrap();
+    eventually(Duration::from_secs(30), "the timed queue drained", || async {
+        (oncely::worker::WorkerStats::get(&timed.stats().completed) == 510).then_some(())
+    })
+    .await;
     timed.shutdown().await;
+    let ahead = oncely::worker::WorkerStats::get(&timed.stats().claimed_ahead);
+    assert!(ahead > 0, "no timed job was claimed ahead of the four slots");
     let (claims, claim_micros) = (
         oncely::worker::WorkerStats::get(&timed.stats().claims),
         oncely::worker::WorkerStats::get(&timed.stats().claim_micros),
@@ -294,4 +309,12 @@ async fn metrics_after_a_drain_have_the_right_counts() {
         (timed_seconds * 1e6 - claim_micros as f64).abs() <= claims as f64,
         "the histogram's {timed_seconds} s against the stats' {claim_micros} µs"
     );
+    // The jobs claimed ahead, and the allowance that let them be.
+    assert_eq!(
+        sample(&text, "oncely_jobs_claimed_ahead_total{queue=\"timed\"}"),
+        Some(ahead as f64),
+        "against the worker's {ahead} jobs claimed ahead\n{text}"
+    );
+    let allowance = sample(&text, "oncely_prefetch_allowance{queue=\"timed\"}").expect("the timed queue's allowance");
+    assert!(allowance > 0.0 && allowance <= 256.0, "allowance {allowance}");
 }

@@ -175,6 +175,7 @@ async fn run(
         Some(gate) => {
             if gate.slots.available_permits() == 0 {
                 WorkerStats::add(&shared.stats.claimed_ahead, 1);
+                crate::metrics::claimed_ahead(&job.queue);
             }
             let waited = tokio::select! {
                 biased;

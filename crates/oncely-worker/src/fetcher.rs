@@ -37,6 +37,8 @@ pub(crate) async fn run(
     // With an adaptive prefetch, the claim slots beyond what may wait claimed ahead now are held
     // back here.
     let mut held_back: Vec<OwnedSemaphorePermit> = Vec::new();
+    // The allowance last reported to the metrics.
+    let mut allowance: Option<usize> = None;
     let mut busy = false;
     let mut window = ClaimWindow::new();
     // The full claim running beside the windowed ones, if any: it reports what it claimed.
@@ -48,6 +50,10 @@ pub(crate) async fn run(
             true => pace.ahead(queue.concurrency, prefetch),
             false => prefetch,
         };
+        if allowance != Some(ahead) {
+            crate::metrics::prefetch_allowance(&queue.name, ahead);
+            allowance = Some(ahead);
+        }
         let hold = prefetch - ahead;
         held_back.truncate(hold);
         take_free(&slots, &mut held_back, hold);

@@ -29,6 +29,14 @@ pub const CLAIM_BATCH: &str = "oncely_claim_batch_size";
 /// flow-control claim).
 pub const CLAIM_DURATION: &str = "oncely_claim_duration_seconds";
 
+/// Jobs that found every run slot of their queue taken when their claim handed them out, and so
+/// waited on the worker claimed ahead (`WorkerConfig::prefetch`), by queue; the worker's own count
+/// is `WorkerStats::claimed_ahead`.
+pub const CLAIMED_AHEAD: &str = "oncely_jobs_claimed_ahead_total";
+/// How many jobs each queue's fetcher may hold claimed ahead now, by queue: the adaptive
+/// prefetch's allowance (`WorkerConfig::adaptive_prefetch`), or the fixed prefetch.
+pub const PREFETCH_ALLOWANCE: &str = "oncely_prefetch_allowance";
+
 /// Which claim statement a fetcher ran, for [`CLAIM_DURATION`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ClaimKind {
@@ -84,4 +92,14 @@ pub(crate) fn claimed(queue: &str, jobs: &[oncely_core::Job]) {
             latency.record((at - job.run_at).num_milliseconds().max(0) as f64 / 1000.0);
         }
     }
+}
+
+/// A job of `queue` waits claimed ahead for a run slot ([`CLAIMED_AHEAD`]).
+pub(crate) fn claimed_ahead(queue: &str) {
+    metrics::counter!(CLAIMED_AHEAD, "queue" => queue.to_owned()).increment(1);
+}
+
+/// `queue` may now hold `jobs` claimed ahead ([`PREFETCH_ALLOWANCE`]).
+pub(crate) fn prefetch_allowance(queue: &str, jobs: usize) {
+    metrics::gauge!(PREFETCH_ALLOWANCE, "queue" => queue.to_owned()).set(jobs as f64);
 }
