@@ -192,3 +192,70 @@ async fn a_worker_with_windowed_claims_runs_the_jobs_behind_its_window_and_at_ne
     assert_eq!(ran, expected, "each job ran, once");
     assert_eq!(count(&pool, oncely::JobState::Completed).await, 60);
 }
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Other {
+    n: u64,
+}
+impl oncely::JobArgs for Other {
+    const KIND: &'static str = "other";
+}
+
+/// A resumed kind's jobs lie behind the claim window: while the kind was paused, the worker
+/// claimed newer jobs past them. The resume wakes every worker with a full claim next, so they
+/// run at once, not at the next scheduled full claim (an hour away here).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resumed_kinds_jobs_behind_the_window_run_at_once() {
+    use oncely::pause::{self, PauseTarget};
+    init_tracing();
+    let db = TestDb::new().await;
+    let pool = db.pool().clone();
+    let kind = PauseTarget::Kind("noop".into());
+    assert!(pause::pause(&pool, &kind, None).await.unwrap());
+    // Due an hour ago: far behind any window a claim of newer jobs leaves.
+    let behind =
+        enqueue(&pool, NewJob::new(&Noop { n: 1 }).unwrap().run_at(chrono::Utc::now() - chrono::Duration::hours(1)))
+            .await
+            .unwrap()
+            .id;
+
+    let ran = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (seen, seen_other) = (ran.clone(), ran.clone());
+    let handle = builder(pool.clone())
+        .configure(|c| c.full_claim_interval = Some(Duration::from_secs(3600)))
+        .register(handler_fn(move |_ctx, job: Noop| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(format!("noop {}", job.n));
+                Ok(())
+            }
+        }))
+        .register(handler_fn(move |_ctx, job: Other| {
+            let seen = seen_other.clone();
+            async move {
+                seen.lock().unwrap().push(format!("other {}", job.n));
+                Ok(())
+            }
+        }))
+        .queue("default", 4)
+        .build()
+        .unwrap()
+        .start();
+    // Newer jobs of another kind: the worker's window learns a floor near now.
+    for n in 0..20 {
+        enqueue(&pool, NewJob::new(&Other { n }).unwrap()).await.unwrap();
+    }
+    eventually(Duration::from_secs(30), "the 20 other jobs ran", || async {
+        (ran.lock().unwrap().len() == 20).then_some(())
+    })
+    .await;
+    assert_eq!(oncely::get_job(&pool, behind).await.unwrap().state, oncely::JobState::Available);
+
+    assert!(pause::resume(&pool, &kind).await.unwrap());
+    eventually(Duration::from_secs(15), "the resumed kind's job ran", || async {
+        ran.lock().unwrap().contains(&"noop 1".to_owned()).then_some(())
+    })
+    .await;
+    handle.shutdown().await;
+    assert_eq!(ran.lock().unwrap().len(), 21, "each job ran once");
+}

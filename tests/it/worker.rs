@@ -462,6 +462,12 @@ async fn the_builder_refuses_bad_configurations() {
         .prefetch(usize::MAX)
         .build();
     assert!(matches!(huge, Err(oncely::worker::Error::Config(m)) if m.contains("prefetch")));
+    let never = oncely::Worker::builder(db.pool().clone())
+        .register(seen_handler(Default::default()))
+        .queue("q", 1)
+        .configure(|c| c.full_claim_interval = Some(Duration::ZERO))
+        .build();
+    assert!(matches!(never, Err(oncely::worker::Error::Config(m)) if m.contains("full_claim_interval")));
 }
 
 /// A retry or snooze shorter than the poll interval runs on time: the worker wakes its own fetcher

@@ -129,6 +129,11 @@ pub struct WorkerConfig {
     /// often finds the jobs a window cannot see. Defaults to true; false claims from the head of
     /// the index every time.
     pub windowed_claims: bool,
+    /// With [`windowed_claims`](Self::windowed_claims): the shortest time between two full claims
+    /// (from the head of the claim index) of a queue. `None` (the default): 250 ms, longer while
+    /// full claims are slow (a held snapshot), at most a minute. A full claim also follows at once
+    /// when a paused kind is resumed (every fetcher is woken) and after the listener reconnects.
+    pub full_claim_interval: Option<Duration>,
     /// Jobs each queue's fetcher may hold claimed beyond the queue's concurrency, waiting on this
     /// worker for a free slot (a local buffer; at most [`MAX_PREFETCH`]). With it a claim runs
     /// while the queue's slots are busy, so short jobs do not leave slots idle for a claim's
@@ -181,6 +186,7 @@ impl Default for WorkerConfig {
             pooler: Pooler::Session,
             listen_url: None,
             windowed_claims: true,
+            full_claim_interval: None,
             prefetch: DEFAULT_PREFETCH,
             adaptive_prefetch: true,
         }
@@ -219,6 +225,9 @@ impl WorkerConfig {
         }
         if self.fetch_batch == 0 {
             return Err("fetch_batch must be at least 1".into());
+        }
+        if self.full_claim_interval.is_some_and(|d| d.is_zero()) {
+            return Err("full_claim_interval must be positive".into());
         }
         if self.prefetch > MAX_PREFETCH {
             return Err(format!("prefetch {} is too large (at most {MAX_PREFETCH})", self.prefetch));

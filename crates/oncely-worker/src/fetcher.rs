@@ -40,10 +40,20 @@ pub(crate) async fn run(
     // The allowance last reported to the metrics.
     let mut allowance: Option<usize> = None;
     let mut busy = false;
-    let mut window = ClaimWindow::new();
+    let mut window = match shared.config.full_claim_interval {
+        Some(every) => ClaimWindow::new().full_claims_every(every),
+        None => ClaimWindow::new(),
+    };
+    // The listener's read-all requests this fetcher has honoured.
+    let mut read_all = 0;
     // The full claim running beside the windowed ones, if any: it reports what it claimed.
     let mut sweep: Option<oneshot::Receiver<Sweep>> = None;
     loop {
+        let asked = shared.read_all.load(std::sync::atomic::Ordering::Relaxed);
+        if asked != read_all {
+            read_all = asked;
+            window.read_all_next();
+        }
         // How many jobs may wait claimed ahead now: with an adaptive prefetch, what the queue's
         // slots start within one claim's time.
         let ahead = match shared.config.adaptive_prefetch {

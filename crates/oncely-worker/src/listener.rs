@@ -1,5 +1,6 @@
 //! The listener: LISTEN for `oncely_jobs` notifications and wake the fetcher of the named queue
-//! (every fetcher for the payload `*`).
+//! (every fetcher for the payload `*`, with a full claim next: a resumed kind's jobs may lie
+//! behind the claim windows).
 //!
 //! Notifications are hints. They are lost while the connection is down and do not pass through
 //! PgBouncer in transaction mode, so fetchers poll as well; after every reconnect all fetchers are
@@ -24,7 +25,12 @@ pub const WAKE_ALL: &str = "*";
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 pub(crate) async fn run(shared: Arc<Shared>, wakers: HashMap<String, Arc<Notify>>, stop: CancellationToken) {
-    let wake_all = || wakers.values().for_each(|w| w.notify_one());
+    // Every fetcher, with a full claim next: jobs a claim window has moved past (a resumed kind's)
+    // may be due.
+    let wake_all = || {
+        shared.read_all.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        wakers.values().for_each(|w| w.notify_one());
+    };
     let mut delay = Duration::from_millis(100);
     loop {
         let connected = async {

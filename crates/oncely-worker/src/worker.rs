@@ -418,6 +418,10 @@ pub(crate) struct Shared {
     /// When the last heartbeat that extended every lease this worker held began (`None`: none
     /// yet): a job claimed before then holds its lease until at least then plus the lease.
     pub(crate) leases_confirmed: Mutex<Option<std::time::Instant>>,
+    /// Bumped by the listener when every fetcher must read its whole queue again (a kind was
+    /// resumed, whose jobs a claim window has moved past; or notifications may have been missed):
+    /// each fetcher's next claim is then a full one.
+    pub(crate) read_all: AtomicU64,
 }
 
 /// Store `functions`' definitions, dating new schedules by `clock` (else the database clock).
@@ -532,6 +536,7 @@ impl Worker {
             clock: self.clock,
             limited_queues: Mutex::new(std::collections::HashSet::new()),
             leases_confirmed: Mutex::new(None),
+            read_all: AtomicU64::new(0),
         });
         let stop = CancellationToken::new();
         let jobs = TaskTracker::new();
