@@ -474,6 +474,9 @@ async fn a_plain_job_starts_before_the_flow_claim_beside_it_returns() {
         .configure(|c| {
             c.maintenance = false;
             c.scheduler = false;
+            // Only a NOTIFY wakes the fetcher once it is idle: no poll may start a flow claim
+            // that the lock below would hold before the job exists.
+            c.poll_interval = Duration::from_secs(60);
         })
         .register(handler_fn(move |_ctx, _n: Noop| {
             let counted = counted.clone();
@@ -486,10 +489,11 @@ async fn a_plain_job_starts_before_the_flow_claim_beside_it_returns() {
         .build()
         .unwrap();
     let handle = worker.start();
-    // The fetcher's first claims (plain, then flow) find the queue empty.
+    // The fetcher's claims at its start and after the listener's wake-up on connecting (plain,
+    // then flow, each time) find the queue empty; then it waits for a NOTIFY.
     let stats = handle.stats();
-    eventually(Duration::from_secs(10), "the fetcher's first plain and flow claims", || async {
-        (oncely::worker::WorkerStats::get(&stats.claims) >= 2).then_some(())
+    eventually(Duration::from_secs(10), "the fetcher's two rounds of plain and flow claims", || async {
+        (oncely::worker::WorkerStats::get(&stats.claims) >= 4).then_some(())
     })
     .await;
 
