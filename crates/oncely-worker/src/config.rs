@@ -153,10 +153,10 @@ pub struct WorkerConfig {
     /// Hold claimed ahead only as many jobs as the queue's slots start within one claim's time,
     /// measured on this worker: the queue's concurrency times the mean claim time over the mean
     /// time a handler holds a slot (both moving averages), rounded down, at most
-    /// [`prefetch`](Self::prefetch). Before a job of the queue has finished it holds none. Jobs
-    /// that take a millisecond or more next to a millisecond's claim are not claimed ahead (or
-    /// a few); jobs of microseconds are claimed up to the ceiling, so that a claim is never
-    /// waited for by idle slots. Defaults to true; false makes `prefetch` a fixed buffer.
+    /// [`prefetch`](Self::prefetch). Before a job of the queue has finished it holds none.
+    /// Handlers as long as a claim get about one job ahead per slot, handlers a concurrency's
+    /// worth of claims long none, and handlers of microseconds the ceiling, so that idle slots
+    /// never wait for a claim. Defaults to true; false makes `prefetch` a fixed buffer.
     pub adaptive_prefetch: bool,
 }
 
