@@ -2,7 +2,6 @@
 //! the outcome with a fenced write (completions go to the batching completer).
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,48 +56,7 @@ pub(crate) struct RunGate {
     /// The worker's stop (no more claims): a job still waiting is given back.
     pub(crate) stop: CancellationToken,
     /// How long the queue's handlers hold a run slot, for an adaptive prefetch.
-    pub(crate) pace: Arc<Pace>,
-}
-
-/// The measured pace of one queue on this worker, for an adaptive prefetch
-/// (`WorkerConfig::adaptive_prefetch`): moving averages of how long a handler holds a run slot and
-/// how long a claim takes, in nanoseconds (0: nothing measured yet).
-#[derive(Debug, Default)]
-pub(crate) struct Pace {
-    run: AtomicU64,
-    claim: AtomicU64,
-}
-
-impl Pace {
-    /// A handler held a run slot for `took`.
-    pub(crate) fn job_ran(&self, took: Duration) {
-        Self::average(&self.run, took);
-    }
-
-    /// A claim took `took`.
-    pub(crate) fn claimed(&self, took: Duration) {
-        Self::average(&self.claim, took);
-    }
-
-    /// Jobs to hold claimed ahead: what `concurrency` slots start within one claim's time (the
-    /// concurrency times the claim time over the run time), rounded down, at most `max`; none
-    /// before both times are measured.
-    pub(crate) fn ahead(&self, concurrency: usize, max: usize) -> usize {
-        let (run, claim) = (self.run.load(Ordering::Relaxed), self.claim.load(Ordering::Relaxed));
-        if run == 0 || claim == 0 {
-            return 0;
-        }
-        let jobs = concurrency as u128 * u128::from(claim) / u128::from(run);
-        jobs.min(max as u128) as usize
-    }
-
-    /// A moving average weighing the newest sample 1/8.
-    fn average(cell: &AtomicU64, sample: Duration) {
-        let sample = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX).max(1);
-        let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-            Some(if old == 0 { sample } else { old - old / 8 + sample / 8 })
-        });
-    }
+    pub(crate) pace: Arc<crate::prefetch::Pace>,
 }
 
 /// `permit`: the claim slot, held until the handler is done. `gate`: the run slot to wait for, with

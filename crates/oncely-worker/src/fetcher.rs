@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::QueueConfig;
 use crate::executor;
 use crate::metrics::ClaimKind;
+use crate::prefetch::{Allowance, Pace};
 use crate::worker::{Shared, WorkerStats};
 
 /// How long to back off after a failed claim (the database is away).
@@ -28,17 +29,13 @@ pub(crate) async fn run(
     // slots (`WorkerConfig::prefetch`). Without prefetch a claim slot is a run slot.
     let prefetch = shared.config.prefetch;
     let slots = Arc::new(Semaphore::new(queue.concurrency + prefetch));
-    let pace = Arc::new(executor::Pace::default());
+    let pace = Arc::new(Pace::default());
     let gate = (prefetch > 0).then(|| executor::RunGate {
         slots: Arc::new(Semaphore::new(queue.concurrency)),
         stop: stop.clone(),
         pace: pace.clone(),
     });
-    // With an adaptive prefetch, the claim slots beyond what may wait claimed ahead now are held
-    // back here.
-    let mut held_back: Vec<OwnedSemaphorePermit> = Vec::new();
-    // The allowance last reported to the metrics.
-    let mut allowance: Option<usize> = None;
+    let mut allowance = Allowance::new(&shared.config, pace.clone());
     let mut busy = false;
     let mut window = match shared.config.full_claim_interval {
         Some(every) => ClaimWindow::new().full_claims_every(every),
@@ -54,19 +51,7 @@ pub(crate) async fn run(
             read_all = asked;
             window.read_all_next();
         }
-        // How many jobs may wait claimed ahead now: with an adaptive prefetch, what the queue's
-        // slots start within one claim's time.
-        let ahead = match shared.config.adaptive_prefetch {
-            true => pace.ahead(queue.concurrency, prefetch),
-            false => prefetch,
-        };
-        if allowance != Some(ahead) {
-            crate::metrics::prefetch_allowance(&queue.name, ahead);
-            allowance = Some(ahead);
-        }
-        let hold = prefetch - ahead;
-        held_back.truncate(hold);
-        take_free(&slots, &mut held_back, hold);
+        let ahead = allowance.update(&queue, &slots);
         let batch = shared.config.fetch_batch.min(queue.concurrency + ahead);
         // Wait for one free slot, then take every other free slot up to a batch.
         // A stop first: jobs given back at a stop free claim slots at the same moment, and must not
@@ -76,11 +61,8 @@ pub(crate) async fn run(
             _ = stop.cancelled() => return,
             p = slots.clone().acquire_owned() => p.expect("the fetcher's semaphore is never closed"),
         };
-        if held_back.len() < hold {
-            // A slot the prefetch may not use now.
-            held_back.push(first);
-            continue;
-        }
+        // A slot the prefetch may not use now is held back.
+        let Some(first) = allowance.hold_back(first) else { continue };
         let mut permits = vec![first];
         take_free(&slots, &mut permits, batch);
         if busy && permits.len() < batch.div_ceil(2) {
@@ -275,7 +257,8 @@ fn hand_out(
     }
 }
 
-fn take_free(slots: &Arc<Semaphore>, permits: &mut Vec<OwnedSemaphorePermit>, batch: usize) {
+/// Take free slots into `permits` until it holds `batch`, without waiting.
+pub(crate) fn take_free(slots: &Arc<Semaphore>, permits: &mut Vec<OwnedSemaphorePermit>, batch: usize) {
     while permits.len() < batch {
         match slots.clone().try_acquire_owned() {
             Ok(p) => permits.push(p),

@@ -31,6 +31,7 @@ mod heartbeat;
 pub mod listener;
 pub mod maintenance;
 pub mod metrics;
+mod prefetch;
 mod worker;
 
 pub use config::{QueueConfig, WorkerConfig};
