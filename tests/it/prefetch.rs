@@ -260,7 +260,9 @@ async fn start_adaptive(db: &TestDb, concurrency: usize, time: Duration) -> (Arc
     (probe, h)
 }
 
-async fn drain_adaptive(db: &TestDb, jobs: u64, concurrency: usize, time: Duration) -> (Arc<Probe>, u64) {
+/// Drain `jobs` such jobs, check each ran once and never beyond the concurrency, and return how
+/// many were claimed ahead (`WorkerStats::claimed_ahead`).
+async fn drain_adaptive(db: &TestDb, jobs: u64, concurrency: usize, time: Duration) -> u64 {
     let pool = db.pool();
     let news: Vec<_> = (0..jobs).map(|n| NewJob::new(&Noop { n }).unwrap()).collect();
     enqueue_many(pool, &news).await.unwrap();
@@ -277,7 +279,7 @@ async fn drain_adaptive(db: &TestDb, jobs: u64, concurrency: usize, time: Durati
         probe.most_inside.load(Ordering::SeqCst) <= concurrency,
         "never more handlers at once than the concurrency"
     );
-    (probe, ahead)
+    ahead
 }
 
 /// The default, adaptive prefetch claims short jobs ahead: a handler of microseconds next to a
@@ -286,7 +288,7 @@ async fn drain_adaptive(db: &TestDb, jobs: u64, concurrency: usize, time: Durati
 #[tokio::test(flavor = "multi_thread")]
 async fn an_adaptive_prefetch_claims_short_jobs_ahead() {
     let db = TestDb::new().await;
-    let (_, ahead) = drain_adaptive(&db, 2000, 2, Duration::ZERO).await;
+    let ahead = drain_adaptive(&db, 2000, 2, Duration::ZERO).await;
     assert!(ahead > 0, "no job was claimed ahead of the two slots");
 }
 
@@ -295,6 +297,6 @@ async fn an_adaptive_prefetch_claims_short_jobs_ahead() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_adaptive_prefetch_claims_no_long_job_ahead() {
     let db = TestDb::new().await;
-    let (_, ahead) = drain_adaptive(&db, 8, 2, Duration::from_millis(500)).await;
+    let ahead = drain_adaptive(&db, 8, 2, Duration::from_millis(500)).await;
     assert_eq!(ahead, 0, "jobs of half a second were claimed ahead");
 }
